@@ -1,0 +1,21 @@
+"""LibOrtho: low-bit base + sparse ortho stream for causal LMs, with a per-layer kill switch alpha."""
+__version__ = "0.1.0"
+
+from . import ops  # noqa: F401  (registers torch.ops.libortho.*)
+from .calibrate import Calibration, calibration_data
+from .checkpoint import load, read_manifest, save
+from .config import OrthoConfig
+from .data import load_model, read_text
+from .errors import LibOrthoError, SaveFormatError
+from .layer import OrthoLinear
+from .model import alpha, decompose, format_report, ortho_layers, report, set_alpha
+
+__all__ = ["OrthoConfig", "OrthoLinear", "Calibration", "calibration_data", "decompose", "set_alpha",
+           "alpha", "report", "format_report", "ortho_layers", "save", "load", "read_manifest",
+           "load_model", "read_text", "LibOrthoError", "SaveFormatError", "perplexity"]
+
+
+def perplexity(*args, **kwargs):
+    """See :func:`libortho.eval.ppl.perplexity`."""
+    from .eval.ppl import perplexity as _ppl
+    return _ppl(*args, **kwargs)

