@@ -156,11 +156,22 @@ def decompose_layerwise(model: nn.Module, config: OrthoConfig, calib, ref_weight
 
 
 def _collect_hessians(block, names, states) -> dict:
+    """H = 2 X^T X / n for every target of the block; linears fed the same tensor share one H
+    (q/k/v, gate/up), found on the first batch by tensor identity."""
     acc = {n: [None, 0] for n, _ in names}
+    alias: dict[str, str] = {}
+    first = {"batch": True, "seen": {}}
 
     def make_hook(name):
         def hook(module, args, output):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            x = args[0]
+            if first["batch"]:
+                owner = first["seen"].setdefault(id(x), name)
+                if owner != name:
+                    alias[name] = owner
+            if name in alias:
+                return
+            x = x.detach().reshape(-1, x.shape[-1]).float()
             H, count = acc[name]
             total = count + x.shape[0]
             H = torch.zeros(x.shape[1], x.shape[1], device=x.device) if H is None else H * (count / total)
@@ -172,7 +183,8 @@ def _collect_hessians(block, names, states) -> dict:
     try:
         for hs, kw in states:
             block(hs, **kw)
+            first["batch"], first["seen"] = False, {}
     finally:
         for h in handles:
             h.remove()
-    return {n: v[0] for n, v in acc.items()}
+    return {n: acc[alias.get(n, n)][0] for n, _ in names}

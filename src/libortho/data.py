@@ -19,6 +19,22 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
 
 
+def _find_data_dir() -> Path:
+    """The project's shared data (``$LIBORTHO_DATA``, else ``shared/data`` beside or inside the checkout)."""
+    env = os.environ.get("LIBORTHO_DATA")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve()
+    for root in (Path.cwd(), *here.parents):
+        for cand in (root.parent / "shared" / "data", root / "shared" / "data"):
+            if cand.is_dir():
+                return cand
+    return Path.cwd().parent / "shared" / "data"
+
+
+DATA_DIR = _find_data_dir()
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("LIBORTHO_CACHE", Path.home() / ".cache" / "libortho"))
 

@@ -57,7 +57,7 @@ class OrthoLinear(nn.Module):
              bias: torch.Tensor | None = None, dtype=torch.float16) -> "OrthoLinear":
         """Build from integer codes (N, K), their grid, an ortho CSR (or None) and a bias."""
         n, k = codes.shape
-        csr = csr or empty_csr((n, k), device=codes.device)
+        csr = csr or empty_csr((n, k), value_dtype=dtype, device=codes.device)
         if csr.shape != (n, k):
             raise ValueError(f"ortho CSR has shape {csr.shape}, expected {(n, k)}")
         layer = cls(k, n, grid.bits, grid.group_size, grid.zeros is None, csr.nnz, bias is not None,

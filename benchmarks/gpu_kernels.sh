@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One device call: build the CUDA extension, run the GPU tests, run the kernel benchmark.
+# Usage (repo root, on the GPU machine): bash benchmarks/gpu_kernels.sh [bench args...]
+set -o pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:${PYTHONPATH:-} LIBORTHO_BUILD_DIR=${LIBORTHO_BUILD_DIR:-$PWD/.torch_extensions}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/card.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)" | tee -a "$OUT/card.txt"
+t0=$(date +%s)
+python3 -c "from libortho.ops import cuda; ok = cuda.build(verbose=False); print('build ok' if ok else cuda._state['error'])" 2>&1 | tail -30
+echo "build: $(( $(date +%s) - t0 )) s"
+python3 benchmarks/_errcheck.py 2>&1 | tail -5
+python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | tail -40
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  python3 -m libortho.eval.bench_kernels --out "$OUT/kernels.json" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^ " | tail -80
+fi

@@ -1,0 +1,103 @@
+// Thin binding of the LibOrtho CUDA kernels: checks, allocation, stream, error propagation.
+// A Python module (fused_small_m, dequant_merge) that libortho/ops/cuda.py calls from the CUDA
+// implementation of the public op torch.ops.libortho.ortho_linear.
+//
+// Errors come back as a code next to the result (0: ok, -1: invalid arguments, > 0: the cudaError_t of
+// the launch), never as a C++ exception or a returned string: on the GPU image both crashed the
+// interpreter (seen with torch 2.11 + nvcc 13.0 + the image's g++). libortho/ops/cuda.py validates the
+// arguments with clear messages before calling and raises RuntimeError on a non-zero code.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+#include <tuple>
+
+#include "kernels.h"
+
+namespace {
+
+using Result = std::tuple<at::Tensor, int64_t>;
+constexpr int64_t kBadArgs = -1;
+
+bool operands(libortho::Operands& op, const at::Tensor& ref, const at::Tensor& qweight,
+                     const at::Tensor& scales, const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr,
+                     const at::Tensor& col_idx, const at::Tensor& values, double alpha, int64_t bits,
+                     int64_t group_size, int64_t N, int64_t K) {
+  const auto dt = ref.scalar_type();
+  if (dt != at::kBFloat16 && dt != at::kHalf) return false;
+  if (bits != 2 && bits != 3 && bits != 4 && bits != 8) return false;
+  if (K % 2 != 0) return false;
+  if (group_size <= 0 || (group_size % 32 != 0 && group_size < K))
+    return false;
+  const int64_t tn = (N + 15) / 16, tk = (K + 63) / 64, groups = (K + group_size - 1) / group_size;
+  if (!qweight.is_cuda() || qweight.scalar_type() != at::kInt || !qweight.is_contiguous() || qweight.dim() != 3 ||
+      qweight.size(0) != tn || qweight.size(1) != tk || qweight.size(2) != 32 * bits)
+    return false;
+  if (scales.scalar_type() != dt || !scales.is_contiguous() || scales.dim() != 3 || scales.size(0) != tn ||
+      scales.size(1) != groups || scales.size(2) != 16 || scales.device() != qweight.device())
+    return false;
+  if (zeros && (zeros->scalar_type() != dt || zeros->sizes() != scales.sizes() || !zeros->is_contiguous()))
+    return false;
+  if (row_ptr.scalar_type() != at::kInt || row_ptr.numel() != N + 1 || !row_ptr.is_contiguous())
+    return false;
+  if ((col_idx.scalar_type() != at::kShort && col_idx.scalar_type() != at::kInt) || !col_idx.is_contiguous())
+    return false;
+  if (values.scalar_type() != dt || values.numel() != col_idx.numel() || !values.is_contiguous())
+    return false;
+  op.qweight = qweight.data_ptr<int32_t>();
+  op.scales = scales.data_ptr();
+  op.zeros = zeros ? zeros->data_ptr() : nullptr;
+  op.row_ptr = row_ptr.data_ptr<int32_t>();
+  op.col_idx = col_idx.data_ptr();
+  op.values = values.data_ptr();
+  op.nnz = values.numel();
+  op.col16 = col_idx.scalar_type() == at::kShort;
+  op.alpha = static_cast<float>(alpha);
+  op.bits = static_cast<int>(bits);
+  op.group_size = static_cast<int>(std::min<int64_t>(group_size, K));
+  op.N = static_cast<int>(N);
+  op.K = static_cast<int>(K);
+  op.bf16 = dt == at::kBFloat16;
+  return true;
+}
+
+Result fused_small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                     const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
+                     int64_t group_size, int64_t N, int64_t K) {
+  const at::Tensor none = at::empty({0}, x.options());
+  if (!x.is_cuda() || x.dim() != 2 || x.size(1) != K || !x.is_contiguous())
+    return {none, kBadArgs};
+  const int64_t M = x.size(0);
+  if (M < 1 || M > 64) return {none, kBadArgs};
+  libortho::Operands op{};
+  if (!operands(op, x, qweight, scales, zeros, row_ptr, col_idx, values, alpha, bits, group_size, N, K))
+    return {none, kBadArgs};
+  if (bias && (bias->scalar_type() != x.scalar_type() || bias->numel() != N || !bias->is_contiguous()))
+    return {none, kBadArgs};
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = at::empty({M, N}, x.options());
+  const cudaError_t err = libortho::launch_fused_small_m(op, x.data_ptr(), bias ? bias->data_ptr() : nullptr,
+                                                        out.data_ptr(), static_cast<int>(M),
+                                                        c10::cuda::getCurrentCUDAStream().stream());
+  return {out, static_cast<int64_t>(err)};
+}
+
+Result dequant_merge(const at::Tensor& like, const at::Tensor& qweight, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                     const at::Tensor& values, double alpha, int64_t bits, int64_t group_size, int64_t N, int64_t K) {
+  libortho::Operands op{};
+  if (!operands(op, like, qweight, scales, zeros, row_ptr, col_idx, values, alpha, bits, group_size, N, K))
+    return {at::empty({0}, like.options()), kBadArgs};
+  const c10::cuda::CUDAGuard guard(qweight.device());
+  auto w = at::empty({N, K}, like.options().device(qweight.device()));
+  const cudaError_t err = libortho::launch_dequant_merge(op, w.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
+  return {w, static_cast<int64_t>(err)};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fused_small_m", &fused_small_m, "(x @ deq(Q)^T + alpha x @ S^T + bias, error code), 1 <= M <= 64");
+  m.def("dequant_merge", &dequant_merge, "(W = deq(Q) + alpha S as a dense matrix, error code)");
+}

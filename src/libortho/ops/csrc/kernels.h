@@ -1,0 +1,29 @@
+// Plain-C interface of the LibOrtho CUDA kernels (no torch headers: nvcc can build kernels.cu alone).
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace libortho {
+
+struct Operands {
+  const int32_t* qweight;  // (N_pad/16, K_pad/64, 32*bits), see libortho/quant.py
+  const void* scales;      // (N_pad/16, G, 16), activation dtype
+  const void* zeros;       // same layout, or nullptr (symmetric: z = 2^(bits-1))
+  const int32_t* row_ptr;  // CSR ortho stream (N+1)
+  const void* col_idx;     // int16 or int32
+  const void* values;      // activation dtype
+  int64_t nnz;
+  bool col16;
+  float alpha;             // alpha == 0: the ortho arrays are never read
+  int bits, group_size, N, K;
+  bool bf16;               // activation dtype: bf16 (true) or fp16
+};
+
+// out (M, N) = x (M, K) @ deq(Q)^T + alpha * x @ S^T + bias, for 1 <= M <= 64.
+cudaError_t launch_fused_small_m(const Operands& op, const void* x, const void* bias, void* out, int M,
+                                 cudaStream_t stream);
+
+// W (N, K) = deq(Q) + alpha * S, row-major in the activation dtype (the large-M path feeds it to cuBLAS).
+cudaError_t launch_dequant_merge(const Operands& op, void* w, cudaStream_t stream);
+
+}  // namespace libortho

@@ -1,0 +1,123 @@
+"""CUDA backend of ``libortho::ortho_linear``: JIT build of csrc/ and the dispatch by batch size.
+
+* M <= 64 rows: one fused kernel (packed base through tensor cores + CSR ortho stream, one pass).
+* M > 64 (prefill): dequantize the base and merge alpha * S into a bf16/fp16 weight, then cuBLAS.
+
+The extension is built on first use with ``torch.utils.cpp_extension.load`` for the GPU present and
+cached in ``$LIBORTHO_BUILD_DIR`` (default ``~/.cache/libortho/build``). Set
+``LIBORTHO_BACKEND=reference`` to force the pure-PyTorch path. If the build fails the reference path
+runs instead, and a warning says so once.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .reference import ortho_linear_reference
+from .registry import ortho_linear
+
+CSRC = Path(__file__).with_name("csrc")
+SMALL_M_MAX = 16  # measured: above this the dequantize + cuBLAS path is faster (see benchmarks)
+_state = {"ext": None, "error": None, "warned": set()}
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _state["warned"]:
+        _state["warned"].add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def build_dir() -> Path:
+    d = Path(os.environ.get("LIBORTHO_BUILD_DIR", Path.home() / ".cache" / "libortho" / "build"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _arch_flags() -> list[str]:
+    major, minor = torch.cuda.get_device_capability()
+    cc = f"{major}{minor}"
+    suffix = "a" if major == 9 and minor == 0 else ""  # Hopper-specific target on sm_90
+    return [f"-gencode=arch=compute_{cc}{suffix},code=sm_{cc}{suffix}"]
+
+
+def build(verbose: bool = False):
+    """Build (or load from the cache) the extension; returns True when the CUDA kernels are usable."""
+    if _state["ext"] is not None:
+        return True
+    if _state["error"] is not None:
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+        _state["ext"] = load(name="libortho_cuda_v1", sources=[str(CSRC / "binding.cpp"), str(CSRC / "kernels.cu")],
+                             extra_cflags=["-O3"], extra_cuda_cflags=["-O3", *_arch_flags()],
+                             build_directory=str(build_dir()), verbose=verbose)
+        return True
+    except Exception as e:  # compiler missing, unsupported GPU, ...
+        _state["error"] = e
+        _warn_once("build", f"libortho: the CUDA kernels could not be built ({e}); using the slow "
+                            "pure-PyTorch reference on the GPU")
+        return False
+
+
+def extension():
+    """The compiled module (fused_small_m, dequant_merge), building it if needed; None if unavailable."""
+    return _state["ext"] if build() else None
+
+
+def available() -> bool:
+    return torch.cuda.is_available() and os.environ.get("LIBORTHO_BACKEND") != "reference" and build()
+
+
+def _as(t, dtype, name):
+    if t is None or t.dtype == dtype:
+        return t
+    _warn_once(f"cast-{name}", f"libortho: {name} is {t.dtype} but activations are {dtype}; casting on every "
+                               "call (convert the model with .to(dtype) to avoid it)")
+    return t.to(dtype)
+
+
+def _checked(result, what: str = "kernel"):
+    """The binding returns (tensor, code): 0 ok, -1 invalid arguments, > 0 a CUDA error (binding.cpp)."""
+    out, code = result
+    if code == -1:
+        raise RuntimeError(f"libortho CUDA: invalid arguments for the {what} (shapes, dtypes or layout do not "
+                           "match the packed format, or M outside 1..64 for the fused kernel)")
+    if code:
+        raise RuntimeError(f"libortho CUDA: the {what} launch failed with cudaError {code}")
+    return out
+
+
+def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
+                      out_features, in_features):
+    supported = x.dtype in (torch.float16, torch.bfloat16) and in_features % 2 == 0
+    if not supported or not available():
+        if not supported:
+            _warn_once(f"unsupported-{x.dtype}-{in_features}",
+                       f"libortho: no CUDA kernel for {x.dtype} activations with in_features={in_features}; "
+                       "using the slow reference path")
+        return ortho_linear_reference(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits,
+                                      group_size, out_features, in_features)
+    dt = x.dtype
+    scales, zeros, values, bias = (_as(scales, dt, "scales"), _as(zeros, dt, "zeros"),
+                                   _as(values, dt, "ortho values"), _as(bias, dt, "bias"))
+    x2 = x.reshape(-1, in_features)
+    if not x2.is_contiguous() or x2.data_ptr() % 4:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty(*x.shape[:-1], out_features)
+    if m <= SMALL_M_MAX:
+        y = _checked(_state["ext"].fused_small_m(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias,
+                                                 alpha, bits, group_size, out_features, in_features), "fused kernel")
+    else:
+        w = _checked(_state["ext"].dequant_merge(x2, qweight, scales, zeros, row_ptr, col_idx, values, alpha,
+                                                 bits, group_size, out_features, in_features), "dequant kernel")
+        y = F.linear(x2, w, bias)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+ortho_linear.register_kernel("cuda")(ortho_linear_cuda)

@@ -1,0 +1,176 @@
+"""CUDA backend against the float64 reference (skipped without a GPU; run on the GPU machine)."""
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import libortho
+from libortho import OrthoConfig, OrthoLinear, quant
+from libortho.ops import cuda as cuda_backend
+from libortho.sieve import CSR, sieve
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+TOL = {torch.bfloat16: 1.6e-2, torch.float16: 4e-3}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert cuda_backend.build(verbose=False), f"CUDA extension failed to build: {cuda_backend._state['error']}"
+
+
+def poison_allocator():
+    """Fill freed cached blocks with NaN so an unwritten output element shows up as NaN."""
+    junk = torch.empty(64 << 20, dtype=torch.float32, device="cuda").fill_(float("nan"))
+    del junk
+
+
+def make_layer(n, k, bits, gs, sym, density, dtype, gen, bias=True, csr=None):
+    w = torch.randn(n, k, generator=gen, device="cuda") * (torch.rand(n, 1, generator=gen, device="cuda") + 0.1)
+    codes, grid = quant.quantize(w, bits, gs, sym, scale_dtype=dtype)
+    if csr is None and density > 0:
+        csr = sieve(w - quant.dequantize(codes, grid), density, "magnitude", value_dtype=dtype)
+    b = torch.randn(n, generator=gen, device="cuda").to(dtype) if bias else None
+    return OrthoLinear.pack(codes, grid, csr, b, dtype)
+
+
+def reference64(layer, x, alpha):
+    w = layer.base_weight().double()
+    if alpha != 0 and layer.ortho_nnz:
+        w = w + alpha * layer.ortho().to_dense().double()
+    y = x.double() @ w.t()
+    return y + layer.bias.double() if layer.bias is not None else y
+
+
+def rel_err(y, ref):
+    assert torch.isfinite(y).all(), "non-finite output (unwritten or poisoned elements)"
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+SHAPES = [(16, 64), (37, 200), (192, 576), (576, 576), (1536, 576), (576, 1536), (100, 1000), (4096, 4096),
+          (11008, 4096), (4096, 11008), (1, 128)]
+MS = [1, 2, 3, 7, 8, 9, 16, 17, 31, 33, 64, 65, 200, 1024]
+
+
+def _cases(count=160, seed=0):
+    r = random.Random(seed)
+    out = []
+    for _ in range(count):
+        out.append((r.choice(SHAPES), r.choice(MS), r.choice([2, 3, 4, 4, 8]), r.choice([32, 64, 128, 128, -1]),
+                    r.choice([True, False]), r.choice([0.0, 0.005, 0.01, 0.05]), r.choice([0.0, 0.5, 1.0]),
+                    r.choice([torch.bfloat16, torch.float16])))
+    return out
+
+
+@pytest.mark.parametrize("case", _cases(), ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_matches_float64_reference(case):
+    (n, k), m, bits, gs, sym, density, alpha, dtype = case
+    gen = torch.Generator(device="cuda").manual_seed(hash(case) % 2**31)
+    layer = make_layer(n, k, bits, gs, sym, density, dtype, gen)
+    layer.alpha = alpha
+    x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+    poison_allocator()
+    y = layer(x)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert rel_err(y, reference64(layer, x, alpha)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("m", [1, 5, 16, 64, 300])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_empty_rows_and_one_very_dense_row(m, dtype):
+    n, k = 200, 576
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    dense = torch.zeros(n, k, device="cuda")
+    dense[7] = torch.randn(k, generator=gen, device="cuda")            # a full row
+    dense[150, ::3] = torch.randn(192, generator=gen, device="cuda")   # a dense-ish row; the rest empty
+    idx = torch.nonzero(dense.reshape(-1)).reshape(-1)
+    from libortho.sieve import csr_from_indices
+    csr = csr_from_indices(dense, idx, dtype)
+    layer = make_layer(n, k, 4, 128, True, 0.0, dtype, gen, csr=csr)
+    x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+    for alpha in (0.0, 0.5, 1.0):
+        layer.alpha = alpha
+        poison_allocator()
+        assert rel_err(layer(x), reference64(layer, x, alpha)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("m", [1, 16, 200])
+def test_alpha_zero_never_reads_ortho(m):
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    layer = make_layer(256, 512, 4, 128, True, 0.05, torch.bfloat16, gen)
+    x = torch.randn(m, 512, generator=gen, device="cuda").to(torch.bfloat16)
+    layer.alpha = 0.0
+    clean = layer(x)
+    layer.values.fill_(float("nan"))
+    layer.col_idx.fill_(30000)  # out of range if it were read
+    y = layer(x)
+    torch.cuda.synchronize()
+    assert torch.equal(y, clean)
+
+
+def test_cuda_equals_reference_backend_closely():
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    layer = make_layer(512, 576, 4, 128, True, 0.01, torch.bfloat16, gen)
+    x = torch.randn(4, 576, generator=gen, device="cuda").to(torch.bfloat16)
+    ref = libortho.ops.ortho_linear_reference(x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr,
+                                              layer.col_idx, layer.values, layer.bias, 1.0, 4, 128, 512, 576)
+    assert rel_err(layer(x), ref.double()) < 1e-2
+
+
+def test_bad_calls_raise_python_errors():
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    layer = make_layer(64, 128, 4, 128, True, 0.01, torch.bfloat16, gen)
+    ext = cuda_backend.extension()
+    with pytest.raises(RuntimeError, match="invalid arguments"):
+        cuda_backend._checked(ext.fused_small_m(torch.randn(65, 128, device="cuda", dtype=torch.bfloat16),
+                                              layer.qweight, layer.scales, None, layer.row_ptr, layer.col_idx,
+                                              layer.values, None, 1.0, 4, 128, 64, 128))
+    with pytest.raises(RuntimeError, match="invalid arguments"):
+        cuda_backend._checked(ext.fused_small_m(torch.randn(1, 128, device="cuda", dtype=torch.bfloat16),
+                                              layer.qweight[:, :, :64].contiguous(), layer.scales, None,
+                                              layer.row_ptr, layer.col_idx, layer.values, None, 1.0, 4, 128, 64, 128))
+    with pytest.raises(RuntimeError, match="invalid arguments"):
+        cuda_backend._checked(ext.dequant_merge(torch.randn(2, 128, device="cuda"), layer.qweight, layer.scales, None, layer.row_ptr,
+                              layer.col_idx, layer.values, 1.0, 4, 128, 64, 128))
+
+
+def _tiny_llama():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import tiny_model
+    model = tiny_model("llama")
+    libortho.decompose(model, OrthoConfig(bits=4, group_size=32, density=0.02), progress=False)
+    return model.to("cuda", torch.bfloat16)
+
+
+def test_torch_compile_matches_eager():
+    model = _tiny_llama()
+    ids = torch.randint(3, 256, (2, 16), device="cuda")
+    eager = model(ids).logits
+    compiled = torch.compile(model)
+    assert rel_err(compiled(ids).logits, eager.double()) < 1e-2
+    with libortho.alpha(model, 0.0):
+        eager0 = model(ids).logits
+        torch._dynamo.reset()
+        assert rel_err(torch.compile(model)(ids).logits, eager0.double()) < 1e-2
+
+
+def test_cuda_graph_capture_matches_eager():
+    model = _tiny_llama()
+    ids = torch.randint(3, 256, (1, 8), device="cuda")
+    eager = model(ids, use_cache=False).logits
+    static_ids = ids.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        model(static_ids, use_cache=False)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = model(static_ids, use_cache=False).logits
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
