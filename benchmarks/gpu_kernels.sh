@@ -9,7 +9,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda'
 t0=$(date +%s)
 python3 -c "from libortho.ops import cuda; ok = cuda.build(verbose=False); print('build ok' if ok else cuda._state['error'])" 2>&1 | tail -30
 echo "build: $(( $(date +%s) - t0 )) s"
-python3 benchmarks/_errcheck.py 2>&1 | tail -5
+python3 benchmarks/check_errors.py 2>&1 | tail -5
 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | tail -40
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   python3 -m libortho.eval.bench_kernels --out "$OUT/kernels.json" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^ " | tail -80

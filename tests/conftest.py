@@ -43,6 +43,33 @@ def tiny_model(arch: str, seed: int = 0):
     return model.eval()
 
 
+def char_tokenizer(vocab_size=256):
+    """One token per character (so one per digit), ids < 256 to fit the tiny models' vocabulary."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for c in string.printable:
+        vocab.setdefault(c, len(vocab))
+    while len(vocab) < vocab_size:
+        vocab[chr(0x100 + len(vocab))] = len(vocab)  # one character per token
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    t.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy CI machine threads thrash."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)

@@ -3,12 +3,11 @@ import random
 
 import pytest
 import torch
-from torch import nn
 
 import libortho
 from libortho import OrthoConfig, OrthoLinear, quant
 from libortho.ops import cuda as cuda_backend
-from libortho.sieve import CSR, sieve
+from libortho.sieve import sieve
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -146,6 +145,7 @@ def _tiny_llama():
     return model.to("cuda", torch.bfloat16)
 
 
+@torch.no_grad()  # inference: the op has no backward, and compile would otherwise trace one
 def test_torch_compile_matches_eager():
     model = _tiny_llama()
     ids = torch.randint(3, 256, (2, 16), device="cuda")
@@ -158,6 +158,7 @@ def test_torch_compile_matches_eager():
         assert rel_err(torch.compile(model)(ids).logits, eager0.double()) < 1e-2
 
 
+@torch.no_grad()
 def test_cuda_graph_capture_matches_eager():
     model = _tiny_llama()
     ids = torch.randint(3, 256, (1, 8), device="cuda")

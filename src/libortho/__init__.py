@@ -8,10 +8,10 @@ from .config import OrthoConfig
 from .data import load_model, read_text
 from .errors import LibOrthoError, SaveFormatError
 from .layer import OrthoLinear
-from .model import alpha, decompose, format_report, ortho_layers, report, set_alpha
+from .model import alpha, cast_model, decompose, format_report, ortho_layers, report, set_alpha
 
 __all__ = ["OrthoConfig", "OrthoLinear", "Calibration", "calibration_data", "decompose", "set_alpha",
-           "alpha", "report", "format_report", "ortho_layers", "save", "load", "read_manifest",
+           "alpha", "cast_model", "report", "format_report", "ortho_layers", "save", "load", "read_manifest",
            "load_model", "read_text", "LibOrthoError", "SaveFormatError", "perplexity"]
 
 

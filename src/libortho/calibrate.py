@@ -165,8 +165,8 @@ def _collect_hessians(block, names, states) -> dict:
     def make_hook(name):
         def hook(module, args, output):
             x = args[0]
-            if first["batch"]:
-                owner = first["seen"].setdefault(id(x), name)
+            if first["batch"]:  # hold x so its id cannot be reused by another tensor in this batch
+                owner, _ = first["seen"].setdefault(id(x), (name, x))
                 if owner != name:
                     alias[name] = owner
             if name in alias:

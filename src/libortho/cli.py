@@ -190,7 +190,10 @@ def _register_optional(sub):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    args.fn(args)
+    try:
+        args.fn(args)
+    except (ValueError, TypeError) as e:  # bad input (LibOrthoError included): a message, not a traceback
+        sys.exit(f"libortho {args.cmd}: error: {e}")
 
 
 if __name__ == "__main__":

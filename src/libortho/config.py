@@ -27,7 +27,10 @@ class OrthoConfig:
         ortho entries pulled out inside the sweep; needs calibration).
     base_from: "self" or "reference" (delta mode: the base quantizes a reference model's weights).
     targets: regex over module names selecting the linears (default: every linear in the decoder
-        blocks). dtype: storage dtype of scales and ortho values.
+        blocks). dtype: storage dtype of scales and ortho values (use "bfloat16" for a model that
+        will run in bf16, so the grid is fitted in the dtype it runs in).
+    damp, act_order, clip_search, block_size: GPTQ knobs (dampening as a fraction of the mean
+        Hessian diagonal; sweep by decreasing H_jj; search the clipping range per group).
     """
     bits: int = 4
     group_size: int = 128
@@ -39,6 +42,7 @@ class OrthoConfig:
     targets: str | None = None
     damp: float = 0.01
     act_order: bool = True
+    clip_search: bool = True
     block_size: int = 128
     seed: int = 0
     dtype: str = "float16"

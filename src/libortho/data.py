@@ -70,8 +70,8 @@ def _load_smollm2(dtype):
             tok.save_pretrained(tmp)
             cached.parent.mkdir(parents=True, exist_ok=True)
             os.rename(tmp, cached)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)  # a read-only cache: use the model in memory
+        except (OSError, ValueError):  # read-only cache, or transformers refusing to re-save a GGUF model
+            shutil.rmtree(tmp, ignore_errors=True)
             return model.to(dtype) if dtype else model, tok
     return _load_hf_dir(cached, dtype)
 

@@ -122,6 +122,7 @@ def gptq_decompose(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: 
     ortho_val = torch.zeros(n, k, device=device)
     codes = torch.zeros(n, k, dtype=torch.uint8, device=device)
     budget = budget.tolist()
+    perm_cols = perm.tolist()  # host copies: no device sync inside the sweep
 
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
@@ -130,7 +131,7 @@ def gptq_decompose(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: 
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
-            col = int(perm[j])
+            col = perm_cols[j]
             grp = col // g
             if not act_order and col % g == 0:  # fit the group on the updated weights
                 cols = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : min(g, k - col)]

@@ -124,9 +124,10 @@ class OrthoLinear(nn.Module):
 
     def storage_bytes(self) -> dict:
         size = lambda t: 0 if t is None else t.numel() * t.element_size()  # noqa: E731
+        # an empty ortho stream is never read (not even row_ptr), so it need not be counted as stored
+        ortho = size(self.row_ptr) + size(self.col_idx) + size(self.values) if self.ortho_nnz else 0
         return {"base": size(self.qweight), "scales": size(self.scales), "zeros": size(self.zeros),
-                "ortho": size(self.row_ptr) + size(self.col_idx) + size(self.values),
-                "bias": size(self.bias)}
+                "ortho": ortho, "bias": size(self.bias)}
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

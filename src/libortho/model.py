@@ -101,6 +101,20 @@ def alpha(model: nn.Module, value: float, pattern: str | None = None):
             m.alpha = a
 
 
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast parameters and the OrthoLinear float buffers to ``dtype``; leave other buffers (e.g. rotary
+    ``inv_freq``, which ``from_pretrained(dtype=...)`` keeps in fp32) as they are."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    for m in model.modules():
+        if isinstance(m, OrthoLinear):
+            for key in ("scales", "zeros", "values", "bias"):
+                t = getattr(m, key)
+                if t is not None:
+                    setattr(m, key, t.to(dtype))
+    return model
+
+
 def report(model: nn.Module) -> dict:
     """Per-layer and total stats of the decomposed linears (bits per weight include every array)."""
     rows, tot = [], {"params": 0, "ortho_nnz": 0, "bytes": 0, "base_bytes": 0, "ortho_bytes": 0}

@@ -5,7 +5,7 @@ import torch
 
 from . import quant
 from .config import OrthoConfig
-from .gptq import fit_grid, gptq_decompose
+from .gptq import gptq_decompose
 from .layer import OrthoLinear
 from .sieve import csr_from_indices, ortho_count, scores, select_topk
 
@@ -35,7 +35,7 @@ def split_linear(weight: torch.Tensor, bias: torch.Tensor | None, config: OrthoC
         codes, grid, csr = gptq_decompose(
             base_W, hessian.to(device), config.bits, config.group_size, config.symmetric,
             config.density, config.score, config.damp, config.act_order, config.block_size,
-            dtype, dtype, config.seed)
+            dtype, dtype, config.seed, config.clip_search)
         residual = None if csr is None else csr.to_dense()
     else:
         grid = quant.make_grid(base_W, config.bits, config.group_size, config.symmetric, dtype)

@@ -38,9 +38,9 @@ def add_arguments(p):
     p.add_argument("--out-dir", default="experiments/results")
 
 
-def conditions(bits_list, densities, gs, methods):
+def conditions(bits_list, densities, gs, methods, full_name="bf16"):
     from ..config import OrthoConfig
-    rows = [("bf16", None)]
+    rows = [(full_name, None)]
     for b in bits_list:
         if "rtn" in methods:
             rows.append((f"int{b}-rtn", OrthoConfig.base_only(bits=b, group_size=gs, method="rtn")))
@@ -81,8 +81,15 @@ def run(args):
     print(f"protocol: {__doc__.strip()}\ncalibration: {calib.description}\n"
           f"evaluation: {ids.numel()} tokens of {Path(eval_path).name}, windows of {args.seq_len}, {eval_dtype}\n")
     results = []
-    for name, cfg in conditions(args.bits, args.densities, args.group_size, args.methods):
+    out = {**environment(device), "model": args.model, "protocol": __doc__.strip(), "caveat": CAVEAT,
+           "calibration": calib.description, "eval_text": Path(eval_path).name, "eval_tokens": int(ids.numel()),
+           "seq_len": args.seq_len, "eval_dtype": str(eval_dtype), "rows": results}
+    out_dir = Path(args.out_dir)
+    full_name = "bf16" if eval_dtype == torch.bfloat16 else "fp32"
+    for name, cfg in conditions(args.bits, args.densities, args.group_size, args.methods, full_name):
         model = copy.deepcopy(base).to(device)
+        if cfg is not None and eval_dtype == torch.bfloat16:
+            cfg = cfg.replace(dtype="bfloat16")  # fit the grid in the dtype it will run in
         row = {"name": name, "config": None if cfg is None else cfg.to_dict()}
         if cfg is not None:
             t = time.time()
@@ -95,7 +102,7 @@ def run(args):
             row.update(bits_per_weight=tot["bits_per_weight"], ortho_nnz=tot["ortho_nnz"])
         else:
             row["bits_per_weight"] = 16.0
-        model = model.to(eval_dtype)
+        model = libortho.cast_model(model, eval_dtype)
         row["ppl"] = perplexity(model, tok, "", seq_len=args.seq_len, ids=ids, progress=False)
         if cfg is not None and cfg.has_ortho:
             with libortho.alpha(model, 0.0):
@@ -107,10 +114,7 @@ def run(args):
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    out = {**environment(device), "model": args.model, "protocol": __doc__.strip(), "caveat": CAVEAT,
-           "calibration": calib.description, "eval_text": Path(eval_path).name, "eval_tokens": int(ids.numel()),
-           "seq_len": args.seq_len, "eval_dtype": str(eval_dtype), "rows": results}
-    out_dir = Path(args.out_dir)
+        write_json(out_dir / "utility.json", out)  # after every row: a cut-off run keeps what it measured
     write_json(out_dir / "utility.json", out)
     md = markdown(out)
     write_text(out_dir / "utility.md", md)
@@ -119,11 +123,12 @@ def run(args):
 
 
 def markdown(out) -> str:
-    base = next(r["ppl"] for r in out["rows"] if r["name"] == "bf16")
+    full = out["rows"][0]
+    base = full["ppl"]
     lines = [f"Perplexity of {out['model']} on {out['eval_tokens']} tokens of {out['eval_text']} "
              f"(windows of {out['seq_len']}, {out['eval_dtype']}), {out['device']}, {out['date'][:10]}.",
              f"Calibration: {out['calibration']}.", "", f"> {out['caveat']}", "",
-             "| condition | bits/weight | ppl alpha=1 | vs bf16 | ppl alpha=0 | decompose s |",
+             f"| condition | bits/weight | ppl alpha=1 | vs {full['name']} | ppl alpha=0 | decompose s |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in out["rows"]:
         a0 = f"{r['ppl_alpha0']:.2f}" if "ppl_alpha0" in r else "-"
@@ -137,18 +142,21 @@ def plot(out, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    full = out["rows"][0]
+    ax.axhline(full["ppl"], color="black", ls="--", lw=1, label=f"{full['name']} (16 bits)")
     groups = {}
-    for r in out["rows"]:
-        key = r["name"].split("-libortho-")[0] + ("-libortho-" + r["name"].split("-libortho-")[1].rsplit("-", 1)[0]
-                                                  if "-libortho-" in r["name"] else "")
-        groups.setdefault(key, []).append(r)
-    for key, rows in groups.items():
+    for r in out["rows"][1:]:
+        head, _, tail = r["name"].partition("-libortho-")
+        groups.setdefault(head + ("-libortho-" + tail.rsplit("-", 1)[0] if tail else ""), []).append(r)
+    colors = plt.get_cmap("tab20").colors
+    for i, (key, rows) in enumerate(groups.items()):
         rows = sorted(rows, key=lambda r: r["bits_per_weight"])
-        ax.plot([r["bits_per_weight"] for r in rows], [r["ppl"] for r in rows], "o-", label=key)
+        c = colors[(2 * i) % 20]
+        ax.plot([r["bits_per_weight"] for r in rows], [r["ppl"] for r in rows], "o-", color=c, label=key)
         if any("ppl_alpha0" in r for r in rows):
             ax.plot([r["bits_per_weight"] for r in rows], [r.get("ppl_alpha0", float("nan")) for r in rows],
-                    "x:", alpha=0.6, label=f"{key} (alpha=0)")
+                    "x:", color=c, alpha=0.6, label=f"{key} at alpha=0")
     ax.set_xlabel("average bits per weight (codes + scales + CSR)")
     ax.set_ylabel("perplexity (log)")
     ax.set_yscale("log")
@@ -159,3 +167,10 @@ def plot(out, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+if __name__ == "__main__":
+    import argparse
+    _p = argparse.ArgumentParser(description=__doc__)
+    add_arguments(_p)
+    run(_p.parse_args())

@@ -1,3 +1,4 @@
+"""Raise, do not crash: a bad call of the CUDA binding must come back as a Python RuntimeError."""
 import torch
 from libortho.ops import cuda
 ext = cuda.extension()

@@ -1,0 +1,43 @@
+import json
+
+import pytest
+from conftest import DATA, char_tokenizer, tiny_model
+
+from libortho.cli import main
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    d = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
+    return d
+
+
+def test_decompose_info_generate_eval(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "dec"
+    main(["decompose", str(tiny_dir), "--out", str(out), "--bits", "3", "--group-size", "32", "--density", "0.05"])
+    assert (out / "libortho.json").exists() and (out / "tokenizer.json").exists()
+    main(["info", str(out)])
+    text = capsys.readouterr().out
+    assert "bits/weight" in text and '"density": 0.05' in text
+    main(["generate", str(out), "--alpha", "1", "0", "--max-new-tokens", "4", "--no-chat", "--prompt", "abc"])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[alpha=")]
+    assert len(lines) == 2
+    res = tmp_path / "ppl.json"
+    main(["eval", "ppl", str(out), "--text", str(DATA / "text" / "austen-emma.txt"), "--seq-len", "64",
+          "--max-tokens", "640", "--out", str(res)])
+    rows = json.loads(res.read_text())["rows"]
+    assert [r["alpha"] for r in rows] == [1.0, 0.0] and all(r["ppl"] > 1 for r in rows)
+
+
+def test_calibrated_decompose_needs_calib(tiny_dir, tmp_path):
+    with pytest.raises(SystemExit, match="needs --calib"):
+        main(["decompose", str(tiny_dir), "--out", str(tmp_path / "x"), "--method", "gptq"])
+
+
+def test_bad_input_is_a_message(tiny_dir, tmp_path):
+    with pytest.raises(SystemExit, match="density"):
+        main(["decompose", str(tiny_dir), "--out", str(tmp_path / "x"), "--density", "1.5"])
+    with pytest.raises(SystemExit, match="not a LibOrtho save"):
+        main(["info", str(tiny_dir)])
