@@ -41,8 +41,7 @@ def calibration_data(tokenizer, text, n_samples: int = 128, seq_len: int = 512, 
     dataset's train split, when online and the ``datasets`` package is installed).
     """
     source = name
-    if isinstance(text, (list, tuple)) or isinstance(text, os.PathLike) or (
-            isinstance(text, str) and len(text) < 4096 and "\n" not in text and Path(text).is_file()):
+    if isinstance(text, (list, tuple, os.PathLike)) or _is_file(text):
         paths = list(text) if isinstance(text, (list, tuple)) else [text]
         source = source or "+".join(Path(p).name for p in paths)
         text = read_text(paths)
@@ -52,6 +51,16 @@ def calibration_data(tokenizer, text, n_samples: int = 128, seq_len: int = 512, 
     ids = tokenize(tokenizer, text)
     windows = token_windows(ids, seq_len, n_samples, seed)
     return Calibration(windows, f"{n_samples} x {seq_len} tokens of {source or 'given text'} (seed {seed})")
+
+
+def _is_file(text) -> bool:
+    """A string that names an existing file (raw text is never mistaken for a path)."""
+    if not isinstance(text, str) or "\n" in text or len(text) > 1024:
+        return False
+    try:
+        return Path(text).is_file()
+    except OSError:  # e.g. a long line of text: not a usable file name
+        return False
 
 
 def _hf_text(spec: str) -> str:
