@@ -57,3 +57,16 @@ def test_calibrated_gptq_on_two_blocks(smollm2):
     assert libortho.report(model)["total"]["ortho_nnz"] == sum(
         round(0.01 * m.in_features * m.out_features) for _, m in libortho.ortho_layers(model))
     assert _greedy(model, tok, "Emma Woodhouse, handsome, clever, and rich,").numel() == 12
+
+
+def test_load_model_from_a_gguf_file():
+    from libortho.data import smollm2_gguf
+    model, tok = libortho.load_model(smollm2_gguf())
+    assert type(model).__name__ == "LlamaForCausalLM" and tok is not None
+    assert model.config.num_hidden_layers == 30
+
+
+def test_unknown_name_offline_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(libortho.LibOrthoError, match="not a local path"):
+        libortho.load_model("no-such-org/no-such-model-libortho")
