@@ -1,4 +1,4 @@
 """Backends of the dual-stream op. Importing this package registers ``torch.ops.libortho.*``."""
 from .registry import check_inputs, ortho_linear  # noqa: F401
-from .reference import csr_matmul, ortho_linear_reference  # noqa: F401
+from .reference import ortho_linear_reference, scatter_csr  # noqa: F401
 from . import cuda  # noqa: F401,E402  (registers the CUDA backend; builds lazily on first GPU call)
