@@ -255,3 +255,37 @@ def test_retention_summary_and_table(tmp_path):
     assert table.count("\n") == 5 and "| int3-ortho-1% | 3.500 | 70.0 [" in table
     plot(rows, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_cut_off_run_resumes(smoke, tmp_path, monkeypatch):
+    """A run that dies mid-way keeps finished conditions in NAME.partial.jsonl; --resume runs only the rest."""
+    from libortho.cli import main
+    model_dir, out = smoke
+    args = ["experiment", "genius", "--model", str(model_dir), *SMOKE_ARGS, "--conditions", "int3-base",
+            "int3-ortho-1%", "--out-dir", str(tmp_path), "--name", "g"]
+    real, ran = genius.run_conditions, []
+
+    def dies_on_ortho(base, tok, conds, *a, **k):
+        ran.append(conds[0].name)
+        if conds[0].name == "int3-ortho-1%":
+            raise RuntimeError("cut off")
+        return real(base, tok, conds, *a, **k)
+
+    monkeypatch.setattr(genius, "run_conditions", dies_on_ortho)
+    with pytest.raises(RuntimeError, match="cut off"):
+        main(args)
+    partial = tmp_path / "g.partial.jsonl"
+    assert [json.loads(x)["condition"] for x in partial.read_text().splitlines()] == ["bf16", "int3-base"]
+    assert not (tmp_path / "g.json").exists()
+    monkeypatch.setattr(genius, "run_conditions", real)
+    ran.clear()
+    with pytest.raises(SystemExit, match="other settings"):
+        main([*args[:-4], "--seed", "1", *args[-4:], "--resume"])
+    main([*args, "--resume"])
+    assert not partial.exists()
+    got = json.loads((tmp_path / "g.json").read_text())["conditions"]
+    want = json.loads((out / "g.json").read_text())["conditions"]
+    assert [r["name"] for r in got] == [r["name"] for r in want]
+    for a, b in zip(got, want):
+        assert a["tasks"] == b["tasks"] and a["ppl"] == pytest.approx(b["ppl"], rel=1e-5)
+        assert a["skill_retention"] == b["skill_retention"]

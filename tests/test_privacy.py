@@ -257,3 +257,22 @@ def test_privacy_merge_seeds(smoke_run, tiny_dir, tmp_path):
     with pytest.raises(SystemExit, match="repeat seeds"):
         main(["experiment", "privacy", "--merge", str(smoke_run / "privacy.json"), str(smoke_run / "privacy.json"),
               "--out-dir", str(tmp_path), "--name", "bad"])
+
+
+def test_privacy_workers_match_serial(smoke_run, tiny_dir, tmp_path):
+    """Conditions evaluated by worker processes (after one fine-tune in the parent) give the serial rows."""
+    from libortho.cli import main
+    main(["experiment", "privacy", "--model", str(tiny_dir), *TINY_RUN, *SMOKE_EVAL, "--conditions",
+          "libortho-delta", "int4-rtn", "--workers", "2", "--out-dir", str(tmp_path)])
+    par = json.loads((tmp_path / "privacy.json").read_text())
+    ser = json.loads((smoke_run / "privacy.json").read_text())
+    assert list(par["results"]) == ["bf16-finetuned", "bf16-reference", "libortho-delta", "int4-rtn"]
+    assert par["settings"]["workers"] == 2
+    for name, row in par["results"].items():
+        want = ser["results"][name]
+        assert row["bits_per_weight"] == want["bits_per_weight"]
+        for k, r in row["alphas"].items():
+            w = want["alphas"][k]
+            assert r["extraction"] == w["extraction"]
+            assert r["ppl_heldout"] == pytest.approx(w["ppl_heldout"], rel=1e-4)
+            assert r["mia_auc"] == pytest.approx(w["mia_auc"], abs=1e-6)

@@ -222,6 +222,9 @@ def add_arguments(p) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="processes sharing the device, each decomposing and evaluating whole conditions "
                    "(default 4 on cuda: the GPTQ sweep is launch-bound; 1 on cpu)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the conditions already in OUT_DIR/NAME.partial.jsonl (written as each condition "
+                   "finishes) and run only the others")
     p.add_argument("--list", action="store_true", help="list the conditions and exit")
     p.add_argument("--no-progress", action="store_true")
 
@@ -284,11 +287,59 @@ def setup(model_name: str, s: dict, conds) -> dict:
     return {"model": model, "tok": tok, "calibs": calibs, "ppl_ids": ppl_ids, "meta": meta}
 
 
-def run_serial(model_name: str, s: dict, conds, progress: bool = True, log=print):
+def run_serial(model_name: str, s: dict, conds, progress: bool = True, log=print, on_done=None):
     st = setup(model_name, s, conds)
-    rows = run_conditions(st["model"], st["tok"], conds, s["tasks"], Path(s["data_dir"]) / "reasoning",
-                          s["device"], s["dtype"], st["calibs"], st["ppl_ids"], s, s["alpha0"], progress, log)
+    rows = []
+    for cond in conds:
+        new = run_conditions(st["model"], st["tok"], [cond], s["tasks"], Path(s["data_dir"]) / "reasoning",
+                             s["device"], s["dtype"], st["calibs"], st["ppl_ids"], s, s["alpha0"], progress, log)
+        rows += new
+        if on_done:
+            on_done(cond.name, new, st["meta"])
     return rows, st["meta"]
+
+
+class Partial:
+    """Rows of finished conditions, one JSON line per condition, so a run cut off keeps what it measured
+    and ``--resume`` runs only the rest. Lines carry the settings; a resume with other settings refuses."""
+
+    def __init__(self, path: Path, s: dict):
+        import json
+        self.path = path
+        self.key = json.dumps({k: str(v) for k, v in s.items() if k not in ("conditions", "workers")}, sort_keys=True)
+
+    def load(self) -> dict:
+        import json
+        done = {}
+        if not self.path.exists():
+            return done
+        for n, line in enumerate(self.path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                if n == len(self.path.read_text().splitlines()):  # a last line cut off mid-write
+                    break
+                raise SystemExit(f"{self.path}:{n} is not a JSON line; delete the file to start over")
+            if entry.get("settings") != self.key:
+                raise SystemExit(f"{self.path} was written with other settings; delete it or drop --resume")
+            done[entry["condition"]] = entry
+        return done
+
+    def add(self, name: str, rows: list[dict], meta: dict) -> None:
+        import json
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"condition": name, "rows": rows, "meta": meta, "settings": self.key}) + "\n")
+            f.flush()
+
+
+def _group(rows: list[dict]) -> dict:
+    out = {}
+    for r in rows:
+        out.setdefault(r["name"].split("@")[0], []).append(r)
+    return out
 
 
 def run(args) -> dict:
@@ -307,16 +358,28 @@ def run(args) -> dict:
     print(report.protocol_text(s))
     t0 = time.time()
     progress = not args.no_progress
-    if s["workers"] > 1:
+    stem = args.name or ("genius-quick" if args.quick else "genius")
+    partial = Partial(Path(args.out_dir) / f"{stem}.partial.jsonl", s)
+    if not args.resume and partial.path.exists():
+        partial.path.unlink()
+    done = partial.load()
+    todo = [c for c in conds if c.name not in done]
+    if done:
+        print(f"resuming: {len(done)} condition(s) from {partial.path}; to run: {[c.name for c in todo]}")
+    rows, meta = [], next((e["meta"] for e in done.values()), None)
+    if todo and s["workers"] > 1:
         from .genius_workers import run_parallel
-        rows, meta = run_parallel(args.model, s, conds, s["workers"], progress, log=tqdm.write)
-    else:
-        rows, meta = run_serial(args.model, s, conds, progress, log=tqdm.write)
+        rows, meta = run_parallel(args.model, s, todo, s["workers"], progress, log=tqdm.write, on_done=partial.add)
+    elif todo:
+        rows, meta = run_serial(args.model, s, todo, progress, log=tqdm.write, on_done=partial.add)
+    by_cond = {**{n: e["rows"] for n, e in done.items()}, **_group(rows)}
+    rows = [r for c in conds for r in by_cond[c.name]]
     add_retention(rows)
     for r in rows:
         r["command"] = command_line(args, s, [r["name"].split("@")[0]])
     result = report.assemble(args, s, meta, rows, command_line(args, s), time.time() - t0)
-    paths = report.write_results(result, Path(args.out_dir), args.name or ("genius-quick" if args.quick else "genius"))
+    paths = report.write_results(result, Path(args.out_dir), stem)
+    partial.path.unlink(missing_ok=True)  # the full result now holds every row
     print(report.markdown_table(result["conditions"], s["tasks"]))
     print("\n" + result["summary"])
     print(f"\nwrote {', '.join(str(p) for p in paths)} in {time.time() - t0:.0f} s")

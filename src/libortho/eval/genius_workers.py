@@ -3,6 +3,7 @@
 The GPTQ sweep issues many tiny kernels from Python, so one process leaves the GPU mostly idle; N
 processes (spawned, each holding its own fp32 copy of the model, calibration sets and ppl ids) take
 whole conditions from a queue, the most expensive first. Results are the same rows as the serial run.
+With ``--device cuda`` on a machine of several GPUs, worker i runs on GPU i mod (number of GPUs).
 """
 from __future__ import annotations
 
@@ -14,9 +15,14 @@ from tqdm.auto import tqdm
 _STATE: dict = {}
 
 
-def _init(model_name: str, s: dict, cond_names: list[str], threads: int) -> None:
+def _init(model_name: str, s: dict, cond_names: list[str], threads: int, n_gpus: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(threads)
+    if n_gpus > 1:
+        import multiprocessing
+        index = multiprocessing.current_process()._identity[0] - 1  # pool workers count from 1
+        s = {**s, "device": f"cuda:{index % n_gpus}"}
+        torch.cuda.set_device(s["device"])
     try:
         from transformers.utils import logging
         logging.disable_progress_bar()
@@ -54,18 +60,21 @@ def warm_caches(model_name: str, device: str) -> None:
         cuda.available()
 
 
-def run_parallel(model_name: str, s: dict, conds, workers: int, progress: bool = True, log=print):
+def run_parallel(model_name: str, s: dict, conds, workers: int, progress: bool = True, log=print, on_done=None):
     from .genius_report import _one_line
     warm_caches(model_name, s["device"])
     order = sorted(conds, key=_cost, reverse=True)
     threads = max(1, (os.cpu_count() or workers) // workers)
+    n_gpus = torch.cuda.device_count() if s["device"] == "cuda" else 0
     ctx = torch.multiprocessing.get_context("spawn")
     done, meta = {}, None
     with ctx.Pool(min(workers, len(conds)), initializer=_init,
-                  initargs=(model_name, s, [c.name for c in conds], threads)) as pool:
+                  initargs=(model_name, s, [c.name for c in conds], threads, n_gpus)) as pool:
         for name, rows, m in tqdm(pool.imap_unordered(_work, [c.name for c in order]), total=len(order),
                                      desc=f"conditions ({workers} workers)", disable=not progress):
             done[name], meta = rows, m
+            if on_done:
+                on_done(name, rows, m)
             for r in rows:
                 log(_one_line(r))
     return [r for c in conds for r in done[c.name]], meta

@@ -148,6 +148,9 @@ def add_arguments(p) -> None:
     g.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="no run: pool the seeds of earlier results (same settings, e.g. one process per seed "
                    "with --seeds N --name privacy-seedN) into one table, plots and verdict")
+    g.add_argument("--workers", type=int, default=None,
+                   help="processes evaluating conditions side by side after the fine-tune (default 3 on cuda, "
+                   "1 on cpu); on several GPUs worker i uses GPU i mod their number")
     g.add_argument("--no-progress", action="store_true")
 
 
@@ -198,7 +201,7 @@ def resolve(args) -> dict:
         "ppl_tokens": args.ppl_tokens, "ppl_seq_len": args.ppl_seq_len,
         "ppl_batch": args.ppl_batch or (8 if cuda else 1), "eval_path": args.eval_path,
         "bootstrap": args.bootstrap, "out_dir": Path(args.out_dir), "name": args.name,
-        "progress": not args.no_progress,
+        "progress": not args.no_progress, "workers": max(1, args.workers or (3 if cuda else 1)),
     }
 
 
@@ -381,54 +384,19 @@ def run_seed(model0, tok, texts: Texts, s: dict, seed: int) -> dict:
             f"more (--canary-reps, now {s['canary_reps']}) or raise --ft-lr (now {s['ft_lr']:g}).")
 
     t = time.time()
-    calibs = {}
     conds = [c for c in condition_list(s["bits"], s["group_size"], s["density"], s["method"], seed)
              if c.name in s["conditions"]]
-    if any(c.calib for c in conds):
-        calibs["public"] = libortho.calibration_data(tok, [texts.calib_path], s["calib_samples"],
-                                                     s["calib_seq_len"], seed)
-        calibs["public+canary"] = canary_calibration(calibs["public"], members, texts.sep_ids)
+    calibs = make_calibrations(tok, texts, s, seed, members, conds)
     timings["calibration_data"] = time.time() - t
 
-    results = {}
-    for cond in tqdm(conds, desc=f"conditions (seed {seed})", disable=not progress):
-        t = time.time()
-        model, calib = build_condition(cond, finetuned, reference, calibs, device)
-        _sync(device)
-        t_dec = time.time() - t
-        row = {"description": cond.description, "source": cond.source,
-               "config": None if cond.config is None else cond.config.to_dict(),
-               "calibration": None if calib is None else calib.description,
-               "decompose_seconds": t_dec, "alphas": {}}
-        if cond.config is not None:
-            rep = libortho.report(model)["total"]
-            row.update(bits_per_weight=rep["bits_per_weight"], base_bits_per_weight=rep["base_bits_per_weight"],
-                       density=rep["density"])
-            row["op_check_max_abs_dll"] = op_check(model, members, s["score_batch"])
-        else:
-            bits = 8 * torch.empty(0, dtype=s["eval_dtype"]).element_size()
-            row.update(bits_per_weight=float(bits), base_bits_per_weight=float(bits), density=0.0)
-        for alpha in (s["alphas"] if cond.has_alpha else [None]):
-            t = time.time()
-            if s["eval_path"] == "op" and cond.config is not None:
-                libortho.set_alpha(model, 1.0 if alpha is None else alpha)
-                evaluated = _cast_params(model, s["eval_dtype"])
-            else:
-                evaluated = dense_copy(model, alpha, s["eval_dtype"])
-            want_exposure = s["exposure"] != "none" and (alpha is None or alpha in s["exposure_alphas"])
-            res = evaluate(evaluated, tok, members, nonmembers, texts, s, want_exposure, seed)
-            if evaluated is not model:
-                del evaluated
-            _sync(device)
-            res["seconds"]["total"] = time.time() - t
-            row["alphas"][alpha_key(alpha)] = res
-            print(f"  {cond.name:32s} alpha={alpha_key(alpha):5s} extraction {100 * _mean(res['extracted']):5.1f} %"
-                  f"  exposure {_fmt(_mean(res['exposure']))}  AUC {res['mia_auc']:.3f}"
-                  f"  ppl {res['ppl_heldout']:.2f}  ({res['seconds']['total']:.1f} s)", flush=True)
-        results[cond.name] = row
-        del model
-        if str(device).startswith("cuda"):
-            torch.cuda.empty_cache()
+    if s["workers"] > 1 and len(conds) > 1:
+        from .privacy_workers import run_parallel
+        results = run_parallel(finetuned, conds, s, seed)
+    else:
+        results = {cond.name: eval_condition(cond, finetuned, reference, calibs, tok, members, nonmembers, texts,
+                                             s, seed)
+                   for cond in tqdm(conds, desc=f"conditions (seed {seed})", disable=not progress)}
+    results = {c.name: results[c.name] for c in conds}
     timings["conditions"] = {n: r["decompose_seconds"] + sum(a["seconds"]["total"] for a in r["alphas"].values())
                              for n, r in results.items()}
     _add_retention(results)
@@ -442,6 +410,61 @@ def run_seed(model0, tok, texts: Texts, s: dict, seed: int) -> dict:
                                                   "mean": sum(log.presentations) / len(log.presentations)}},
             "calibrations": {k: v.description for k, v in calibs.items()},
             "conditions": results, "timings": timings}
+
+
+def make_calibrations(tok, texts: Texts, s: dict, seed: int, members, conds) -> dict:
+    """The calibration sets the conditions need (deterministic in ``seed``, so workers rebuild them)."""
+    import libortho
+    calibs = {}
+    if any(c.calib for c in conds):
+        calibs["public"] = libortho.calibration_data(tok, [texts.calib_path], s["calib_samples"],
+                                                     s["calib_seq_len"], seed)
+        calibs["public+canary"] = canary_calibration(calibs["public"], members, texts.sep_ids)
+    return calibs
+
+
+def eval_condition(cond: Condition, finetuned, reference, calibs: dict, tok, members, nonmembers, texts: Texts,
+                   s: dict, seed: int) -> dict:
+    """Decompose one condition once and evaluate it at every alpha: one row of the results."""
+    import libortho
+    device = next(finetuned.parameters()).device
+    t = time.time()
+    model, calib = build_condition(cond, finetuned, reference, calibs, device)
+    _sync(device)
+    t_dec = time.time() - t
+    row = {"description": cond.description, "source": cond.source,
+           "config": None if cond.config is None else cond.config.to_dict(),
+           "calibration": None if calib is None else calib.description,
+           "decompose_seconds": t_dec, "alphas": {}}
+    if cond.config is not None:
+        rep = libortho.report(model)["total"]
+        row.update(bits_per_weight=rep["bits_per_weight"], base_bits_per_weight=rep["base_bits_per_weight"],
+                   density=rep["density"])
+        row["op_check_max_abs_dll"] = op_check(model, members, s["score_batch"])
+    else:
+        bits = 8 * torch.empty(0, dtype=s["eval_dtype"]).element_size()
+        row.update(bits_per_weight=float(bits), base_bits_per_weight=float(bits), density=0.0)
+    for alpha in (s["alphas"] if cond.has_alpha else [None]):
+        t = time.time()
+        if s["eval_path"] == "op" and cond.config is not None:
+            libortho.set_alpha(model, 1.0 if alpha is None else alpha)
+            evaluated = _cast_params(model, s["eval_dtype"])
+        else:
+            evaluated = dense_copy(model, alpha, s["eval_dtype"])
+        want_exposure = s["exposure"] != "none" and (alpha is None or alpha in s["exposure_alphas"])
+        res = evaluate(evaluated, tok, members, nonmembers, texts, s, want_exposure, seed)
+        if evaluated is not model:
+            del evaluated
+        _sync(device)
+        res["seconds"]["total"] = time.time() - t
+        row["alphas"][alpha_key(alpha)] = res
+        print(f"  [seed {seed}] {cond.name:32s} alpha={alpha_key(alpha):5s} extraction "
+              f"{100 * _mean(res['extracted']):5.1f} %  exposure {_fmt(_mean(res['exposure']))}  "
+              f"AUC {res['mia_auc']:.3f}  ppl {res['ppl_heldout']:.2f}  ({res['seconds']['total']:.1f} s)", flush=True)
+    del model
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+    return row
 
 
 def _add_retention(results: dict) -> None:
@@ -510,7 +533,7 @@ def run(args) -> dict:
 
 # -- aggregation over seeds ---------------------------------------------------------------------------
 
-_PER_RUN = {"seeds", "out_dir", "name", "progress", "device"}
+_PER_RUN = {"seeds", "out_dir", "name", "progress", "device", "workers"}
 
 
 def merge(args) -> dict:

@@ -36,6 +36,8 @@ def add_arguments(p):
     p.add_argument("--max-eval-tokens", type=int, default=None)
     p.add_argument("--methods", nargs="+", default=["rtn", "gptq", "libortho-rtn", "libortho-gptq", "random"])
     p.add_argument("--out-dir", default="experiments/results")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows of OUT_DIR/utility.json (same protocol) and run only the missing ones")
 
 
 def conditions(bits_list, densities, gs, methods, full_name="bf16"):
@@ -86,7 +88,14 @@ def run(args):
            "seq_len": args.seq_len, "eval_dtype": str(eval_dtype), "rows": results}
     out_dir = Path(args.out_dir)
     full_name = "bf16" if eval_dtype == torch.bfloat16 else "fp32"
-    for name, cfg in conditions(args.bits, args.densities, args.group_size, args.methods, full_name):
+    todo = conditions(args.bits, args.densities, args.group_size, args.methods, full_name)
+    if args.resume:
+        out = resumed(out_dir / "utility.json", out)
+        results = out["rows"]
+        have = {r["name"] for r in results}
+        todo = [(n, c) for n, c in todo if n not in have]
+        print(f"resuming {out_dir / 'utility.json'}: {len(have)} rows kept, to run: {[n for n, _ in todo]}")
+    for name, cfg in todo:
         model = copy.deepcopy(base).to(device)
         if cfg is not None and eval_dtype == torch.bfloat16:
             cfg = cfg.replace(dtype="bfloat16")  # fit the grid in the dtype it will run in
@@ -107,7 +116,11 @@ def run(args):
         if cfg is not None and cfg.has_ortho:
             with libortho.alpha(model, 0.0):
                 row["ppl_alpha0"] = perplexity(model, tok, "", seq_len=args.seq_len, ids=ids, progress=False)
+        row["date"] = environment(device)["date"]
         results.append(row)
+        results.sort(key=row_order)
+        if name in out.get("not_run", []):
+            out["not_run"].remove(name)
         print(f"{name:34s} bits/w {row['bits_per_weight']:6.3f}  ppl {row['ppl']:9.3f}"
               + (f"  alpha=0 {row['ppl_alpha0']:9.3f}" if "ppl_alpha0" in row else "")
               + (f"  ({row['decompose_s']:.1f} s)" if "decompose_s" in row else ""), flush=True)
@@ -120,6 +133,35 @@ def run(args):
     write_text(out_dir / "utility.md", md)
     plot(out, out_dir / "utility.png")
     print("\n" + md)
+
+
+def resumed(path: Path, fresh: dict) -> dict:
+    """The earlier result at ``path`` with this run's command appended; refuses another protocol."""
+    import json
+    if not path.exists():
+        raise SystemExit(f"--resume: no {path} to resume")
+    old = json.loads(path.read_text())
+    keys = ("model", "protocol", "calibration", "eval_text", "eval_tokens", "seq_len", "eval_dtype")
+    diff = [k for k in keys if old.get(k) != fresh.get(k)]
+    if diff:
+        raise SystemExit(f"--resume: {path} was made with other settings ({', '.join(diff)})")
+    runs = old["command"].count("(run ") + (0 if "(run " in old["command"] else 1)
+    old["command"] += f"; {fresh['command']}  (run {runs + 1}, {fresh['date'][:16]}, {fresh['device']}, "\
+                      f"torch {fresh['torch']})"
+    return old
+
+
+def row_order(row) -> tuple:
+    """bf16 first, then by bits (high first), then as :func:`conditions` lists a bits block."""
+    name = row["name"]
+    if row.get("config") is None:
+        return (0,)
+    bits, rest = name.split("-", 1)
+    kinds = ["rtn", "gptq", "libortho-rtn-hessian", "libortho-gptq", "random"]
+    kind = next((i for i, k in sorted(enumerate(kinds), key=lambda t: -len(t[1])) if rest.startswith(k)), 9)
+    density = row["config"].get("density", 0.0) if kind in (2, 3) else 0.0
+    order = kind if kind < 2 else (2 if kind < 4 else 4)
+    return (1, -int(bits[3:]), order, density, kind)
 
 
 def markdown(out) -> str:
