@@ -64,7 +64,8 @@ def run_parallel(model_name: str, s: dict, conds, workers: int, progress: bool =
     from .genius_report import _one_line
     warm_caches(model_name, s["device"])
     order = sorted(conds, key=_cost, reverse=True)
-    threads = max(1, (os.cpu_count() or workers) // workers)
+    threads = max(1, len(os.sched_getaffinity(0)) // workers) if hasattr(os, "sched_getaffinity") \
+        else max(1, (os.cpu_count() or workers) // workers)  # the cores this process may use (taskset)
     n_gpus = torch.cuda.device_count() if s["device"] == "cuda" else 0
     ctx = torch.multiprocessing.get_context("spawn")
     done, meta = {}, None

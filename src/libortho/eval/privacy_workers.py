@@ -70,7 +70,8 @@ def run_parallel(finetuned, conds, s: dict, seed: int) -> dict:
     import safetensors.torch
     workers = min(s["workers"], len(conds))
     n_gpus = torch.cuda.device_count() if s["device"] == "cuda" else 0
-    threads = max(1, (os.cpu_count() or workers) // workers)
+    threads = max(1, len(os.sched_getaffinity(0)) // workers) if hasattr(os, "sched_getaffinity") \
+        else max(1, (os.cpu_count() or workers) // workers)  # the cores this process may use (taskset)
     order = sorted(conds, key=_cost, reverse=True)
     ctx = torch.multiprocessing.get_context("spawn")
     results = {}
