@@ -75,29 +75,45 @@ def cmd_info(a):
 
 
 def _generate(model, tok, prompt, max_new_tokens, chat=True):
-    if chat and getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"]
-    else:
-        ids = tok(prompt, return_tensors="pt").input_ids
+    ids = _prompt_ids(tok, prompt, chat)
     ids = ids.to(next(model.parameters()).device)
     out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tok.pad_token_id or tok.eos_token_id)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+def _prompt_ids(tok, prompt, chat=True):
+    if chat and getattr(tok, "chat_template", None):
+        return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                       return_tensors="pt", return_dict=True)["input_ids"]
+    return tok(prompt, return_tensors="pt").input_ids
+
+
+def _generate_fast(model, tok, prompt, max_new_tokens, chat=True, mode=None):
+    """Static KV cache + a compiled / CUDA-graph decode step (the path ``libortho bench decode`` times)."""
+    from .eval.bench_decode import generate_fast
+    ids = _prompt_ids(tok, prompt, chat)
+    new = generate_fast(model, ids, max_new_tokens, mode=mode, eos_token_id=tok.eos_token_id)[0]
+    return tok.decode(new, skip_special_tokens=True)
+
+
 def cmd_generate(a):
     import libortho
-    dtype = torch.bfloat16 if a.device == "cuda" else None
-    model, tok = libortho.load_model(a.model, dtype=dtype, device=a.device)
-    if a.compile:
-        model.forward = torch.compile(model.forward, mode="reduce-overhead")
+    device = _device(a)
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else None
+    model, tok = libortho.load_model(a.model, dtype=dtype, device=device)
+    if a.compile and dtype is not None:
+        libortho.cast_model(model, dtype)  # one activation dtype end to end (no per-call casts)
+    mode = a.mode or ("compile" if a.compile else None)
     for value in a.alpha:
         has_ortho = bool(libortho.ortho_layers(model))
         if has_ortho:
             libortho.set_alpha(model, value)
         t = time.time()
-        text = _generate(model, tok, a.prompt, a.max_new_tokens, chat=not a.no_chat)
+        if mode is not None:  # a new decoder per alpha: a captured graph holds the alpha values
+            text = _generate_fast(model, tok, a.prompt, a.max_new_tokens, chat=not a.no_chat, mode=mode)
+        else:
+            text = _generate(model, tok, a.prompt, a.max_new_tokens, chat=not a.no_chat)
         label = f"alpha={value:g}" if has_ortho else "dense"
         print(f"[{label}, {time.time() - t:.1f} s] {text}")
 
@@ -156,7 +172,11 @@ def build_parser():
     g.add_argument("--alpha", type=float, nargs="+", default=[1.0])
     g.add_argument("--max-new-tokens", type=int, default=40)
     g.add_argument("--device", default=None)
-    g.add_argument("--compile", action="store_true", help="torch.compile(mode='reduce-overhead')")
+    g.add_argument("--compile", action="store_true",
+                   help="fast path: static KV cache + torch.compile(fullgraph) decode step, captured in a CUDA "
+                        "graph on a GPU (the path `libortho bench decode` times)")
+    g.add_argument("--mode", default=None, choices=["eager", "graph", "compile", "reduce-overhead"],
+                   help="decode step of the fast path (implies it; --compile means 'compile')")
     g.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     g.set_defaults(fn=cmd_generate)
 

@@ -173,6 +173,17 @@ def _fragment_map() -> torch.Tensor:
 
 
 _FRAGMENT_MAP = _fragment_map()
+_FRAGMENT_MAPS: dict = {}
+
+
+def _fragment_map_on(device) -> torch.Tensor:
+    """The fragment map on ``device``, copied there once (no host-to-device copy per forward, which
+    would also break CUDA graph capture of the reference backend)."""
+    device = torch.device(device)
+    m = _FRAGMENT_MAPS.get(device)
+    if m is None:
+        m = _FRAGMENT_MAPS[device] = _FRAGMENT_MAP.to(device)
+    return m
 
 
 def _to_tiles(t: torch.Tensor) -> torch.Tensor:
@@ -196,7 +207,7 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     n_pad, k_pad = padded_shape(n, k)
     full = torch.zeros(n_pad, k_pad, dtype=torch.int64, device=q.device)
     full[:n, :k] = q.to(torch.int64)
-    codes = _to_tiles(full)[..., _FRAGMENT_MAP.to(q.device)]  # (tn, tk, 32 lanes, 32 codes)
+    codes = _to_tiles(full)[..., _fragment_map_on(q.device)]  # (tn, tk, 32 lanes, 32 codes)
     words = torch.zeros(*codes.shape[:3], bits + 1, dtype=torch.int64, device=q.device)
     for v in range(32):
         pos = bits * v
@@ -226,7 +237,7 @@ def unpack(qweight: torch.Tensor, bits: int, out_features: int, in_features: int
             val = val | (words[..., w + 1] << (32 - off))
         codes[..., v] = val & mask
     tiles = torch.empty(tn, tk, TILE_N * TILE_K, dtype=torch.int64, device=qweight.device)
-    tiles[..., _FRAGMENT_MAP.to(qweight.device).reshape(-1)] = codes.reshape(tn, tk, -1)
+    tiles[..., _fragment_map_on(qweight.device).reshape(-1)] = codes.reshape(tn, tk, -1)
     return _from_tiles(tiles)[:out_features, :in_features].to(torch.uint8)
 
 

@@ -15,8 +15,9 @@ def scatter_csr(w: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, v
                 alpha: float) -> torch.Tensor:
     """w (N, K) fp32 += alpha * S for the CSR matrix S, in place; returns w."""
     if values.numel():
+        # output_size: no device-to-host read of the repeat counts (no sync, CUDA-graph capturable)
         rows = torch.repeat_interleave(torch.arange(w.shape[0], device=w.device),
-                                       (row_ptr[1:] - row_ptr[:-1]).long())
+                                       (row_ptr[1:] - row_ptr[:-1]).long(), output_size=values.numel())
         w.index_put_((rows, col_idx.long()), alpha * values.float(), accumulate=True)
     return w
 

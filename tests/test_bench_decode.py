@@ -1,0 +1,241 @@
+"""The decode harness of ``libortho bench decode`` (and ``libortho generate --compile``) on tiny models."""
+import json
+import re
+
+import pytest
+import torch
+from conftest import char_tokenizer, tiny_model
+
+import libortho
+from libortho.cli import main
+from libortho.eval import bench_decode as bd
+
+CUDA = torch.cuda.is_available()
+
+
+def _prompts(batch, length, seed=0):
+    return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _decomposed(seed=0, density=0.05):
+    model = tiny_model("llama", seed)
+    libortho.decompose(model, libortho.OrthoConfig(bits=4, group_size=32, density=density), progress=False)
+    return model
+
+
+def _hf_greedy(model, ids, n):
+    from transformers import GenerationConfig
+    # plain greedy: no EOS (no stop, and no min_new_tokens processor masking it), no other processors
+    cfg = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None  # generate() merges the model's own config in
+    try:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert out.shape[1] == ids.shape[1] + n
+    return out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("decomposed", [False, True])
+def test_static_decoder_matches_hf_generate(decomposed, one_thread):
+    model = _decomposed() if decomposed else tiny_model("llama")
+    ids = _prompts(3, 9)
+    dec = bd.StaticDecoder(model, batch=3, max_new_tokens=12, prompt_len=9, mode="eager")
+    toks = dec.generate(ids)
+    assert toks.shape == (3, 12)
+    assert torch.equal(toks, _hf_greedy(model, ids, 12))
+    # a second generate on the same decoder (cache reset in place) gives the same tokens, also when shorter
+    assert torch.equal(dec.generate(ids, 5), toks[:, :5])
+
+
+def test_decoder_alpha_changes_tokens_and_prefill_is_checked(one_thread):
+    model = _decomposed(density=0.2)
+    ids = _prompts(2, 8, seed=3)
+    with libortho.alpha(model, 0.0):
+        t0 = bd.StaticDecoder(model, 2, 10, 8).generate(ids)
+        assert torch.equal(t0, _hf_greedy(model, ids, 10))
+    t1 = bd.StaticDecoder(model, 2, 10, 8).generate(ids)
+    assert torch.equal(t1, _hf_greedy(model, ids, 10))
+    dec = bd.StaticDecoder(model, 2, 10, 8)
+    with pytest.raises(ValueError, match="does not fit"):
+        dec.prefill(_prompts(2, 9))
+    with pytest.raises(ValueError, match="at most 9 decode steps"):
+        dec.prefill(ids)
+        dec.decode(10)
+    if not CUDA:
+        with pytest.raises(ValueError, match="CUDA"):
+            bd.StaticDecoder(model, 2, 10, 8, mode="graph")
+
+
+def test_torch_compile_fullgraph_of_decomposed_model_cpu():
+    """torch.compile(fullgraph=True) of the whole decode step (HF forward, static cache, the libortho op
+    through its fake implementation, reference backend at run time): no graph break, same tokens."""
+    torch._dynamo.reset()
+    model = _decomposed(seed=1)
+    ids = _prompts(2, 6, seed=1)
+    eager = bd.StaticDecoder(model, 2, 8, 6, mode="eager").generate(ids)
+    compiled = bd.StaticDecoder(model, 2, 8, 6, mode="compile").generate(ids)
+    assert torch.equal(eager, compiled)
+
+
+def test_generate_fast_cuts_at_eos(one_thread):
+    model = tiny_model("llama")
+    ids = _prompts(1, 5)
+    toks = bd.StaticDecoder(model, 1, 8, 5).generate(ids)[0]
+    eos = int(toks[3])
+    out = bd.generate_fast(model, ids, 8, eos_token_id=eos)[0]
+    first = toks.tolist().index(eos)
+    assert out.tolist() == toks[: first + 1].tolist()
+    assert bd.generate_fast(model, ids, 8, eos_token_id=None)[0].tolist() == toks.tolist()
+
+
+def test_compare_greedy_schema(one_thread):
+    model = _decomposed()
+    c = bd.compare_greedy(model, _prompts(1, 7), 6, "eager")
+    # on the CPU both sides run the reference op: identical, with the logits equal
+    assert c["identical"] is True and c["first_divergence"] is None
+    assert c["max_abs_logit_diff"] == 0.0 and c["max_abs_logit"] > 0
+    assert len(c["tokens_dispatch"]) == 6 and c["tokens_dispatch"] == c["tokens_reference"]
+    assert c["dispatch_mode"] == c["reference_mode"] == "eager"
+
+
+def _int4_ref(w, x, group_size):
+    q, scale, zero = bd.tinygemm_quantize(w, group_size)
+    n, k = w.shape
+    deq = ((q.reshape(n, k // group_size, group_size).float() - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
+    return x.float() @ deq.t(), deq
+
+
+def _int4_available(device):
+    try:
+        bd.Int4WeightOnlyLinear.from_weight(torch.randn(16, 64, device=device), group_size=32)
+        return True
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return False
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no GPU"))])
+@pytest.mark.parametrize("n,k,g", [(64, 256, 128), (48, 576, 128), (192, 1536, 64)])
+def test_int4_wrapper_matches_dense_reference(device, n, k, g):
+    if not _int4_available(device):
+        pytest.skip(f"torch's int4 weight-only kernel is not available on {device} in this build")
+    gen = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    x = torch.randn(5, k, generator=gen).to(torch.bfloat16)
+    lin = bd.Int4WeightOnlyLinear.from_weight(w.to(device), group_size=g)
+    gs = lin.group_size
+    assert k % gs == 0 and gs <= g  # 576 is not a multiple of 128: a smaller group that divides K
+    ref, deq = _int4_ref(w, x, gs)
+    y = lin(x.to(device)).float().cpu()
+    assert y.shape == (5, n)
+    # quantization itself is within half a step of each weight
+    assert (deq - w).abs().max() <= 0.51 * (w.abs().max() * 2 / 15) + 1e-3
+    # the kernel computes x @ deq^T up to bf16 rounding of the output
+    assert (y - ref).abs().max() <= 2e-2 * ref.abs().max() + 1e-3
+    assert lin.storage_bytes() < n * k * 2 / 3  # about 4.25 bits per weight
+
+
+def test_bench_decode_cli_json_schema(tmp_path, capsys):
+    out = tmp_path / "decode-cpu.json"
+    main(["bench", "decode", "--models", "tiny", "--device", "cpu", "--batches", "1", "2", "--prompt-len", "8",
+          "--new-tokens", "5", "--prefill-len", "16", "--reps", "1", "--warmup", "0", "--no-progress",
+          "--strict", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert {"card", "torch", "date", "rows", "models", "protocol"} <= set(res)
+    assert [(r["model"], r["batch"]) for r in res["rows"]] == [("tiny", 1), ("tiny", 2)]
+    for r in res["rows"]:
+        for v in bd.VARIANTS:
+            assert r[f"{v}_tok_s"] > 0 and r[f"{v}_ms_per_token"] > 0, (v, r)
+            assert r[f"{v}_deterministic"] is True
+        assert r["speedup_alpha1"] == pytest.approx(r["alpha1_tok_s"] / r["bf16_tok_s"])
+        assert r["decode_steps"] == 4
+    assert res["rows"][0]["bf16_prefill_16_ms"] > 0
+    info = res["models"]["tiny"]
+    assert info["errors"] == {}
+    wb = info["weight_bytes"]
+    assert wb["libortho_base_only"] < wb["libortho"] < wb["bf16"] and wb["int4"] < wb["bf16"]
+    assert info["libortho_config"]["density"] == 0.01 and info["libortho_ortho_nnz"] > 0
+    md = out.with_suffix(".md").read_text()
+    assert "| tiny | 1 |" in md and "| tiny | 2 |" in md
+    printed = capsys.readouterr().out
+    assert re.search(r"batch 1: +[0-9.]+ tok/s +[0-9.]+ ms/token", printed)
+    # separate invocations (one per model) merge into one result
+    other = json.loads(out.read_text())
+    other["rows"] = [dict(r, model="tiny2") for r in other["rows"]]
+    other["models"] = {"tiny2": other["models"]["tiny"]}
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    main(["bench", "decode", "--merge", str(out), str(tmp_path / "b.json"), "--out", str(tmp_path / "m.json")])
+    merged = json.loads((tmp_path / "m.json").read_text())
+    assert [r["model"] for r in merged["rows"]] == ["tiny", "tiny", "tiny2", "tiny2"]
+    assert set(merged["models"]) == {"tiny", "tiny2"} and "| tiny2 | 2 |" in (tmp_path / "m.md").read_text()
+
+
+def test_generate_cli_fast_path_matches_plain(tmp_path, capsys):
+    d = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
+    out = tmp_path / "dec"
+    main(["decompose", str(d), "--out", str(out), "--group-size", "32", "--density", "0.05"])
+    capsys.readouterr()
+    args = [str(out), "--alpha", "1", "0", "--max-new-tokens", "6", "--no-chat", "--prompt", "abc"]
+    main(["generate", *args])
+    plain = [ln.split("] ", 1)[1] for ln in capsys.readouterr().out.splitlines() if ln.startswith("[alpha=")]
+    main(["generate", *args, "--mode", "eager"])
+    fast = [ln.split("] ", 1)[1] for ln in capsys.readouterr().out.splitlines() if ln.startswith("[alpha=")]
+    assert len(plain) == 2 and fast == plain
+
+
+# ------------------------------------------------------------------------------------------------ GPU only
+@pytest.mark.skipif(not CUDA, reason="no GPU")
+def test_cuda_decode_step_never_syncs_and_graph_matches_eager():
+    model = _decomposed().to("cuda", torch.bfloat16)
+    ids = _prompts(2, 8).cuda()
+    dec = bd.StaticDecoder(model, 2, 12, 8, mode="eager")
+    eager = dec.generate(ids)
+    dec.prefill(ids)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host-device synchronization in a step raises
+    try:
+        dec.decode(6)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(dec.tokens[:, :7], eager[:, :7])
+    # every OrthoLinear goes through the CUDA kernels (the fused one at batch 2), once per step
+    from libortho.ops import cuda as ocuda
+    assert ocuda.available()
+    calls = []
+
+    class Counting:
+        def __init__(self, ext):
+            self.ext = ext
+
+        def __getattr__(self, name):
+            fn = getattr(self.ext, name)
+            return lambda *a, **k: (calls.append(name), fn(*a, **k))[1]
+
+    ext = ocuda._state["ext"]
+    ocuda._state["ext"] = Counting(ext)
+    try:
+        dec.prefill(ids)
+        calls.clear()
+        dec.decode(3)
+        torch.cuda.synchronize()
+    finally:
+        ocuda._state["ext"] = ext
+    assert calls == ["fused_small_m"] * (3 * len(libortho.ortho_layers(model)))
+    for a in (1.0, 0.0):
+        with libortho.alpha(model, a):
+            e = bd.StaticDecoder(model, 2, 12, 8, mode="eager").generate(ids)
+            g = bd.StaticDecoder(model, 2, 12, 8, mode="graph").generate(ids)
+            assert torch.equal(e, g), a
+
+
+@pytest.mark.skipif(not CUDA, reason="no GPU")
+def test_cuda_graph_of_reference_backend_captures():
+    model = _decomposed().to("cuda", torch.bfloat16)
+    ids = _prompts(1, 8).cuda()
+    with bd.backend("reference"):
+        e = bd.StaticDecoder(model, 1, 10, 8, mode="eager").generate(ids)
+        g = bd.StaticDecoder(model, 1, 10, 8, mode="graph").generate(ids)
+    assert torch.equal(e, g)
