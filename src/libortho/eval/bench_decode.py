@@ -74,6 +74,15 @@ def backend(name: str | None):
             os.environ["LIBORTHO_BACKEND"] = saved
 
 
+def _raise_recompile_limit(limit: int = 256) -> None:
+    """Every decoder (one per variant, batch and alpha) compiles its own step; past torch's default
+    limit of 8 recompilations Dynamo would silently run the rest eagerly."""
+    cfg = torch._dynamo.config
+    for key in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, key) and getattr(cfg, key) < limit:
+            setattr(cfg, key, limit)
+
+
 class StaticDecoder:
     """Greedy decoding with a static KV cache and a one-token step that never syncs with the host.
 
@@ -117,6 +126,8 @@ class StaticDecoder:
                        if keep_logits else None)
         self.graph = None
         self._fn = self._step
+        if mode in ("compile", "reduce-overhead"):
+            _raise_recompile_limit()
         if mode == "compile":
             self._fn = torch.compile(self._step, fullgraph=True, dynamic=False)
         elif mode == "reduce-overhead":
@@ -632,7 +643,8 @@ def add_arguments(p):
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--density", type=float, default=0.01)
-    p.add_argument("--score", default="magnitude", choices=["magnitude", "random"])
+    p.add_argument("--score", default="magnitude", choices=["magnitude", "random"],
+                   help="ortho sieve of the RTN residual (random draws its scores on the CPU: slow for 7B)")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--mode", default=None, choices=StaticDecoder.MODES,
                    help="decode step: graph (default on CUDA), compile, reduce-overhead, eager (default on CPU)")
