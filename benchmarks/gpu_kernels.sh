@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One device call: build the CUDA extension, run the GPU tests, run the kernel benchmark.
 # Usage (repo root, on the GPU machine): bash benchmarks/gpu_kernels.sh [bench args...]
+# The GPU tests run both small-M kernel variants (v1, v2) and the bench times both for M <= 16;
+# LIBORTHO_DECODE_KERNEL=v1|v2 picks the one behind the unsuffixed bench columns. SKIP_BENCH=1: no bench.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:${PYTHONPATH:-} LIBORTHO_BUILD_DIR=${LIBORTHO_BUILD_DIR:-$PWD/.torch_extensions}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -9,6 +11,7 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda'
 t0=$(date +%s)
 python3 -c "from libortho.ops import cuda; ok = cuda.build(verbose=False); print('build ok' if ok else cuda._state['error'])" 2>&1 | tail -30
 echo "build: $(( $(date +%s) - t0 )) s"
+python3 -c "from libortho.ops import cuda; print('decode kernel (default columns):', cuda.decode_kernel())"
 python3 benchmarks/check_errors.py 2>&1 | tail -5
 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | tail -40
 if [ "${SKIP_BENCH:-0}" != 1 ]; then

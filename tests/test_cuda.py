@@ -20,6 +20,14 @@ def built():
     assert cuda_backend.build(verbose=False), f"CUDA extension failed to build: {cuda_backend._state['error']}"
 
 
+@pytest.fixture(params=cuda_backend.DECODE_KERNELS)
+def variant(request):
+    """Every test taking this fixture runs once per small-M kernel variant (v1, v2)."""
+    cuda_backend.set_decode_kernel(request.param)
+    yield request.param
+    cuda_backend.set_decode_kernel(None)
+
+
 def poison_allocator():
     """Fill freed cached blocks with NaN so an unwritten output element shows up as NaN."""
     junk = torch.empty(64 << 20, dtype=torch.float32, device="cuda").fill_(float("nan"))
@@ -49,7 +57,7 @@ def rel_err(y, ref):
 
 
 SHAPES = [(16, 64), (37, 200), (192, 576), (576, 576), (1536, 576), (576, 1536), (100, 1000), (4096, 4096),
-          (11008, 4096), (4096, 11008), (1, 128)]
+          (11008, 4096), (4096, 11008), (1, 128), (48, 90), (300, 4100)]
 MS = [1, 2, 3, 7, 8, 9, 16, 17, 31, 33, 64, 65, 200, 1024]
 
 
@@ -64,7 +72,7 @@ def _cases(count=160, seed=0):
 
 
 @pytest.mark.parametrize("case", _cases(), ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
-def test_matches_float64_reference(case):
+def test_matches_float64_reference(case, variant):
     (n, k), m, bits, gs, sym, density, alpha, dtype = case
     gen = torch.Generator(device="cuda").manual_seed(hash(case) % 2**31)
     layer = make_layer(n, k, bits, gs, sym, density, dtype, gen)
@@ -78,7 +86,7 @@ def test_matches_float64_reference(case):
 
 @pytest.mark.parametrize("m", [1, 5, 16, 64, 300])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_empty_rows_and_one_very_dense_row(m, dtype):
+def test_empty_rows_and_one_very_dense_row(m, dtype, variant):
     n, k = 200, 576
     gen = torch.Generator(device="cuda").manual_seed(m)
     dense = torch.zeros(n, k, device="cuda")
@@ -96,7 +104,7 @@ def test_empty_rows_and_one_very_dense_row(m, dtype):
 
 
 @pytest.mark.parametrize("m", [1, 16, 200])
-def test_alpha_zero_never_reads_ortho(m):
+def test_alpha_zero_never_reads_ortho(m, variant):
     gen = torch.Generator(device="cuda").manual_seed(1)
     layer = make_layer(256, 512, 4, 128, True, 0.05, torch.bfloat16, gen)
     x = torch.randn(m, 512, generator=gen, device="cuda").to(torch.bfloat16)
@@ -109,13 +117,77 @@ def test_alpha_zero_never_reads_ortho(m):
     assert torch.equal(y, clean)
 
 
-def test_cuda_equals_reference_backend_closely():
+def test_cuda_equals_reference_backend_closely(variant):
     gen = torch.Generator(device="cuda").manual_seed(2)
     layer = make_layer(512, 576, 4, 128, True, 0.01, torch.bfloat16, gen)
     x = torch.randn(4, 576, generator=gen, device="cuda").to(torch.bfloat16)
     ref = libortho.ops.ortho_linear_reference(x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr,
                                               layer.col_idx, layer.values, layer.bias, 1.0, 4, 128, 512, 576)
     assert rel_err(layer(x), ref.double()) < 1e-2
+
+
+SMALL_CASES = [((n, k), m, bits, gs, sym, density, alpha, dtype)
+               for (n, k), m in [((64, 4096), 1), ((1024, 4096), 1), ((1024, 4096), 16), ((4096, 4096), 16),
+                                 ((576, 576), 12), ((100, 1000), 5), ((48, 90), 16), ((4096, 11008), 3)]
+               for bits, gs, sym in [(4, 128, True), (3, 128, False), (2, 64, True), (8, -1, False)]
+               for density, alpha in [(0.01, 1.0), (0.05, 0.5)]
+               for dtype in [torch.bfloat16, torch.float16]]
+
+
+@pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_small_m_split_and_partial_tiles(case, variant):
+    """Small N (cluster split-K in v2), M up to 16, K not a multiple of 64 or 8, all bit widths."""
+    (n, k), m, bits, gs, sym, density, alpha, dtype = case
+    gen = torch.Generator(device="cuda").manual_seed(hash(case) % 2**31)
+    layer = make_layer(n, k, bits, gs, sym, density, dtype, gen)
+    layer.alpha = alpha
+    x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+    poison_allocator()
+    assert rel_err(layer(x), reference64(layer, x, alpha)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_x_not_16_byte_aligned(m, variant):
+    """x aligned to 4 bytes only: v2 stages it with 4-byte copies."""
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    layer = make_layer(320, 576, 4, 128, True, 0.02, torch.bfloat16, gen)
+    buf = torch.randn(m * 576 + 2, generator=gen, device="cuda").to(torch.bfloat16)
+    x = buf[2:].view(m, 576)
+    assert x.data_ptr() % 16 != 0 and x.data_ptr() % 4 == 0
+    assert rel_err(layer(x), reference64(layer, x, 1.0)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_deterministic(m, variant):
+    """Same inputs, same bits (no float atomics whose order varies), with a dense ortho stream."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    layer = make_layer(1024, 4096, 4, 128, True, 0.05, torch.bfloat16, gen)
+    x = torch.randn(m, 4096, generator=gen, device="cuda").to(torch.bfloat16)
+    first = layer(x)
+    for _ in range(3):
+        assert torch.equal(layer(x), first)
+
+
+def test_variants_agree():
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    layer = make_layer(4096, 4096, 4, 128, True, 0.01, torch.bfloat16, gen)
+    x = torch.randn(2, 4096, generator=gen, device="cuda").to(torch.bfloat16)
+    ys = []
+    for v in cuda_backend.DECODE_KERNELS:
+        cuda_backend.set_decode_kernel(v)
+        ys.append(layer(x).double())
+    cuda_backend.set_decode_kernel(None)
+    assert rel_err(ys[1], ys[0]) < 1e-2
+
+
+def test_decode_kernel_switch(monkeypatch):
+    monkeypatch.setenv("LIBORTHO_DECODE_KERNEL", "v2")
+    assert cuda_backend.decode_kernel() == "v2"
+    monkeypatch.setenv("LIBORTHO_DECODE_KERNEL", "v9")
+    with pytest.raises(ValueError):
+        cuda_backend.decode_kernel()
+    with pytest.raises(ValueError):
+        cuda_backend.set_decode_kernel("v9")
 
 
 def test_bad_calls_raise_python_errors():
@@ -130,6 +202,11 @@ def test_bad_calls_raise_python_errors():
         cuda_backend._checked(ext.fused_small_m(torch.randn(1, 128, device="cuda", dtype=torch.bfloat16),
                                               layer.qweight[:, :, :64].contiguous(), layer.scales, None,
                                               layer.row_ptr, layer.col_idx, layer.values, None, 1.0, 4, 128, 64, 128))
+    for fused in (ext.fused_small_m, ext.fused_small_m_v2):
+        with pytest.raises(RuntimeError, match="invalid arguments"):
+            cuda_backend._checked(fused(torch.randn(65, 128, device="cuda", dtype=torch.bfloat16), layer.qweight,
+                                        layer.scales, None, layer.row_ptr, layer.col_idx, layer.values, None, 1.0, 4,
+                                        128, 64, 128))
     with pytest.raises(RuntimeError, match="invalid arguments"):
         cuda_backend._checked(ext.dequant_merge(torch.randn(2, 128, device="cuda"), layer.qweight, layer.scales, None, layer.row_ptr,
                               layer.col_idx, layer.values, 1.0, 4, 128, 64, 128))
@@ -159,7 +236,7 @@ def test_torch_compile_matches_eager():
 
 
 @torch.no_grad()
-def test_cuda_graph_capture_matches_eager():
+def test_cuda_graph_capture_matches_eager(variant):
     model = _tiny_llama()
     ids = torch.randint(3, 256, (1, 8), device="cuda")
     eager = model(ids, use_cache=False).logits

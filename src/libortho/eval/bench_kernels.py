@@ -3,6 +3,9 @@
 Timing: each measurement is a CUDA graph of back-to-back calls that rotate through enough weight copies
 to exceed 4x the L2 cache (so every call streams its weights from HBM), replayed several times and
 timed with CUDA events; the per-call median is reported. All columns of a row are timed in the same run.
+For M <= 16 both small-M kernel variants are timed (``*_v1_us``, ``*_v2_us``); the unsuffixed LibOrtho
+columns are the default variant's (``decode_kernel`` in the row names it). For larger M both variants
+share the dequantize + cuBLAS path and the suffixed columns are null.
 """
 from __future__ import annotations
 
@@ -122,6 +125,7 @@ def _torch_int4(w, group_size, x):
 
 
 def bench_shape(n, k, ms, densities, bits, group_size, replays):
+    from ..ops import cuda as cuda_ops
     gen = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.float32).mul_(0.02).to(torch.bfloat16)
     nw = _copies(n * k * 2)
@@ -142,28 +146,48 @@ def bench_shape(n, k, ms, densities, bits, group_size, replays):
             packs = [int4[0]] + [int4[0].clone() for _ in range(nq - 1)]
             t_int4 = time_rotating([lambda p=p: torch.ops.aten._weight_int4pack_mm(x, p, group_size, int4[1])
                                     for p in packs], replays, calls)
-        t_base = time_rotating([_layer_call(b, x, 1.0) for b in bases], replays, calls)
+        default = cuda_ops.decode_kernel()
+        variants = cuda_ops.DECODE_KERNELS if m <= cuda_ops.SMALL_M_MAX else (default,)
+        t_base, t0s, t1s = {}, {}, {}
+        try:
+            for v in variants:
+                cuda_ops.set_decode_kernel(v)  # the graph records the kernel chosen at capture
+                t_base[v] = time_rotating([_layer_call(b, x, 1.0) for b in bases], replays, calls)
+                for d in densities:
+                    if d == 0:
+                        t0s[v, d] = t1s[v, d] = t_base[v]
+                    else:
+                        t0s[v, d] = time_rotating([_layer_call(c, x, 0.0) for c in copies[d]], replays, calls)
+                        t1s[v, d] = time_rotating([_layer_call(c, x, 1.0) for c in copies[d]], replays, calls)
+        finally:
+            cuda_ops.set_decode_kernel(None)
         for d in densities:
-            if d == 0:
-                t0 = t1 = t_base
-                lay = base
-            else:
-                lay = layers[d]
-                t0 = time_rotating([_layer_call(c, x, 0.0) for c in copies[d]], replays, calls)
-                t1 = time_rotating([_layer_call(c, x, 1.0) for c in copies[d]], replays, calls)
+            lay = base if d == 0 else layers[d]
+            t0, t1 = t0s[default, d], t1s[default, d]
+            per_variant = {}
+            for v in cuda_ops.DECODE_KERNELS:
+                timed = v in variants and len(variants) > 1
+                per_variant[f"base_only_{v}_us"] = t_base[v] if timed else None
+                per_variant[f"alpha0_{v}_us"] = t0s[v, d] if timed else None
+                per_variant[f"alpha1_{v}_us"] = t1s[v, d] if timed else None
+                per_variant[f"speedup_alpha0_{v}"] = bf16 / t0s[v, d] if timed else None
+                per_variant[f"speedup_alpha1_{v}"] = bf16 / t1s[v, d] if timed else None
             io = 2 * m * (k + n)
             rows.append({"N": n, "K": k, "M": m, "density": d, "bits": bits, "group_size": group_size,
-                         "bf16_us": bf16, "torch_int4_us": t_int4, "base_only_us": t_base,
-                         "alpha0_us": t0, "alpha1_us": t1, "ortho_nnz": lay.ortho_nnz,
+                         "bf16_us": bf16, "torch_int4_us": t_int4, "base_only_us": t_base[default],
+                         "alpha0_us": t0, "alpha1_us": t1, "decode_kernel": default, **per_variant,
+                         "ortho_nnz": lay.ortho_nnz,
                          "bf16_GBps": (2 * n * k + io) / bf16 / 1e3,
                          "alpha0_GBps": (_layer_bytes(lay, 0) + io) / t0 / 1e3,
                          "alpha1_GBps": (_layer_bytes(lay, 1) + io) / t1 / 1e3,
                          "speedup_alpha0": bf16 / t0, "speedup_alpha1": bf16 / t1,
                          "speedup_torch_int4": None if t_int4 is None else bf16 / t_int4})
             r = rows[-1]
+            extra = "".join(f"  [{v}: a0 {t0s[v, d]:7.2f}us ({bf16 / t0s[v, d]:.2f}x) a1 {t1s[v, d]:7.2f}us "
+                            f"({bf16 / t1s[v, d]:.2f}x)]" for v in variants if len(variants) > 1)
             print(f"{n:>6}x{k:<6} M={m:<4} d={d:<6} bf16 {bf16:8.2f}us  int4 {t_int4 or float('nan'):8.2f}us  "
-                  f"base {t_base:8.2f}us  a0 {t0:8.2f}us ({r['speedup_alpha0']:.2f}x)  "
-                  f"a1 {t1:8.2f}us ({r['speedup_alpha1']:.2f}x)  {r['alpha1_GBps']:.0f} GB/s", flush=True)
+                  f"base {t_base[default]:8.2f}us  a0 {t0:8.2f}us ({r['speedup_alpha0']:.2f}x)  "
+                  f"a1 {t1:8.2f}us ({r['speedup_alpha1']:.2f}x)  {r['alpha1_GBps']:.0f} GB/s{extra}", flush=True)
     return rows
 
 
@@ -196,8 +220,10 @@ def run(args):
 
 
 def summary(result) -> str:
-    lines = ["| N x K | M | bf16 us | torch int4 | alpha=0 | alpha=1 @1% | alpha=1 @5% | base only |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    variants = ("v1", "v2")
+    lines = ["| N x K | M | bf16 us | torch int4 | alpha=0 | alpha=1 @1% | alpha=1 @5% | base only | "
+             + " | ".join(f"{v} alpha=0 | {v} alpha=1 @1%" for v in variants) + " |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (2 * len(variants))]
     by = {}
     for r in result["rows"]:
         by.setdefault((r["N"], r["K"], r["M"]), {})[r["density"]] = r
@@ -205,8 +231,10 @@ def summary(result) -> str:
         r0 = d.get(0.0) or next(iter(d.values()))
         f = lambda r, key: "-" if r is None or r.get(key) is None else f"{r['bf16_us'] / r[key]:.2f}x"  # noqa: E731
         a0 = d.get(0.01, r0)
+        pv = " | ".join(f"{f(a0, f'alpha0_{v}_us')} | {f(d.get(0.01), f'alpha1_{v}_us')}" for v in variants)
         lines.append(f"| {n}x{k} | {m} | {r0['bf16_us']:.1f} | {f(r0, 'torch_int4_us')} | {f(a0, 'alpha0_us')} | "
-                     f"{f(d.get(0.01), 'alpha1_us')} | {f(d.get(0.05), 'alpha1_us')} | {f(r0, 'base_only_us')} |")
+                     f"{f(d.get(0.01), 'alpha1_us')} | {f(d.get(0.05), 'alpha1_us')} | {f(r0, 'base_only_us')} | "
+                     f"{pv} |")
     return "\n".join(lines)
 
 

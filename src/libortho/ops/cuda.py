@@ -1,6 +1,10 @@
 """CUDA backend of ``libortho::ortho_linear``: JIT build of csrc/ and the dispatch by batch size.
 
-* M <= 64 rows: one fused kernel (packed base through tensor cores + CSR ortho stream, one pass).
+* M <= 16 rows: one fused kernel (packed base through tensor cores + CSR ortho stream, one pass). Two
+  variants: ``v1`` (register double buffer, one block per 16 output rows) and ``v2`` (cp.async stages in
+  shared memory, cluster split-K on sm_90, nnz-balanced ortho rows). ``LIBORTHO_DECODE_KERNEL=v1|v2``
+  picks one (read at each call; default ``DEFAULT_DECODE_KERNEL``), :func:`set_decode_kernel` overrides
+  it from Python.
 * M > 64 (prefill): dequantize the base and merge alpha * S into a bf16/fp16 weight, then cuBLAS.
 
 The extension is built on first use with ``torch.utils.cpp_extension.load`` for the GPU present and
@@ -22,7 +26,24 @@ from .registry import ortho_linear
 
 CSRC = Path(__file__).with_name("csrc")
 SMALL_M_MAX = 16  # measured: above this the dequantize + cuBLAS path is faster (see benchmarks)
-_state = {"ext": None, "error": None, "warned": set()}
+DECODE_KERNELS = ("v1", "v2")
+DEFAULT_DECODE_KERNEL = "v1"  # v2 is not yet measured on a GPU; switch once benchmarks/gpu_kernels.sh says so
+_state = {"ext": None, "error": None, "warned": set(), "decode": None}
+
+
+def decode_kernel() -> str:
+    """The small-M kernel variant in use: set_decode_kernel(), else $LIBORTHO_DECODE_KERNEL, else the default."""
+    v = _state["decode"] or os.environ.get("LIBORTHO_DECODE_KERNEL") or DEFAULT_DECODE_KERNEL
+    if v not in DECODE_KERNELS:
+        raise ValueError(f"LIBORTHO_DECODE_KERNEL={v!r} is not a decode kernel; expected one of {DECODE_KERNELS}")
+    return v
+
+
+def set_decode_kernel(variant: str | None) -> None:
+    """Force the small-M kernel variant ('v1' or 'v2'); None goes back to $LIBORTHO_DECODE_KERNEL."""
+    if variant is not None and variant not in DECODE_KERNELS:
+        raise ValueError(f"decode kernel {variant!r} is not one of {DECODE_KERNELS}")
+    _state["decode"] = variant
 
 
 def _warn_once(key: str, msg: str) -> None:
@@ -52,7 +73,7 @@ def build(verbose: bool = False):
         return False
     try:
         from torch.utils.cpp_extension import load
-        _state["ext"] = load(name="libortho_cuda_v1", sources=[str(CSRC / "binding.cpp"), str(CSRC / "kernels.cu")],
+        _state["ext"] = load(name="libortho_cuda_v2", sources=[str(CSRC / "binding.cpp"), str(CSRC / "kernels.cu")],
                              extra_cflags=["-O3"], extra_cuda_cflags=["-O3", *_arch_flags()],
                              build_directory=str(build_dir()), verbose=verbose)
         return True
@@ -64,7 +85,8 @@ def build(verbose: bool = False):
 
 
 def extension():
-    """The compiled module (fused_small_m, dequant_merge), building it if needed; None if unavailable."""
+    """The compiled module (fused_small_m, fused_small_m_v2, dequant_merge), building it if needed; None if
+    unavailable."""
     return _state["ext"] if build() else None
 
 
@@ -111,8 +133,9 @@ def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
     if m == 0:
         return x.new_empty(*x.shape[:-1], out_features)
     if m <= SMALL_M_MAX:
-        y = _checked(_state["ext"].fused_small_m(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias,
-                                                 alpha, bits, group_size, out_features, in_features), "fused kernel")
+        fused = _state["ext"].fused_small_m_v2 if decode_kernel() == "v2" else _state["ext"].fused_small_m
+        y = _checked(fused(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
+                           out_features, in_features), "fused kernel")
     else:
         w = _checked(_state["ext"].dequant_merge(x2, qweight, scales, zeros, row_ptr, col_idx, values, alpha,
                                                  bits, group_size, out_features, in_features), "dequant kernel")

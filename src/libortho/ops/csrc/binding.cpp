@@ -1,5 +1,5 @@
 // Thin binding of the LibOrtho CUDA kernels: checks, allocation, stream, error propagation.
-// A Python module (fused_small_m, dequant_merge) that libortho/ops/cuda.py calls from the CUDA
+// A Python module (fused_small_m, fused_small_m_v2, dequant_merge) that libortho/ops/cuda.py calls from the CUDA
 // implementation of the public op torch.ops.libortho.ortho_linear.
 //
 // Errors come back as a code next to the result (0: ok, -1: invalid arguments, > 0: the cudaError_t of
@@ -61,7 +61,9 @@ bool operands(libortho::Operands& op, const at::Tensor& ref, const at::Tensor& q
   return true;
 }
 
-Result fused_small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+using Launch = cudaError_t (*)(const libortho::Operands&, const void*, const void*, void*, int, cudaStream_t);
+
+Result fused(Launch launch, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                      const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                      const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
                      int64_t group_size, int64_t N, int64_t K) {
@@ -77,10 +79,26 @@ Result fused_small_m(const at::Tensor& x, const at::Tensor& qweight, const at::T
     return {none, kBadArgs};
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({M, N}, x.options());
-  const cudaError_t err = libortho::launch_fused_small_m(op, x.data_ptr(), bias ? bias->data_ptr() : nullptr,
+  const cudaError_t err = launch(op, x.data_ptr(), bias ? bias->data_ptr() : nullptr,
                                                         out.data_ptr(), static_cast<int>(M),
                                                         c10::cuda::getCurrentCUDAStream().stream());
   return {out, static_cast<int64_t>(err)};
+}
+
+Result fused_small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                     const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                     const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
+                     int64_t group_size, int64_t N, int64_t K) {
+  return fused(&libortho::launch_fused_small_m, x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha,
+               bits, group_size, N, K);
+}
+
+Result fused_small_m_v2(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                        const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
+                        int64_t group_size, int64_t N, int64_t K) {
+  return fused(&libortho::launch_fused_small_m_v2, x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha,
+               bits, group_size, N, K);
 }
 
 Result dequant_merge(const at::Tensor& like, const at::Tensor& qweight, const at::Tensor& scales,
@@ -99,5 +117,6 @@ Result dequant_merge(const at::Tensor& like, const at::Tensor& qweight, const at
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_small_m", &fused_small_m, "(x @ deq(Q)^T + alpha x @ S^T + bias, error code), 1 <= M <= 64");
+  m.def("fused_small_m_v2", &fused_small_m_v2, "the same by the v2 decode kernel (LIBORTHO_DECODE_KERNEL=v2)");
   m.def("dequant_merge", &dequant_merge, "(W = deq(Q) + alpha S as a dense matrix, error code)");
 }

@@ -23,6 +23,11 @@ struct Operands {
 cudaError_t launch_fused_small_m(const Operands& op, const void* x, const void* bias, void* out, int M,
                                  cudaStream_t stream);
 
+// The same product by the v2 decode kernel (cp.async stages, cluster split-K on sm_90, nnz-balanced ortho
+// rows); a misaligned buffer falls back to launch_fused_small_m.
+cudaError_t launch_fused_small_m_v2(const Operands& op, const void* x, const void* bias, void* out, int M,
+                                    cudaStream_t stream);
+
 // W (N, K) = deq(Q) + alpha * S, row-major in the activation dtype (the large-M path feeds it to cuBLAS).
 cudaError_t launch_dequant_merge(const Operands& op, void* w, cudaStream_t stream);
 
