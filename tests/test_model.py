@@ -209,3 +209,22 @@ def test_save_replaces_previous_and_refuses_foreign_dir(saved, tmp_path):
     with pytest.raises(libortho.SaveFormatError, match="not a LibOrtho save"):
         libortho.save(model, other)
     assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_gguf_quantizer_flag_is_dropped():
+    """A model still carrying a (GGUF) quantizer over float weights can be cast and saved afterwards."""
+    from libortho.data import _forget_gguf_quantizer
+
+    class Quantizer:
+        def remove_quantization_config(self, model):
+            model.hf_quantizer, model.is_quantized = None, False
+
+    model = tiny_model("llama")
+    model.hf_quantizer, model.is_quantized = Quantizer(), True
+    assert _forget_gguf_quantizer(model) is model and model.hf_quantizer is None and not model.is_quantized
+    model.half().float()  # transformers refuses these while is_quantized is set
+    packed = tiny_model("llama")
+    packed.hf_quantizer, packed.is_quantized = Quantizer(), True
+    up = packed.model.layers[0].mlp.up_proj
+    up.weight = torch.nn.Parameter(up.weight.data.to(torch.int8), requires_grad=False)
+    assert _forget_gguf_quantizer(packed).hf_quantizer is not None  # integer weights: really quantized, kept

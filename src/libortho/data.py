@@ -62,7 +62,7 @@ def _load_smollm2(dtype):
     if not (cached / "config.json").exists():
         from transformers import AutoTokenizer
         gguf = smollm2_gguf()
-        model = from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = _forget_gguf_quantizer(from_pretrained(gguf.parent, gguf_file=gguf.name))
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tmp = cached.parent / f".{cached.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
@@ -74,6 +74,20 @@ def _load_smollm2(dtype):
             shutil.rmtree(tmp, ignore_errors=True)
             return model.to(dtype) if dtype else model, tok
     return _load_hf_dir(cached, dtype)
+
+
+def _forget_gguf_quantizer(model):
+    """GGUF weights arrive dequantized to plain floats, but some transformers versions (5.17) keep the GGUF
+    quantizer on the model, which then refuses ``.float()`` and re-saving. Drop it, the way the quantizer's
+    own ``remove_quantization_config`` does, once every parameter is a float tensor."""
+    q = getattr(model, "hf_quantizer", None)
+    if q is not None and all(p.is_floating_point() for p in model.parameters()):
+        if hasattr(q, "remove_quantization_config"):
+            q.remove_quantization_config(model)
+        else:
+            model.hf_quantizer = None
+            model.is_quantized = False
+    return model
 
 
 def _load_hf_dir(path: Path, dtype):
@@ -95,7 +109,7 @@ def load_model(name_or_path, dtype: torch.dtype | None = None, device=None):
     if name.lower() in SMOLLM2_ALIASES:
         model, tok = _load_smollm2(dtype)
     elif path.is_file() and path.suffix == ".gguf":
-        model = from_pretrained(path.parent, dtype=dtype, gguf_file=path.name)
+        model = _forget_gguf_quantizer(from_pretrained(path.parent, dtype=dtype, gguf_file=path.name))
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     elif path.is_dir() and (path / "libortho.json").exists():
         from .checkpoint import load

@@ -277,7 +277,8 @@ def setup(model_name: str, s: dict, conds) -> dict:
 
     from ..data import tokenize
     model, tok = libortho.load_model(model_name)
-    model = model.float().to(s["device"]).eval()
+    cast_params(model, torch.float32)  # not .float(): refused by models transformers flags as quantized
+    model = model.to(s["device"]).eval()
     data_dir = Path(s["data_dir"])
     needed = {c.calib for c in conds if c.config is not None and c.config.needs_calibration}
     calibs = make_calibrations(tok, needed, data_dir, s["tasks"], s["calib_samples"], s["calib_seq_len"], s["seed"])

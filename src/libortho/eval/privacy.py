@@ -512,7 +512,7 @@ def run(args) -> dict:
     t0 = time.time()
     print(protocol_text(s))
     model0, tok = libortho.load_model(s["model"])
-    model0 = model0.float().eval()
+    model0 = _cast_params(model0, torch.float32).eval()
     texts = load_texts(tok, s)
     t_load = time.time() - t0
     per_seed = [run_seed(model0, tok, texts, s, seed) for seed in s["seeds"]]

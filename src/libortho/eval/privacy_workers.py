@@ -39,7 +39,8 @@ def _init(s: dict, seed: int, cond_names: list[str], weights: str, threads: int,
     torch.set_num_threads(threads)
     device = _device(s, n_gpus)
     model0, tok = libortho.load_model(s["model"])
-    model0 = model0.float().eval()
+    from .privacy import _cast_params
+    model0 = _cast_params(model0, torch.float32).eval()
     texts = load_texts(tok, s)
     members_c, nonmembers_c = make_canaries(s["n_canaries"], s["digits"], seed, s["template"])
     members, nonmembers = encode_canaries(tok, members_c), encode_canaries(tok, nonmembers_c)
