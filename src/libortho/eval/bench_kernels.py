@@ -147,7 +147,7 @@ def bench_shape(n, k, ms, densities, bits, group_size, replays):
             t_int4 = time_rotating([lambda p=p: torch.ops.aten._weight_int4pack_mm(x, p, group_size, int4[1])
                                     for p in packs], replays, calls)
         default = cuda_ops.decode_kernel()
-        variants = cuda_ops.DECODE_KERNELS if m <= cuda_ops.SMALL_M_MAX else (default,)
+        variants = _variants() if m <= cuda_ops.SMALL_M_MAX else (default,)
         t_base, t0s, t1s = {}, {}, {}
         try:
             for v in variants:
@@ -196,6 +196,16 @@ def _clone_layer(layer):
     return copy.deepcopy(layer)
 
 
+def _variants() -> tuple:
+    """The small-M kernels to time: all, or those in $LIBORTHO_BENCH_VARIANTS (e.g. "v1" when v2 failed its tests)."""
+    import os
+
+    from ..ops import cuda as cuda_ops
+    want = os.environ.get("LIBORTHO_BENCH_VARIANTS")
+    chosen = tuple(v for v in cuda_ops.DECODE_KERNELS if not want or v in want.split(","))
+    return chosen or (cuda_ops.decode_kernel(),)
+
+
 def run(args):
     from .. import ops
     if not torch.cuda.is_available():
@@ -205,16 +215,16 @@ def run(args):
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {bw / 1e9:.0f} GB/s (read + write)")
     rows = []
-    for s in args.shapes:
-        n, k = (int(v) for v in s.lower().split("x"))
-        rows += bench_shape(n, k, args.m, args.densities, args.bits, args.group_size, args.replays)
-        torch.cuda.empty_cache()
     result = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "copy_GBps": bw / 1e9, "method": __doc__.strip(), "rows": rows}
     out = Path(args.out or f"benchmarks/results/kernels-{card_name()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    for s in args.shapes:
+        n, k = (int(v) for v in s.lower().split("x"))
+        rows += bench_shape(n, k, args.m, args.densities, args.bits, args.group_size, args.replays)
+        torch.cuda.empty_cache()
+        out.write_text(json.dumps(result, indent=1))  # after every shape: a cut-off run keeps what it timed
     print(f"wrote {out}")
     print(summary(result))
 
