@@ -276,3 +276,37 @@ def test_privacy_workers_match_serial(smoke_run, tiny_dir, tmp_path):
             assert r["extraction"] == w["extraction"]
             assert r["ppl_heldout"] == pytest.approx(w["ppl_heldout"], rel=1e-4)
             assert r["mia_auc"] == pytest.approx(w["mia_auc"], abs=1e-6)
+
+
+def test_privacy_cut_off_seed_resumes(smoke_run, tiny_dir, tmp_path, monkeypatch):
+    """Finished conditions survive a crash in NAME.partial.jsonl; --resume reruns the fine-tune, checks that
+    its weights hash the same, and evaluates only the missing conditions."""
+    from libortho.cli import main
+    from libortho.eval import privacy
+    args = ["experiment", "privacy", "--model", str(tiny_dir), *TINY_RUN, *SMOKE_EVAL, "--conditions", "int4-rtn",
+            "libortho-delta", "--out-dir", str(tmp_path)]
+    real, ran, crash = privacy.eval_condition, [], [True]
+
+    def crashes_on_delta(cond, *a, **k):
+        ran.append(cond.name)
+        if cond.name == "libortho-delta" and crash[0]:
+            raise RuntimeError("cut off")
+        return real(cond, *a, **k)
+
+    monkeypatch.setattr(privacy, "eval_condition", crashes_on_delta)
+    with pytest.raises(RuntimeError, match="cut off"):
+        main(args)
+    lines = [json.loads(x) for x in (tmp_path / "privacy.partial.jsonl").read_text().splitlines()]
+    assert [e["condition"] for e in lines] == ["bf16-finetuned", "bf16-reference"]
+    assert ran == ["bf16-finetuned", "bf16-reference", "libortho-delta"]
+    ran.clear()
+    crash[0] = False
+    main([*args, "--resume"])
+    assert ran == ["libortho-delta", "int4-rtn"]
+    assert not (tmp_path / "privacy.partial.jsonl").exists()
+    got = json.loads((tmp_path / "privacy.json").read_text())["results"]
+    want = json.loads((smoke_run / "privacy.json").read_text())["results"]
+    for name in ("bf16-finetuned", "libortho-delta", "int4-rtn"):
+        for k, r in got[name]["alphas"].items():
+            assert r["extraction"] == want[name]["alphas"][k]["extraction"]
+            assert r["ppl_heldout"] == pytest.approx(want[name]["alphas"][k]["ppl_heldout"], rel=1e-5)

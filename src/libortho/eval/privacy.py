@@ -148,6 +148,9 @@ def add_arguments(p) -> None:
     g.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="no run: pool the seeds of earlier results (same settings, e.g. one process per seed "
                    "with --seeds N --name privacy-seedN) into one table, plots and verdict")
+    g.add_argument("--resume", action="store_true",
+                   help="keep the conditions of OUT_DIR/NAME.partial.jsonl (written as each condition finishes) "
+                   "whose fine-tuned weights hash the same as this run's, and run only the others")
     g.add_argument("--workers", type=int, default=None,
                    help="processes evaluating conditions side by side after the fine-tune (default 3 on cuda, "
                    "1 on cpu); on several GPUs worker i uses GPU i mod their number")
@@ -202,6 +205,7 @@ def resolve(args) -> dict:
         "ppl_batch": args.ppl_batch or (8 if cuda else 1), "eval_path": args.eval_path,
         "bootstrap": args.bootstrap, "out_dir": Path(args.out_dir), "name": args.name,
         "progress": not args.no_progress, "workers": max(1, args.workers or (3 if cuda else 1)),
+        "resume": args.resume,
     }
 
 
@@ -389,13 +393,19 @@ def run_seed(model0, tok, texts: Texts, s: dict, seed: int) -> dict:
     calibs = make_calibrations(tok, texts, s, seed, members, conds)
     timings["calibration_data"] = time.time() - t
 
-    if s["workers"] > 1 and len(conds) > 1:
+    partial = Partial(s, seed, weights_hash(finetuned))
+    results = partial.load()
+    todo = [c for c in conds if c.name not in results]
+    if results:
+        print(f"[seed {seed}] resuming: {sorted(results)} from {partial.path}; to run: {[c.name for c in todo]}")
+    if s["workers"] > 1 and len(todo) > 1:
         from .privacy_workers import run_parallel
-        results = run_parallel(finetuned, conds, s, seed)
+        results.update(run_parallel(finetuned, todo, s, seed, on_done=partial.add))
     else:
-        results = {cond.name: eval_condition(cond, finetuned, reference, calibs, tok, members, nonmembers, texts,
-                                             s, seed)
-                   for cond in tqdm(conds, desc=f"conditions (seed {seed})", disable=not progress)}
+        for cond in tqdm(todo, desc=f"conditions (seed {seed})", disable=not progress):
+            results[cond.name] = eval_condition(cond, finetuned, reference, calibs, tok, members, nonmembers,
+                                                texts, s, seed)
+            partial.add(cond.name, results[cond.name])
     results = {c.name: results[c.name] for c in conds}
     timings["conditions"] = {n: r["decompose_seconds"] + sum(a["seconds"]["total"] for a in r["alphas"].values())
                              for n, r in results.items()}
@@ -410,6 +420,55 @@ def run_seed(model0, tok, texts: Texts, s: dict, seed: int) -> dict:
                                                   "mean": sum(log.presentations) / len(log.presentations)}},
             "calibrations": {k: v.description for k, v in calibs.items()},
             "conditions": results, "timings": timings}
+
+
+def weights_hash(model: nn.Module) -> str:
+    """sha256 over the parameters (names, dtypes, bytes): a resumed seed must have the same fine-tuned model."""
+    import hashlib
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(f"{name}:{p.dtype}:{tuple(p.shape)}".encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class Partial:
+    """Finished conditions of one seed, one JSON line each, in OUT_DIR/NAME.partial.jsonl: a run cut off
+    keeps them, and ``--resume`` takes those with the same settings and the same fine-tuned weights."""
+
+    def __init__(self, s: dict, seed: int, ft_hash: str):
+        import json
+        self.path = Path(s["out_dir"]) / f"{s['name']}.partial.jsonl"
+        self.seed, self.ft_hash, self.resume = seed, ft_hash, s.get("resume", False)
+        self.key = json.dumps({k: str(v) for k, v in s.items() if k not in _PER_RUN}, sort_keys=True)
+
+    def load(self) -> dict:
+        import json
+        if not (self.resume and self.path.exists()):
+            return {}
+        done, stale = {}, 0
+        for line in self.path.read_text().splitlines():
+            try:
+                e = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut off mid-write
+            if e.get("seed") != self.seed or e.get("settings") != self.key:
+                continue
+            if e.get("ft_hash") != self.ft_hash:
+                stale += 1
+                continue
+            done[e["condition"]] = e["row"]
+        if stale:
+            print(f"[seed {self.seed}] WARNING: {stale} condition(s) in {self.path} came from a different "
+                  "fine-tuned model (the fine-tune did not reproduce bit for bit); running them again")
+        return done
+
+    def add(self, name: str, row: dict) -> None:
+        import json
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"seed": self.seed, "condition": name, "ft_hash": self.ft_hash,
+                                "settings": self.key, "row": row}) + "\n")
 
 
 def make_calibrations(tok, texts: Texts, s: dict, seed: int, members, conds) -> dict:
@@ -515,6 +574,8 @@ def run(args) -> dict:
     model0 = _cast_params(model0, torch.float32).eval()
     texts = load_texts(tok, s)
     t_load = time.time() - t0
+    if not s["resume"]:
+        (s["out_dir"] / f"{s['name']}.partial.jsonl").unlink(missing_ok=True)
     per_seed = [run_seed(model0, tok, texts, s, seed) for seed in s["seeds"]]
     result = aggregate(per_seed, s)
     result.update(experiment="privacy", command=command_line(), model=s["model"], seeds=s["seeds"],
@@ -524,6 +585,7 @@ def run(args) -> dict:
                            "per_seed": [r["timings"] for r in per_seed]},
                   per_seed=per_seed)
     paths = write_outputs(result, s)
+    (s["out_dir"] / f"{s['name']}.partial.jsonl").unlink(missing_ok=True)  # the result holds every row now
     print("\n" + result["table_markdown"])
     print("\n" + "\n".join(result["verdict"]))
     print(f"\ntotal {time.time() - t0:.0f} s; wrote " + ", ".join(str(p) for p in paths))
@@ -533,7 +595,7 @@ def run(args) -> dict:
 
 # -- aggregation over seeds ---------------------------------------------------------------------------
 
-_PER_RUN = {"seeds", "out_dir", "name", "progress", "device", "workers"}
+_PER_RUN = {"seeds", "out_dir", "name", "progress", "device", "workers", "resume"}
 
 
 def merge(args) -> dict:

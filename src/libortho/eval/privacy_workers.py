@@ -66,7 +66,7 @@ def _cost(c) -> tuple:
     return (cfg is not None and cfg.method == "gptq", cfg is not None and cfg.has_ortho)
 
 
-def run_parallel(finetuned, conds, s: dict, seed: int) -> dict:
+def run_parallel(finetuned, conds, s: dict, seed: int, on_done=None) -> dict:
     """{condition name: row} for ``conds``, evaluated by ``s["workers"]`` processes."""
     import safetensors.torch
     workers = min(s["workers"], len(conds))
@@ -84,4 +84,6 @@ def run_parallel(finetuned, conds, s: dict, seed: int) -> dict:
             for name, row in tqdm(pool.imap_unordered(_work, [c.name for c in order]), total=len(order),
                                   desc=f"conditions (seed {seed}, {workers} workers)", disable=not s["progress"]):
                 results[name] = row
+                if on_done:
+                    on_done(name, row)
     return results
