@@ -82,7 +82,7 @@ def as_calibration(calib) -> Calibration:
 
 
 class _Stop(Exception):
-    pass
+    """Raised by the capture hook: block 0's inputs are recorded, the rest of the forward is not needed."""
 
 
 def _move_outside_blocks(model: nn.Module, prefix: str, device) -> None:
@@ -116,8 +116,8 @@ def capture_block_inputs(model, blocks, input_ids, batch_size, device):
         for i in range(0, input_ids.shape[0], batch_size):
             try:
                 model(input_ids[i:i + batch_size].to(device), use_cache=False)
-            except _Stop:
-                pass
+            except _Stop:  # the hook captured this batch's block-0 inputs and cut the forward short
+                continue
     finally:
         handle.remove()
     return captured

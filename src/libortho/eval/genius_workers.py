@@ -26,8 +26,8 @@ def _init(model_name: str, s: dict, cond_names: list[str], threads: int, n_gpus:
     try:
         from transformers.utils import logging
         logging.disable_progress_bar()
-    except ImportError:
-        pass
+    except ImportError:  # older transformers: bars stay on, nothing else changes
+        logging = None
     from .genius import select_conditions, setup
     conds = {c.name: c for c in select_conditions(cond_names, s["seed"])}
     _STATE.update(setup(model_name, s, list(conds.values())), conds=conds, s=s)
