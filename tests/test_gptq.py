@@ -184,10 +184,14 @@ def test_perplexity_matches_a_manual_computation():
                                   (96, 130, 3, 32, 0.05, True, False, "magnitude"),
                                   (96, 130, 4, 64, 0.05, False, True, "random"),
                                   (40, 300, 2, 256, 0.0, True, True, "hessian"),
-                                  (128, 100, 8, 32, 0.5, False, False, "hessian")])
-def test_sweep_is_bit_identical_to_the_reference_loop(case):
-    """The vectorized sweep against the frozen per-column loop (benchmarks/gptq_equivalence.py runs
-    the full grid of SmolLM2 shapes)."""
+                                  (128, 100, 8, 32, 0.5, False, False, "hessian"),
+                                  (200, 96, 4, 32, 0.1, True, True, "magnitude"),
+                                  (33, 257, 3, 128, 0.02, True, False, "random"),
+                                  (64, 130, 2, 64, 0.3, True, True, "hessian")])
+@pytest.mark.parametrize("sweep", ["eager", "static"])
+def test_sweep_is_bit_identical_to_the_reference_loop(case, sweep):
+    """Both sweeps (the per-column loop and the fixed-buffer blocks a GPU replays as CUDA graphs)
+    against the frozen per-column loop (benchmarks/gptq_equivalence.py runs the SmolLM2 shapes)."""
     import gptq_reference
     n, k, bits, gs, density, act_order, symmetric, score = case
     g = torch.Generator().manual_seed(n + k)
@@ -197,7 +201,7 @@ def test_sweep_is_bit_identical_to_the_reference_loop(case):
     h = 2 * x.t() @ x / x.shape[0]
     kw = dict(bits=bits, group_size=gs, symmetric=symmetric, density=density, score=score, act_order=act_order,
               block_size=64)
-    a, b = gptq_reference.gptq_decompose(w, h, **kw), gptq_decompose(w, h, **kw)
+    a, b = gptq_reference.gptq_decompose(w, h, **kw), gptq_decompose(w, h, sweep=sweep, **kw)
     assert torch.equal(a[0], b[0])
     assert torch.equal(a[1].scales.view(torch.int16), b[1].scales.view(torch.int16))
     assert (a[1].zeros is None and b[1].zeros is None) or torch.equal(a[1].zeros, b[1].zeros)
@@ -222,3 +226,26 @@ def test_top_indices_matches_select_topk():
             x[torch.rand(3, n, generator=g) < 0.3] = -float("inf")
         m = int(torch.randint(0, 3 * n + 1, (1,), generator=g))
         assert torch.equal(top_indices(x, m), select_topk(x, m)), (t, m)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", [(576, 576, 4, 128, 0.01, "hessian"), (192, 576, 3, 128, 0.05, "magnitude"),
+                                  (1536, 576, 2, 64, 0.02, "random"), (576, 1536, 4, 128, 0.0, "hessian"),
+                                  (100, 300, 3, 128, 0.05, "hessian")])
+def test_cuda_graph_sweep_is_bit_identical_to_the_eager_loop(case):
+    """On a GPU the static sweep is replayed as CUDA graphs (captured once per shape, reused by the
+    second call): codes, scales and ortho entries must equal the eager loop's bit for bit."""
+    n, k, bits, gs, density, score = case
+    g = torch.Generator().manual_seed(n * k)
+    w = torch.randn(n, k, generator=g).cuda()
+    x = correlated_inputs(1024, k, seed=k).cuda()
+    h = 2 * x.t() @ x / x.shape[0]
+    kw = dict(bits=bits, group_size=gs, density=density, score=score, act_order=True)
+    ref = gptq_decompose(w, h, sweep="eager", **kw)
+    for _ in range(2):  # capture, then replay of the cached graphs
+        got = gptq_decompose(w, h, sweep="static", **kw)
+        assert torch.equal(ref[0], got[0])
+        assert torch.equal(ref[1].scales, got[1].scales)
+        if density:
+            for name in ("row_ptr", "col_idx", "values"):
+                assert torch.equal(getattr(ref[2], name), getattr(got[2], name)), name

@@ -29,9 +29,14 @@ ortho picks are ``index_fill_`` of the top rows; the pre-pass takes its global t
 threshold rather than a stable sort of every entry; nothing in the sweep reads a device value on the
 host. About 15 compute ops per column with ortho extraction (11 without), against 28 (20) before, and
 the results are bit-identical to that straightforward per-column loop (``tests/gptq_reference.py``;
-``benchmarks/gptq_equivalence.py`` checks the SmolLM2 shapes).
+``benchmarks/gptq_equivalence.py`` checks the SmolLM2 shapes). On a GPU with act-order, each block's
+column loop runs on fixed buffers and is captured once per shape as a CUDA graph (``BlockSweep``), then
+replayed for every block of every layer: the host launches one graph per block instead of ~15 kernels
+per column (``benchmarks/gptq_sweep_gpu.py`` times both and checks they agree bit for bit).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -131,8 +136,14 @@ def gptq_decompose(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: 
                    symmetric: bool = True, density: float = 0.0, score: str = "hessian",
                    damp: float = 0.01, act_order: bool = True, block_size: int = 128,
                    scale_dtype=torch.float16, value_dtype=torch.float16, seed: int = 0,
-                   clip_search: bool = True) -> tuple[torch.Tensor, quant.QuantGrid, CSR | None]:
-    """GPTQ sweep of W (N, K) with H (K, K); returns (codes, grid, ortho CSR or None)."""
+                   clip_search: bool = True, sweep: str | None = None
+                   ) -> tuple[torch.Tensor, quant.QuantGrid, CSR | None]:
+    """GPTQ sweep of W (N, K) with H (K, K); returns (codes, grid, ortho CSR or None).
+
+    ``sweep``: "eager" (the per-column loop), "static" (the same ops on fixed per-block buffers,
+    replayed as one CUDA graph per block on a GPU; act-order only) or None/"auto" (static on CUDA
+    with act-order). Both give bit-identical results; env LIBORTHO_GPTQ_SWEEP sets the default.
+    """
     device = H.device
     W = W.to(device=device, dtype=torch.float32).clone()
     n, k = W.shape
@@ -152,13 +163,37 @@ def gptq_decompose(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: 
 
     n_ortho = ortho_count(density, W.numel()) if density > 0 else 0
     budget, fixed = _column_budget(W, perm, static, d, n_ortho, score, seed)
-    budget = budget.tolist()
     perm_cols = perm.tolist()  # host copies: no device sync inside the sweep
     # swept-order outputs, one contiguous row per column: codes (as floats), residual w - deq q
     # (the ortho values are read from it at the flagged entries) and the ortho flags
     QT = torch.empty(k, n, device=device)
     RT = torch.empty(k, n, device=device)
     MT = fixed.t().contiguous() if fixed is not None else torch.zeros(k, n, dtype=torch.bool, device=device)
+    mode = "none" if not n_ortho else "fixed" if fixed is not None else score
+    if act_order and _use_static(device, sweep):
+        _sweep_static(W, U, d, ST, ZT, perm // g, budget, QT, RT, MT, maxq, mode, block_size)
+    else:
+        _sweep_eager(W, U, d, ST, ZT, perm_cols, budget.tolist(), QT, RT, MT, g, maxq, mode, block_size,
+                     act_order, bits, symmetric, scale_dtype, clip_search)
+
+    inv = torch.argsort(perm)
+    codes = QT[inv].t().contiguous().to(torch.uint8)
+    grid = quant.QuantGrid(ST.t().contiguous().to(scale_dtype),
+                           None if symmetric else ZT.t().contiguous().to(scale_dtype), bits, group_size)
+    csr = None
+    if n_ortho:
+        ortho_mask = MT[inv].t().contiguous()
+        idx = torch.nonzero(ortho_mask.reshape(-1)).reshape(-1)
+        assert idx.numel() == n_ortho, (idx.numel(), n_ortho)
+        csr = csr_from_indices(RT[inv].t().contiguous(), idx, value_dtype)
+    return codes, grid, csr
+
+
+def _sweep_eager(W, U, d, ST, ZT, perm_cols, budget, QT, RT, MT, g, maxq, mode, block_size, act_order,
+                 bits, symmetric, scale_dtype, clip_search) -> None:
+    """The per-column loop (any device, with or without act-order); fills QT, RT, MT in place."""
+    k, n = QT.shape
+    device = W.device
     q_rows, r_rows, m_rows, d_vals = QT.unbind(0), RT.unbind(0), MT.unbind(0), d.unbind(0)
     s_rows, z_rows = ST.unbind(0), ZT.unbind(0)
     deq = torch.empty(n, device=device)
@@ -166,8 +201,6 @@ def gptq_decompose(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: 
     E1T = torch.empty(block_size, n, device=device)  # errors of the block, one row per column
     upd = torch.empty(block_size, n, device=device)
     e_rows = E1T.unbind(0)
-    magnitude = score == "magnitude"
-
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         B = i2 - i1
@@ -191,10 +224,10 @@ def gptq_decompose(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: 
             torch.sub(w, deq, out=r)
             torch.div(r, d_vals[j], out=e)
             if budget[j]:
-                if fixed is not None:
+                if mode == "fixed":
                     e.masked_fill_(m_rows[j], 0.0)
                 else:
-                    if magnitude:
+                    if mode == "magnitude":
                         torch.abs(r, out=sal)
                     else:
                         torch.square(e, out=sal)
@@ -208,17 +241,110 @@ def gptq_decompose(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: 
         if i2 < k:
             W[:, i2:] -= E1T[:B].t().contiguous() @ U[i1:i2, i2:]
 
-    inv = torch.argsort(perm)
-    codes = QT[inv].t().contiguous().to(torch.uint8)
-    grid = quant.QuantGrid(ST.t().contiguous().to(scale_dtype),
-                           None if symmetric else ZT.t().contiguous().to(scale_dtype), bits, group_size)
-    csr = None
-    if n_ortho:
-        ortho_mask = MT[inv].t().contiguous()
-        idx = torch.nonzero(ortho_mask.reshape(-1)).reshape(-1)
-        assert idx.numel() == n_ortho, (idx.numel(), n_ortho)
-        csr = csr_from_indices(RT[inv].t().contiguous(), idx, value_dtype)
-    return codes, grid, csr
+
+def _use_static(device, sweep: str | None) -> bool:
+    sweep = sweep or os.environ.get("LIBORTHO_GPTQ_SWEEP", "auto")
+    if sweep not in ("auto", "eager", "static"):
+        raise ValueError(f"sweep must be 'auto', 'eager' or 'static', got {sweep!r}")
+    return sweep == "static" or (sweep == "auto" and device.type == "cuda")
+
+
+class BlockSweep:
+    """The column loop of one block of B columns on fixed buffers, so that a GPU replays it as one
+    CUDA graph (about 15 launches per column otherwise, which bound the sweep by the host).
+
+    The ops are those of the eager loop; the ortho pick is made data-independent (a stable descending
+    sort, then the first ``budget`` ranks flagged through a scatter), so one graph serves every block
+    of a shape whatever its per-column budgets. Inputs: W (B, N) the block's columns as rows (updated
+    in place), S, Z (B, N) each column's group scale and zero, d (B,), U (B, B), budget (B, 1) and, for
+    the fixed (random) mask, M (B, N). Outputs: Q, R, M, E (the propagated errors).
+    """
+
+    def __init__(self, n: int, B: int, maxq: int, mode: str, device):
+        f = dict(device=device)
+        self.B, self.maxq, self.mode = B, maxq, mode
+        self.W, self.Q, self.R, self.E = (torch.zeros(B, n, **f) for _ in range(4))
+        self.S, self.Z = torch.ones(B, n, **f), torch.zeros(B, n, **f)
+        self.d, self.U = torch.ones(B, **f), torch.zeros(B, B, **f)
+        self.budget = torch.zeros(B, 1, dtype=torch.long, **f)
+        self.M = torch.zeros(B, n, dtype=torch.bool, **f)
+        self._deq, self._sal, self._upd = torch.empty(n, **f), torch.empty(n, **f), torch.empty(B, n, **f)
+        self._keep, self._ranks = torch.empty(n, dtype=torch.bool, **f), torch.arange(n, **f)
+        self.graph = self._capture() if torch.device(device).type == "cuda" else None
+
+    def _capture(self):
+        side = torch.cuda.Stream(self.W.device)
+        side.wait_stream(torch.cuda.current_stream(self.W.device))
+        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+            self._body()
+        torch.cuda.current_stream(self.W.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._body()
+        return graph
+
+    def run(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._body()
+
+    def _body(self) -> None:
+        B, deq, sal, keep = self.B, self._deq, self._sal, self._keep
+        for i in range(B):
+            w, q, r, e, s, z, m = (self.W[i], self.Q[i], self.R[i], self.E[i], self.S[i], self.Z[i],
+                                   self.M[i])
+            torch.div(w, s, out=q)
+            q.round_().add_(z).clamp_(0, self.maxq)
+            torch.sub(q, z, out=deq).mul_(s)
+            torch.sub(w, deq, out=r)
+            torch.div(r, self.d[i], out=e)
+            if self.mode in ("hessian", "magnitude"):
+                if self.mode == "magnitude":
+                    torch.abs(r, out=sal)
+                else:
+                    torch.square(e, out=sal)
+                order = torch.sort(sal, descending=True, stable=True).indices
+                torch.lt(self._ranks, self.budget[i], out=keep)
+                m.scatter_(0, order, keep)
+            if self.mode != "none":
+                e.masked_fill_(m, 0.0)
+            if i + 1 < B:
+                u = self._upd[: B - i - 1]
+                torch.mul(self.U[i, i + 1:, None], e, out=u)
+                self.W[i + 1:].sub_(u)
+
+
+_SWEEPS: dict = {}
+
+
+def block_sweep(n: int, B: int, maxq: int, mode: str, device) -> BlockSweep:
+    """One BlockSweep (and its graph) per shape, reused across layers and calls."""
+    key = (str(device), n, B, maxq, mode)
+    if key not in _SWEEPS:
+        _SWEEPS[key] = BlockSweep(n, B, maxq, mode, device)
+    return _SWEEPS[key]
+
+
+def _sweep_static(W, U, d, ST, ZT, grp, budget, QT, RT, MT, maxq, mode, block_size) -> None:
+    """The act-order sweep through BlockSweep: per block, copy in, replay, copy out, lazy update."""
+    k, n = QT.shape
+    S_sw, Z_sw = ST[grp], ZT[grp]  # each swept column's group row, (K, N)
+    budget = budget.to(W.device)[:, None]
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        sw = block_sweep(n, i2 - i1, maxq, mode, W.device)
+        sw.W.copy_(W[:, i1:i2].t())
+        sw.S.copy_(S_sw[i1:i2])
+        sw.Z.copy_(Z_sw[i1:i2])
+        sw.d.copy_(d[i1:i2])
+        sw.U.copy_(U[i1:i2, i1:i2])
+        sw.budget.copy_(budget[i1:i2])
+        sw.M.copy_(MT[i1:i2])
+        sw.run()
+        QT[i1:i2], RT[i1:i2], MT[i1:i2] = sw.Q, sw.R, sw.M
+        if i2 < k:
+            W[:, i2:] -= sw.E.t().contiguous() @ U[i1:i2, i2:]
 
 
 def _column_budget(W, perm, static: quant.QuantGrid, d, n_ortho: int, score: str, seed: int):
