@@ -76,6 +76,33 @@ def test_exact_enumeration_matches_brute_force(tok, digits):
                                atol=1e-4, rtol=1e-5)
 
 
+def _reference_loglik(model, prefix, digit_ids, cands, chunk=1000):
+    """Candidates (k, D) scored by one plain forward pass of prefix + digits each (no cache): (k,)."""
+    p, out = prefix.numel(), []
+    with torch.no_grad():
+        for s in range(0, cands.shape[0], chunk):
+            ids = torch.cat([prefix.expand(cands[s:s + chunk].shape[0], -1), digit_ids[cands[s:s + chunk]]], 1)
+            lp = model(input_ids=ids, use_cache=False).logits[:, p - 1:-1].float().log_softmax(-1)
+            out.append(lp.gather(-1, ids[:, p:, None]).squeeze(-1).sum(-1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("arch,digits", [("llama", 4), ("llama", 2), ("gpt2", 3), ("opt", 3)])
+def test_all_candidates_matches_uncached_reference(tok, arch, digits):
+    """Prefix cache shared across rows of several prefix lengths, on more than one cache/position scheme."""
+    model = tiny_model(arch, seed=3)
+    m, _ = C.make_canaries(5, digits=digits, seed=0)
+    enc = C.encode_canaries(tok, m)
+    assert len({p.numel() for p in enc.prefixes}) == 3            # three length groups, two of two canaries
+    ll_all = C.all_candidates_loglik(model, enc, batch_size=13)   # odd: batches cross canaries
+    assert ll_all.shape == (5, 10 ** digits)
+    # all candidates up to 3 digits; at 4, a random tenth (plain passes of 10**4 candidates are slow on CPU)
+    idx = torch.randperm(10 ** digits, generator=torch.Generator().manual_seed(0))[:1000]
+    for i in range(len(m)):
+        ref = _reference_loglik(model, enc.prefixes[i], enc.digit_ids, C.all_digit_strings(digits)[idx])
+        torch.testing.assert_close(ll_all[i, idx], ref, atol=1e-4, rtol=1e-5)
+
+
 def test_rank_and_exposure_by_hand():
     ll = torch.tensor([[0.0, -1.0, -2.0, -3.0], [-1.0, -1.0, -1.0, -5.0]])
     rank = C.rank_of(ll, torch.tensor([-2.0, -1.0]))

@@ -37,6 +37,7 @@ per column (``benchmarks/gptq_sweep_gpu.py`` times both and checks they agree bi
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -279,8 +280,12 @@ class BlockSweep:
             self._body()
         torch.cuda.current_stream(self.W.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._body()
+        try:
+            with torch.cuda.graph(graph):
+                self._body()
+        except RuntimeError as err:  # same results without the graph, only slower
+            warnings.warn(f"GPTQ sweep: CUDA graph capture failed ({err}); running the block loop eagerly")
+            return None
         return graph
 
     def run(self) -> None:

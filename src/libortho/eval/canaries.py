@@ -9,9 +9,10 @@ all candidates of R, ranked by the log-likelihood the model gives to the secret'
 prefix (higher first). Two estimators:
 
 * ``exact_exposure``: every candidate scored. Each digit must be one token, so the candidates form a
-  10-ary prefix tree; one forward pass over ``prefix + d1..d(D-2)`` gives the log-probabilities of
-  digits 1..D-1, and the last digit comes from one extra token per branch on the cached keys/values
-  (10**(D-2) sequences + 10**(D-1) single tokens per canary instead of 10**D full sequences).
+  10-ary prefix tree: the prefix runs once (digit 1, and its keys/values), then ``d1..d(D-2)`` on that
+  cache gives digits 2..D-1, and the last digit comes from one extra token per branch
+  (per canary: 1 prefix + 10**(D-2) x (D-2) tokens + 10**(D-1) single tokens, instead of 10**D full
+  sequences).
 * ``sampled_exposure``: the skew-normal extrapolation of the paper (fit the log-perplexity of random
   candidates, exposure = -log2 of the fitted probability that a random candidate beats the secret).
 
@@ -20,6 +21,7 @@ stacked (no padding, so no position-id or mask subtleties).
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import random
@@ -142,6 +144,20 @@ def _cache_kwarg(model, cache) -> dict:
     return {"cache": cache} if "cache" in params else {"past_key_values": cache}
 
 
+def _cache_of(out):
+    return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+
+
+def _select_rows(cache, idx: torch.Tensor):
+    """A new cache holding rows ``idx`` (repeats allowed) of ``cache``, which is left untouched."""
+    new = copy.deepcopy(cache)  # forward appends to its cache in place: never hand it the shared one
+    if hasattr(new, "batch_select_indices"):
+        new.batch_select_indices(idx)
+    else:  # older caches
+        new.reorder_cache(idx)
+    return new
+
+
 def _repeat_rows(cache, times: int, rows: int) -> None:
     """Repeat every batch row of a key/value cache ``times`` times in place (row r -> rows r*times..)."""
     if hasattr(cache, "batch_repeat_interleave"):
@@ -241,10 +257,11 @@ def exposure_from_rank(rank: torch.Tensor, space: int) -> torch.Tensor:
 def all_candidates_loglik(model, enc: EncodedCanaries, batch_size: int = 1024) -> torch.Tensor:
     """(n, 10**D) log-likelihood of every candidate secret of every canary (exact enumeration).
 
-    Stage A runs ``prefix + c`` for all 10**(D-2) contexts c of D-2 digits (log-probs of digits 1..D-1
-    from one pass); stage B repeats each cached sequence 10 times and feeds digit D-1 as one token,
-    giving digit D. Candidate ``c * 100 + x * 10 + y`` sums the log-probs along its own context's
-    sequence. Rows of all canaries with the same prefix length share the batches.
+    The prefixes of a length group run once (log-probs of digit 1, and the keys/values). Each row
+    (canary, context c of D-2 digits) then feeds only c on a copy of its canary's prefix cache (digits
+    2..D-1); stage B repeats each row's cache 10 times and feeds digit D-1 as one token, giving digit D.
+    Candidate ``c * 100 + x * 10 + y`` sums the log-probs along its own path. Rows of all canaries with
+    the same prefix length share the batches (``batch_size`` rows each).
     """
     D = enc.secrets.shape[1]
     if D < 2:
@@ -255,24 +272,34 @@ def all_candidates_loglik(model, enc: EncodedCanaries, batch_size: int = 1024) -
     dig = enc.digit_ids.to(device)
     ll_all = torch.empty(len(enc), 10 ** D, dtype=torch.float32)
     for group in length_groups(enc.prefixes):
-        pref = torch.stack([enc.prefixes[i] for i in group])
+        pref = torch.stack([enc.prefixes[i] for i in group]).to(device)
+        out = model(input_ids=pref, use_cache=True, logits_to_keep=1)
+        lp_1 = _digit_logprobs(out.logits[:, -1], dig)                          # (g, 10): digit 1
+        prefix_cache = _cache_of(out)
+        del out
         owner = torch.arange(len(group)).repeat_interleave(n_ctx)     # rows: (canary, context)
         context = torch.arange(n_ctx).repeat(len(group))
         block = torch.empty(len(group) * n_ctx, 100)
         for s in range(0, owner.numel(), batch_size):
-            o, c = owner[s:s + batch_size], context[s:s + batch_size]
-            ids = torch.cat([pref[o], enc.digit_ids[ctx[c]]], dim=1).to(device)
-            out = model(input_ids=ids, use_cache=True, logits_to_keep=a + 1)
-            lp_a = _digit_logprobs(out.logits, dig)                             # (b, a+1, 10)
-            path = lp_a[:, :a].gather(-1, ctx[c].to(device)[..., None]).squeeze(-1).sum(-1)  # (b,)
-            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-            _repeat_rows(cache, 10, ids.shape[0])
-            nxt = dig.repeat(ids.shape[0])[:, None]                               # (b*10, 1)
+            o, c = owner[s:s + batch_size].to(device), context[s:s + batch_size]
+            b = o.numel()
+            cache = _select_rows(prefix_cache, o)
+            lp = lp_1[o, None]                                                   # (b, 1, 10)
+            if a:  # positions continue after the prefix: HF takes them from the cache length
+                out = model(input_ids=enc.digit_ids[ctx[c]].to(device), use_cache=True, logits_to_keep=a,
+                            **_cache_kwarg(model, cache))
+                lp = torch.cat([lp, _digit_logprobs(out.logits, dig)], dim=1)   # (b, a+1, 10)
+                cache = _cache_of(out)
+                del out
+            path = lp[:, :a].gather(-1, ctx[c].to(device)[..., None]).squeeze(-1).sum(-1)  # (b,)
+            _repeat_rows(cache, 10, b)
+            nxt = dig.repeat(b)[:, None]                                          # (b*10, 1)
             lp_b = _digit_logprobs(model(input_ids=nxt, use_cache=True, logits_to_keep=1,
                                          **_cache_kwarg(model, cache)).logits[:, -1], dig)  # (b*10, 10)
-            ll = path[:, None, None] + lp_a[:, a, :, None] + lp_b.view(-1, 10, 10)
-            block[s:s + o.numel()] = ll.reshape(-1, 100).cpu()
-            del out, cache
+            ll = path[:, None, None] + lp[:, a, :, None] + lp_b.view(-1, 10, 10)
+            block[s:s + b] = ll.reshape(-1, 100).cpu()
+            del cache
+        del prefix_cache
         ll_all[group] = block.view(len(group), n_ctx * 100)
     return ll_all
 
