@@ -337,3 +337,39 @@ def test_privacy_cut_off_seed_resumes(smoke_run, tiny_dir, tmp_path, monkeypatch
         for k, r in got[name]["alphas"].items():
             assert r["extraction"] == want[name]["alphas"][k]["extraction"]
             assert r["ppl_heldout"] == pytest.approx(want[name]["alphas"][k]["ppl_heldout"], rel=1e-5)
+
+
+def test_privacy_ft_cache_resumes_without_refinetuning(tiny_dir, tmp_path, monkeypatch):
+    """--ft-cache keeps the fine-tuned weights: a resumed run loads them (no second fine-tune), so the partial
+    rows match even when a fine-tune would not reproduce bit for bit (simulated: the second one is broken)."""
+    from libortho.cli import main
+    from libortho.eval import finetune as ft_mod
+    from libortho.eval import privacy
+    args = ["experiment", "privacy", "--model", str(tiny_dir), *TINY_RUN, *SMOKE_EVAL, "--conditions", "int4-rtn",
+            "--out-dir", str(tmp_path / "out"), "--ft-cache", str(tmp_path / "ft")]
+    real_eval, real_ft, calls = privacy.eval_condition, ft_mod.finetune, []
+
+    def crashes_on_rtn(cond, *a, **k):
+        if cond.name == "int4-rtn":
+            raise RuntimeError("cut off")
+        return real_eval(cond, *a, **k)
+
+    def counted_finetune(*a, **k):
+        calls.append(1)
+        if len(calls) > 1:
+            raise AssertionError("fine-tuned again although the weights were cached")
+        return real_ft(*a, **k)
+
+    monkeypatch.setattr(ft_mod, "finetune", counted_finetune)
+    monkeypatch.setattr(privacy, "eval_condition", crashes_on_rtn)
+    with pytest.raises(RuntimeError, match="cut off"):
+        main(args)
+    cached = sorted(p.name for p in (tmp_path / "ft").iterdir())
+    assert len(cached) == 2 and cached[0].endswith(".json") and cached[1].endswith(".safetensors")
+    monkeypatch.setattr(privacy, "eval_condition", real_eval)
+    main([*args, "--resume"])
+    assert len(calls) == 1
+    res = json.loads((tmp_path / "out" / "privacy.json").read_text())
+    assert res["per_seed"][0]["finetune"]["steps"] > 0
+    assert list(res["results"]) == ["bf16-finetuned", "bf16-reference", "int4-rtn"]
+    assert res["results"]["bf16-finetuned"]["alphas"]["none"]["retention"] == pytest.approx(1.0)

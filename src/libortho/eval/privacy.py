@@ -151,6 +151,10 @@ def add_arguments(p) -> None:
     g.add_argument("--resume", action="store_true",
                    help="keep the conditions of OUT_DIR/NAME.partial.jsonl (written as each condition finishes) "
                    "whose fine-tuned weights hash the same as this run's, and run only the others")
+    g.add_argument("--ft-cache", default=None, metavar="DIR",
+                   help="keep each seed's fine-tuned weights in DIR (safetensors, keyed by the seed and the "
+                   "settings) and reuse them: a run cut off resumes with --resume on the same fine-tuned model "
+                   "even where the GPU fine-tune does not reproduce bit for bit")
     g.add_argument("--workers", type=int, default=None,
                    help="processes evaluating conditions side by side after the fine-tune (default 3 on cuda, "
                    "1 on cpu); on several GPUs worker i uses GPU i mod their number")
@@ -205,7 +209,7 @@ def resolve(args) -> dict:
         "ppl_batch": args.ppl_batch or (8 if cuda else 1), "eval_path": args.eval_path,
         "bootstrap": args.bootstrap, "out_dir": Path(args.out_dir), "name": args.name,
         "progress": not args.no_progress, "workers": max(1, args.workers or (3 if cuda else 1)),
-        "resume": args.resume,
+        "resume": args.resume, "ft_cache": args.ft_cache,
     }
 
 
@@ -368,10 +372,14 @@ def run_seed(model0, tok, texts: Texts, s: dict, seed: int) -> dict:
     data = build_training_set(texts.ft_train_ids, [members.token_ids(i) for i in range(len(members))],
                               texts.sep_ids, s["ft_seq_len"], s["ft_windows"], s["canary_reps"], seed)
     amp = torch.bfloat16 if str(device).startswith("cuda") else None
-    log = finetune(finetuned, data, len(members), s["ft_steps"], s["ft_batch"], s["ft_lr"], seed, amp,
-                   check=lambda: greedy_extraction(finetuned, members, s["score_batch"]).float().mean(),
-                   check_every=s["ft_check_every"], max_steps=s["ft_max_steps"], target=s["ft_target"],
-                   progress=progress)
+    cache = FinetuneCache(s, seed)
+    log = cache.load(finetuned)
+    if log is None:
+        log = finetune(finetuned, data, len(members), s["ft_steps"], s["ft_batch"], s["ft_lr"], seed, amp,
+                       check=lambda: greedy_extraction(finetuned, members, s["score_batch"]).float().mean(),
+                       check_every=s["ft_check_every"], max_steps=s["ft_max_steps"], target=s["ft_target"],
+                       progress=progress)
+        cache.save(finetuned, log)
     _sync(device)
     timings["finetune"] = time.time() - t
     rate = log.extraction_curve[-1][1]
@@ -420,6 +428,57 @@ def run_seed(model0, tok, texts: Texts, s: dict, seed: int) -> dict:
                                                   "mean": sum(log.presentations) / len(log.presentations)}},
             "calibrations": {k: v.description for k, v in calibs.items()},
             "conditions": results, "timings": timings}
+
+
+class FinetuneCache:
+    """A seed's fine-tuned weights (safetensors) and its log (JSON) in the ``--ft-cache`` folder, named by
+    a hash of the seed and every setting that shapes the fine-tune; written atomically (tmp + rename)."""
+
+    _KEYS = ("model", "n_canaries", "digits", "template", "canary_reps", "ft_steps", "ft_max_steps", "ft_target",
+             "ft_batch", "ft_seq_len", "ft_windows", "ft_lr", "ft_check_every", "heldout_frac", "score_batch",
+             "data_dir")
+
+    def __init__(self, s: dict, seed: int):
+        import hashlib
+        import json
+        self.dir = Path(s["ft_cache"]) if s.get("ft_cache") else None
+        key = json.dumps({"seed": seed, **{k: str(s.get(k)) for k in self._KEYS}}, sort_keys=True)
+        self.stem = f"finetuned-seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+    def load(self, model: nn.Module):
+        import json
+
+        from safetensors.torch import load_file
+        from .finetune import FinetuneLog
+        if self.dir is None or not (self.dir / f"{self.stem}.json").exists():
+            return None
+        state = load_file(str(self.dir / f"{self.stem}.safetensors"), device=str(next(model.parameters()).device))
+        model.load_state_dict(state, strict=False)
+        log = FinetuneLog(**json.loads((self.dir / f"{self.stem}.json").read_text()))
+        log.extraction_curve = [tuple(x) for x in log.extraction_curve]
+        print(f"fine-tuned weights from {self.dir / self.stem}.safetensors (--ft-cache)")
+        return log
+
+    def save(self, model: nn.Module, log) -> None:
+        import dataclasses
+        import json
+
+        from safetensors.torch import save_file
+        if self.dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        seen, unique = set(), {}
+        for k, v in state.items():  # tied weights: one copy (load_state_dict(strict=False) restores the tie)
+            if v.data_ptr() not in seen:
+                seen.add(v.data_ptr())
+                unique[k] = v
+        tmp = self.dir / f"{self.stem}.safetensors.tmp"
+        save_file(unique, str(tmp))
+        os.replace(tmp, self.dir / f"{self.stem}.safetensors")
+        tmp = self.dir / f"{self.stem}.json.tmp"
+        tmp.write_text(json.dumps(dataclasses.asdict(log)))
+        os.replace(tmp, self.dir / f"{self.stem}.json")  # last: its presence marks a complete entry
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -595,7 +654,7 @@ def run(args) -> dict:
 
 # -- aggregation over seeds ---------------------------------------------------------------------------
 
-_PER_RUN = {"seeds", "out_dir", "name", "progress", "device", "workers", "resume"}
+_PER_RUN = {"seeds", "out_dir", "name", "progress", "device", "workers", "resume", "ft_cache"}
 
 
 def merge(args) -> dict:
