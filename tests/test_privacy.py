@@ -373,3 +373,30 @@ def test_privacy_ft_cache_resumes_without_refinetuning(tiny_dir, tmp_path, monke
     assert res["per_seed"][0]["finetune"]["steps"] > 0
     assert list(res["results"]) == ["bf16-finetuned", "bf16-reference", "int4-rtn"]
     assert res["results"]["bf16-finetuned"]["alphas"]["none"]["retention"] == pytest.approx(1.0)
+
+
+def test_privacy_merge_tolerates_extra_exposure_alphas(smoke_run, tiny_dir, tmp_path):
+    """A seed that also measured exposure at alpha 0.5 pools with seeds that did not: exposure is reported
+    where every seed has it, every other setting must still match."""
+    from libortho.cli import main
+    eval_args = list(SMOKE_EVAL)
+    i = eval_args.index("--exposure-alphas")
+    eval_args[i + 1:i + 3] = ["0", "0.5", "1"]
+    main(["experiment", "privacy", "--model", str(tiny_dir), *TINY_RUN, *eval_args, "--seeds", "1",
+          "--conditions", "libortho-delta", "--out-dir", str(tmp_path), "--name", "seed1"])
+    main(["experiment", "privacy", "--model", str(tiny_dir), *TINY_RUN, *SMOKE_EVAL, "--seeds", "0",
+          "--conditions", "libortho-delta", "--out-dir", str(tmp_path), "--name", "seed0"])
+    one = json.loads((tmp_path / "seed1.json").read_text())["results"]["libortho-delta"]["alphas"]
+    assert one["0.5"]["exposure_mean"] is not None          # seed 1 alone has it
+    main(["experiment", "privacy", "--merge", str(tmp_path / "seed0.json"), str(tmp_path / "seed1.json"),
+          "--out-dir", str(tmp_path), "--name", "merged"])
+    res = json.loads((tmp_path / "merged.json").read_text())
+    assert res["settings"]["exposure_alphas"] == [0.0, 1.0]
+    alphas = res["results"]["libortho-delta"]["alphas"]
+    assert alphas["0.5"]["exposure_mean"] is None and alphas["1"]["exposure_mean"] is not None
+    assert alphas["0"]["n_canaries"] == 8
+    main(["experiment", "privacy", "--model", str(tiny_dir), *TINY_RUN, *SMOKE_EVAL, "--density", "0.1",
+          "--seeds", "2", "--conditions", "libortho-delta", "--out-dir", str(tmp_path), "--name", "other"])
+    with pytest.raises(SystemExit, match="density"):
+        main(["experiment", "privacy", "--merge", str(tmp_path / "seed0.json"), str(tmp_path / "other.json"),
+              "--out-dir", str(tmp_path), "--name", "bad"])

@@ -655,6 +655,7 @@ def run(args) -> dict:
 # -- aggregation over seeds ---------------------------------------------------------------------------
 
 _PER_RUN = {"seeds", "out_dir", "name", "progress", "device", "workers", "resume", "ft_cache"}
+_MERGE_MAY_DIFFER = {"exposure_alphas"}  # runs computing exposure at more alphas still pool
 
 
 def merge(args) -> dict:
@@ -663,10 +664,12 @@ def merge(args) -> dict:
     runs = [json.loads(Path(p).read_text()) for p in args.merge]
     s = dict(runs[0]["settings"])
     for p, r in zip(args.merge[1:], runs[1:]):
-        diff = sorted(k for k in set(s) | set(r["settings"]) if k not in _PER_RUN
+        diff = sorted(k for k in set(s) | set(r["settings"]) if k not in _PER_RUN | _MERGE_MAY_DIFFER
                       and s.get(k) != r["settings"].get(k))
         if diff:
             raise SystemExit(f"{p} was run with other settings than {args.merge[0]}: {diff}")
+    # exposure where every run computed it (the table leaves the others out)
+    s["exposure_alphas"] = sorted(set.intersection(*(set(r["settings"]["exposure_alphas"]) for r in runs)))
     per_seed = [ps for r in runs for ps in r["per_seed"]]
     seeds = [ps["seed"] for ps in per_seed]
     if len(set(seeds)) != len(seeds):
