@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call: build the CUDA extension, run the GPU tests, run the kernel benchmark.
 # Usage (repo root, on the GPU machine): bash benchmarks/gpu_kernels.sh [bench args...]
-# The GPU tests run both small-M kernel variants (v1, v2) and the bench times both for M <= 16;
-# LIBORTHO_DECODE_KERNEL=v1|v2 picks the one behind the unsuffixed bench columns. SKIP_BENCH=1: no bench.
+# The GPU tests run every small-M kernel variant (v1, v2, v3) and the bench times each for M <= 16
+# (LIBORTHO_BENCH_VARIANTS=v1,v3 keeps a subset; a variant that fails its tests is dropped);
+# LIBORTHO_DECODE_KERNEL=v1|v2|v3 picks the one behind the unsuffixed bench columns. SKIP_BENCH=1: no bench.
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:${PYTHONPATH:-} LIBORTHO_BUILD_DIR=${LIBORTHO_BUILD_DIR:-$PWD/.torch_extensions}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -14,9 +15,15 @@ echo "build: $(( $(date +%s) - t0 )) s"
 python3 -c "from libortho.ops import cuda; print('decode kernel (default columns):', cuda.decode_kernel())"
 python3 benchmarks/check_errors.py 2>&1 | tail -5
 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | tail -40
-if grep -qE "^(FAILED|ERROR) .*\[v2-" "$OUT/test_cuda.log"; then
-  echo "v2 failed its tests: timing v1 only"; export LIBORTHO_BENCH_VARIANTS=v1
-fi
+keep=""
+for v in $(echo "${LIBORTHO_BENCH_VARIANTS:-v1,v2,v3}" | tr , ' '); do
+  if [ "$v" != v1 ] && grep -qE "^(FAILED|ERROR) .*(\[$v[]-]|test_${v}_)" "$OUT/test_cuda.log"; then
+    echo "$v failed its tests: not timed"
+  else
+    keep="$keep${keep:+,}$v"
+  fi
+done
+export LIBORTHO_BENCH_VARIANTS=${keep:-v1}
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   python3 -m libortho.eval.bench_kernels --out "$OUT/kernels.json" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^ " | tail -80
 fi

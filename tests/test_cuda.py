@@ -22,7 +22,7 @@ def built():
 
 @pytest.fixture(params=cuda_backend.DECODE_KERNELS)
 def variant(request):
-    """Every test taking this fixture runs once per small-M kernel variant (v1, v2)."""
+    """Every test taking this fixture runs once per small-M kernel variant (v1, v2, v3)."""
     cuda_backend.set_decode_kernel(request.param)
     yield request.param
     cuda_backend.set_decode_kernel(None)
@@ -177,12 +177,48 @@ def test_variants_agree():
         cuda_backend.set_decode_kernel(v)
         ys.append(layer(x).double())
     cuda_backend.set_decode_kernel(None)
-    assert rel_err(ys[1], ys[0]) < 1e-2
+    for y in ys[1:]:
+        assert rel_err(y, ys[0]) < 1e-2
+
+
+@pytest.mark.parametrize("n,k,m,bits,gs", [(4096, 11008, 16, 4, 128), (4096, 14336, 8, 4, 128),
+                                            (4096, 14336, 1, 4, 128), (4096, 14336, 4, 3, 32),
+                                            (1024, 11008, 2, 2, 64), (16, 64, 3, 4, -1), (17, 4100, 5, 8, 128)])
+def test_v3_split_and_fallback_boundaries(n, k, m, bits, gs):
+    """v3 around its shared-memory budget: x slices that need the cluster split, and ones that run v1."""
+    gen = torch.Generator(device="cuda").manual_seed(n + k + m)
+    layer = make_layer(n, k, bits, gs, False, 0.01, torch.bfloat16, gen)
+    x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+    cuda_backend.set_decode_kernel("v3")
+    try:
+        for alpha in (0.0, 1.0):
+            layer.alpha = alpha
+            poison_allocator()
+            assert rel_err(layer(x), reference64(layer, x, alpha)) < TOL[torch.bfloat16]
+    finally:
+        cuda_backend.set_decode_kernel(None)
+
+
+@pytest.mark.parametrize("m", [17, 64])
+def test_v3_binding_above_16_rows_runs_v1(m):
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    layer = make_layer(256, 576, 4, 128, True, 0.02, torch.bfloat16, gen)
+    x = torch.randn(m, 576, generator=gen, device="cuda").to(torch.bfloat16)
+    ext = cuda_backend.extension()
+    args = (x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values, layer.bias, 1.0,
+            4, 128, 256, 576)
+    assert torch.equal(cuda_backend._checked(ext.fused_small_m_v3(*args)), cuda_backend._checked(ext.fused_small_m(*args)))
 
 
 def test_decode_kernel_switch(monkeypatch):
-    monkeypatch.setenv("LIBORTHO_DECODE_KERNEL", "v2")
-    assert cuda_backend.decode_kernel() == "v2"
+    for v in ("v1", "v2", "v3"):
+        monkeypatch.setenv("LIBORTHO_DECODE_KERNEL", v)
+        assert cuda_backend.decode_kernel() == v
+    cuda_backend.set_decode_kernel("v3")
+    monkeypatch.setenv("LIBORTHO_DECODE_KERNEL", "v1")
+    assert cuda_backend.decode_kernel() == "v3"
+    cuda_backend.set_decode_kernel(None)
+    assert cuda_backend.decode_kernel() == "v1"
     monkeypatch.setenv("LIBORTHO_DECODE_KERNEL", "v9")
     with pytest.raises(ValueError):
         cuda_backend.decode_kernel()
@@ -202,7 +238,7 @@ def test_bad_calls_raise_python_errors():
         cuda_backend._checked(ext.fused_small_m(torch.randn(1, 128, device="cuda", dtype=torch.bfloat16),
                                               layer.qweight[:, :, :64].contiguous(), layer.scales, None,
                                               layer.row_ptr, layer.col_idx, layer.values, None, 1.0, 4, 128, 64, 128))
-    for fused in (ext.fused_small_m, ext.fused_small_m_v2):
+    for fused in (ext.fused_small_m, ext.fused_small_m_v2, ext.fused_small_m_v3):
         with pytest.raises(RuntimeError, match="invalid arguments"):
             cuda_backend._checked(fused(torch.randn(65, 128, device="cuda", dtype=torch.bfloat16), layer.qweight,
                                         layer.scales, None, layer.row_ptr, layer.col_idx, layer.values, None, 1.0, 4,

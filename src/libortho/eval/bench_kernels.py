@@ -3,9 +3,10 @@
 Timing: each measurement is a CUDA graph of back-to-back calls that rotate through enough weight copies
 to exceed 4x the L2 cache (so every call streams its weights from HBM), replayed several times and
 timed with CUDA events; the per-call median is reported. All columns of a row are timed in the same run.
-For M <= 16 both small-M kernel variants are timed (``*_v1_us``, ``*_v2_us``); the unsuffixed LibOrtho
-columns are the default variant's (``decode_kernel`` in the row names it). For larger M both variants
-share the dequantize + cuBLAS path and the suffixed columns are null.
+For M <= 16 every small-M kernel variant is timed (``*_v1_us``, ``*_v2_us``, ``*_v3_us``;
+``$LIBORTHO_BENCH_VARIANTS=v1,v3`` keeps a subset); the unsuffixed LibOrtho columns are the default
+variant's (``decode_kernel`` in the row names it). For larger M all variants share the dequantize +
+cuBLAS path and the suffixed columns are null.
 """
 from __future__ import annotations
 
@@ -230,7 +231,7 @@ def run(args):
 
 
 def summary(result) -> str:
-    variants = ("v1", "v2")
+    variants = [v for v in ("v1", "v2", "v3") if any(r.get(f"alpha0_{v}_us") is not None for r in result["rows"])]
     lines = ["| N x K | M | bf16 us | torch int4 | alpha=0 | alpha=1 @1% | alpha=1 @5% | base only | "
              + " | ".join(f"{v} alpha=0 | {v} alpha=1 @1%" for v in variants) + " |",
              "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (2 * len(variants))]

@@ -1,10 +1,12 @@
 """CUDA backend of ``libortho::ortho_linear``: JIT build of csrc/ and the dispatch by batch size.
 
-* M <= 16 rows: one fused kernel (packed base through tensor cores + CSR ortho stream, one pass). Two
-  variants: ``v1`` (register double buffer, one block per 16 output rows) and ``v2`` (cp.async stages in
-  shared memory, cluster split-K on sm_90, nnz-balanced ortho rows). ``LIBORTHO_DECODE_KERNEL=v1|v2``
-  picks one (read at each call; default ``DEFAULT_DECODE_KERNEL``), :func:`set_decode_kernel` overrides
-  it from Python.
+* M <= 16 rows: one fused kernel (packed base + CSR ortho stream, one pass). Three variants: ``v1``
+  (tensor cores, register double buffer, one block per 16 output rows), ``v2`` (tensor cores, cp.async
+  stages in shared memory, cluster split-K on sm_90, nnz-balanced ortho rows) and ``v3`` (no tensor
+  cores: a bandwidth-bound GEMV for M = 1..4, x staged once in shared memory, cluster split-K; it runs
+  v1 for shapes whose x slice does not fit, see kernels.cu). ``LIBORTHO_DECODE_KERNEL=v1|v2|v3`` picks
+  one (read at each call; default ``DEFAULT_DECODE_KERNEL``), :func:`set_decode_kernel` overrides it
+  from Python.
 * M > 64 (prefill): dequantize the base and merge alpha * S into a bf16/fp16 weight, then cuBLAS.
 
 The extension is built on first use with ``torch.utils.cpp_extension.load`` for the GPU present and
@@ -26,8 +28,9 @@ from .registry import ortho_linear
 
 CSRC = Path(__file__).with_name("csrc")
 SMALL_M_MAX = 16  # measured: above this the dequantize + cuBLAS path is faster (see benchmarks)
-DECODE_KERNELS = ("v1", "v2")
-DEFAULT_DECODE_KERNEL = "v1"  # v2 is not yet measured on a GPU; switch once benchmarks/gpu_kernels.sh says so
+DECODE_KERNELS = ("v1", "v2", "v3")
+DEFAULT_DECODE_KERNEL = "v1"  # v3 is not yet measured on a GPU; switch once benchmarks/gpu_kernels.sh says so
+_FUSED = {"v1": "fused_small_m", "v2": "fused_small_m_v2", "v3": "fused_small_m_v3"}
 _state = {"ext": None, "error": None, "warned": set(), "decode": None}
 
 
@@ -40,7 +43,7 @@ def decode_kernel() -> str:
 
 
 def set_decode_kernel(variant: str | None) -> None:
-    """Force the small-M kernel variant ('v1' or 'v2'); None goes back to $LIBORTHO_DECODE_KERNEL."""
+    """Force the small-M kernel variant ('v1', 'v2' or 'v3'); None goes back to $LIBORTHO_DECODE_KERNEL."""
     if variant is not None and variant not in DECODE_KERNELS:
         raise ValueError(f"decode kernel {variant!r} is not one of {DECODE_KERNELS}")
     _state["decode"] = variant
@@ -85,8 +88,8 @@ def build(verbose: bool = False):
 
 
 def extension():
-    """The compiled module (fused_small_m, fused_small_m_v2, dequant_merge), building it if needed; None if
-    unavailable."""
+    """The compiled module (fused_small_m, fused_small_m_v2, fused_small_m_v3, dequant_merge), building it if
+    needed; None if unavailable."""
     return _state["ext"] if build() else None
 
 
@@ -133,7 +136,7 @@ def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
     if m == 0:
         return x.new_empty(*x.shape[:-1], out_features)
     if m <= SMALL_M_MAX:
-        fused = _state["ext"].fused_small_m_v2 if decode_kernel() == "v2" else _state["ext"].fused_small_m
+        fused = getattr(_state["ext"], _FUSED[decode_kernel()])
         y = _checked(fused(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
                            out_features, in_features), "fused kernel")
     else:

@@ -1,6 +1,6 @@
 // Thin binding of the LibOrtho CUDA kernels: checks, allocation, stream, error propagation.
-// A Python module (fused_small_m, fused_small_m_v2, dequant_merge) that libortho/ops/cuda.py calls from the CUDA
-// implementation of the public op torch.ops.libortho.ortho_linear.
+// A Python module (fused_small_m, fused_small_m_v2, fused_small_m_v3, dequant_merge) that libortho/ops/cuda.py
+// calls from the CUDA implementation of the public op torch.ops.libortho.ortho_linear.
 //
 // Errors come back as a code next to the result (0: ok, -1: invalid arguments, > 0: the cudaError_t of
 // the launch), never as a C++ exception or a returned string: on the GPU image both crashed the
@@ -101,6 +101,14 @@ Result fused_small_m_v2(const at::Tensor& x, const at::Tensor& qweight, const at
                bits, group_size, N, K);
 }
 
+Result fused_small_m_v3(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                        const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
+                        int64_t group_size, int64_t N, int64_t K) {
+  return fused(&libortho::launch_fused_small_m_v3, x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha,
+               bits, group_size, N, K);
+}
+
 Result dequant_merge(const at::Tensor& like, const at::Tensor& qweight, const at::Tensor& scales,
                      const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                      const at::Tensor& values, double alpha, int64_t bits, int64_t group_size, int64_t N, int64_t K) {
@@ -118,5 +126,6 @@ Result dequant_merge(const at::Tensor& like, const at::Tensor& qweight, const at
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_small_m", &fused_small_m, "(x @ deq(Q)^T + alpha x @ S^T + bias, error code), 1 <= M <= 64");
   m.def("fused_small_m_v2", &fused_small_m_v2, "the same by the v2 decode kernel (LIBORTHO_DECODE_KERNEL=v2)");
+  m.def("fused_small_m_v3", &fused_small_m_v3, "the same by the v3 decode kernel (LIBORTHO_DECODE_KERNEL=v3)");
   m.def("dequant_merge", &dequant_merge, "(W = deq(Q) + alpha S as a dense matrix, error code)");
 }

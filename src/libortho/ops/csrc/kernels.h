@@ -28,6 +28,11 @@ cudaError_t launch_fused_small_m(const Operands& op, const void* x, const void* 
 cudaError_t launch_fused_small_m_v2(const Operands& op, const void* x, const void* bias, void* out, int M,
                                     cudaStream_t stream);
 
+// The same product by the v3 decode kernel (no tensor cores: a bandwidth-bound GEMV for M = 1..4, cluster
+// split-K); M > 16, or an x slice too large for its shared memory, falls back to launch_fused_small_m.
+cudaError_t launch_fused_small_m_v3(const Operands& op, const void* x, const void* bias, void* out, int M,
+                                    cudaStream_t stream);
+
 // W (N, K) = deq(Q) + alpha * S, row-major in the activation dtype (the large-M path feeds it to cuBLAS).
 cudaError_t launch_dequant_merge(const Operands& op, void* w, cudaStream_t stream);
 
