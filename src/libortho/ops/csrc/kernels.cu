@@ -919,7 +919,8 @@ cudaError_t launch(const Operands& op, const void* x, const void* bias, void* ou
 //   FMAs; rows are summed with a segmented shuffle scan. Fixed partition and fixed summation order
 //   everywhere (warps, then cluster ranks through distributed shared memory): bitwise reproducible.
 // * Falls back to v1 when M > 16, or when a rank's slice (x in fp32, mostly) cannot fit kSmemBudget with
-//   <= 8 ranks (M = 16 at K > ~8700; any M whose slice needs a split where clusters are unavailable),
+//   <= 8 ranks (g128 with clusters: v1 above K = 6656 at M = 16, 9728 at M = 12, 15360 at M = 8, 32256
+//   at M = 4; without clusters M = 16 already above K ~ 832),
 //   or when the cluster launch fails while the split is needed for that fit.
 namespace v3 {
 
@@ -1087,7 +1088,8 @@ __device__ inline void ortho_part(float* Pw, int* rp, const Operands& op, const 
   }
 }
 
-// Occupancy floor (ptxas -v: no spills at INT4): 4 blocks/SM at M = 1 (64 registers), 3 to M = 4, 2 above.
+// Occupancy floor: 4 blocks/SM at M = 1 (64 registers), 3 to M = 4, 2 above (ptxas -v: no spills up to
+// M = 8; M = 16 at INT2/3/4 spills 4 bytes).
 template <typename T, int BITS, int MP>
 __global__ void __launch_bounds__(kThreads, MP == 1 ? 4 : MP <= 4 ? 3 : 2)
 gemv_v3_kernel(Operands op, const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ out, int M,
