@@ -164,7 +164,6 @@ def gptq_decompose(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: 
 
     n_ortho = ortho_count(density, W.numel()) if density > 0 else 0
     budget, fixed = _column_budget(W, perm, static, d, n_ortho, score, seed)
-    perm_cols = perm.tolist()  # host copies: no device sync inside the sweep
     # swept-order outputs, one contiguous row per column: codes (as floats), residual w - deq q
     # (the ortho values are read from it at the flagged entries) and the ortho flags
     QT = torch.empty(k, n, device=device)
@@ -174,7 +173,8 @@ def gptq_decompose(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: 
     if act_order and _use_static(device, sweep):
         _sweep_static(W, U, d, ST, ZT, perm // g, budget, QT, RT, MT, maxq, mode, block_size)
     else:
-        _sweep_eager(W, U, d, ST, ZT, perm_cols, budget.tolist(), QT, RT, MT, g, maxq, mode, block_size,
+        # host copies of the permutation and budgets: no device sync inside the sweep
+        _sweep_eager(W, U, d, ST, ZT, perm.tolist(), budget.tolist(), QT, RT, MT, g, maxq, mode, block_size,
                      act_order, bits, symmetric, scale_dtype, clip_search)
 
     inv = torch.argsort(perm)
@@ -218,29 +218,41 @@ def _sweep_eager(W, U, d, ST, ZT, perm_cols, budget, QT, RT, MT, g, maxq, mode, 
                 ST[grp] = s.float()
                 if z is not None:
                     ZT[grp] = z.float()
-            w, q, r, e, s, z = w_rows[i], q_rows[j], r_rows[j], e_rows[i], s_rows[grp], z_rows[grp]
-            torch.div(w, s, out=q)
-            q.round_().add_(z).clamp_(0, maxq)
-            torch.sub(q, z, out=deq).mul_(s)
-            torch.sub(w, deq, out=r)
-            torch.div(r, d_vals[j], out=e)
+            r, e = r_rows[j], e_rows[i]
+            _quantize_column(w_rows[i], s_rows[grp], z_rows[grp], d_vals[j], maxq, q_rows[j], r, e, deq)
             if budget[j]:
                 if mode == "fixed":
                     e.masked_fill_(m_rows[j], 0.0)
                 else:
-                    if mode == "magnitude":
-                        torch.abs(r, out=sal)
-                    else:
-                        torch.square(e, out=sal)
-                    top = torch.argsort(sal, descending=True, stable=True)[:budget[j]]
+                    top = torch.argsort(_saliency(mode, r, e, sal), descending=True, stable=True)[:budget[j]]
                     e.index_fill_(0, top, 0.0)
                     m_rows[j].index_fill_(0, top, True)
-            if i + 1 < B:
-                u = upd[: B - i - 1]
-                torch.mul(U1[i, i + 1:, None], e, out=u)
-                W1T[i + 1:].sub_(u)
+            _propagate(W1T, U1, e, i, upd)
         if i2 < k:
             W[:, i2:] -= E1T[:B].t().contiguous() @ U[i1:i2, i2:]
+
+
+def _quantize_column(w, s, z, d, maxq: int, q, r, e, deq) -> None:
+    """Codes q of column w on its group's grid (s, z), residual r = w - deq q, error e = r / d (in place)."""
+    torch.div(w, s, out=q)
+    q.round_().add_(z).clamp_(0, maxq)
+    torch.sub(q, z, out=deq).mul_(s)
+    torch.sub(w, deq, out=r)
+    torch.div(r, d, out=e)
+
+
+def _saliency(mode: str, r, e, sal):
+    """OBS saliency e^2 (hessian) or |r| (magnitude) of a column's entries, into sal."""
+    return torch.abs(r, out=sal) if mode == "magnitude" else torch.square(e, out=sal)
+
+
+def _propagate(WT, U1, e, i: int, upd) -> None:
+    """Feed column i's error forward onto the block's later columns (rows of WT)."""
+    B = WT.shape[0]
+    if i + 1 < B:
+        u = upd[: B - i - 1]
+        torch.mul(U1[i, i + 1:, None], e, out=u)
+        WT[i + 1:].sub_(u)
 
 
 def _use_static(device, sweep: str | None) -> bool:
@@ -297,27 +309,15 @@ class BlockSweep:
     def _body(self) -> None:
         B, deq, sal, keep = self.B, self._deq, self._sal, self._keep
         for i in range(B):
-            w, q, r, e, s, z, m = (self.W[i], self.Q[i], self.R[i], self.E[i], self.S[i], self.Z[i],
-                                   self.M[i])
-            torch.div(w, s, out=q)
-            q.round_().add_(z).clamp_(0, self.maxq)
-            torch.sub(q, z, out=deq).mul_(s)
-            torch.sub(w, deq, out=r)
-            torch.div(r, self.d[i], out=e)
+            r, e, m = self.R[i], self.E[i], self.M[i]
+            _quantize_column(self.W[i], self.S[i], self.Z[i], self.d[i], self.maxq, self.Q[i], r, e, deq)
             if self.mode in ("hessian", "magnitude"):
-                if self.mode == "magnitude":
-                    torch.abs(r, out=sal)
-                else:
-                    torch.square(e, out=sal)
-                order = torch.sort(sal, descending=True, stable=True).indices
+                order = torch.sort(_saliency(self.mode, r, e, sal), descending=True, stable=True).indices
                 torch.lt(self._ranks, self.budget[i], out=keep)
                 m.scatter_(0, order, keep)
             if self.mode != "none":
                 e.masked_fill_(m, 0.0)
-            if i + 1 < B:
-                u = self._upd[: B - i - 1]
-                torch.mul(self.U[i, i + 1:, None], e, out=u)
-                self.W[i + 1:].sub_(u)
+            _propagate(self.W, self.U, e, i, self._upd)
 
 
 _SWEEPS: dict = {}
@@ -345,9 +345,12 @@ def _sweep_static(W, U, d, ST, ZT, grp, budget, QT, RT, MT, maxq, mode, block_si
         sw.d.copy_(d[i1:i2])
         sw.U.copy_(U[i1:i2, i1:i2])
         sw.budget.copy_(budget[i1:i2])
-        sw.M.copy_(MT[i1:i2])
+        if mode == "fixed":  # the given mask is read; the sieves write their own picks
+            sw.M.copy_(MT[i1:i2])
         sw.run()
-        QT[i1:i2], RT[i1:i2], MT[i1:i2] = sw.Q, sw.R, sw.M
+        QT[i1:i2], RT[i1:i2] = sw.Q, sw.R
+        if mode in ("hessian", "magnitude"):
+            MT[i1:i2] = sw.M
         if i2 < k:
             W[:, i2:] -= sw.E.t().contiguous() @ U[i1:i2, i2:]
 
