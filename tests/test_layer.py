@@ -107,3 +107,38 @@ def test_dtype_follows_module_to():
     assert y.dtype == torch.bfloat16
     ref = x.double() @ layer.dense_weight().double().t() + layer.bias.double()
     assert _rel(y, ref) < 1e-2
+
+
+def _csr_parts(layer):
+    c = layer.ortho()
+    return c.row_ptr.clone(), c.col_idx.clone(), c.values.clone(), c.shape
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("swap", "strictly ascend"), ("duplicate", "strictly ascend"), ("range", "out of range"),
+    ("row_ptr", "row pointers"), ("count", "expected"),
+])
+def test_pack_rejects_invalid_ortho_csr(damage, match):
+    """The CUDA kernels walk each CSR row forward once and add entries without atomics: an unsorted,
+    duplicated or out-of-range entry must be refused when the layer is built, not silently dropped."""
+    from libortho import quant
+    from libortho.sieve import CSR
+    src = _layer(n=32, k=128, density=0.2)
+    rp, col, val, shape = _csr_parts(src)
+    row = int(torch.nonzero(rp.diff() >= 2)[0])
+    a = int(rp[row])
+    if damage == "swap":
+        col[a], col[a + 1] = col[a + 1].clone(), col[a].clone()
+    elif damage == "duplicate":
+        col[a + 1] = col[a]
+    elif damage == "range":
+        col[-1] = shape[1]
+    elif damage == "row_ptr":
+        rp[row + 1], rp[row] = rp[row].clone(), rp[row + 1].clone()
+    else:
+        val = val[:-1]
+    w = torch.randn(*shape)
+    codes, grid = quant.quantize(w, 4, 64, True)
+    with pytest.raises(ValueError, match=match):
+        OrthoLinear.pack(codes, grid, CSR(rp, col, val, shape))
+    OrthoLinear.pack(codes, grid, src.ortho())  # the undamaged CSR packs

@@ -150,6 +150,30 @@ def test_corrupted_weights(saved):
         libortho.load(path)
 
 
+def test_foreign_save_with_unsorted_ortho_columns(saved):
+    """A save whose checksums match but whose CSR columns are out of order (e.g. written by another tool)
+    is refused on load: the kernels assume ascending columns per row."""
+    import hashlib
+    import json
+    from safetensors.torch import load_file, save_file
+    _, path = saved
+    f = path / "model.safetensors"
+    tensors = load_file(f)
+    name = next(k for k, v in tensors.items() if k.endswith("col_idx") and v.numel() > 1)
+    rp = tensors[name.replace("col_idx", "row_ptr")]
+    row = int(torch.nonzero(rp.diff() >= 2)[0])
+    col = tensors[name].clone()
+    col[int(rp[row])], col[int(rp[row]) + 1] = col[int(rp[row]) + 1].clone(), col[int(rp[row])].clone()
+    tensors[name] = col
+    save_file(tensors, f)
+    manifest = json.loads((path / "libortho.json").read_text())
+    manifest["files"]["model.safetensors"] = {"bytes": f.stat().st_size,
+                                              "sha256": hashlib.sha256(f.read_bytes()).hexdigest()}
+    (path / "libortho.json").write_text(json.dumps(manifest))
+    with pytest.raises(libortho.SaveFormatError, match="strictly ascend"):
+        libortho.load(path)
+
+
 def test_corrupted_manifest(saved):
     _, path = saved
     (path / "libortho.json").write_text("{not json")

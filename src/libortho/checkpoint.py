@@ -28,6 +28,7 @@ from .compat import from_config
 from .errors import SaveFormatError
 from .layer import OrthoLinear
 from .model import META_ATTR, ortho_layers
+from .sieve import check_csr
 from .surgery import set_module
 
 FORMAT = "libortho"
@@ -174,6 +175,11 @@ def load(directory, device=None) -> nn.Module:
     if missing or unexpected:
         raise SaveFormatError(f"{d / WEIGHTS} does not match the manifest: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
+    for name, layer in ortho_layers(model):
+        try:
+            check_csr(layer.ortho())
+        except ValueError as e:
+            raise SaveFormatError(f"{d / WEIGHTS}: layer {name}: {e}") from None
     if manifest.get("config"):
         setattr(model, META_ATTR, {"config": OrthoConfig.from_dict(manifest["config"]).to_dict(),
                                    "calibration": manifest.get("calibration"),

@@ -8,7 +8,7 @@ from torch import nn
 
 from . import quant
 from .ops import check_inputs
-from .sieve import CSR, check_density, col_dtype_for, empty_csr, sieve
+from .sieve import CSR, check_csr, check_density, col_dtype_for, empty_csr, sieve
 
 _FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -60,6 +60,7 @@ class OrthoLinear(nn.Module):
         csr = csr or empty_csr((n, k), value_dtype=dtype, device=codes.device)
         if csr.shape != (n, k):
             raise ValueError(f"ortho CSR has shape {csr.shape}, expected {(n, k)}")
+        check_csr(csr)
         layer = cls(k, n, grid.bits, grid.group_size, grid.zeros is None, csr.nnz, bias is not None,
                     dtype=dtype, value_dtype=csr.values.dtype,
                     bias_dtype=None if bias is None else bias.dtype, device=codes.device)

@@ -99,6 +99,30 @@ class CSR:
         return dense
 
 
+def check_csr(csr: CSR) -> None:
+    """Raise ValueError unless ``csr`` is a valid CSR matrix of its shape whose columns strictly ascend
+    within each row: the CUDA kernels read every row through a forward-only cursor and add entries
+    without atomics, so an unsorted or duplicated entry would be dropped or raced, not reported."""
+    n, k = csr.shape
+    nnz = csr.values.numel()
+    if csr.row_ptr.numel() != n + 1 or csr.col_idx.numel() != nnz:
+        raise ValueError(f"ortho CSR of shape {(n, k)}: expected {n + 1} row pointers and one column per value, "
+                         f"got {csr.row_ptr.numel()} row pointers, {csr.col_idx.numel()} columns, {nnz} values")
+    rp = csr.row_ptr.long()
+    if rp[0].item() != 0 or rp[-1].item() != nnz or bool((rp[1:] < rp[:-1]).any()):
+        raise ValueError(f"ortho CSR row pointers must start at 0, never decrease and end at nnz={nnz}")
+    if nnz == 0:
+        return
+    col = csr.col_idx.long()
+    if col.min().item() < 0 or col.max().item() >= k:
+        raise ValueError(f"ortho CSR column index out of range [0, {k}): min {col.min().item()}, "
+                         f"max {col.max().item()}")
+    rows = torch.repeat_interleave(torch.arange(n, device=col.device), rp.diff(), output_size=nnz)
+    flat = rows * k + col
+    if bool((flat[1:] <= flat[:-1]).any()):
+        raise ValueError("ortho CSR columns must strictly ascend within each row (sorted, no duplicates)")
+
+
 def col_dtype_for(in_features: int) -> torch.dtype:
     return torch.int16 if in_features <= torch.iinfo(torch.int16).max else torch.int32
 
