@@ -7,7 +7,7 @@
   v1 for shapes whose x slice does not fit, see kernels.cu). ``LIBORTHO_DECODE_KERNEL=v1|v2|v3`` picks
   one (read at each call; default ``DEFAULT_DECODE_KERNEL``), :func:`set_decode_kernel` overrides it
   from Python.
-* M > 64 (prefill): dequantize the base and merge alpha * S into a bf16/fp16 weight, then cuBLAS.
+* M > 16 (prefill): one kernel dequantizes the base and merges alpha * S into a bf16/fp16 weight, then cuBLAS.
 
 The extension is built on first use with ``torch.utils.cpp_extension.load`` for the GPU present and
 cached in ``$LIBORTHO_BUILD_DIR`` (default ``~/.cache/libortho/build``). Set
@@ -29,7 +29,7 @@ from .registry import ortho_linear
 CSRC = Path(__file__).with_name("csrc")
 SMALL_M_MAX = 16  # measured: above this the dequantize + cuBLAS path is faster (see benchmarks)
 DECODE_KERNELS = ("v1", "v2", "v3")
-DEFAULT_DECODE_KERNEL = "v1"  # v3 is not yet measured on a GPU; switch once benchmarks/gpu_kernels.sh says so
+DEFAULT_DECODE_KERNEL = "v1"  # H200, 2026-11-29: v3 wins at M = 1 on 5 of 6 Llama shapes but loses 2-6x from M = 2 on
 _FUSED = {"v1": "fused_small_m", "v2": "fused_small_m_v2", "v3": "fused_small_m_v3"}
 _state = {"ext": None, "error": None, "warned": set(), "decode": None}
 

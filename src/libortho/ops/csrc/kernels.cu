@@ -3,6 +3,8 @@
 // one 16x64 tile as 32*BITS consecutive words; lane l's words hold exactly the A-operand fragments of
 // four mma.m16n8k16 steps, so the weights go from one wide load to tensor-core registers with no
 // shared-memory round trip. The activations are the B operand (the "swap AB" trick for small M).
+#include <algorithm>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cooperative_groups.h>
@@ -357,57 +359,105 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   }
 }
 
-// One warp per 16x64 tile: decode to shared memory, then write 16 rows of 64 values coalesced.
+// Large-M path: W (N, K) = deq(Q) + alpha * S in the activation dtype, for cuBLAS. A block owns a strip of
+// 16 rows and a range of K tiles; its 8 warps decode 8 consecutive 16x64 tiles into shared memory, add
+// the ortho entries that fall in those 512 columns there, then write the tiles out in 16-byte stores, so
+// W is written exactly once. The columns of a CSR row ascend (checked when a layer is packed or loaded),
+// so each row keeps a cursor that only moves forward: every entry is read once per block.
+__device__ inline int col_at(const Operands& op, int e) {
+  return op.col16 ? static_cast<int>(static_cast<const int16_t*>(op.col_idx)[e]) : static_cast<const int32_t*>(op.col_idx)[e];
+}
+
+// The first entry in [lo, hi) of an ascending CSR row whose column is >= c (hi if none).
+__device__ inline int first_col_at_least(const Operands& op, int lo, int hi, int c) {
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (col_at(op, mid) < c) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
 template <typename T, int BITS>
-__global__ void __launch_bounds__(kWarps * 32) dequant_kernel(Operands op, T* __restrict__ wout) {
-  __shared__ T tile[kWarps][16][64 + 2];
+__global__ void __launch_bounds__(kWarps * 32) dequant_merge_kernel(Operands op, T* __restrict__ wout,
+                                                                    int tiles_per_block) {
+  constexpr int kPitch = 64 + 8;  // keeps rows 16-byte aligned; pairs written by a warp hit 32 banks
+  __shared__ __align__(16) T tile[kWarps][16][kPitch];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, tig = lane & 3;
   const int K = op.K, N = op.N, G = (K + op.group_size - 1) / op.group_size, Tk = (K + 63) >> 6;
-  const int tn = blockIdx.y, kt = blockIdx.x * kWarps + warp;
-  if (kt < Tk) {
-    uint32_t w[BITS];
-    load_words<BITS>(w, op.qweight + (static_cast<size_t>(tn) * Tk + kt) * 32 * BITS + lane * BITS);
-    const T* sc = static_cast<const T*>(op.scales) + static_cast<size_t>(tn) * G * 16;
-    const T* zp = op.zeros ? static_cast<const T*>(op.zeros) + static_cast<size_t>(tn) * G * 16 : nullptr;
-    const float zdef = static_cast<float>(1 << (BITS - 1));
+  const int tn = blockIdx.y, kt_begin = blockIdx.x * tiles_per_block, kt_end = min(Tk, kt_begin + tiles_per_block);
+  const bool ortho = op.alpha != 0.f && op.nnz > 0;
+  const bool vec = (K & 7) == 0;  // 16-byte stores need 8-element aligned rows
+  const int32_t* qstrip = op.qweight + static_cast<size_t>(tn) * Tk * 32 * BITS + lane * BITS;
+  const T* sc = static_cast<const T*>(op.scales) + static_cast<size_t>(tn) * G * 16;
+  const T* zp = op.zeros ? static_cast<const T*>(op.zeros) + static_cast<size_t>(tn) * G * 16 : nullptr;
+  const float zdef = static_cast<float>(1 << (BITS - 1));
+  __shared__ int cursor[16];  // per row: the first CSR entry not yet merged
+  if (ortho && threadIdx.x < 16) {
+    const int n = tn * 16 + threadIdx.x;
+    if (n < N) cursor[threadIdx.x] = first_col_at_least(op, op.row_ptr[n], op.row_ptr[n + 1], kt_begin * 64);
+  }
+  uint32_t w[BITS];
+  if (kt_begin + warp < kt_end) load_words<BITS>(w, qstrip + static_cast<size_t>(kt_begin + warp) * 32 * BITS);
+  for (int base = kt_begin; base < kt_end; base += kWarps) {
+    const int kt = base + warp;
+    if (kt < kt_end) {
 #pragma unroll
-    for (int step = 0; step < 4; ++step) {
-      const int kk = kt * 64 + step * 16;
-      const int grp = min(kk, K - 1) / op.group_size;
-      const float z_lo = zp ? Num<T>::f(zp[grp * 16 + g]) : zdef, z_hi = zp ? Num<T>::f(zp[grp * 16 + g + 8]) : zdef;
-      uint32_t a[4];
-      dequant_step<T, BITS>(a, w, step, row_params<T, BITS>(sc[grp * 16 + g], sc[grp * 16 + g + 8], z_lo, z_hi));
+      for (int step = 0; step < 4; ++step) {
+        const int grp = min(kt * 64 + step * 16, K - 1) / op.group_size;
+        const float z_lo = zp ? Num<T>::f(zp[grp * 16 + g]) : zdef, z_hi = zp ? Num<T>::f(zp[grp * 16 + g + 8]) : zdef;
+        uint32_t a[4];
+        dequant_step<T, BITS>(a, w, step, row_params<T, BITS>(sc[grp * 16 + g], sc[grp * 16 + g + 8], z_lo, z_hi));
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = g + 8 * (i & 1), c = step * 16 + 2 * tig + 8 * (i >> 1);
-        *reinterpret_cast<uint32_t*>(&tile[warp][r][c]) = a[i];
+        for (int i = 0; i < 4; ++i)
+          *reinterpret_cast<uint32_t*>(&tile[warp][g + 8 * (i & 1)][step * 16 + 2 * tig + 8 * (i >> 1)]) = a[i];
       }
+      if (kt + kWarps < kt_end) load_words<BITS>(w, qstrip + static_cast<size_t>(kt + kWarps) * 32 * BITS);
     }
-    __syncwarp();
-    for (int r = 0; r < 16; ++r) {
-      const int n = tn * 16 + r, k = kt * 64 + 2 * lane;
-      if (n < N && k < K)
-        *reinterpret_cast<uint32_t*>(wout + static_cast<size_t>(n) * K + k) =
-            *reinterpret_cast<const uint32_t*>(&tile[warp][r][2 * lane]);
+    if (ortho) {
+      __syncthreads();
+      const int c_hi = min(K, min(kt_end, base + kWarps) * 64);
+      for (int rr = warp; rr < 16; rr += kWarps) {
+        const int n = tn * 16 + rr;
+        if (n >= N) break;
+        const int end = op.row_ptr[n + 1];
+        int e0 = cursor[rr];
+        while (e0 < end) {  // entries below c_hi form a prefix of what is left of the row
+          const int e = e0 + lane;
+          const int c = e < end ? col_at(op, e) : K;
+          const bool mine = c < c_hi;
+          if (mine) {
+            T& t = tile[(c >> 6) - base][rr][c & 63];
+            t = Num<T>::from(Num<T>::f(t) + op.alpha * Num<T>::f(static_cast<const T*>(op.values)[e]));
+          }
+          const int taken = __popc(__ballot_sync(0xffffffffu, mine));
+          e0 += taken;
+          if (taken < 32) break;
+        }
+        if (lane == 0) cursor[rr] = e0;
+      }
+      __syncthreads();
+    }
+    if (kt < kt_end) {
+      if (vec) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {  // 16 rows x 8 vectors of 8 values
+          const int v = i * 32 + lane, r = v >> 3, n = tn * 16 + r, k = kt * 64 + (v & 7) * 8;
+          if (n < N && k < K)
+            *reinterpret_cast<uint4*>(wout + static_cast<size_t>(n) * K + k) =
+                *reinterpret_cast<const uint4*>(&tile[warp][r][(v & 7) * 8]);
+        }
+      } else {
+        for (int r = 0; r < 16; ++r) {
+          const int n = tn * 16 + r, k = kt * 64 + 2 * lane;
+          if (n < N && k < K)
+            *reinterpret_cast<uint32_t*>(wout + static_cast<size_t>(n) * K + k) =
+                *reinterpret_cast<const uint32_t*>(&tile[warp][r][2 * lane]);
+        }
+      }
+      __syncwarp();  // the next chunk overwrites this warp's tile
     }
   }
-}
-
-// W[r, c] += alpha * S[r, c]: one thread per entry (entries are unique, so no races).
-template <typename T>
-__global__ void merge_ortho_kernel(Operands op, T* __restrict__ wout) {
-  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= op.nnz) return;
-  int lo = 0, hi = op.N;  // largest r with row_ptr[r] <= e
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) >> 1;
-    if (op.row_ptr[mid] <= e) lo = mid; else hi = mid;
-  }
-  const int c = op.col16 ? static_cast<int>(static_cast<const int16_t*>(op.col_idx)[e])
-                         : static_cast<const int32_t*>(op.col_idx)[e];
-  T* p = wout + static_cast<size_t>(lo) * op.K + c;
-  *p = Num<T>::from(Num<T>::f(*p) + op.alpha * Num<T>::f(static_cast<const T*>(op.values)[e]));
 }
 
 template <typename T, int BITS>
@@ -438,20 +488,19 @@ cudaError_t fused_dispatch(const Operands& op, const void* x, const void* bias, 
 
 template <typename T>
 cudaError_t dequant_dispatch(const Operands& op, void* w, cudaStream_t s) {
-  const int Tk = (op.K + 63) / 64;
-  const dim3 grid((Tk + kWarps - 1) / kWarps, (op.N + 15) / 16), block(kWarps * 32);
+  // Whole rows per block when there are enough 16-row strips, else K split so ~512 blocks fill the SMs.
+  const int Tk = (op.K + 63) / 64, strips = (op.N + 15) / 16;
+  const int want = static_cast<int>((static_cast<int64_t>(Tk) * strips + 511) / 512);
+  const int tpb = std::min(Tk, std::max(kWarps, (want + kWarps - 1) / kWarps * kWarps));
+  const dim3 grid((Tk + tpb - 1) / tpb, strips), block(kWarps * 32);
   T* wp = static_cast<T*>(w);
   switch (op.bits) {
-    case 2: dequant_kernel<T, 2><<<grid, block, 0, s>>>(op, wp); break;
-    case 3: dequant_kernel<T, 3><<<grid, block, 0, s>>>(op, wp); break;
-    case 4: dequant_kernel<T, 4><<<grid, block, 0, s>>>(op, wp); break;
-    case 8: dequant_kernel<T, 8><<<grid, block, 0, s>>>(op, wp); break;
+    case 2: dequant_merge_kernel<T, 2><<<grid, block, 0, s>>>(op, wp, tpb); break;
+    case 3: dequant_merge_kernel<T, 3><<<grid, block, 0, s>>>(op, wp, tpb); break;
+    case 4: dequant_merge_kernel<T, 4><<<grid, block, 0, s>>>(op, wp, tpb); break;
+    case 8: dequant_merge_kernel<T, 8><<<grid, block, 0, s>>>(op, wp, tpb); break;
     default: return cudaErrorInvalidValue;
   }
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess || op.alpha == 0.f || op.nnz == 0) return err;
-  const int threads = 256;
-  merge_ortho_kernel<T><<<static_cast<unsigned>((op.nnz + threads - 1) / threads), threads, 0, s>>>(op, wp);
   return cudaGetLastError();
 }
 
