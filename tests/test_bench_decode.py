@@ -239,3 +239,21 @@ def test_cuda_graph_of_reference_backend_captures():
         e = bd.StaticDecoder(model, 1, 10, 8, mode="eager").generate(ids)
         g = bd.StaticDecoder(model, 1, 10, 8, mode="graph").generate(ids)
     assert torch.equal(e, g)
+
+
+def test_teacher_forced_check_aligns_with_greedy_and_restores_layers(one_thread):
+    model = _decomposed()
+    prompt = _prompts(1, 7)
+    toks = bd.compare_greedy(model, prompt, 6, "eager")["tokens_dispatch"]
+    seq = torch.cat([prompt, torch.tensor([toks])], 1)
+    logits = bd.teacher_forced_logits(model, seq, prompt.shape[1])
+    # step i's logits predict token i of the greedy run: the positions line up
+    assert logits.shape[0] == 6 and logits.argmax(-1).tolist() == toks
+    tf = bd.compare_teacher_forced(model, prompt, toks)
+    assert tf["steps"] == 6 and tf["cuda"]["max_abs_logit_diff"] == 0.0  # CPU: dispatch is the reference op
+    assert tf["dense_bf16"]["max_abs_logit_diff"] < 1e-4 * tf["max_abs_logit"]  # fp32 model: same math
+    from libortho.model import ortho_layers
+    assert all("forward" not in m.__dict__ for _, m in ortho_layers(model))
+    # in bf16 the dense control rounds W and the matmul to bf16, the reference op does not: a small gap
+    tf16 = bd.compare_teacher_forced(model.to(torch.bfloat16), prompt, toks)
+    assert 0.0 < tf16["dense_bf16"]["max_abs_logit_diff"] < 0.1 * tf16["max_abs_logit"]

@@ -627,6 +627,54 @@ def compare_greedy(model, ids: torch.Tensor, n: int, mode: str, eager_cap: int =
     return out
 
 
+@contextlib.contextmanager
+def dense_bf16_linears(model):
+    """Every OrthoLinear runs as a plain ``F.linear`` with the dense weight deq(Q) + alpha * S rounded to
+    the activation dtype: what any correct bf16 implementation of the same layer may compute. Its distance
+    from the fp32 reference op is the bf16 noise floor that the CUDA kernels are judged against."""
+    from ..model import ortho_layers
+    layers = ortho_layers(model)
+    for _, m in layers:
+        w, b = m.dense_weight(), m.bias  # fp32; rounded to the activation dtype at each call
+        m.forward = lambda x, w=w, b=b: nn.functional.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+    try:
+        yield
+    finally:
+        for _, m in layers:
+            del m.forward
+
+
+def teacher_forced_logits(model, seq: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Logits (steps, vocab) in fp32 of ``seq`` (1, T): the prompt in one forward (the large-M path), then one
+    token per forward (the decode kernels), eager with a dynamic cache; every variant sees the same tokens."""
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    out = [model(input_ids=seq[:, :prompt_len], past_key_values=cache, use_cache=True).logits[:, -1]]
+    for t in range(prompt_len, seq.shape[1] - 1):
+        out.append(model(input_ids=seq[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1])
+    return torch.cat(out).float()
+
+
+def compare_teacher_forced(model, prompt: torch.Tensor, tokens: list[int]) -> dict:
+    """The CUDA op (default dispatch) and a dense bf16 F.linear, each against the fp32 reference op, on the
+    same token sequence (prompt + ``tokens``): max and mean |logit difference| and top-1 agreement per step.
+    The CUDA op agrees "to the bf16 level" when its distance is of the size of the dense bf16 one."""
+    seq = torch.cat([prompt[:1], torch.tensor([tokens], device=prompt.device, dtype=prompt.dtype)], 1)
+    p = prompt.shape[1]
+    with backend("reference"):
+        ref = teacher_forced_logits(model, seq, p)
+    with backend(None):
+        cuda = teacher_forced_logits(model, seq, p)
+    with dense_bf16_linears(model):
+        dense = teacher_forced_logits(model, seq, p)
+    out = {"steps": ref.shape[0], "max_abs_logit": ref.abs().max().item()}
+    for key, y in (("cuda", cuda), ("dense_bf16", dense)):
+        d = (y - ref).abs()
+        out[key] = {"max_abs_logit_diff": d.max().item(), "mean_abs_logit_diff": d.mean().item(),
+                    "top1_agreement": (y.argmax(-1) == ref.argmax(-1)).float().mean().item()}
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # The benchmark
 # ------------------------------------------------------------------------------------------------
@@ -741,6 +789,14 @@ def bench_model(name: str, args, device) -> tuple[list[dict], dict]:
                         print(f"  identical={c['identical']} first_divergence={c['first_divergence']} "
                               f"max|dlogit| up to it={c['max_abs_logit_diff']:.4f} (bf16 half-ulp at the max "
                               f"logit {c['bf16_half_ulp_at_max_logit']:.4f})", flush=True)
+                        tf = compare_teacher_forced(model, prompts[:1].to(device), c["tokens_dispatch"])
+                        c["teacher_forced"] = tf
+                        print(f"  teacher-forced over {tf['steps']} steps vs the fp32 reference op: CUDA op "
+                              f"max|dlogit| {tf['cuda']['max_abs_logit_diff']:.4f} mean "
+                              f"{tf['cuda']['mean_abs_logit_diff']:.4f} top-1 {tf['cuda']['top1_agreement']:.3f}; "
+                              f"dense bf16 F.linear max {tf['dense_bf16']['max_abs_logit_diff']:.4f} mean "
+                              f"{tf['dense_bf16']['mean_abs_logit_diff']:.4f} top-1 "
+                              f"{tf['dense_bf16']['top1_agreement']:.3f}", flush=True)
                     except Exception as e:  # noqa: BLE001
                         if args.strict:
                             raise
@@ -831,6 +887,15 @@ def summary(result: dict) -> str:
                          f"{c['reference_mode']}): identical={c['identical']}, first divergence "
                          f"{c['first_divergence']}, max |logit diff| up to it {c['max_abs_logit_diff']:.4f} "
                          f"(max |logit| {c['max_abs_logit']:.2f}, bf16 half-ulp there {c['bf16_half_ulp_at_max_logit']:.4f})")
+            tf = c.get("teacher_forced")
+            if tf:
+                lines.append(f"Teacher-forced on the CUDA op's {tf['steps']} greedy steps, each against the fp32 "
+                             f"reference op: CUDA op max |logit diff| {tf['cuda']['max_abs_logit_diff']:.4f}, mean "
+                             f"{tf['cuda']['mean_abs_logit_diff']:.4f}, top-1 agreement "
+                             f"{tf['cuda']['top1_agreement']:.3f}; dense bf16 F.linear (the bf16 level) max "
+                             f"{tf['dense_bf16']['max_abs_logit_diff']:.4f}, mean "
+                             f"{tf['dense_bf16']['mean_abs_logit_diff']:.4f}, top-1 "
+                             f"{tf['dense_bf16']['top1_agreement']:.3f}")
         if info.get("errors"):
             lines.append(f"\nErrors {name}: {info['errors']}")
     return "\n".join(lines)
