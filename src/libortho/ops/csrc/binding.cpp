@@ -63,10 +63,13 @@ bool operands(libortho::Operands& op, const at::Tensor& ref, const at::Tensor& q
 
 using Launch = cudaError_t (*)(const libortho::Operands&, const void*, const void*, void*, int, cudaStream_t);
 
-Result fused(Launch launch, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                     const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                     const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
-                     int64_t group_size, int64_t N, int64_t K) {
+// One binding for the three small-M kernels; the launcher is a template argument so that each variant
+// is a plain function for pybind.
+template <Launch launch>
+Result fused(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+             const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+             const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
+             int64_t group_size, int64_t N, int64_t K) {
   const at::Tensor none = at::empty({0}, x.options());
   if (!x.is_cuda() || x.dim() != 2 || x.size(1) != K || !x.is_contiguous())
     return {none, kBadArgs};
@@ -79,34 +82,9 @@ Result fused(Launch launch, const at::Tensor& x, const at::Tensor& qweight, cons
     return {none, kBadArgs};
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({M, N}, x.options());
-  const cudaError_t err = launch(op, x.data_ptr(), bias ? bias->data_ptr() : nullptr,
-                                                        out.data_ptr(), static_cast<int>(M),
-                                                        c10::cuda::getCurrentCUDAStream().stream());
+  const cudaError_t err = launch(op, x.data_ptr(), bias ? bias->data_ptr() : nullptr, out.data_ptr(),
+                                 static_cast<int>(M), c10::cuda::getCurrentCUDAStream().stream());
   return {out, static_cast<int64_t>(err)};
-}
-
-Result fused_small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                     const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                     const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
-                     int64_t group_size, int64_t N, int64_t K) {
-  return fused(&libortho::launch_fused_small_m, x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha,
-               bits, group_size, N, K);
-}
-
-Result fused_small_m_v2(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                        const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                        const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
-                        int64_t group_size, int64_t N, int64_t K) {
-  return fused(&libortho::launch_fused_small_m_v2, x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha,
-               bits, group_size, N, K);
-}
-
-Result fused_small_m_v3(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                        const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                        const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
-                        int64_t group_size, int64_t N, int64_t K) {
-  return fused(&libortho::launch_fused_small_m_v3, x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha,
-               bits, group_size, N, K);
 }
 
 Result dequant_merge(const at::Tensor& like, const at::Tensor& qweight, const at::Tensor& scales,
@@ -124,8 +102,8 @@ Result dequant_merge(const at::Tensor& like, const at::Tensor& qweight, const at
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("fused_small_m", &fused_small_m, "(x @ deq(Q)^T + alpha x @ S^T + bias, error code), 1 <= M <= 64");
-  m.def("fused_small_m_v2", &fused_small_m_v2, "the same by the v2 decode kernel (LIBORTHO_DECODE_KERNEL=v2)");
-  m.def("fused_small_m_v3", &fused_small_m_v3, "the same by the v3 decode kernel (LIBORTHO_DECODE_KERNEL=v3)");
+  m.def("fused_small_m", &fused<&libortho::launch_fused_small_m>, "(x @ deq(Q)^T + alpha x @ S^T + bias, error code), 1 <= M <= 64");
+  m.def("fused_small_m_v2", &fused<&libortho::launch_fused_small_m_v2>, "the same by the v2 decode kernel (LIBORTHO_DECODE_KERNEL=v2)");
+  m.def("fused_small_m_v3", &fused<&libortho::launch_fused_small_m_v3>, "the same by the v3 decode kernel (LIBORTHO_DECODE_KERNEL=v3)");
   m.def("dequant_merge", &dequant_merge, "(W = deq(Q) + alpha S as a dense matrix, error code)");
 }

@@ -4,6 +4,7 @@
 // four mma.m16n8k16 steps, so the weights go from one wide load to tensor-core registers with no
 // shared-memory round trip. The activations are the B operand (the "swap AB" trick for small M).
 #include <algorithm>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -17,6 +18,19 @@ namespace {
 namespace cg = cooperative_groups;
 
 constexpr int kWarps = 8;       // warps per block, each sweeping its share of the K tiles
+
+// f(std::integral_constant<int, BITS>{}) for the supported widths: the one place that maps the runtime
+// bit width to the kernels' template argument.
+template <typename F>
+cudaError_t with_bits(int bits, F&& f) {
+  switch (bits) {
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+    default: return cudaErrorInvalidValue;
+  }
+}
 
 template <typename T> struct Num;
 template <> struct Num<__nv_bfloat16> {
@@ -477,13 +491,7 @@ cudaError_t fused_dispatch_nt(const Operands& op, const void* x, const void* bia
 template <typename T>
 cudaError_t fused_dispatch(const Operands& op, const void* x, const void* bias, void* out, int M,
                            cudaStream_t s) {
-  switch (op.bits) {
-    case 2: return fused_dispatch_nt<T, 2>(op, x, bias, out, M, s);
-    case 3: return fused_dispatch_nt<T, 3>(op, x, bias, out, M, s);
-    case 4: return fused_dispatch_nt<T, 4>(op, x, bias, out, M, s);
-    case 8: return fused_dispatch_nt<T, 8>(op, x, bias, out, M, s);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_bits(op.bits, [&](auto b) { return fused_dispatch_nt<T, decltype(b)::value>(op, x, bias, out, M, s); });
 }
 
 template <typename T>
@@ -494,14 +502,10 @@ cudaError_t dequant_dispatch(const Operands& op, void* w, cudaStream_t s) {
   const int tpb = std::min(Tk, std::max(kWarps, (want + kWarps - 1) / kWarps * kWarps));
   const dim3 grid((Tk + tpb - 1) / tpb, strips), block(kWarps * 32);
   T* wp = static_cast<T*>(w);
-  switch (op.bits) {
-    case 2: dequant_merge_kernel<T, 2><<<grid, block, 0, s>>>(op, wp, tpb); break;
-    case 3: dequant_merge_kernel<T, 3><<<grid, block, 0, s>>>(op, wp, tpb); break;
-    case 4: dequant_merge_kernel<T, 4><<<grid, block, 0, s>>>(op, wp, tpb); break;
-    case 8: dequant_merge_kernel<T, 8><<<grid, block, 0, s>>>(op, wp, tpb); break;
-    default: return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
+  return with_bits(op.bits, [&](auto b) {
+    dequant_merge_kernel<T, decltype(b)::value><<<grid, block, 0, s>>>(op, wp, tpb);
+    return cudaGetLastError();
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -928,13 +932,7 @@ cudaError_t launch_bits(const Operands& op, const void* x, const void* bias, voi
 
 template <typename T>
 cudaError_t launch(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
-  switch (op.bits) {
-    case 2: return launch_bits<T, 2>(op, x, bias, out, M, s);
-    case 3: return launch_bits<T, 3>(op, x, bias, out, M, s);
-    case 4: return launch_bits<T, 4>(op, x, bias, out, M, s);
-    case 8: return launch_bits<T, 8>(op, x, bias, out, M, s);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_bits(op.bits, [&](auto b) { return launch_bits<T, decltype(b)::value>(op, x, bias, out, M, s); });
 }
 
 }  // namespace v2
@@ -1338,13 +1336,7 @@ cudaError_t launch_bits(const Operands& op, const void* x, const void* bias, voi
 
 template <typename T>
 cudaError_t launch(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
-  switch (op.bits) {
-    case 2: return launch_bits<T, 2>(op, x, bias, out, M, s);
-    case 3: return launch_bits<T, 3>(op, x, bias, out, M, s);
-    case 4: return launch_bits<T, 4>(op, x, bias, out, M, s);
-    case 8: return launch_bits<T, 8>(op, x, bias, out, M, s);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_bits(op.bits, [&](auto b) { return launch_bits<T, decltype(b)::value>(op, x, bias, out, M, s); });
 }
 
 }  // namespace v3
