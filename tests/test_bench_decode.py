@@ -257,3 +257,17 @@ def test_teacher_forced_check_aligns_with_greedy_and_restores_layers(one_thread)
     # in bf16 the dense control rounds W and the matmul to bf16, the reference op does not: a small gap
     tf16 = bd.compare_teacher_forced(model.to(torch.bfloat16), prompt, toks)
     assert 0.0 < tf16["dense_bf16"]["max_abs_logit_diff"] < 0.1 * tf16["max_abs_logit"]
+
+
+def test_a_failed_measurement_is_recorded_and_the_bench_goes_on(capsys):
+    info = {"errors": {}}
+    with bd._keep_going(info, "alpha1/b8", "batch 8", False, torch.device("cpu")):
+        raise RuntimeError("out of memory")
+    assert info["errors"] == {"alpha1/b8": "RuntimeError: out of memory"}
+    assert "batch 8: FAILED RuntimeError: out of memory" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="boom"):
+        with bd._keep_going(info, "x", "x", True, torch.device("cpu")):
+            raise RuntimeError("boom")
+    with bd._keep_going(info, "ok", "ok", False, torch.device("cpu")):
+        pass
+    assert "ok" not in info["errors"]

@@ -711,6 +711,20 @@ def card_name(device) -> str:
     return "cpu"
 
 
+@contextlib.contextmanager
+def _keep_going(info: dict, key: str, what: str, strict: bool, device):
+    """Run the body; a failure is recorded in ``info["errors"][key]`` and printed, and the benchmark goes on
+    with the next measurement (``--strict`` re-raises instead)."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001
+        if strict:
+            raise
+        info["errors"][key] = f"{type(e).__name__}: {e}"
+        print(f"  {what}: FAILED {type(e).__name__}: {e}", flush=True)
+        _free(device)
+
+
 def bench_model(name: str, args, device) -> tuple[list[dict], dict]:
     from ..config import OrthoConfig
     from ..model import ortho_layers, report, set_alpha
@@ -730,30 +744,18 @@ def bench_model(name: str, args, device) -> tuple[list[dict], dict]:
     def run_variant(v):
         print(f"[{name}] {LABELS[v]}", flush=True)
         for b in args.batches:
-            try:
+            with _keep_going(info, f"{v}/b{b}", f"batch {b}", args.strict, device):
                 r = measure_decode(model, prompts[:b], args.new_tokens, mode, args.reps, args.warmup,
                                    progress, desc=f"{name} {v} b={b}")
                 results[v][b] = r
                 print(f"  batch {b}: {r['tok_s']:9.1f} tok/s  {r['ms_per_token']:7.3f} ms/token  "
                       f"prefill({args.prompt_len}) {r['prefill_prompt_ms']:.2f} ms  peak "
                       f"{_gib(r['peak_mem_bytes'])}  (prepare {r['prepare_s']:.1f} s)", flush=True)
-            except Exception as e:  # noqa: BLE001
-                if args.strict:
-                    raise
-                info["errors"][f"{v}/b{b}"] = f"{type(e).__name__}: {e}"
-                print(f"  batch {b}: FAILED {type(e).__name__}: {e}", flush=True)
-                _free(device)
         if prefill_ids is not None:
-            try:
+            with _keep_going(info, f"{v}/prefill", "prefill", args.strict, device):
                 prefill[v] = measure_prefill(model, prefill_ids, args.reps, args.warmup)
                 print(f"  prefill {args.prefill_len}: {prefill[v]['ms']:.2f} ms  peak "
                       f"{_gib(prefill[v]['peak_mem_bytes'])}", flush=True)
-            except Exception as e:  # noqa: BLE001
-                if args.strict:
-                    raise
-                info["errors"][f"{v}/prefill"] = f"{type(e).__name__}: {e}"
-                print(f"  prefill: FAILED {type(e).__name__}: {e}", flush=True)
-                _free(device)
 
     with torch.no_grad():
         if "bf16" in args.variants:
@@ -783,7 +785,7 @@ def bench_model(name: str, args, device) -> tuple[list[dict], dict]:
                 run_variant(v)
                 if name == "smollm2" and check_n:
                     print(f"[{name}] greedy check at alpha={a:g}: default dispatch vs reference op", flush=True)
-                    try:
+                    with _keep_going(info, f"{v}/greedy_check", "greedy check", args.strict, device):
                         c = compare_greedy(model, prompts[:1].to(device), check_n, mode)
                         info.setdefault("greedy_check", {})[v] = c
                         print(f"  identical={c['identical']} first_divergence={c['first_divergence']} "
@@ -797,14 +799,9 @@ def bench_model(name: str, args, device) -> tuple[list[dict], dict]:
                               f"dense bf16 F.linear max {tf['dense_bf16']['max_abs_logit_diff']:.4f} mean "
                               f"{tf['dense_bf16']['mean_abs_logit_diff']:.4f} top-1 "
                               f"{tf['dense_bf16']['top1_agreement']:.3f}", flush=True)
-                    except Exception as e:  # noqa: BLE001
-                        if args.strict:
-                            raise
-                        info["errors"][f"{v}/greedy_check"] = f"{type(e).__name__}: {e}"
-                        print(f"  greedy check FAILED {type(e).__name__}: {e}", flush=True)
             set_alpha(model, 1.0)
         if "int4" in args.variants:
-            try:
+            with _keep_going(info, "int4", f"[{name}] torch int4", args.strict, device):
                 info["int4_convert_s"] = bank.install(
                     lambda w, b: Int4WeightOnlyLinear.from_weight(w, b, args.group_size),
                     f"{name}: torch int4", progress)
@@ -812,11 +809,6 @@ def bench_model(name: str, args, device) -> tuple[list[dict], dict]:
                 info["int4_group_sizes"] = gs
                 weight_bytes["int4"] = target_bytes(model)
                 run_variant("int4")
-            except Exception as e:  # noqa: BLE001
-                if args.strict:
-                    raise
-                info["errors"]["int4"] = f"{type(e).__name__}: {e}"
-                print(f"[{name}] torch int4 unavailable: {type(e).__name__}: {e}", flush=True)
         bank.clear()
     info["weight_bytes"] = weight_bytes
     info["prefill"] = {"tokens": args.prefill_len, **{f"{v}_ms": p["ms"] for v, p in prefill.items()},
