@@ -1,9 +1,17 @@
-# Hardware-counter profile of the fused kernel (M = 1, 4096x4096, 1 % ortho) with ncu, on the GPU machine.
-# LIBORTHO_DECODE_KERNEL=v1|v2|v3 picks the variant profiled.
-export PYTHONPATH=$PWD/src LIBORTHO_BUILD_DIR=$PWD/.torch_extensions
-OUT=${OUT:-/tmp/out}
-python3 benchmarks/check_errors.py 2>&1 | tail -3
+# Hardware-counter profile at M = 1 (1 % ortho) with ncu, on the GPU machine: the LibOrtho decode kernels
+# (v1 and v3, alpha 0 and 1), torch's int4 kernel and bf16 F.linear, for 4096x4096 and 11008x4096.
+# Usage: OUT=/tmp/out bash benchmarks/ncu_profile.sh   (prints the key lines; full reports in $OUT/ncu-*.txt)
+export PYTHONPATH=$PWD/src:${PYTHONPATH:-} LIBORTHO_BUILD_DIR=${LIBORTHO_BUILD_DIR:-$PWD/.torch_extensions}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-$NCU --clock-control none -k regex:'fused_small_m|decode_kernel|gemv_v3' --launch-skip 2 --launch-count 2 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section SchedulerStats python3 benchmarks/ncu_case.py 0.01 > $OUT/ncu.txt 2>&1
-grep -E "Duration|Memory Throughput|DRAM Throughput|Achieved Occupancy|Warp Cycles Per Issued|Stall|Registers|Theoretical Occ|Eligible|Issued Warp|alpha|==PROF==" $OUT/ncu.txt | head -60
-python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_cuda.py 2>&1 | tail -5
+python3 -c "from libortho.ops import cuda; print('build ok' if cuda.build() else cuda._state['error'])"
+for shape in "4096 4096" "11008 4096"; do
+  for v in v1 v3; do
+    f="$OUT/ncu-${v}-${shape// /x}.txt"
+    LIBORTHO_DECODE_KERNEL=$v $NCU --clock-control none --launch-skip 0 --launch-count 40 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+      --section LaunchStats python3 benchmarks/ncu_case.py 0.01 $shape > "$f" 2>&1
+    echo "== $v $shape"
+    grep -E "^  [A-Za-z_].*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Waves Per SM|Warp Cycles Per Issued|Stall Long Scoreboard|Grid Size" "$f" | head -80
+  done
+done
