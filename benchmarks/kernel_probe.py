@@ -5,7 +5,8 @@ through weight copies beyond 4x L2, median per call), it times:
 
 * ``floor``: a one-element kernel, the cost of one graph node (launch, ramp, drain) with no bytes;
 * ``read``: ``torch.sum`` over the packed INT4 weight, how fast a stock reduction streams those bytes;
-* ``bf16`` (``F.linear``), torch's int4 kernel, and LibOrtho base-only for each decode kernel.
+* ``bf16`` (``F.linear``), torch's int4 kernel, and LibOrtho base-only for each decode kernel (and v1
+  with programmatic dependent launch, ``LIBORTHO_PDL=1``).
 
 and reports each one's time above the floor and its bandwidth over its bytes there, next to the copy
 bandwidth. A kernel whose time above the floor is far from bytes / copy bandwidth is short of bytes in
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -54,7 +56,13 @@ def probe_shape(n: int, k: int, replays: int, variants: tuple) -> dict:
             cuda_ops.set_decode_kernel(v)
             t[f"libortho_{v}"] = time_rotating([_layer_call(b, x, 0.0) for b in bases], replays, calls)
             nbytes[f"libortho_{v}"] = _layer_bytes(base, 0)
+        if "v1" in variants:  # the same with programmatic dependent launch (LIBORTHO_PDL=1)
+            cuda_ops.set_decode_kernel("v1")
+            os.environ["LIBORTHO_PDL"] = "1"
+            t["libortho_v1_pdl"] = time_rotating([_layer_call(b, x, 0.0) for b in bases], replays, calls)
+            nbytes["libortho_v1_pdl"] = _layer_bytes(base, 0)
     finally:
+        os.environ.pop("LIBORTHO_PDL", None)
         cuda_ops.set_decode_kernel(None)
     return {"N": n, "K": k, "M": 1, "us": t, "bytes": nbytes}
 

@@ -206,7 +206,7 @@ def test_v3_binding_above_16_rows_runs_v1(m):
     x = torch.randn(m, 576, generator=gen, device="cuda").to(torch.bfloat16)
     ext = cuda_backend.extension()
     args = (x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values, layer.bias, 1.0,
-            4, 128, 256, 576)
+            4, 128, 256, 576, False)
     assert torch.equal(cuda_backend._checked(ext.fused_small_m_v3(*args)), cuda_backend._checked(ext.fused_small_m(*args)))
 
 
@@ -226,6 +226,48 @@ def test_decode_kernel_switch(monkeypatch):
         cuda_backend.set_decode_kernel("v9")
 
 
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_pdl_chain_matches_plain_launches(m, monkeypatch):
+    """With LIBORTHO_PDL=1 a v1 launch may start while the previous kernel drains. In a chain where each layer
+    reads the previous output (directly, and through an ordinary elementwise kernel) the bits must equal
+    plain launches, eagerly and replayed from a CUDA graph."""
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    layers = [make_layer(512, 512, 4, 128, True, 0.01, torch.bfloat16, gen, bias=(i % 2 == 0)) for i in range(6)]
+    x = torch.randn(m, 512, generator=gen, device="cuda").to(torch.bfloat16)
+
+    def chain():
+        y = x
+        for i, layer in enumerate(layers):
+            y = layer(y)
+            if i % 3 == 2:
+                y = y * 0.01  # an ordinary kernel between two fused ones
+        return y
+
+    cuda_backend.set_decode_kernel("v1")
+    try:
+        monkeypatch.setenv("LIBORTHO_PDL", "0")
+        plain = chain()
+        monkeypatch.setenv("LIBORTHO_PDL", "1")
+        assert cuda_backend.pdl_enabled()
+        poison_allocator()
+        assert torch.equal(chain(), plain)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            chain()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = chain()
+        for _ in range(3):
+            out.fill_(float("nan"))
+            g.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, plain)
+    finally:
+        cuda_backend.set_decode_kernel(None)
+
+
 def test_bad_calls_raise_python_errors():
     gen = torch.Generator(device="cuda").manual_seed(3)
     layer = make_layer(64, 128, 4, 128, True, 0.01, torch.bfloat16, gen)
@@ -233,16 +275,17 @@ def test_bad_calls_raise_python_errors():
     with pytest.raises(RuntimeError, match="invalid arguments"):
         cuda_backend._checked(ext.fused_small_m(torch.randn(65, 128, device="cuda", dtype=torch.bfloat16),
                                               layer.qweight, layer.scales, None, layer.row_ptr, layer.col_idx,
-                                              layer.values, None, 1.0, 4, 128, 64, 128))
+                                              layer.values, None, 1.0, 4, 128, 64, 128, False))
     with pytest.raises(RuntimeError, match="invalid arguments"):
         cuda_backend._checked(ext.fused_small_m(torch.randn(1, 128, device="cuda", dtype=torch.bfloat16),
                                               layer.qweight[:, :, :64].contiguous(), layer.scales, None,
-                                              layer.row_ptr, layer.col_idx, layer.values, None, 1.0, 4, 128, 64, 128))
+                                              layer.row_ptr, layer.col_idx, layer.values, None, 1.0, 4, 128, 64, 128,
+                                              False))
     for fused in (ext.fused_small_m, ext.fused_small_m_v2, ext.fused_small_m_v3):
         with pytest.raises(RuntimeError, match="invalid arguments"):
             cuda_backend._checked(fused(torch.randn(65, 128, device="cuda", dtype=torch.bfloat16), layer.qweight,
                                         layer.scales, None, layer.row_ptr, layer.col_idx, layer.values, None, 1.0, 4,
-                                        128, 64, 128))
+                                        128, 64, 128, False))
     with pytest.raises(RuntimeError, match="invalid arguments"):
         cuda_backend._checked(ext.dequant_merge(torch.randn(2, 128, device="cuda"), layer.qweight, layer.scales, None, layer.row_ptr,
                               layer.col_idx, layer.values, 1.0, 4, 128, 64, 128))

@@ -42,6 +42,13 @@ def decode_kernel() -> str:
     return v
 
 
+def pdl_enabled() -> bool:
+    """$LIBORTHO_PDL=1: the v1 decode kernel is launched with programmatic dependent launch (Hopper), so it
+    can start streaming its weights into L2 while the previous kernel drains (kernels.cu). Off by default
+    until benchmarks/kernel_probe.py and the kernel bench show it helps."""
+    return os.environ.get("LIBORTHO_PDL") == "1"
+
+
 def set_decode_kernel(variant: str | None) -> None:
     """Force the small-M kernel variant ('v1', 'v2' or 'v3'); None goes back to $LIBORTHO_DECODE_KERNEL."""
     if variant is not None and variant not in DECODE_KERNELS:
@@ -138,7 +145,7 @@ def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
     if m <= SMALL_M_MAX:
         fused = getattr(_state["ext"], _FUSED[decode_kernel()])
         y = _checked(fused(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
-                           out_features, in_features), "fused kernel")
+                           out_features, in_features, pdl_enabled()), "fused kernel")
     else:
         w = _checked(_state["ext"].dequant_merge(x2, qweight, scales, zeros, row_ptr, col_idx, values, alpha,
                                                  bits, group_size, out_features, in_features), "dequant kernel")

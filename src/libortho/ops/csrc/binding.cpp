@@ -69,7 +69,7 @@ template <Launch launch>
 Result fused(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
              const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
              const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
-             int64_t group_size, int64_t N, int64_t K) {
+             int64_t group_size, int64_t N, int64_t K, bool pdl) {
   const at::Tensor none = at::empty({0}, x.options());
   if (!x.is_cuda() || x.dim() != 2 || x.size(1) != K || !x.is_contiguous())
     return {none, kBadArgs};
@@ -80,6 +80,7 @@ Result fused(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& s
     return {none, kBadArgs};
   if (bias && (bias->scalar_type() != x.scalar_type() || bias->numel() != N || !bias->is_contiguous()))
     return {none, kBadArgs};
+  op.pdl = pdl;
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty({M, N}, x.options());
   const cudaError_t err = launch(op, x.data_ptr(), bias ? bias->data_ptr() : nullptr, out.data_ptr(),
@@ -102,7 +103,7 @@ Result dequant_merge(const at::Tensor& like, const at::Tensor& qweight, const at
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("fused_small_m", &fused<&libortho::launch_fused_small_m>, "(x @ deq(Q)^T + alpha x @ S^T + bias, error code), 1 <= M <= 64");
+  m.def("fused_small_m", &fused<&libortho::launch_fused_small_m>, "(x @ deq(Q)^T + alpha x @ S^T + bias, error code), 1 <= M <= 64; last argument: PDL (v1)");
   m.def("fused_small_m_v2", &fused<&libortho::launch_fused_small_m_v2>, "the same by the v2 decode kernel (LIBORTHO_DECODE_KERNEL=v2)");
   m.def("fused_small_m_v3", &fused<&libortho::launch_fused_small_m_v3>, "the same by the v3 decode kernel (LIBORTHO_DECODE_KERNEL=v3)");
   m.def("dequant_merge", &dequant_merge, "(W = deq(Q) + alpha S as a dense matrix, error code)");

@@ -32,6 +32,21 @@ cudaError_t with_bits(int bits, F&& f) {
   }
 }
 
+// Programmatic dependent launch (Hopper; LIBORTHO_PDL=1, v1 only, off by default). A kernel launched with
+// it may start while the previous kernel in the stream drains. Before griddepcontrol.wait it only issues
+// L2 prefetches of its own weight strip (hints: no value read before the wait is ever used, so results
+// cannot depend on the overlap); it triggers its own dependents right after the wait. Without PDL, or
+// before sm_90, both instructions are no-ops.
+__device__ inline void pdl_prologue(const void* strip, int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const char* p = static_cast<const char*>(strip);
+  for (int off = threadIdx.x * 128; off < bytes; off += blockDim.x * 128)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p + off));
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
 template <typename T> struct Num;
 template <> struct Num<__nv_bfloat16> {
   using T2 = __nv_bfloat162;
@@ -264,6 +279,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   const T* sc = static_cast<const T*>(op.scales) + static_cast<size_t>(tn) * G * 16;
   const T* zp = static_cast<const T*>(op.zeros);
   if (zp) zp += static_cast<size_t>(tn) * G * 16;
+  if (op.pdl) pdl_prologue(op.qweight + static_cast<size_t>(tn) * Tk * 32 * BITS, Tk * 32 * BITS * 4);
 
   // The ortho stream (skipped entirely when alpha == 0, the kill switch). The tile's entries are
   // flattened and cut into equal contiguous runs, one per thread, whatever the row lengths (a dense
@@ -481,11 +497,22 @@ cudaError_t fused_dispatch_nt(const Operands& op, const void* x, const void* bia
   auto xp = static_cast<const T*>(x);
   auto bp = static_cast<const T*>(bias);
   auto op_ = static_cast<T*>(out);
-  if (M <= 8) fused_small_m_kernel<T, BITS, 1><<<grid, block, 0, s>>>(op, xp, bp, op_, M);
-  else if (M <= 16) fused_small_m_kernel<T, BITS, 2><<<grid, block, 0, s>>>(op, xp, bp, op_, M);
-  else if (M <= 32) fused_small_m_kernel<T, BITS, 4><<<grid, block, 0, s>>>(op, xp, bp, op_, M);
-  else fused_small_m_kernel<T, BITS, 8><<<grid, block, 0, s>>>(op, xp, bp, op_, M);
-  return cudaGetLastError();
+  auto kernel = M <= 8 ? fused_small_m_kernel<T, BITS, 1> : M <= 16 ? fused_small_m_kernel<T, BITS, 2>
+               : M <= 32 ? fused_small_m_kernel<T, BITS, 4> : fused_small_m_kernel<T, BITS, 8>;
+  if (!op.pdl) {
+    kernel<<<grid, block, 0, s>>>(op, xp, bp, op_, M);
+    return cudaGetLastError();
+  }
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.stream = s;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, op, xp, bp, op_, M);
 }
 
 template <typename T>

@@ -17,6 +17,7 @@ struct Operands {
   float alpha;             // alpha == 0: the ortho arrays are never read
   int bits, group_size, N, K;
   bool bf16;               // activation dtype: bf16 (true) or fp16
+  bool pdl;                // v1 only: programmatic dependent launch (sm_90+), see kernels.cu
 };
 
 // out (M, N) = x (M, K) @ deq(Q)^T + alpha * x @ S^T + bias, for 1 <= M <= 64.
