@@ -393,10 +393,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
 // 16 rows and a range of K tiles; its 8 warps decode 8 consecutive 16x64 tiles into shared memory, add
 // the ortho entries that fall in those 512 columns there, then write the tiles out in 16-byte stores, so
 // W is written exactly once. The columns of a CSR row ascend (checked when a layer is packed or loaded),
-// so each row keeps a cursor that only moves forward: every entry is read once per block. Row r is always
-// merged by warp r % 8, which keeps its cursor in registers and loads the next 32 entries of the row as
-// soon as a merge ends, so those loads wait behind the write-out and the next dequantization instead of
-// between the two barriers.
+// so each row keeps a cursor that only moves forward: every entry is read once per block.
 __device__ inline int col_at(const Operands& op, int e) {
   return op.col16 ? static_cast<int>(static_cast<const int16_t*>(op.col_idx)[e]) : static_cast<const int32_t*>(op.col_idx)[e];
 }
@@ -410,15 +407,8 @@ __device__ inline int first_col_at_least(const Operands& op, int lo, int hi, int
   return lo;
 }
 
-// Column and value of CSR entry e of a row ending at `end` (column K and value 0 past it).
-template <typename T>
-__device__ inline void load_entry(const Operands& op, int e, int end, int K, int& c, float& v) {
-  c = e < end ? col_at(op, e) : K;
-  v = e < end ? Num<T>::f(static_cast<const T*>(op.values)[e]) : 0.f;
-}
-
 template <typename T, int BITS>
-__global__ void __launch_bounds__(kWarps * 32, BITS == 8 ? 4 : 6) dequant_merge_kernel(Operands op, T* __restrict__ wout,
+__global__ void __launch_bounds__(kWarps * 32) dequant_merge_kernel(Operands op, T* __restrict__ wout,
                                                                     int tiles_per_block) {
   constexpr int kPitch = 64 + 8;  // keeps rows 16-byte aligned; pairs written by a warp hit 32 banks
   __shared__ __align__(16) T tile[kWarps][16][kPitch];
@@ -432,19 +422,10 @@ __global__ void __launch_bounds__(kWarps * 32, BITS == 8 ? 4 : 6) dequant_merge_
   const T* sc = static_cast<const T*>(op.scales) + static_cast<size_t>(tn) * G * 16;
   const T* zp = op.zeros ? static_cast<const T*>(op.zeros) + static_cast<size_t>(tn) * G * 16 : nullptr;
   const float zdef = static_cast<float>(1 << (BITS - 1));
-  // This warp's rows warp and warp + 8: cursor (first entry not merged), row end, and the entry at
-  // cursor + lane (column K: none) with its value, loaded ahead.
-  int cur[2] = {0, 0}, end[2] = {0, 0}, pc[2] = {K, K};
-  float pv[2] = {0.f, 0.f};
-  if (ortho) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int n = tn * 16 + warp + 8 * j;
-      if (n >= N) continue;
-      end[j] = op.row_ptr[n + 1];
-      cur[j] = first_col_at_least(op, op.row_ptr[n], end[j], kt_begin * 64);
-      load_entry<T>(op, cur[j] + lane, end[j], K, pc[j], pv[j]);
-    }
+  __shared__ int cursor[16];  // per row: the first CSR entry not yet merged
+  if (ortho && threadIdx.x < 16) {
+    const int n = tn * 16 + threadIdx.x;
+    if (n < N) cursor[threadIdx.x] = first_col_at_least(op, op.row_ptr[n], op.row_ptr[n + 1], kt_begin * 64);
   }
   uint32_t w[BITS];
   if (kt_begin + warp < kt_end) load_words<BITS>(w, qstrip + static_cast<size_t>(kt_begin + warp) * 32 * BITS);
@@ -466,20 +447,24 @@ __global__ void __launch_bounds__(kWarps * 32, BITS == 8 ? 4 : 6) dequant_merge_
     if (ortho) {
       __syncthreads();
       const int c_hi = min(K, min(kt_end, base + kWarps) * 64);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int rr = warp + 8 * j;
-        while (true) {  // entries below c_hi form a prefix of what is left of the row
-          const bool mine = pc[j] < c_hi;
+      for (int rr = warp; rr < 16; rr += kWarps) {
+        const int n = tn * 16 + rr;
+        if (n >= N) break;
+        const int end = op.row_ptr[n + 1];
+        int e0 = cursor[rr];
+        while (e0 < end) {  // entries below c_hi form a prefix of what is left of the row
+          const int e = e0 + lane;
+          const int c = e < end ? col_at(op, e) : K;
+          const bool mine = c < c_hi;
           if (mine) {
-            T& t = tile[(pc[j] >> 6) - base][rr][pc[j] & 63];
-            t = Num<T>::from(Num<T>::f(t) + op.alpha * pv[j]);
+            T& t = tile[(c >> 6) - base][rr][c & 63];
+            t = Num<T>::from(Num<T>::f(t) + op.alpha * Num<T>::f(static_cast<const T*>(op.values)[e]));
           }
           const int taken = __popc(__ballot_sync(0xffffffffu, mine));
-          cur[j] += taken;
-          load_entry<T>(op, cur[j] + lane, end[j], K, pc[j], pv[j]);  // the next 32: now, or next chunk
+          e0 += taken;
           if (taken < 32) break;
         }
+        if (lane == 0) cursor[rr] = e0;
       }
       __syncthreads();
     }
