@@ -936,7 +936,7 @@ def plot_alpha(results: dict, s: dict, path: Path) -> None:
     axes[1].set(xlabel="alpha", ylabel="mean exposure (bits)", title="exposure vs alpha")
     axes[1].axhline(math.log2(10 ** s["digits"]), color="grey", lw=0.5)
     axes[1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"privacy: {s['model']}, {s['n_canaries']} canaries, seeds {s['seeds']} "
+    fig.suptitle(f"privacy: {s['model']}, {s['n_canaries']} member canaries per seed, seeds {s['seeds']} "
                  "(dashed: conditions without alpha)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
