@@ -78,6 +78,13 @@ def select_topk(score: torch.Tensor, k: int, prefer: torch.Tensor | None = None)
     return torch.sort(order[:k]).values
 
 
+def entry_rows(row_ptr: torch.Tensor, nnz: int) -> torch.Tensor:
+    """The row of each of the nnz CSR entries. ``output_size`` avoids a device-to-host read of the counts,
+    so this is CUDA-graph capturable."""
+    return torch.repeat_interleave(torch.arange(row_ptr.numel() - 1, device=row_ptr.device),
+                                   (row_ptr[1:] - row_ptr[:-1]).long(), output_size=nnz)
+
+
 @dataclass
 class CSR:
     """Sparse (N, K) matrix: int32 row pointers, int16/int32 columns, fp16/bf16 values."""
@@ -92,10 +99,8 @@ class CSR:
 
     def to_dense(self, dtype=torch.float32) -> torch.Tensor:
         n, k = self.shape
-        rows = torch.repeat_interleave(torch.arange(n, device=self.values.device),
-                                       (self.row_ptr[1:] - self.row_ptr[:-1]).long())
         dense = torch.zeros(n, k, dtype=dtype, device=self.values.device)
-        dense[rows, self.col_idx.long()] = self.values.to(dtype)
+        dense[entry_rows(self.row_ptr, self.nnz), self.col_idx.long()] = self.values.to(dtype)
         return dense
 
 
@@ -117,8 +122,7 @@ def check_csr(csr: CSR) -> None:
     if col.min().item() < 0 or col.max().item() >= k:
         raise ValueError(f"ortho CSR column index out of range [0, {k}): min {col.min().item()}, "
                          f"max {col.max().item()}")
-    rows = torch.repeat_interleave(torch.arange(n, device=col.device), rp.diff(), output_size=nnz)
-    flat = rows * k + col
+    flat = entry_rows(rp, nnz) * k + col
     if bool((flat[1:] <= flat[:-1]).any()):
         raise ValueError("ortho CSR columns must strictly ascend within each row (sorted, no duplicates)")
 

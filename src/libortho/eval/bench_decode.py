@@ -634,9 +634,10 @@ def dense_bf16_linears(model):
     from the fp32 reference op is the bf16 noise floor that the CUDA kernels are judged against."""
     from ..model import ortho_layers
     layers = ortho_layers(model)
+    dt = model.get_input_embeddings().weight.dtype  # the activation dtype
     for _, m in layers:
-        w, b = m.dense_weight(), m.bias  # fp32; rounded to the activation dtype at each call
-        m.forward = lambda x, w=w, b=b: nn.functional.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
+        w, b = m.dense_weight().to(dt), None if m.bias is None else m.bias.to(dt)
+        m.forward = lambda x, w=w, b=b: nn.functional.linear(x, w, b)
     try:
         yield
     finally:

@@ -9,16 +9,14 @@ from __future__ import annotations
 import torch
 
 from ..quant import dequantize_packed
+from ..sieve import entry_rows
 
 
 def scatter_csr(w: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
                 alpha: float) -> torch.Tensor:
     """w (N, K) fp32 += alpha * S for the CSR matrix S, in place; returns w."""
     if values.numel():
-        # output_size: no device-to-host read of the repeat counts (no sync, CUDA-graph capturable)
-        rows = torch.repeat_interleave(torch.arange(w.shape[0], device=w.device),
-                                       (row_ptr[1:] - row_ptr[:-1]).long(), output_size=values.numel())
-        w.index_put_((rows, col_idx.long()), alpha * values.float(), accumulate=True)
+        w.index_put_((entry_rows(row_ptr, values.numel()), col_idx.long()), alpha * values.float(), accumulate=True)
     return w
 
 
