@@ -52,6 +52,7 @@ def probe_shape(n: int, k: int, replays: int, variants: tuple) -> dict:
         t["torch_int4"] = time_rotating([lambda p=p: torch.ops.aten._weight_int4pack_mm(x, p, 128, int4[1])
                                          for p in packs], replays, calls)
     try:
+        os.environ["LIBORTHO_PDL"] = "0"  # plain launches, whatever the caller's environment
         for v in variants:
             cuda_ops.set_decode_kernel(v)
             t[f"libortho_{v}"] = time_rotating([_layer_call(b, x, 0.0) for b in bases], replays, calls)

@@ -937,6 +937,9 @@ def run(args):
                 "prefill_len": args.prefill_len, "reps": args.reps, "warmup": args.warmup, "mode": mode,
                 "density": args.density, "score": args.score, "group_size": args.group_size,
                 "variants": args.variants, "method": __doc__.strip()}
+    if device.type == "cuda":
+        from ..ops import cuda as cuda_ops
+        protocol["decode_kernel"], protocol["pdl"] = cuda_ops.decode_kernel(), cuda_ops.pdl_enabled()
     result = {"card": card_name(device) if device.type == "cuda" else env["device"], "torch": torch.__version__,
               "cuda": torch.version.cuda, "transformers": env["transformers"], "date": env["date"],
               "command": env["command"], "protocol": protocol, "rows": [], "models": {}}

@@ -43,9 +43,11 @@ def decode_kernel() -> str:
 
 
 def pdl_enabled() -> bool:
-    """$LIBORTHO_PDL=1: the v1 decode kernel is launched with programmatic dependent launch (Hopper), so it
-    can start streaming its weights into L2 while the previous kernel drains (kernels.cu). Off by default
-    until benchmarks/kernel_probe.py and the kernel bench show it helps."""
+    """$LIBORTHO_PDL=1: the v1 decode kernel is launched with programmatic dependent launch (Hopper), so its
+    blocks can prefetch their weight strip into L2 while the previous kernel drains (kernels.cu). Off by
+    default: on the H200 it saved 0.4-0.7 us per call on the two smallest Llama shapes at M = 1 but cost
+    up to 0.6 us on 4096x11008 (benchmarks/results/probe-H200.json), and the 7B-shape decode did not gain
+    (155 vs 158 tok/s at alpha 0, batch 1; benchmarks/results/decode-H200-pdl.json)."""
     return os.environ.get("LIBORTHO_PDL") == "1"
 
 
