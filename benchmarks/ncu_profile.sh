@@ -8,9 +8,12 @@ python3 -c "from libortho.ops import cuda; print('build ok' if cuda.build() else
 for shape in "4096 4096" "11008 4096"; do
   for v in v1 v3; do
     f="$OUT/ncu-${v}-${shape// /x}.txt"
-    LIBORTHO_DECODE_KERNEL=$v $NCU --clock-control none --launch-skip 0 --launch-count 40 \
-      --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
-      --section LaunchStats python3 benchmarks/ncu_case.py 0.01 $shape > "$f" 2>&1
+    # only the products (the layer's packing and sieve run kernels too): 3 calls each of alpha 0, alpha 1,
+    # torch's int4 kernel and bf16 F.linear
+    LIBORTHO_DECODE_KERNEL=$v $NCU --clock-control none -k regex:"fused_small_m|gemv_v3|tinygemm|gemv|gemm" \
+      --launch-count 12 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+      --section WarpStateStats --section LaunchStats --section SchedulerStats \
+      python3 benchmarks/ncu_case.py 0.01 $shape > "$f" 2>&1
     echo "== $v $shape"
     grep -E "^  [A-Za-z_].*\(|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Waves Per SM|Warp Cycles Per Issued|Stall Long Scoreboard|Grid Size" "$f" | head -80
   done
