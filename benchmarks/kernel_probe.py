@@ -51,6 +51,7 @@ def probe_shape(n: int, k: int, replays: int, variants: tuple) -> dict:
         packs = [int4[0]] + [int4[0].clone() for _ in range(nq - 1)]
         t["torch_int4"] = time_rotating([lambda p=p: torch.ops.aten._weight_int4pack_mm(x, p, 128, int4[1])
                                          for p in packs], replays, calls)
+    caller_pdl = os.environ.get("LIBORTHO_PDL")
     try:
         os.environ["LIBORTHO_PDL"] = "0"  # plain launches, whatever the caller's environment
         for v in variants:
@@ -63,7 +64,10 @@ def probe_shape(n: int, k: int, replays: int, variants: tuple) -> dict:
             t["libortho_v1_pdl"] = time_rotating([_layer_call(b, x, 0.0) for b in bases], replays, calls)
             nbytes["libortho_v1_pdl"] = _layer_bytes(base, 0)
     finally:
-        os.environ.pop("LIBORTHO_PDL", None)
+        if caller_pdl is None:
+            os.environ.pop("LIBORTHO_PDL", None)
+        else:
+            os.environ["LIBORTHO_PDL"] = caller_pdl
         cuda_ops.set_decode_kernel(None)
     return {"N": n, "K": k, "M": 1, "us": t, "bytes": nbytes}
 
