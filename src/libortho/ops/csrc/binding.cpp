@@ -88,6 +88,27 @@ Result fused(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& s
   return {out, static_cast<int64_t>(err)};
 }
 
+// v1 with tuning configuration `cfg` (benchmarks/probes/v1_configs.py).
+Result fused_cfg(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                 const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                 const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
+                 int64_t group_size, int64_t N, int64_t K, int64_t cfg) {
+  const at::Tensor none = at::empty({0}, x.options());
+  if (!x.is_cuda() || x.dim() != 2 || x.size(1) != K || !x.is_contiguous() || x.size(0) < 1 || x.size(0) > 8)
+    return {none, kBadArgs};
+  libortho::Operands op{};
+  if (!operands(op, x, qweight, scales, zeros, row_ptr, col_idx, values, alpha, bits, group_size, N, K))
+    return {none, kBadArgs};
+  if (bias && (bias->scalar_type() != x.scalar_type() || bias->numel() != N || !bias->is_contiguous()))
+    return {none, kBadArgs};
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = at::empty({x.size(0), N}, x.options());
+  const cudaError_t err = libortho::launch_fused_small_m_cfg(op, x.data_ptr(), bias ? bias->data_ptr() : nullptr,
+                                                             out.data_ptr(), static_cast<int>(x.size(0)),
+                                                             static_cast<int>(cfg), c10::cuda::getCurrentCUDAStream().stream());
+  return {out, static_cast<int64_t>(err)};
+}
+
 Result dequant_merge(const at::Tensor& like, const at::Tensor& qweight, const at::Tensor& scales,
                      const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                      const at::Tensor& values, double alpha, int64_t bits, int64_t group_size, int64_t N, int64_t K) {
@@ -106,5 +127,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_small_m", &fused<&libortho::launch_fused_small_m>, "(x @ deq(Q)^T + alpha x @ S^T + bias, error code), 1 <= M <= 64; last argument: PDL (v1)");
   m.def("fused_small_m_v2", &fused<&libortho::launch_fused_small_m_v2>, "the same by the v2 decode kernel (LIBORTHO_DECODE_KERNEL=v2)");
   m.def("fused_small_m_v3", &fused<&libortho::launch_fused_small_m_v3>, "the same by the v3 decode kernel (LIBORTHO_DECODE_KERNEL=v3)");
+  m.def("fused_small_m_cfg", &fused_cfg, "v1 with a tuning configuration (INT4, M <= 8; benchmarks/probes/v1_configs.py)");
   m.def("dequant_merge", &dequant_merge, "(W = deq(Q) + alpha S as a dense matrix, error code)");
 }

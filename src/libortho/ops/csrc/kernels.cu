@@ -258,13 +258,23 @@ __device__ inline void compute_chunk(float (&acc)[NT][4], const Chunk<T, BITS, N
   }
 }
 
-template <typename T, int BITS, int NT>
-__global__ void __launch_bounds__(kWarps * 32, 2)
+// Tuning knobs of the v1 kernel (benchmarks/probes/v1_configs.py times alternatives): K tiles per chunk
+// (two chunks in flight), whether x fragments are fetched with the chunk, and the occupancy floor.
+template <int kU_, bool kPrefetchX_, int kMinBlocks_>
+struct V1Cfg {
+  static constexpr int kU = kU_;
+  static constexpr bool kPrefetchX = kPrefetchX_;
+  static constexpr int kMinBlocks = kMinBlocks_;
+};
+template <int NT> using V1Default = V1Cfg<NT == 1 ? 2 : 1, NT <= 2, 2>;
+
+template <typename T, int BITS, int NT, class Cfg = V1Default<NT>>
+__global__ void __launch_bounds__(kWarps * 32, Cfg::kMinBlocks)
 fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ out,
                      int M) {
   constexpr int MT = NT * 8;                 // batch columns handled (padded)
-  constexpr bool kPrefetchX = NT <= 2;       // activation fragments travel with the chunk
-  constexpr int kU = NT == 1 ? 2 : 1;        // K tiles per chunk; two chunks in flight (double buffer)
+  constexpr bool kPrefetchX = Cfg::kPrefetchX;  // activation fragments travel with the chunk
+  constexpr int kU = Cfg::kU;                // K tiles per chunk; two chunks in flight (double buffer)
   constexpr int kPre = 4;                    // ortho entries per thread fetched before the main loop
   __shared__ float red[kWarps][16][MT + 1];
   __shared__ float orth[16][MT + 1];
@@ -513,6 +523,30 @@ cudaError_t fused_dispatch_nt(const Operands& op, const void* x, const void* bia
   cfg.attrs = &attr;
   cfg.numAttrs = 1;
   return cudaLaunchKernelEx(&cfg, kernel, op, xp, bp, op_, M);
+}
+
+// The v1 configurations the tuning probe times (M <= 8, INT4): index -> V1Cfg.
+template <typename T>
+cudaError_t fused_cfg_dispatch(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
+                               cudaStream_t s) {
+  if (op.bits != 4 || M > 8) return cudaErrorInvalidValue;
+  auto go = [&](auto kernel) {
+    kernel<<<dim3((op.N + 15) / 16), dim3(kWarps * 32), 0, s>>>(op, static_cast<const T*>(x), static_cast<const T*>(bias),
+                                                              static_cast<T*>(out), M);
+    return cudaGetLastError();
+  };
+  switch (cfg) {
+    case 0: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<2, true, 2>>);   // the default
+    case 1: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 2>>);
+    case 2: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<4, true, 2>>);
+    case 3: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<2, false, 2>>);
+    case 4: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<4, false, 2>>);
+    case 5: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 3>>);
+    case 6: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<2, false, 3>>);
+    case 7: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<1, false, 4>>);
+    case 8: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<2, true, 3>>);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 template <typename T>
@@ -1375,6 +1409,13 @@ cudaError_t launch_fused_small_m(const Operands& op, const void* x, const void* 
   if (M < 1 || M > 64 || op.K % 2 != 0) return cudaErrorInvalidValue;
   return op.bf16 ? fused_dispatch<__nv_bfloat16>(op, x, bias, out, M, stream)
                  : fused_dispatch<__half>(op, x, bias, out, M, stream);
+}
+
+cudaError_t launch_fused_small_m_cfg(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
+                                     cudaStream_t stream) {
+  if (M < 1 || op.K % 2 != 0) return cudaErrorInvalidValue;
+  return op.bf16 ? fused_cfg_dispatch<__nv_bfloat16>(op, x, bias, out, M, cfg, stream)
+                 : fused_cfg_dispatch<__half>(op, x, bias, out, M, cfg, stream);
 }
 
 cudaError_t launch_fused_small_m_v2(const Operands& op, const void* x, const void* bias, void* out, int M,

@@ -24,6 +24,10 @@ struct Operands {
 cudaError_t launch_fused_small_m(const Operands& op, const void* x, const void* bias, void* out, int M,
                                  cudaStream_t stream);
 
+// The same product by one of the v1 tuning configurations (INT4, M <= 8; see fused_cfg_dispatch).
+cudaError_t launch_fused_small_m_cfg(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
+                                     cudaStream_t stream);
+
 // The same product by the v2 decode kernel (cp.async stages, cluster split-K on sm_90, nnz-balanced ortho
 // rows); a misaligned buffer falls back to launch_fused_small_m.
 cudaError_t launch_fused_small_m_v2(const Operands& op, const void* x, const void* bias, void* out, int M,

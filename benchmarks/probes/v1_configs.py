@@ -1,0 +1,83 @@
+"""Tuning probe of the v1 decode kernel (GPU machine): each configuration of kernels.cu's fused_cfg_dispatch
+(K tiles per chunk, x fragments fetched with the chunk or not, occupancy floor) checked against a float64
+reference and timed at M = 1, 4, 8 in the kernel bench's harness (CUDA graph of back-to-back calls over
+weight copies beyond 4x L2, median per call), next to bf16 F.linear and torch's int4 kernel.
+
+    PYTHONPATH=src python benchmarks/probes/v1_configs.py     # writes benchmarks/results/v1-configs-<card>.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from libortho.eval.bench_kernels import _clone_layer, _copies, _layer_bytes, _ortho_layer, _torch_int4, card_name, time_rotating
+from libortho.ops import cuda as cuda_ops
+
+CONFIGS = ["kU2 pfx min2 (default)", "kU1 pfx min2", "kU4 pfx min2", "kU2 nopfx min2", "kU4 nopfx min2",
+           "kU1 pfx min3", "kU2 nopfx min3", "kU1 nopfx min4", "kU2 pfx min3"]
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (1024, 4096)]
+
+
+def call(ext, layer, x, alpha, cfg):
+    return cuda_ops._checked(ext.fused_small_m_cfg(x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr,
+                                                   layer.col_idx, layer.values, None, alpha, 4, layer.group_size,
+                                                   layer.out_features, layer.in_features, cfg), f"config {cfg}")
+
+
+def rel_err(layer, x, alpha, y) -> float:
+    w = layer.base_weight().double()
+    if alpha and layer.ortho_nnz:
+        w = w + alpha * layer.ortho().to_dense().double()
+    ref = x.double() @ w.t()
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--m", type=int, nargs="*", default=[1, 4, 8])
+    ap.add_argument("--replays", type=int, default=15)
+    args = ap.parse_args()
+    assert cuda_ops.build(), cuda_ops._state["error"]
+    ext = cuda_ops.extension()
+    rows = []
+    for n, k in SHAPES:
+        w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
+        base = _ortho_layer(w, 4, 128, 0.01)
+        nq, nw = _copies(_layer_bytes(base, 1.0)), _copies(n * k * 2)
+        layers = [base] + [_clone_layer(base) for _ in range(nq - 1)]
+        ws = [w] + [w.clone() for _ in range(nw - 1)]
+        calls = max(2 * nq, 2 * nw, 24)
+        for m in args.m:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            row = {"N": n, "K": k, "M": m, "bf16_us": time_rotating([lambda wi=wi: F.linear(x, wi) for wi in ws],
+                                                                    args.replays, calls)}
+            int4 = _torch_int4(w, 128, x)
+            if int4 is not None:
+                packs = [int4[0]] + [int4[0].clone() for _ in range(nq - 1)]
+                row["torch_int4_us"] = time_rotating(
+                    [lambda p=p: torch.ops.aten._weight_int4pack_mm(x, p, 128, int4[1]) for p in packs], args.replays, calls)
+            for cfg, name in enumerate(CONFIGS):
+                errs = [rel_err(base, x, a, call(ext, base, x, a, cfg)) for a in (0.0, 1.0)]
+                t = [time_rotating([lambda lay=lay, a=a: call(ext, lay, x, a, cfg) for lay in layers], args.replays, calls)
+                     for a in (0.0, 1.0)]
+                row[name] = {"alpha0_us": t[0], "alpha1_us": t[1], "rel_err": max(errs), "ok": max(errs) < 1.6e-2}
+            rows.append(row)
+            best = min(CONFIGS, key=lambda c: row[c]["alpha0_us"] if row[c]["ok"] else float("inf"))
+            print(f"{n}x{k} M={m}: bf16 {row['bf16_us']:.2f} us, int4 {row.get('torch_int4_us', float('nan')):.2f}; "
+                  + "; ".join(f"{c.split(' (')[0]} {row[c]['alpha0_us']:.2f}/{row[c]['alpha1_us']:.2f}"
+                              + ("" if row[c]["ok"] else " WRONG") for c in CONFIGS)
+                  + f"; best alpha0: {best}", flush=True)
+    out = Path(args.out or f"benchmarks/results/v1-configs-{card_name()}.json")
+    out.write_text(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__,
+                               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                               "configs": CONFIGS, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
