@@ -103,6 +103,19 @@ def test_empty_rows_and_one_very_dense_row(m, dtype, variant):
         assert rel_err(layer(x), reference64(layer, x, alpha)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("n,m,gs,sym,dtype", [(11008, 1, 128, False, torch.bfloat16), (6353, 5, 32, True, torch.float16),
+                                               (14336, 8, -1, False, torch.bfloat16), (8000, 3, 64, False, torch.float16)])
+def test_tall_grid_configuration(n, m, gs, sym, dtype):
+    """INT4 at M <= 8 with >= 3 blocks per SM runs v1's tall-grid configuration (kernels.cu, v1_tall)."""
+    gen = torch.Generator(device="cuda").manual_seed(n + m)
+    layer = make_layer(n, 1000, 4, gs, sym, 0.02, dtype, gen)
+    x = torch.randn(m, 1000, generator=gen, device="cuda").to(dtype)
+    for alpha in (0.0, 0.5, 1.0):
+        layer.alpha = alpha
+        poison_allocator()
+        assert rel_err(layer(x), reference64(layer, x, alpha)) < TOL[dtype]
+
+
 @pytest.mark.parametrize("m", [1, 16, 200])
 def test_alpha_zero_never_reads_ortho(m, variant):
     gen = torch.Generator(device="cuda").manual_seed(1)

@@ -259,12 +259,14 @@ __device__ inline void compute_chunk(float (&acc)[NT][4], const Chunk<T, BITS, N
 }
 
 // Tuning knobs of the v1 kernel (benchmarks/probes/v1_configs.py times alternatives): K tiles per chunk
-// (two chunks in flight), whether x fragments are fetched with the chunk, and the occupancy floor.
-template <int kU_, bool kPrefetchX_, int kMinBlocks_>
+// (two chunks in flight), whether x fragments are fetched with the chunk, the occupancy floor, and whether
+// the ortho prefetch waits until both chunks are in flight (kLatePre) or runs between them.
+template <int kU_, bool kPrefetchX_, int kMinBlocks_, bool kLatePre_ = true>
 struct V1Cfg {
   static constexpr int kU = kU_;
   static constexpr bool kPrefetchX = kPrefetchX_;
   static constexpr int kMinBlocks = kMinBlocks_;
+  static constexpr bool kLatePre = kLatePre_;
 };
 template <int NT> using V1Default = V1Cfg<NT == 1 ? 2 : 1, NT <= 2, 2>;
 
@@ -294,17 +296,32 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   // The ortho stream (skipped entirely when alpha == 0, the kill switch). The tile's entries are
   // flattened and cut into equal contiguous runs, one per thread, whatever the row lengths (a dense
   // row costs its tile no more than the same count spread over rows). The first kPre entries of each
-  // run are fetched right after the first weight chunk, so their latency hides behind the base stream.
+  // run are fetched once both weight chunks are in flight, so their latency hides behind the base
+  // stream; nothing before that waits on a row pointer (it would hold back the chunks by one latency).
   const bool ortho = op.alpha != 0.f && op.nnz > 0;
-  int run_b = 0, run_e = 0, e_lo = 0, e_hi = 0;
+  int run_b = 0, run_e = 0, e_lo = 0, e_hi = 0, my_rp = 0;
   int pc[kPre];
   float pv[kPre];
   if (ortho) {
     e_lo = op.row_ptr[n0];
     e_hi = op.row_ptr[min(n0 + 16, N)];
-    if (threadIdx.x <= 16) rp[threadIdx.x] = op.row_ptr[min(n0 + static_cast<int>(threadIdx.x), N)];
+    if (threadIdx.x <= 16) my_rp = op.row_ptr[min(n0 + static_cast<int>(threadIdx.x), N)];
     for (int i = threadIdx.x; i < 16 * (MT + 1); i += blockDim.x) (&orth[0][0])[i] = 0.f;
   }
+  bool pre_done = !ortho;
+  auto ortho_prefetch = [&]() {
+    const int per = (e_hi - e_lo + blockDim.x - 1) / blockDim.x;
+    run_b = e_lo + threadIdx.x * per;
+    run_e = min(run_b + per, e_hi);
+#pragma unroll
+    for (int i = 0; i < kPre; ++i) {
+      const int e = run_b + i;
+      pc[i] = e < run_e ? (op.col16 ? static_cast<int>(static_cast<const int16_t*>(op.col_idx)[e])
+                                    : static_cast<const int32_t*>(op.col_idx)[e]) : 0;
+      pv[i] = e < run_e ? Num<T>::f(static_cast<const T*>(op.values)[e]) : 0.f;
+    }
+    pre_done = true;
+  };
 
   float acc[NT][4];
   const uint32_t* xrow[NT];  // this lane's rows of x (batch rows t*8 + g) as 32-bit pairs
@@ -321,20 +338,10 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   Chunk<T, BITS, NT, kU, kPrefetchX> ca, cb;
   const bool hz = zp != nullptr;
   if (warp < Tk) load_chunk(ca, warp, Tk, qtile, sc, zp, xrow, K, op.group_size, g, tig);
-  if (ortho) {
-    const int per = (e_hi - e_lo + blockDim.x - 1) / blockDim.x;
-    run_b = e_lo + threadIdx.x * per;
-    run_e = min(run_b + per, e_hi);
-#pragma unroll
-    for (int i = 0; i < kPre; ++i) {
-      const int e = run_b + i;
-      pc[i] = e < run_e ? (op.col16 ? static_cast<int>(static_cast<const int16_t*>(op.col_idx)[e])
-                                    : static_cast<const int32_t*>(op.col_idx)[e]) : 0;
-      pv[i] = e < run_e ? Num<T>::f(static_cast<const T*>(op.values)[e]) : 0.f;
-    }
-  }
+  if (!Cfg::kLatePre && !pre_done) ortho_prefetch();
   for (int kt0 = warp; kt0 < Tk; kt0 += 2 * stride) {
     if (kt0 + stride < Tk) load_chunk(cb, kt0 + stride, Tk, qtile, sc, zp, xrow, K, op.group_size, g, tig);
+    if (!pre_done) ortho_prefetch();
     compute_chunk(acc, ca, kt0, Tk, xrow, K, hz, tig);
     if (kt0 + stride >= Tk) break;
     if (kt0 + 2 * stride < Tk) load_chunk(ca, kt0 + 2 * stride, Tk, qtile, sc, zp, xrow, K, op.group_size, g, tig);
@@ -349,6 +356,8 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     red[warp][g + 8][t * 8 + 2 * tig] = acc[t][2];
     red[warp][g + 8][t * 8 + 2 * tig + 1] = acc[t][3];
   }
+  if (!pre_done) ortho_prefetch();  // a warp without K tiles
+  if (ortho && threadIdx.x <= 16) rp[threadIdx.x] = my_rp;
   __syncthreads();
   if (ortho) {
     // Sum the run in registers, flushing to shared memory once per row it touches.
@@ -500,6 +509,24 @@ __global__ void __launch_bounds__(kWarps * 32) dequant_merge_kernel(Operands op,
   }
 }
 
+// SMs of the current device, cached per device (0 if unknown).
+inline int sm_count() {
+  static int cached[64];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev >= 64) return 0;
+  if (cached[dev] == 0 && cudaDeviceGetAttribute(&cached[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    cached[dev] = 0;
+  return cached[dev];
+}
+
+// INT4 at M <= 8 on a grid of >= 3 blocks per SM (N >= ~6.3k on an H100/H200): one K tile per chunk and
+// 3 blocks per SM beat the default by 8-12 % (benchmarks/results/v1-configs-H200.json: 11008x4096 and
+// 14336x4096); on grids of <= 2 blocks per SM the default is as fast or faster.
+inline bool v1_tall(const Operands& op, int M) {
+  const int sms = sm_count();
+  return M <= 8 && sms > 0 && (op.N + 15) / 16 >= 3 * sms;
+}
+
 template <typename T, int BITS>
 cudaError_t fused_dispatch_nt(const Operands& op, const void* x, const void* bias, void* out, int M,
                               cudaStream_t s) {
@@ -509,6 +536,8 @@ cudaError_t fused_dispatch_nt(const Operands& op, const void* x, const void* bia
   auto op_ = static_cast<T*>(out);
   auto kernel = M <= 8 ? fused_small_m_kernel<T, BITS, 1> : M <= 16 ? fused_small_m_kernel<T, BITS, 2>
                : M <= 32 ? fused_small_m_kernel<T, BITS, 4> : fused_small_m_kernel<T, BITS, 8>;
+  if constexpr (BITS == 4)
+    if (v1_tall(op, M)) kernel = fused_small_m_kernel<T, BITS, 1, V1Cfg<1, true, 3>>;
   if (!op.pdl) {
     kernel<<<grid, block, 0, s>>>(op, xp, bp, op_, M);
     return cudaGetLastError();
@@ -536,15 +565,11 @@ cudaError_t fused_cfg_dispatch(const Operands& op, const void* x, const void* bi
     return cudaGetLastError();
   };
   switch (cfg) {
-    case 0: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<2, true, 2>>);   // the default
-    case 1: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 2>>);
-    case 2: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<4, true, 2>>);
-    case 3: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<2, false, 2>>);
-    case 4: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<4, false, 2>>);
-    case 5: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 3>>);
-    case 6: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<2, false, 3>>);
-    case 7: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<1, false, 4>>);
-    case 8: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<2, true, 3>>);
+    case 0: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<2, true, 2>>);   // the default for short grids
+    case 1: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<2, true, 2, false>>);
+    case 2: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 3>>);   // the default for tall grids
+    case 3: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 3, false>>);
+    case 4: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 2>>);
     default: return cudaErrorInvalidValue;
   }
 }
