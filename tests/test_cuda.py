@@ -116,6 +116,38 @@ def test_tall_grid_configuration(n, m, gs, sym, dtype):
         assert rel_err(layer(x), reference64(layer, x, alpha)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("case", ["int32-columns", "more-than-staged", "odd-nnz", "misaligned-csr"])
+@pytest.mark.parametrize("m", [1, 6, 16, 40])
+def test_ortho_staging_edge_cases(case, m):
+    """v1 copies a block's first 2048 (1024 at M > 32) CSR entries to shared memory in 4-byte words: int32
+    columns, tiles with more entries than that, an odd entry count (last word read half) and arrays not
+    4-byte aligned (no staging) must all give the reference result."""
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    n, k = 200, 576
+    w_dense = torch.zeros(n, k, device="cuda")
+    if case == "odd-nnz":
+        idx = torch.randperm(n * k, generator=gen, device="cuda")[:2 * 577 + 1]
+    else:
+        idx = torch.randperm(n * k, generator=gen, device="cuda")[: int(n * k * (0.3 if case == "more-than-staged" else 0.05))]
+    w_dense.view(-1)[idx] = torch.randn(idx.numel(), generator=gen, device="cuda")
+    from libortho.sieve import csr_from_indices
+    csr = csr_from_indices(w_dense, idx.sort().values, torch.bfloat16)
+    layer = make_layer(n, k, 4, 128, False, 0.0, torch.bfloat16, gen, csr=csr)
+    if case == "odd-nnz":
+        assert layer.ortho_nnz % 2 == 1
+    if case == "int32-columns":
+        layer.col_idx = layer.col_idx.to(torch.int32)
+    if case == "misaligned-csr":
+        layer.col_idx = torch.cat([layer.col_idx[:1], layer.col_idx])[1:]
+        layer.values = torch.cat([layer.values[:1], layer.values])[1:]
+        assert layer.col_idx.data_ptr() % 4 != 0
+    x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+    for alpha in (0.5, 1.0):
+        layer.alpha = alpha
+        poison_allocator()
+        assert rel_err(layer(x), reference64(layer, x, alpha)) < TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("m", [1, 16, 200])
 def test_alpha_zero_never_reads_ortho(m, variant):
     gen = torch.Generator(device="cuda").manual_seed(1)

@@ -47,6 +47,50 @@ __device__ inline void pdl_prologue(const void* strip, int bytes) {
 #endif
 }
 
+// cp.async copies global -> shared without registers (sm_80+; plain copies before).
+__device__ inline void cp_async16(void* dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
+#else
+  *static_cast<uint4*>(dst) = valid ? *static_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
+#endif
+}
+
+__device__ inline void cp_async4(void* dst, const void* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0) : "memory");
+#else
+  *static_cast<uint32_t*>(dst) = valid ? *static_cast<const uint32_t*>(src) : 0u;
+#endif
+}
+
+__device__ inline void cp_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ inline void cp_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// 4 bytes to shared memory of which the first `src_bytes` (0..4) are read, the rest zero-filled.
+__device__ inline void cp_async4_part(void* dst, const void* src, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes) : "memory");
+#else
+  uint32_t v = 0u;
+  memcpy(&v, src, src_bytes);
+  *static_cast<uint32_t*>(dst) = v;
+#endif
+}
+
 template <typename T> struct Num;
 template <> struct Num<__nv_bfloat16> {
   using T2 = __nv_bfloat162;
@@ -277,10 +321,12 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   constexpr int MT = NT * 8;                 // batch columns handled (padded)
   constexpr bool kPrefetchX = Cfg::kPrefetchX;  // activation fragments travel with the chunk
   constexpr int kU = Cfg::kU;                // K tiles per chunk; two chunks in flight (double buffer)
-  constexpr int kPre = 4;                    // ortho entries per thread fetched before the main loop
+  constexpr int kStage = NT >= 8 ? 1024 : 2048;  // ortho entries a block stages in shared memory (rest: global)
   __shared__ float red[kWarps][16][MT + 1];
   __shared__ float orth[16][MT + 1];
   __shared__ int rp[17];
+  __shared__ uint32_t st_col[kStage];      // staged column indices (int16 pairs or int32)
+  __shared__ uint32_t st_val[kStage / 2];  // staged values (pairs)
 
   const int tn = blockIdx.x, n0 = tn * 16;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -295,32 +341,45 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
 
   // The ortho stream (skipped entirely when alpha == 0, the kill switch). The tile's entries are
   // flattened and cut into equal contiguous runs, one per thread, whatever the row lengths (a dense
-  // row costs its tile no more than the same count spread over rows). The first kPre entries of each
-  // run are fetched once both weight chunks are in flight, so their latency hides behind the base
-  // stream; nothing before that waits on a row pointer (it would hold back the chunks by one latency).
+  // row costs its tile no more than the same count spread over rows). Their columns and values (the
+  // first kStage of the block) are copied to shared memory by cp.async once both weight chunks are in
+  // flight: no registers held through the main loop, no load left to wait for after it. Nothing before
+  // that waits on a row pointer (it would hold back the weight chunks by one memory latency).
   const bool ortho = op.alpha != 0.f && op.nnz > 0;
-  int run_b = 0, run_e = 0, e_lo = 0, e_hi = 0, my_rp = 0;
-  int pc[kPre];
-  float pv[kPre];
+  int e_lo = 0, e_hi = 0, my_rp = 0, st_base = 0, st_n = 0;
   if (ortho) {
     e_lo = op.row_ptr[n0];
     e_hi = op.row_ptr[min(n0 + 16, N)];
     if (threadIdx.x <= 16) my_rp = op.row_ptr[min(n0 + static_cast<int>(threadIdx.x), N)];
     for (int i = threadIdx.x; i < 16 * (MT + 1); i += blockDim.x) (&orth[0][0])[i] = 0.f;
   }
-  bool pre_done = !ortho;
-  auto ortho_prefetch = [&]() {
-    const int per = (e_hi - e_lo + blockDim.x - 1) / blockDim.x;
-    run_b = e_lo + threadIdx.x * per;
-    run_e = min(run_b + per, e_hi);
-#pragma unroll
-    for (int i = 0; i < kPre; ++i) {
-      const int e = run_b + i;
-      pc[i] = e < run_e ? (op.col16 ? static_cast<int>(static_cast<const int16_t*>(op.col_idx)[e])
-                                    : static_cast<const int32_t*>(op.col_idx)[e]) : 0;
-      pv[i] = e < run_e ? Num<T>::f(static_cast<const T*>(op.values)[e]) : 0.f;
+  bool staged = !ortho;
+  auto stage_ortho = [&]() {
+    // 4-byte copies from an even entry; the last word of an odd-length array is read half.
+    const bool aligned = (reinterpret_cast<uintptr_t>(op.col_idx) | reinterpret_cast<uintptr_t>(op.values)) % 4 == 0;
+    st_base = e_lo & ~1;
+    st_n = aligned ? min(e_hi - st_base, kStage) : 0;
+    const int cw = op.col16 ? (st_n + 1) / 2 : st_n, vw = (st_n + 1) / 2;
+    for (int w = threadIdx.x; w < cw + vw; w += blockDim.x) {
+      const bool is_col = w < cw;
+      const int e0 = st_base + (is_col ? (op.col16 ? 2 * (w) : w) : 2 * (w - cw));
+      const bool two = !is_col || op.col16;  // 2-byte elements: the word holds entries e0, e0 + 1
+      const int bytes = two && e0 + 1 >= op.nnz ? 2 : 4;
+      const char* src = is_col ? static_cast<const char*>(op.col_idx) + static_cast<size_t>(e0) * (op.col16 ? 2 : 4)
+                               : static_cast<const char*>(op.values) + static_cast<size_t>(e0) * 2;
+      cp_async4_part(is_col ? &st_col[w] : &st_val[w - cw], src, bytes);
     }
-    pre_done = true;
+    cp_commit();
+    staged = true;
+  };
+  auto col_at = [&](int e) {
+    const int i = e - st_base;
+    if (i < st_n) return op.col16 ? static_cast<int>(reinterpret_cast<const int16_t*>(st_col)[i]) : static_cast<int>(st_col[i]);
+    return op.col16 ? static_cast<int>(static_cast<const int16_t*>(op.col_idx)[e]) : static_cast<const int32_t*>(op.col_idx)[e];
+  };
+  auto val_at = [&](int e) {
+    const int i = e - st_base;
+    return Num<T>::f(i < st_n ? reinterpret_cast<const T*>(st_val)[i] : static_cast<const T*>(op.values)[e]);
   };
 
   float acc[NT][4];
@@ -338,10 +397,10 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   Chunk<T, BITS, NT, kU, kPrefetchX> ca, cb;
   const bool hz = zp != nullptr;
   if (warp < Tk) load_chunk(ca, warp, Tk, qtile, sc, zp, xrow, K, op.group_size, g, tig);
-  if (!Cfg::kLatePre && !pre_done) ortho_prefetch();
+  if (!Cfg::kLatePre && !staged) stage_ortho();
   for (int kt0 = warp; kt0 < Tk; kt0 += 2 * stride) {
     if (kt0 + stride < Tk) load_chunk(cb, kt0 + stride, Tk, qtile, sc, zp, xrow, K, op.group_size, g, tig);
-    if (!pre_done) ortho_prefetch();
+    if (!staged) stage_ortho();
     compute_chunk(acc, ca, kt0, Tk, xrow, K, hz, tig);
     if (kt0 + stride >= Tk) break;
     if (kt0 + 2 * stride < Tk) load_chunk(ca, kt0 + 2 * stride, Tk, qtile, sc, zp, xrow, K, op.group_size, g, tig);
@@ -356,11 +415,16 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     red[warp][g + 8][t * 8 + 2 * tig] = acc[t][2];
     red[warp][g + 8][t * 8 + 2 * tig + 1] = acc[t][3];
   }
-  if (!pre_done) ortho_prefetch();  // a warp without K tiles
-  if (ortho && threadIdx.x <= 16) rp[threadIdx.x] = my_rp;
+  if (!staged) stage_ortho();  // a warp without K tiles
+  if (ortho) {
+    if (threadIdx.x <= 16) rp[threadIdx.x] = my_rp;
+    cp_wait<0>();
+  }
   __syncthreads();
   if (ortho) {
     // Sum the run in registers, flushing to shared memory once per row it touches.
+    const int per = (e_hi - e_lo + blockDim.x - 1) / blockDim.x;
+    const int run_b = e_lo + threadIdx.x * per, run_e = min(run_b + per, e_hi);
     float part[MT];
 #pragma unroll
     for (int m = 0; m < MT; ++m) part[m] = 0.f;
@@ -368,18 +432,8 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
 #pragma unroll
     for (int i = 1; i < 16; ++i) row += (rp[i] <= run_b);
     for (int e = run_b; e < run_e; ++e) {
-      int c;
-      float v;
-      const int i = e - run_b;
-      if (i < kPre) {
-#pragma unroll
-        for (int j = 0; j < kPre; ++j)
-          if (j == i) c = pc[j], v = pv[j];
-      } else {
-        c = op.col16 ? static_cast<int>(static_cast<const int16_t*>(op.col_idx)[e])
-                     : static_cast<const int32_t*>(op.col_idx)[e];
-        v = Num<T>::f(static_cast<const T*>(op.values)[e]);
-      }
+      const int c = col_at(e);
+      const float v = val_at(e);
       if (e >= rp[row + 1]) {
 #pragma unroll
         for (int m = 0; m < MT; ++m)
@@ -616,37 +670,6 @@ cudaError_t dequant_dispatch(const Operands& op, void* w, cudaStream_t s) {
 namespace v2 {
 
 constexpr int kThreads = 256, kW = 8, kStages = 4, kU = 2;  // kU: K tiles per warp per stage
-
-__device__ inline void cp_async16(void* dst, const void* src, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
-#else
-  *static_cast<uint4*>(dst) = valid ? *static_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
-#endif
-}
-
-__device__ inline void cp_async4(void* dst, const void* src, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0) : "memory");
-#else
-  *static_cast<uint32_t*>(dst) = valid ? *static_cast<const uint32_t*>(src) : 0u;
-#endif
-}
-
-__device__ inline void cp_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-
-template <int N>
-__device__ inline void cp_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
-}
 
 // Byte offsets of the dynamic shared memory of one block; the host sizes the launch with the same code.
 struct Layout {
