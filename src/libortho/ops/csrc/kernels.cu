@@ -304,7 +304,7 @@ __device__ inline void compute_chunk(float (&acc)[NT][4], const Chunk<T, BITS, N
 
 // Tuning knobs of the v1 kernel (benchmarks/probes/v1_configs.py times alternatives): K tiles per chunk
 // (two chunks in flight), whether x fragments are fetched with the chunk, the occupancy floor, and whether
-// the ortho prefetch waits until both chunks are in flight (kLatePre) or runs between them.
+// the ortho entries are staged once both chunks are in flight (kLatePre) or between them.
 template <int kU_, bool kPrefetchX_, int kMinBlocks_, bool kLatePre_ = true>
 struct V1Cfg {
   static constexpr int kU = kU_;
