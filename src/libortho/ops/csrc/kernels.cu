@@ -302,6 +302,36 @@ __device__ inline void compute_chunk(float (&acc)[NT][4], const Chunk<T, BITS, N
   }
 }
 
+// Adds this thread's run [run_b, run_e) of ortho entries times x (M <= MR rows) into orth (16 rows of
+// `stride` floats), summing in registers and flushing once per CSR row the run touches.
+template <int MR, typename T, class ColAt, class ValAt>
+__device__ inline void ortho_run(float* orth, int stride, const int* rp, int run_b, int run_e, const T* x, int K,
+                                 int M, ColAt col_at, ValAt val_at) {
+  float part[MR];
+#pragma unroll
+  for (int m = 0; m < MR; ++m) part[m] = 0.f;
+  int row = 0;
+#pragma unroll
+  for (int i = 1; i < 16; ++i) row += (rp[i] <= run_b);
+  for (int e = run_b; e < run_e; ++e) {
+    const int c = col_at(e);
+    const float v = val_at(e);
+    if (e >= rp[row + 1]) {
+#pragma unroll
+      for (int m = 0; m < MR; ++m)
+        if (m < M) atomicAdd(&orth[row * stride + m], part[m]), part[m] = 0.f;
+      while (e >= rp[row + 1]) ++row;
+    }
+#pragma unroll
+    for (int m = 0; m < MR; ++m)
+      if (m < M) part[m] += v * Num<T>::f(x[static_cast<size_t>(m) * K + c]);
+  }
+  if (run_b < run_e)
+#pragma unroll
+    for (int m = 0; m < MR; ++m)
+      if (m < M) atomicAdd(&orth[row * stride + m], part[m]);
+}
+
 // Tuning knobs of the v1 kernel (benchmarks/probes/v1_configs.py times alternatives): K tiles per chunk
 // (two chunks in flight), whether x fragments are fetched with the chunk, the occupancy floor, and whether
 // the ortho entries are staged once both chunks are in flight (kLatePre) or between them.
@@ -422,49 +452,22 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   }
   __syncthreads();
   if (ortho) {
-    // Sum the run in registers, flushing to shared memory once per row it touches.
+    // This thread's run, its per-row loops sized to M (rounded up to 1, 2, 4, 8 within the kernel's MT):
+    // loops over all MT padded rows cost ~200 instructions per entry at M = 1 (ncu: alpha 1 issued ~10k
+    // more warp instructions per SM than alpha 0 at 4096x4096, 1 %) in a kernel that is issue-bound.
     const int per = (e_hi - e_lo + blockDim.x - 1) / blockDim.x;
     const int run_b = e_lo + threadIdx.x * per, run_e = min(run_b + per, e_hi);
-    float part[MT];
-#pragma unroll
-    for (int m = 0; m < MT; ++m) part[m] = 0.f;
-    int row = 0;
-#pragma unroll
-    for (int i = 1; i < 16; ++i) row += (rp[i] <= run_b);
-    if (M == 1) {
-      // Decode: one row of x. The padded loops over MT rows below cost ~200 instructions per entry
-      // (ncu: alpha 1 issued ~10k more warp instructions per SM than alpha 0 at 4096x4096, 1 %), and
-      // this kernel is issue-bound; here an entry is a few loads and one FMA.
-      float acc1 = 0.f;
-      for (int e = run_b; e < run_e; ++e) {
-        const int c = col_at(e);
-        const float v = val_at(e);
-        if (e >= rp[row + 1]) {
-          atomicAdd(&orth[row][0], acc1);
-          acc1 = 0.f;
-          while (e >= rp[row + 1]) ++row;
-        }
-        acc1 += v * Num<T>::f(x[c]);
-      }
-      if (run_b < run_e) atomicAdd(&orth[row][0], acc1);
+    auto run = [&](auto mr) {
+      constexpr int MR = decltype(mr)::value;
+      ortho_run<MR>(&orth[0][0], MT + 1, rp, run_b, run_e, x, K, M, col_at, val_at);
+    };
+    if constexpr (MT == 8) {
+      if (M == 1) run(std::integral_constant<int, 1>{});
+      else if (M <= 2) run(std::integral_constant<int, 2>{});
+      else if (M <= 4) run(std::integral_constant<int, 4>{});
+      else run(std::integral_constant<int, 8>{});
     } else {
-      for (int e = run_b; e < run_e; ++e) {
-        const int c = col_at(e);
-        const float v = val_at(e);
-        if (e >= rp[row + 1]) {
-#pragma unroll
-          for (int m = 0; m < MT; ++m)
-            if (m < M) atomicAdd(&orth[row][m], part[m]), part[m] = 0.f;
-          while (e >= rp[row + 1]) ++row;
-        }
-#pragma unroll
-        for (int m = 0; m < MT; ++m)
-          if (m < M) part[m] += v * Num<T>::f(x[static_cast<size_t>(m) * K + c]);
-      }
-      if (run_b < run_e)
-#pragma unroll
-        for (int m = 0; m < MT; ++m)
-          if (m < M) atomicAdd(&orth[row][m], part[m]);
+      run(std::integral_constant<int, MT>{});
     }
     __syncthreads();
   }
