@@ -63,18 +63,17 @@ bool operands(libortho::Operands& op, const at::Tensor& ref, const at::Tensor& q
 
 using Launch = cudaError_t (*)(const libortho::Operands&, const void*, const void*, void*, int, cudaStream_t);
 
-// One binding for the three small-M kernels; the launcher is a template argument so that each variant
-// is a plain function for pybind.
-template <Launch launch>
-Result fused(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-             const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-             const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
-             int64_t group_size, int64_t N, int64_t K, bool pdl) {
+// Checks the operands of a small-M product (1 <= M <= max_m) and runs launch(op, x, bias, out, M, stream).
+template <class F>
+Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+               const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+               const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
+               int64_t group_size, int64_t N, int64_t K, bool pdl, int64_t max_m, F&& launch) {
   const at::Tensor none = at::empty({0}, x.options());
   if (!x.is_cuda() || x.dim() != 2 || x.size(1) != K || !x.is_contiguous())
     return {none, kBadArgs};
   const int64_t M = x.size(0);
-  if (M < 1 || M > 64) return {none, kBadArgs};
+  if (M < 1 || M > max_m) return {none, kBadArgs};
   libortho::Operands op{};
   if (!operands(op, x, qweight, scales, zeros, row_ptr, col_idx, values, alpha, bits, group_size, N, K))
     return {none, kBadArgs};
@@ -88,25 +87,26 @@ Result fused(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& s
   return {out, static_cast<int64_t>(err)};
 }
 
-// v1 with tuning configuration `cfg` (benchmarks/probes/v1_configs.py).
+// One binding for the three small-M kernels; the launcher is a template argument so that each variant
+// is a plain function for pybind.
+template <Launch launch>
+Result fused(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+             const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+             const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
+             int64_t group_size, int64_t N, int64_t K, bool pdl) {
+  return small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, pdl, 64,
+                 launch);
+}
+
+// v1 with tuning configuration `cfg` (benchmarks/probes/v1_configs.py), plain launches.
 Result fused_cfg(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                  const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                  const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
                  int64_t group_size, int64_t N, int64_t K, int64_t cfg) {
-  const at::Tensor none = at::empty({0}, x.options());
-  if (!x.is_cuda() || x.dim() != 2 || x.size(1) != K || !x.is_contiguous() || x.size(0) < 1 || x.size(0) > 8)
-    return {none, kBadArgs};
-  libortho::Operands op{};
-  if (!operands(op, x, qweight, scales, zeros, row_ptr, col_idx, values, alpha, bits, group_size, N, K))
-    return {none, kBadArgs};
-  if (bias && (bias->scalar_type() != x.scalar_type() || bias->numel() != N || !bias->is_contiguous()))
-    return {none, kBadArgs};
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto out = at::empty({x.size(0), N}, x.options());
-  const cudaError_t err = libortho::launch_fused_small_m_cfg(op, x.data_ptr(), bias ? bias->data_ptr() : nullptr,
-                                                             out.data_ptr(), static_cast<int>(x.size(0)),
-                                                             static_cast<int>(cfg), c10::cuda::getCurrentCUDAStream().stream());
-  return {out, static_cast<int64_t>(err)};
+  return small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, false, 8,
+                 [cfg](const libortho::Operands& op, const void* xp, const void* bp, void* out, int M, cudaStream_t s) {
+                   return libortho::launch_fused_small_m_cfg(op, xp, bp, out, M, static_cast<int>(cfg), s);
+                 });
 }
 
 Result dequant_merge(const at::Tensor& like, const at::Tensor& qweight, const at::Tensor& scales,

@@ -47,6 +47,26 @@ __device__ inline void pdl_prologue(const void* strip, int bytes) {
 #endif
 }
 
+struct DeviceInfo {
+  int sms = 0;
+  bool cc90 = false;
+};
+
+// SM count and sm_90 flag of the current device, cached per device.
+inline DeviceInfo device_info() {
+  static DeviceInfo cache[64];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return DeviceInfo{132, false};
+  if (cache[dev].sms == 0) {
+    int sms = 0, major = 0;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cache[dev].cc90 = major >= 9;
+    cache[dev].sms = sms > 0 ? sms : 132;
+  }
+  return cache[dev];
+}
+
 // cp.async copies global -> shared without registers (sm_80+; plain copies before).
 __device__ inline void cp_async16(void* dst, const void* src, bool valid) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -54,28 +74,6 @@ __device__ inline void cp_async16(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
 #else
   *static_cast<uint4*>(dst) = valid ? *static_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
-#endif
-}
-
-__device__ inline void cp_async4(void* dst, const void* src, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0) : "memory");
-#else
-  *static_cast<uint32_t*>(dst) = valid ? *static_cast<const uint32_t*>(src) : 0u;
-#endif
-}
-
-__device__ inline void cp_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-
-template <int N>
-__device__ inline void cp_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
 
@@ -88,6 +86,21 @@ __device__ inline void cp_async4_part(void* dst, const void* src, int src_bytes)
   uint32_t v = 0u;
   memcpy(&v, src, src_bytes);
   *static_cast<uint32_t*>(dst) = v;
+#endif
+}
+
+__device__ inline void cp_async4(void* dst, const void* src, bool valid) { cp_async4_part(dst, src, valid ? 4 : 0); }
+
+__device__ inline void cp_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ inline void cp_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
 
@@ -332,15 +345,18 @@ __device__ inline void ortho_run(float* orth, int stride, const int* rp, int run
       if (m < M) atomicAdd(&orth[row * stride + m], part[m]);
 }
 
+// Column of CSR entry e (int16 or int32 column indices).
+__device__ inline int col_at(const Operands& op, int e) {
+  return op.col16 ? static_cast<int>(static_cast<const int16_t*>(op.col_idx)[e]) : static_cast<const int32_t*>(op.col_idx)[e];
+}
+
 // Tuning knobs of the v1 kernel (benchmarks/probes/v1_configs.py times alternatives): K tiles per chunk
-// (two chunks in flight), whether x fragments are fetched with the chunk, the occupancy floor, and whether
-// the ortho entries are staged once both chunks are in flight (kLatePre) or between them.
-template <int kU_, bool kPrefetchX_, int kMinBlocks_, bool kLatePre_ = true>
+// (two chunks in flight), whether x fragments are fetched with the chunk, and the occupancy floor.
+template <int kU_, bool kPrefetchX_, int kMinBlocks_>
 struct V1Cfg {
   static constexpr int kU = kU_;
   static constexpr bool kPrefetchX = kPrefetchX_;
   static constexpr int kMinBlocks = kMinBlocks_;
-  static constexpr bool kLatePre = kLatePre_;
 };
 template <int NT> using V1Default = V1Cfg<NT == 1 ? 2 : 1, NT <= 2, 2>;
 
@@ -402,12 +418,12 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     cp_commit();
     staged = true;
   };
-  auto col_at = [&](int e) {
+  auto entry_col = [&](int e) {
     const int i = e - st_base;
-    if (i < st_n) return op.col16 ? static_cast<int>(reinterpret_cast<const int16_t*>(st_col)[i]) : static_cast<int>(st_col[i]);
-    return op.col16 ? static_cast<int>(static_cast<const int16_t*>(op.col_idx)[e]) : static_cast<const int32_t*>(op.col_idx)[e];
+    if (i >= st_n) return col_at(op, e);
+    return op.col16 ? static_cast<int>(reinterpret_cast<const int16_t*>(st_col)[i]) : static_cast<int>(st_col[i]);
   };
-  auto val_at = [&](int e) {
+  auto entry_val = [&](int e) {
     const int i = e - st_base;
     return Num<T>::f(i < st_n ? reinterpret_cast<const T*>(st_val)[i] : static_cast<const T*>(op.values)[e]);
   };
@@ -427,7 +443,6 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   Chunk<T, BITS, NT, kU, kPrefetchX> ca, cb;
   const bool hz = zp != nullptr;
   if (warp < Tk) load_chunk(ca, warp, Tk, qtile, sc, zp, xrow, K, op.group_size, g, tig);
-  if (!Cfg::kLatePre && !staged) stage_ortho();
   for (int kt0 = warp; kt0 < Tk; kt0 += 2 * stride) {
     if (kt0 + stride < Tk) load_chunk(cb, kt0 + stride, Tk, qtile, sc, zp, xrow, K, op.group_size, g, tig);
     if (!staged) stage_ortho();
@@ -459,7 +474,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     const int run_b = e_lo + threadIdx.x * per, run_e = min(run_b + per, e_hi);
     auto run = [&](auto mr) {
       constexpr int MR = decltype(mr)::value;
-      ortho_run<MR>(&orth[0][0], MT + 1, rp, run_b, run_e, x, K, M, col_at, val_at);
+      ortho_run<MR>(&orth[0][0], MT + 1, rp, run_b, run_e, x, K, M, entry_col, entry_val);
     };
     if constexpr (MT == 8) {
       if (M == 1) run(std::integral_constant<int, 1>{});
@@ -488,10 +503,6 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
 // the ortho entries that fall in those 512 columns there, then write the tiles out in 16-byte stores, so
 // W is written exactly once. The columns of a CSR row ascend (checked when a layer is packed or loaded),
 // so each row keeps a cursor that only moves forward: every entry is read once per block.
-__device__ inline int col_at(const Operands& op, int e) {
-  return op.col16 ? static_cast<int>(static_cast<const int16_t*>(op.col_idx)[e]) : static_cast<const int32_t*>(op.col_idx)[e];
-}
-
 // The first entry in [lo, hi) of an ascending CSR row whose column is >= c (hi if none).
 __device__ inline int first_col_at_least(const Operands& op, int lo, int hi, int c) {
   while (lo < hi) {
@@ -584,35 +595,20 @@ __global__ void __launch_bounds__(kWarps * 32) dequant_merge_kernel(Operands op,
   }
 }
 
-// SMs of the current device, cached per device (0 if unknown).
-inline int sm_count() {
-  static int cached[64];
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev >= 64) return 0;
-  if (cached[dev] == 0 && cudaDeviceGetAttribute(&cached[dev], cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-    cached[dev] = 0;
-  return cached[dev];
-}
-
 // INT4 at M <= 8 on a grid of >= 3 blocks per SM (N >= ~6.3k on an H100/H200): one K tile per chunk and
 // 3 blocks per SM beat the default by 8-12 % (benchmarks/results/v1-configs-H200.json: 11008x4096 and
 // 14336x4096); on grids of <= 2 blocks per SM the default is as fast or faster.
 inline bool v1_tall(const Operands& op, int M) {
-  const int sms = sm_count();
-  return M <= 8 && sms > 0 && (op.N + 15) / 16 >= 3 * sms;
+  return M <= 8 && (op.N + 15) / 16 >= 3 * device_info().sms;
 }
 
-template <typename T, int BITS>
-cudaError_t fused_dispatch_nt(const Operands& op, const void* x, const void* bias, void* out, int M,
-                              cudaStream_t s) {
+template <typename T>
+cudaError_t launch_v1(void (*kernel)(Operands, const T*, const T*, T*, int), const Operands& op, const void* x,
+                      const void* bias, void* out, int M, cudaStream_t s) {
   const dim3 grid((op.N + 15) / 16), block(kWarps * 32);
   auto xp = static_cast<const T*>(x);
   auto bp = static_cast<const T*>(bias);
   auto op_ = static_cast<T*>(out);
-  auto kernel = M <= 8 ? fused_small_m_kernel<T, BITS, 1> : M <= 16 ? fused_small_m_kernel<T, BITS, 2>
-               : M <= 32 ? fused_small_m_kernel<T, BITS, 4> : fused_small_m_kernel<T, BITS, 8>;
-  if constexpr (BITS == 4)
-    if (v1_tall(op, M)) kernel = fused_small_m_kernel<T, BITS, 1, V1Cfg<1, true, 3>>;
   if (!op.pdl) {
     kernel<<<grid, block, 0, s>>>(op, xp, bp, op_, M);
     return cudaGetLastError();
@@ -629,22 +625,25 @@ cudaError_t fused_dispatch_nt(const Operands& op, const void* x, const void* bia
   return cudaLaunchKernelEx(&cfg, kernel, op, xp, bp, op_, M);
 }
 
+template <typename T, int BITS>
+cudaError_t fused_dispatch_nt(const Operands& op, const void* x, const void* bias, void* out, int M,
+                              cudaStream_t s) {
+  auto kernel = M <= 8 ? fused_small_m_kernel<T, BITS, 1> : M <= 16 ? fused_small_m_kernel<T, BITS, 2>
+               : M <= 32 ? fused_small_m_kernel<T, BITS, 4> : fused_small_m_kernel<T, BITS, 8>;
+  if constexpr (BITS == 4)
+    if (v1_tall(op, M)) kernel = fused_small_m_kernel<T, BITS, 1, V1Cfg<1, true, 3>>;
+  return launch_v1<T>(kernel, op, x, bias, out, M, s);
+}
+
 // The v1 configurations the tuning probe times (M <= 8, INT4): index -> V1Cfg.
 template <typename T>
 cudaError_t fused_cfg_dispatch(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
                                cudaStream_t s) {
   if (op.bits != 4 || M > 8) return cudaErrorInvalidValue;
-  auto go = [&](auto kernel) {
-    kernel<<<dim3((op.N + 15) / 16), dim3(kWarps * 32), 0, s>>>(op, static_cast<const T*>(x), static_cast<const T*>(bias),
-                                                              static_cast<T*>(out), M);
-    return cudaGetLastError();
-  };
   switch (cfg) {
-    case 0: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<2, true, 2>>);   // the default for short grids
-    case 1: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<2, true, 2, false>>);
-    case 2: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 3>>);   // the default for tall grids
-    case 3: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 3, false>>);
-    case 4: return go(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 2>>);
+    case 0: return launch_v1<T>(fused_small_m_kernel<T, 4, 1, V1Cfg<2, true, 2>>, op, x, bias, out, M, s);  // short grids
+    case 1: return launch_v1<T>(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 3>>, op, x, bias, out, M, s);  // tall grids
+    case 2: return launch_v1<T>(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 2>>, op, x, bias, out, M, s);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -974,25 +973,6 @@ __global__ void __launch_bounds__(kThreads, NT == 1 ? 4 : NT == 2 ? 2 : 1) decod
     cluster.sync();  // no block leaves while another still reads its shared memory
   }
 #endif
-}
-
-struct DeviceInfo {
-  int sms = 0;
-  bool cc90 = false;
-};
-
-inline DeviceInfo device_info() {
-  static DeviceInfo cache[64];
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return DeviceInfo{132, false};
-  if (cache[dev].sms == 0) {
-    int sms = 0, major = 0;
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cache[dev].cc90 = major >= 9;
-    cache[dev].sms = sms > 0 ? sms : 132;
-  }
-  return cache[dev];
 }
 
 template <typename T, int BITS, int NT>
@@ -1405,7 +1385,7 @@ cudaError_t launch_mp(const Operands& op, const T* x, const T* bias, T* out, int
     binary_version = cudaFuncGetAttributes(&fa, kern) == cudaSuccess ? fa.binaryVersion : 0;
     (void)cudaGetLastError();
   }
-  const v2::DeviceInfo d = v2::device_info();  // SM count and sm_90 flag, cached per device
+  const DeviceInfo d = device_info();  // SM count and sm_90 flag, cached per device
   const bool clusters = d.cc90 && binary_version >= 90;
   // Fewest ranks whose slice fits the shared-memory budget; more to reach ~2 blocks per SM, while every
   // warp of a rank keeps at least one tile.
