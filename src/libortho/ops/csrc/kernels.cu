@@ -176,30 +176,38 @@ __device__ inline uint32_t code_at(const uint32_t (&w)[BITS], int v) {
 template <typename T>
 struct RowParams {
   typename Num<T>::T2 s_lo, s_hi, zm_lo, zm_hi;  // pairs (x, x): INT4 magic-number path
-  float fs_lo, fs_hi, fz_lo, fz_hi;               // floats: generic path
+  float fs_lo, fs_hi, fz_lo, fz_hi;               // floats: generic path (scales: both)
 };
 
 template <typename T, int BITS>
 __device__ inline RowParams<T> row_params(T s_lo, T s_hi, float z_lo, float z_hi) {
   RowParams<T> p;
+  p.fs_lo = Num<T>::f(s_lo);  // also the INT4 path's scales when they are applied after the products
+  p.fs_hi = Num<T>::f(s_hi);
   if constexpr (BITS == 4) {
     p.s_lo = Num<T>::pair2(s_lo);
     p.s_hi = Num<T>::pair2(s_hi);
     p.zm_lo = Num<T>::pair(Num<T>::kMagicF + z_lo, Num<T>::kMagicF + z_lo);
     p.zm_hi = Num<T>::pair(Num<T>::kMagicF + z_hi, Num<T>::kMagicF + z_hi);
   } else {
-    p.fs_lo = Num<T>::f(s_lo);
-    p.fs_hi = Num<T>::f(s_hi);
     p.fz_lo = z_lo;
     p.fz_hi = z_hi;
   }
   return p;
 }
 
+// (a & b) | c in one instruction (the compiler splits it in two when b and c are both immediates).
+__device__ inline uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+
 // A fragment (4 registers of 2 values) of k16 step `step` from the lane's words.
 // Register i holds fragment elements (2i, 2i+1): row g + 8*(i%2), columns 2*tig + 8*(i/2) + {0,1};
-// they sit at slots i and i+4 of the step.
-template <typename T, int BITS>
+// they sit at slots i and i+4 of the step. kScaled = false leaves out the scale: the values are the
+// exact integers q - z (the caller applies the scale to the fp32 products).
+template <typename T, int BITS, bool kScaled = true>
 __device__ inline void dequant_step(uint32_t (&a)[4], const uint32_t (&w)[BITS], int step, const RowParams<T>& p) {
   using T2 = typename Num<T>::T2;
   if constexpr (BITS == 4) {
@@ -207,14 +215,15 @@ __device__ inline void dequant_step(uint32_t (&a)[4], const uint32_t (&w)[BITS],
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       // (magic + q) - (magic + z) is exact; one rounding in the product, as (q - z) * s would have.
-      T2 v = as_t2<T2>(((word >> (4 * i)) & 0x000F000Fu) | Num<T>::kMagic);
-      v = __hmul2(__hsub2(v, (i & 1) ? p.zm_hi : p.zm_lo), (i & 1) ? p.s_hi : p.s_lo);
+      T2 v = as_t2<T2>(and_or(word >> (4 * i), 0x000F000Fu, Num<T>::kMagic));
+      v = __hsub2(v, (i & 1) ? p.zm_hi : p.zm_lo);
+      if (kScaled) v = __hmul2(v, (i & 1) ? p.s_hi : p.s_lo);
       a[i] = as_u32(v);
     }
   } else {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const float s = (i & 1) ? p.fs_hi : p.fs_lo, z = (i & 1) ? p.fz_hi : p.fz_lo;
+      const float s = kScaled ? ((i & 1) ? p.fs_hi : p.fs_lo) : 1.f, z = (i & 1) ? p.fz_hi : p.fz_lo;
       const float v0 = (static_cast<float>(code_at<BITS>(w, 8 * step + i)) - z) * s;
       const float v1 = (static_cast<float>(code_at<BITS>(w, 8 * step + 4 + i)) - z) * s;
       a[i] = as_u32(Num<T>::pair(v0, v1));
@@ -222,15 +231,38 @@ __device__ inline void dequant_step(uint32_t (&a)[4], const uint32_t (&w)[BITS],
   }
 }
 
-// Scales (or zeros) of the two 32-column halves of a tile for rows g and g+8: steps {0,1} share a
-// group, and so do steps {2,3}, because every supported group size is a multiple of 32 or the whole row.
+// Group of a column, computed once per tile. Every supported group size is a multiple of 32 or the whole
+// row, so steps {0,1} of a tile share a group and so do steps {2,3}; when the size is a multiple of 64
+// (or the whole row) all four do. A power of two is a shift: the integer division it replaces cost ~20
+// instructions per tile half in a loop that is issue-bound.
+struct GroupIndex {
+  int shift;  // log2(group size) for a power of two, 31 for one group per row, -1: divide
+  int size, K;
+  bool same;  // both halves of every tile in one group
+  __device__ GroupIndex(int group_size, int K_) : size(group_size), K(K_) {
+    const bool one = group_size >= K_, pow2 = (group_size & (group_size - 1)) == 0;
+    shift = one ? 31 : pow2 ? __ffs(group_size) - 1 : -1;
+    same = one || group_size % 64 == 0;
+  }
+  __device__ int of(int col) const {
+    col = min(col, K - 1);
+    return shift >= 0 ? col >> shift : col / size;
+  }
+};
+
+// Scales (or zeros) of the two 32-column halves of a tile for rows g and g+8.
 template <typename T>
-__device__ inline void load_tile_params(T (&p)[2][2], const T* base, int kt, int K, int group_size, int g) {
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int grp = min(kt * 64 + 32 * h, K - 1) / group_size;
-    p[h][0] = base[grp * 16 + g];
-    p[h][1] = base[grp * 16 + g + 8];
+__device__ inline void load_tile_params(T (&p)[2][2], const T* base, int kt, const GroupIndex& gi, int g) {
+  const T* b0 = base + gi.of(kt * 64) * 16 + g;
+  p[0][0] = b0[0];
+  p[0][1] = b0[8];
+  if (gi.same) {
+    p[1][0] = p[0][0];
+    p[1][1] = p[0][1];
+  } else {
+    const T* b1 = base + gi.of(kt * 64 + 32) * 16 + g;
+    p[1][0] = b1[0];
+    p[1][1] = b1[8];
   }
 }
 
@@ -243,74 +275,103 @@ struct Chunk {
   uint32_t xb[kPrefetchX ? kU : 1][4][kPrefetchX ? NT : 1][2];
 };
 
-// B fragment of one k16 step from a row of x seen as 32-bit pairs (nullptr: a padding row, zeros).
-// K is even, so a pair lies entirely inside or outside the row; `full` skips the check on full tiles.
-__device__ inline void x_fragment(uint32_t& b0, uint32_t& b1, const uint32_t* xr, int kk, int tig, int K, bool full) {
-  if (xr == nullptr) {
-    b0 = b1 = 0u;
-  } else if (full) {
-    b0 = __ldg(xr + (kk >> 1) + tig);
-    b1 = __ldg(xr + (kk >> 1) + 4 + tig);
+// B fragment of k16 step `step` of a tile from this lane's pairs of a row of x (xt: the row as 32-bit pairs,
+// offset by tig and by the tile). Rows past M point at row 0: their products land in output columns that
+// are never stored. K is even, so a pair lies entirely inside or outside the row; kFull (all but a short
+// last tile) skips the check; k0 is the tile's first column.
+template <bool kFull>
+__device__ inline void x_fragment(uint32_t& b0, uint32_t& b1, const uint32_t* xt, int step, int k0, int tig, int K) {
+  if (kFull) {
+    b0 = __ldg(xt + step * 8);
+    b1 = __ldg(xt + step * 8 + 4);
   } else {
-    b0 = kk + 2 * tig < K ? __ldg(xr + (kk >> 1) + tig) : 0u;
-    b1 = kk + 8 + 2 * tig < K ? __ldg(xr + (kk >> 1) + 4 + tig) : 0u;
+    b0 = k0 + step * 16 + 2 * tig < K ? __ldg(xt + step * 8) : 0u;
+    b1 = k0 + step * 16 + 8 + 2 * tig < K ? __ldg(xt + step * 8 + 4) : 0u;
   }
 }
 
-template <typename T, int BITS, int NT, int kU, bool kPrefetchX>
+// Tiles kt0, kt0 + kWarps, ... (kU of them, those below Tk). kFull: all of them lie inside K.
+template <bool kFull, typename T, int BITS, int NT, int kU, bool kPrefetchX>
 __device__ inline void load_chunk(Chunk<T, BITS, NT, kU, kPrefetchX>& c, int kt0, int Tk, const int32_t* qtile,
-                                  const T* sc, const T* zp, const uint32_t* const (&xrow)[NT], int K,
-                                  int group_size, int g, int tig) {
+                                  const T* sc, const T* zp, const uint32_t* xb, const int (&xo)[NT], int K,
+                                  const GroupIndex& gi, int g, int tig) {
 #pragma unroll
   for (int u = 0; u < kU; ++u) {
     const int kt = kt0 + u * kWarps;
     if (kt >= Tk) break;
     load_words<BITS>(c.w[u], qtile + static_cast<size_t>(kt) * 32 * BITS);
-    load_tile_params(c.s[u], sc, kt, K, group_size, g);
-    if (zp) load_tile_params(c.z[u], zp, kt, K, group_size, g);
+    load_tile_params(c.s[u], sc, kt, gi, g);
+    if (zp) load_tile_params(c.z[u], zp, kt, gi, g);
     if constexpr (kPrefetchX) {
-      const bool full = kt * 64 + 64 <= K;
 #pragma unroll
-      for (int step = 0; step < 4; ++step)
+      for (int t = 0; t < NT; ++t) {
+        const uint32_t* xt = xb + (xo[t] + kt * 32);
 #pragma unroll
-        for (int t = 0; t < NT; ++t)
-          x_fragment(c.xb[u][step][t][0], c.xb[u][step][t][1], xrow[t], kt * 64 + step * 16, tig, K, full);
+        for (int step = 0; step < 4; ++step)
+          x_fragment<kFull>(c.xb[u][step][t][0], c.xb[u][step][t][1], xt, step, kt * 64, tig, K);
+      }
     }
   }
 }
 
-template <typename T, int BITS, int NT, int kU, bool kPrefetchX>
+// acc[t] += the products of a tile, computed in tmp on the integers q - z and scaled here in fp32 (rows g
+// and g+8 of the C fragment: registers {0,1} and {2,3}).
+template <int NT>
+__device__ inline void add_scaled(float (&acc)[NT][4], float (&tmp)[NT][4], float s_lo, float s_hi) {
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    acc[t][0] += s_lo * tmp[t][0];
+    acc[t][1] += s_lo * tmp[t][1];
+    acc[t][2] += s_hi * tmp[t][2];
+    acc[t][3] += s_hi * tmp[t][3];
+    tmp[t][0] = tmp[t][1] = tmp[t][2] = tmp[t][3] = 0.f;
+  }
+}
+
+// kScaleAfter (NT <= 2): the scale multiplies the 4*NT fp32 products of a group's steps instead of each
+// of the 16 dequantized pairs per tile (fewer instructions for few batch columns, and exact A values).
+template <bool kFull, typename T, int BITS, int NT, int kU, bool kPrefetchX>
 __device__ inline void compute_chunk(float (&acc)[NT][4], const Chunk<T, BITS, NT, kU, kPrefetchX>& c, int kt0,
-                                     int Tk, const uint32_t* const (&xrow)[NT], int K, bool has_zeros, int tig) {
+                                     int Tk, const uint32_t* xb, const int (&xo)[NT], int K, bool has_zeros, bool same,
+                                     int tig) {
+  constexpr bool kScaleAfter = NT <= 2;
   const float zdef = static_cast<float>(1 << (BITS - 1));
 #pragma unroll
   for (int u = 0; u < kU; ++u) {
     const int kt = kt0 + u * kWarps;
     if (kt >= Tk) break;
-    const bool full = kt * 64 + 64 <= K;
+    auto params = [&](int h) {
+      return row_params<T, BITS>(c.s[u][h][0], c.s[u][h][1], has_zeros ? Num<T>::f(c.z[u][h][0]) : zdef,
+                                 has_zeros ? Num<T>::f(c.z[u][h][1]) : zdef);
+    };
+    const RowParams<T> p0 = params(0);
+    RowParams<T> p1 = p0;
+    if (!same) p1 = params(1);
+    float tmp[NT][4];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const RowParams<T> p = row_params<T, BITS>(c.s[u][h][0], c.s[u][h][1],
-                                                 has_zeros ? Num<T>::f(c.z[u][h][0]) : zdef,
-                                                 has_zeros ? Num<T>::f(c.z[u][h][1]) : zdef);
+    for (int t = 0; t < NT; ++t) tmp[t][0] = tmp[t][1] = tmp[t][2] = tmp[t][3] = 0.f;
 #pragma unroll
-      for (int step = 2 * h; step < 2 * h + 2; ++step) {
-        const int kk = kt * 64 + step * 16;
-        if (!full && kk >= K) break;
-        uint32_t a[4];
-        dequant_step<T, BITS>(a, c.w[u], step, p);
+    for (int step = 0; step < 4; ++step) {
+      if (!kFull && kt * 64 + step * 16 >= K) break;
+      if (kScaleAfter && step == 2 && !same) add_scaled(acc, tmp, p0.fs_lo, p0.fs_hi);
+      uint32_t a[4];
+      dequant_step<T, BITS, !kScaleAfter>(a, c.w[u], step, step < 2 ? p0 : p1);
 #pragma unroll
-        for (int t = 0; t < NT; ++t) {
-          uint32_t b0, b1;
-          if constexpr (kPrefetchX) {
-            b0 = c.xb[u][step][t][0];
-            b1 = c.xb[u][step][t][1];
-          } else {
-            x_fragment(b0, b1, xrow[t], kk, tig, K, full);
-          }
-          mma<T>(acc[t], a, b0, b1);
+      for (int t = 0; t < NT; ++t) {
+        uint32_t b0, b1;
+        if constexpr (kPrefetchX) {
+          b0 = c.xb[u][step][t][0];
+          b1 = c.xb[u][step][t][1];
+        } else {
+          x_fragment<kFull>(b0, b1, xb + (xo[t] + kt * 32), step, kt * 64, tig, K);
         }
+        mma<T>(kScaleAfter ? tmp[t] : acc[t], a, b0, b1);
       }
+    }
+    if (kScaleAfter) {
+      // The last group the tile's steps touched: half 1 only if a step of it ran.
+      const bool h1 = !same && (kFull || kt * 64 + 32 < K);
+      add_scaled(acc, tmp, h1 ? p1.fs_lo : p0.fs_lo, h1 ? p1.fs_hi : p0.fs_hi);
     }
   }
 }
@@ -429,27 +490,36 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   };
 
   float acc[NT][4];
-  const uint32_t* xrow[NT];  // this lane's rows of x (batch rows t*8 + g) as 32-bit pairs
+  // This lane's rows of x (batch rows t*8 + g; past M: row 0) as offsets, in 32-bit pairs, from xb.
+  const uint32_t* xb = reinterpret_cast<const uint32_t*>(x) + tig;
+  int xo[NT];
 #pragma unroll
   for (int t = 0; t < NT; ++t) {
     acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
-    const int m = t * 8 + g;
-    xrow[t] = m < M ? reinterpret_cast<const uint32_t*>(x + static_cast<size_t>(m) * K) : nullptr;
+    xo[t] = (t * 8 + g < M ? t * 8 + g : 0) * (K >> 1);
   }
 
-  // Each warp sweeps K tiles warp, warp + kWarps, ... in chunks of kU tiles, loading the next chunk
-  // while it computes the current one (two register buffers, used in turn).
+  // Each warp sweeps the full K tiles warp, warp + kWarps, ... in chunks of kU tiles, loading the next
+  // chunk while it computes the current one (two register buffers, used in turn); a short last tile
+  // (K % 64 != 0) comes after the sweep, so the sweep needs no bounds checks.
   constexpr int stride = kWarps * kU;
   Chunk<T, BITS, NT, kU, kPrefetchX> ca, cb;
   const bool hz = zp != nullptr;
-  if (warp < Tk) load_chunk(ca, warp, Tk, qtile, sc, zp, xrow, K, op.group_size, g, tig);
-  for (int kt0 = warp; kt0 < Tk; kt0 += 2 * stride) {
-    if (kt0 + stride < Tk) load_chunk(cb, kt0 + stride, Tk, qtile, sc, zp, xrow, K, op.group_size, g, tig);
+  const GroupIndex gi(op.group_size, K);
+  const int Tf = K >> 6;
+  if (warp < Tf) load_chunk<true>(ca, warp, Tf, qtile, sc, zp, xb, xo, K, gi, g, tig);
+  for (int kt0 = warp; kt0 < Tf; kt0 += 2 * stride) {
+    if (kt0 + stride < Tf) load_chunk<true>(cb, kt0 + stride, Tf, qtile, sc, zp, xb, xo, K, gi, g, tig);
     if (!staged) stage_ortho();
-    compute_chunk(acc, ca, kt0, Tk, xrow, K, hz, tig);
-    if (kt0 + stride >= Tk) break;
-    if (kt0 + 2 * stride < Tk) load_chunk(ca, kt0 + 2 * stride, Tk, qtile, sc, zp, xrow, K, op.group_size, g, tig);
-    compute_chunk(acc, cb, kt0 + stride, Tk, xrow, K, hz, tig);
+    compute_chunk<true>(acc, ca, kt0, Tf, xb, xo, K, hz, gi.same, tig);
+    if (kt0 + stride >= Tf) break;
+    if (kt0 + 2 * stride < Tf) load_chunk<true>(ca, kt0 + 2 * stride, Tf, qtile, sc, zp, xb, xo, K, gi, g, tig);
+    compute_chunk<true>(acc, cb, kt0 + stride, Tf, xb, xo, K, hz, gi.same, tig);
+  }
+  if (Tf < Tk && warp == Tf % kWarps) {
+    Chunk<T, BITS, NT, 1, kPrefetchX> ct;
+    load_chunk<false>(ct, Tf, Tk, qtile, sc, zp, xb, xo, K, gi, g, tig);
+    compute_chunk<false>(acc, ct, Tf, Tk, xb, xo, K, hz, gi.same, tig);
   }
 
   // C fragment: c0,c1 -> row g, batch columns 2*tig, 2*tig+1; c2,c3 -> row g+8.
