@@ -77,6 +77,11 @@ def _arch_flags() -> list[str]:
     return [f"-gencode=arch=compute_{cc}{suffix},code=sm_{cc}{suffix}"]
 
 
+def _extra_flags() -> list[str]:
+    """More nvcc flags from $LIBORTHO_NVCC_FLAGS (e.g. -lineinfo for a source-level profile)."""
+    return os.environ.get("LIBORTHO_NVCC_FLAGS", "").split()
+
+
 def build(verbose: bool = False):
     """Build (or load from the cache) the extension; returns True when the CUDA kernels are usable."""
     if _state["ext"] is not None:
@@ -86,7 +91,7 @@ def build(verbose: bool = False):
     try:
         from torch.utils.cpp_extension import load
         _state["ext"] = load(name="libortho_cuda_v2", sources=[str(CSRC / "binding.cpp"), str(CSRC / "kernels.cu")],
-                             extra_cflags=["-O3"], extra_cuda_cflags=["-O3", *_arch_flags()],
+                             extra_cflags=["-O3"], extra_cuda_cflags=["-O3", *_arch_flags(), *_extra_flags()],
                              build_directory=str(build_dir()), verbose=verbose)
         return True
     except Exception as e:  # compiler missing, unsupported GPU, ...

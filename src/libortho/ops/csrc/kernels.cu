@@ -113,6 +113,7 @@ template <> struct Num<__nv_bfloat16> {
   __device__ static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
   __device__ static T2 pair(float a, float b) { return __floats2bfloat162_rn(a, b); }
   __device__ static T2 pair2(__nv_bfloat16 v) { return __halves2bfloat162(v, v); }
+  __device__ static __nv_bfloat16 bits(uint32_t u) { return __ushort_as_bfloat16(static_cast<unsigned short>(u)); }
 };
 template <> struct Num<__half> {
   using T2 = __half2;
@@ -122,6 +123,7 @@ template <> struct Num<__half> {
   __device__ static __half from(float v) { return __float2half_rn(v); }
   __device__ static T2 pair(float a, float b) { return __floats2half2_rn(a, b); }
   __device__ static T2 pair2(__half v) { return __halves2half2(v, v); }
+  __device__ static __half bits(uint32_t u) { return __ushort_as_half(static_cast<unsigned short>(u)); }
 };
 
 template <typename T2> __device__ inline uint32_t as_u32(T2 v) { return *reinterpret_cast<uint32_t*>(&v); }
@@ -250,19 +252,18 @@ struct GroupIndex {
   }
 };
 
-// Scales (or zeros) of the two 32-column halves of a tile for rows g and g+8.
+// Scales (or zeros) of the two 32-column halves of a tile for rows g and g+8, as raw 16-bit patterns each
+// in its own 32-bit register: held as T, two of them share a register and the merge (PRMT) waits for the
+// load right where it is issued (ncu: most of v1's stall samples sat on those merges).
 template <typename T>
-__device__ inline void load_tile_params(T (&p)[2][2], const T* base, int kt, const GroupIndex& gi, int g) {
-  const T* b0 = base + gi.of(kt * 64) * 16 + g;
-  p[0][0] = b0[0];
-  p[0][1] = b0[8];
-  if (gi.same) {
-    p[1][0] = p[0][0];
-    p[1][1] = p[0][1];
-  } else {
-    const T* b1 = base + gi.of(kt * 64 + 32) * 16 + g;
-    p[1][0] = b1[0];
-    p[1][1] = b1[8];
+__device__ inline void load_tile_params(uint32_t (&p)[2][2], const T* base, int kt, const GroupIndex& gi, int g) {
+  const unsigned short* b0 = reinterpret_cast<const unsigned short*>(base) + gi.of(kt * 64) * 16 + g;
+  p[0][0] = __ldg(b0);
+  p[0][1] = __ldg(b0 + 8);
+  if (!gi.same) {  // else half 1 is never read (compute_chunk uses half 0's); a copy here would wait too
+    const unsigned short* b1 = reinterpret_cast<const unsigned short*>(base) + gi.of(kt * 64 + 32) * 16 + g;
+    p[1][0] = __ldg(b1);
+    p[1][1] = __ldg(b1 + 8);
   }
 }
 
@@ -271,7 +272,7 @@ __device__ inline void load_tile_params(T (&p)[2][2], const T* base, int kt, con
 template <typename T, int BITS, int NT, int kU, bool kPrefetchX>
 struct Chunk {
   uint32_t w[kU][BITS];
-  T s[kU][2][2], z[kU][2][2];
+  uint32_t s[kU][2][2], z[kU][2][2];  // 16-bit patterns (see load_tile_params)
   uint32_t xb[kPrefetchX ? kU : 1][4][kPrefetchX ? NT : 1][2];
 };
 
@@ -341,8 +342,9 @@ __device__ inline void compute_chunk(float (&acc)[NT][4], const Chunk<T, BITS, N
     const int kt = kt0 + u * kWarps;
     if (kt >= Tk) break;
     auto params = [&](int h) {
-      return row_params<T, BITS>(c.s[u][h][0], c.s[u][h][1], has_zeros ? Num<T>::f(c.z[u][h][0]) : zdef,
-                                 has_zeros ? Num<T>::f(c.z[u][h][1]) : zdef);
+      return row_params<T, BITS>(Num<T>::bits(c.s[u][h][0]), Num<T>::bits(c.s[u][h][1]),
+                                 has_zeros ? Num<T>::f(Num<T>::bits(c.z[u][h][0])) : zdef,
+                                 has_zeros ? Num<T>::f(Num<T>::bits(c.z[u][h][1])) : zdef);
     };
     const RowParams<T> p0 = params(0);
     RowParams<T> p1 = p0;
@@ -377,33 +379,89 @@ __device__ inline void compute_chunk(float (&acc)[NT][4], const Chunk<T, BITS, N
 }
 
 // Adds this thread's run [run_b, run_e) of ortho entries times x (M <= MR rows) into orth (16 rows of
-// `stride` floats), summing in registers and flushing once per CSR row the run touches.
+// `stride` floats, zeroed). Runs are contiguous and ordered by thread, so a row strictly inside a run is
+// this thread's alone (a plain store); only the first and last rows of runs are shared. For MR <= 16 those
+// are added up across the warp by a segmented scan on the (sorted) row keys, and only segments that may
+// continue into a neighbouring warp use atomics: shared-memory float atomics are compare-and-swap loops,
+// and 16 threads per row spinning on one address were most of the alpha = 1 stall samples in ncu.
 template <int MR, typename T, class ColAt, class ValAt>
 __device__ inline void ortho_run(float* orth, int stride, const int* rp, int run_b, int run_e, const T* x, int K,
                                  int M, ColAt col_at, ValAt val_at) {
-  float part[MR];
+  constexpr bool kScan = MR <= 16;
+  float part[MR], first[MR];
 #pragma unroll
-  for (int m = 0; m < MR; ++m) part[m] = 0.f;
+  for (int m = 0; m < MR; ++m) part[m] = first[m] = 0.f;
   int row = 0;
 #pragma unroll
   for (int i = 1; i < 16; ++i) row += (rp[i] <= run_b);
+  const int row0 = row;
   for (int e = run_b; e < run_e; ++e) {
     const int c = col_at(e);
     const float v = val_at(e);
     if (e >= rp[row + 1]) {
 #pragma unroll
-      for (int m = 0; m < MR; ++m)
-        if (m < M) atomicAdd(&orth[row * stride + m], part[m]), part[m] = 0.f;
+      for (int m = 0; m < MR; ++m) {
+        if (!kScan) {
+          if (m < M) atomicAdd(&orth[row * stride + m], part[m]);
+        } else if (row == row0) {
+          first[m] = part[m];
+        } else if (m < M) {
+          orth[row * stride + m] = part[m];
+        }
+        part[m] = 0.f;
+      }
       while (e >= rp[row + 1]) ++row;
     }
 #pragma unroll
     for (int m = 0; m < MR; ++m)
       if (m < M) part[m] += v * Num<T>::f(x[static_cast<size_t>(m) * K + c]);
   }
-  if (run_b < run_e)
+  if constexpr (!kScan) {
+    if (run_b < run_e)
+#pragma unroll
+      for (int m = 0; m < MR; ++m)
+        if (m < M) atomicAdd(&orth[row * stride + m], part[m]);
+    return;
+  }
+  const int lane = threadIdx.x & 31;
+  int key = run_b < run_e ? row : 16;               // row of the last partial (16: empty run)
+  const int fkey = run_b < run_e && row != row0 ? row0 : -1;  // row of the first partial, if separate
+  // The next lane's first partial continues this lane's last row: fold it in.
+  const int nk = __shfl_down_sync(0xffffffffu, fkey, 1);
+#pragma unroll
+  for (int m = 0; m < MR; ++m) {
+    const float nv = __shfl_down_sync(0xffffffffu, first[m], 1);
+    if (lane < 31 && nk >= 0 && nk == key) part[m] += nv;
+  }
+  // A first partial not folded into the previous lane: its row began and ended in this run, unless this
+  // is lane 0 (the row may come from the previous warp).
+  const int pk = __shfl_up_sync(0xffffffffu, key, 1);
+  if (fkey >= 0 && (lane == 0 || pk != fkey))
 #pragma unroll
     for (int m = 0; m < MR; ++m)
-      if (m < M) atomicAdd(&orth[row * stride + m], part[m]);
+      if (m < M) {
+        if (lane == 0) atomicAdd(&orth[fkey * stride + m], first[m]);
+        else orth[fkey * stride + m] = first[m];
+      }
+  // Segmented inclusive scan of the last partials: equal keys are adjacent (runs are ordered).
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const int k2 = __shfl_up_sync(0xffffffffu, key, off);
+#pragma unroll
+    for (int m = 0; m < MR; ++m) {
+      const float v2 = __shfl_up_sync(0xffffffffu, part[m], off);
+      if (lane >= off && k2 == key) part[m] += v2;
+    }
+  }
+  const int next = __shfl_down_sync(0xffffffffu, key, 1);
+  const bool shared = __shfl_sync(0xffffffffu, key, 0) == key || lane == 31;  // may span warps
+  if (key < 16 && (lane == 31 || next != key))
+#pragma unroll
+    for (int m = 0; m < MR; ++m)
+      if (m < M) {
+        if (shared) atomicAdd(&orth[key * stride + m], part[m]);
+        else orth[key * stride + m] = part[m];
+      }
 }
 
 // Column of CSR entry e (int16 or int32 column indices).
