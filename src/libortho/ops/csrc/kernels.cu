@@ -236,7 +236,7 @@ __device__ inline void dequant_step(uint32_t (&a)[4], const uint32_t (&w)[BITS],
 // Group of a column, computed once per tile. Every supported group size is a multiple of 32 or the whole
 // row, so steps {0,1} of a tile share a group and so do steps {2,3}; when the size is a multiple of 64
 // (or the whole row) all four do. A power of two is a shift: the integer division it replaces cost ~20
-// instructions per tile half in a loop that is issue-bound.
+// instructions per tile half in the hot loop.
 struct GroupIndex {
   int shift;  // log2(group size) for a power of two, 31 for one group per row, -1: divide
   int size, K;
