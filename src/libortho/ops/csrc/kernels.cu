@@ -508,8 +508,9 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   // flattened and cut into equal contiguous runs, one per thread, whatever the row lengths (a dense
   // row costs its tile no more than the same count spread over rows). Their columns and values (the
   // first kStage of the block) are copied to shared memory by cp.async once both weight chunks are in
-  // flight: no registers held through the main loop, no load left to wait for after it. Nothing before
-  // that waits on a row pointer (it would hold back the weight chunks by one memory latency).
+  // flight: no registers held through the main loop, no load left to wait for after it. Known cost: the
+  // compiler moves the block-uniform e_lo / e_hi to uniform registers right after their loads below, and
+  // that move waits for them before the first weight load goes out (ncu, alpha = 1: 40 stall samples).
   const bool ortho = op.alpha != 0.f && op.nnz > 0;
   int e_lo = 0, e_hi = 0, my_rp = 0, st_base = 0, st_n = 0;
   if (ortho) {
@@ -597,7 +598,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   if (ortho) {
     // This thread's run, its per-row loops sized to M (rounded up to 1, 2, 4, 8 within the kernel's MT):
     // loops over all MT padded rows cost ~200 instructions per entry at M = 1 (ncu: alpha 1 issued ~10k
-    // more warp instructions per SM than alpha 0 at 4096x4096, 1 %) in a kernel that is issue-bound.
+    // more warp instructions per SM than alpha 0 at 4096x4096, 1 %).
     const int per = (e_hi - e_lo + blockDim.x - 1) / blockDim.x;
     const int run_b = e_lo + threadIdx.x * per, run_e = min(run_b + per, e_hi);
     auto run = [&](auto mr) {
@@ -724,8 +725,8 @@ __global__ void __launch_bounds__(kWarps * 32) dequant_merge_kernel(Operands op,
 }
 
 // INT4 at M <= 8 on a grid of >= 3 blocks per SM (N >= ~6.3k on an H100/H200): one K tile per chunk and
-// 3 blocks per SM beat the default by 8-12 % (benchmarks/results/v1-configs-H200.json: 11008x4096 and
-// 14336x4096); on grids of <= 2 blocks per SM the default is as fast or faster.
+// 3 blocks per SM beat the default by 13-15 % at M = 1 (benchmarks/results/v1-configs-H200.json: 11008x4096
+// and 14336x4096); on grids of <= 2 blocks per SM the default is as fast or faster.
 inline bool v1_tall(const Operands& op, int M) {
   return M <= 8 && (op.N + 15) / 16 >= 3 * device_info().sms;
 }
