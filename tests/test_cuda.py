@@ -116,6 +116,31 @@ def test_tall_grid_configuration(n, m, gs, sym, dtype):
         assert rel_err(layer(x), reference64(layer, x, alpha)) < TOL[dtype]
 
 
+V1_CONFIGS = 6  # kernels.cu fused_cfg_dispatch (benchmarks/probes/v1_configs.py names them)
+
+
+@pytest.mark.parametrize("cfg", range(V1_CONFIGS))
+@pytest.mark.parametrize("n,k,gs,sym,dtype", [(200, 1000, 128, False, torch.bfloat16),   # short last K tile
+                                              (300, 4096, 64, True, torch.float16),
+                                              (129, 576, -1, False, torch.bfloat16),     # one group per row
+                                              (64, 1024, 32, False, torch.float16),      # two groups per tile
+                                              (4096, 4096, 128, False, torch.bfloat16)])
+def test_every_v1_configuration(cfg, n, k, gs, sym, dtype):
+    """Each v1 tuning configuration (register chunks or the shared-memory ring) against float64, M 1..8."""
+    gen = torch.Generator(device="cuda").manual_seed(cfg * 7 + n)
+    layer = make_layer(n, k, 4, gs, sym, 0.02, dtype, gen)
+    ext = cuda_backend.extension()
+    for m in (1, 3, 8):
+        x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+        for alpha in (0.0, 1.0):
+            poison_allocator()
+            y = cuda_backend._checked(ext.fused_small_m_cfg(
+                x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values, None,
+                alpha, 4, quant.effective_group_size(layer.group_size, k), n, k, cfg), f"config {cfg}")
+            ref = reference64(layer, x, alpha) - layer.bias.double()
+            assert rel_err(y, ref) < TOL[dtype], (cfg, m, alpha)
+
+
 @pytest.mark.parametrize("case", ["int32-columns", "more-than-staged", "odd-nnz", "misaligned-csr"])
 @pytest.mark.parametrize("m", [1, 6, 16, 40])
 def test_ortho_staging_edge_cases(case, m):

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from libortho.eval.bench_kernels import _clone_layer, _copies, _layer_bytes, _ortho_layer, _torch_int4, card_name, time_rotating
 from libortho.ops import cuda as cuda_ops
 
-CONFIGS = ["kU2 pfx min2 (short grids)", "kU1 pfx min3 (tall grids)", "kU1 pfx min2"]
+CONFIGS = ["kU2 pfx min2 (short grids)", "kU1 pfx min3 (tall grids)", "kU1 pfx min2",
+           "ring6 min2", "ring6 min3", "ring4 min3"]  # ring: weights via a shared-memory ring (kStages)
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (1024, 4096)]
 
 

@@ -470,13 +470,88 @@ __device__ inline int col_at(const Operands& op, int e) {
 }
 
 // Tuning knobs of the v1 kernel (benchmarks/probes/v1_configs.py times alternatives): K tiles per chunk
-// (two chunks in flight), whether x fragments are fetched with the chunk, and the occupancy floor.
-template <int kU_, bool kPrefetchX_, int kMinBlocks_>
+// (two chunks in flight), whether x fragments are fetched with the chunk, the occupancy floor, and
+// kStages > 0: INT4 weights, scales and zeros come through a per-warp ring of kStages tiles in shared
+// memory filled by cp.async (kStages - 1 tiles in flight without holding registers; see ring_sweep).
+template <int kU_, bool kPrefetchX_, int kMinBlocks_, int kStages_ = 0>
 struct V1Cfg {
   static constexpr int kU = kU_;
   static constexpr bool kPrefetchX = kPrefetchX_;
   static constexpr int kMinBlocks = kMinBlocks_;
+  static constexpr int kStages = kStages_;
 };
+
+// One warp's full INT4 tiles (warp, warp + kWarps, ...; nt of them) through a ring of S slots in shared
+// memory: each slot holds the tile's 512 weight bytes (16 per lane) and the 16 scales and 16 zeros of its
+// group (tiles of one group only: the caller checks GroupIndex::same). Tile j + S - 1 is requested while
+// tile j is computed, so S - 1 tiles are in flight with no registers held for them; x fragments (L2 hits)
+// are loaded one tile ahead into registers. `on_first` runs once, after the first requests (the ortho
+// staging, whose cp.async group then sits among the ring's: the waits stay correct, one tile less deep).
+template <int S, typename T, int NT, bool kPrefetchX, class OnFirst>
+__device__ inline void ring_sweep(float (&acc)[NT][4], uint4 (&wring)[S][32], uint32_t (&pring)[S][16], int nt,
+                                  int warp, int lane, const int32_t* qtile, const T* sc, const T* zp,
+                                  const uint32_t* xb, const int (&xo)[NT], int K, const GroupIndex& gi, int g,
+                                  int tig, OnFirst on_first) {
+  // Requests advance with running pointers and slot counters (no index arithmetic per tile).
+  const T* pbase = lane < 2 ? sc : zp;  // lanes 0-1: the 16 scales, 2-3: the 16 zeros (32 bytes each)
+  const bool pcopy = lane < 4 && pbase != nullptr;
+  pbase += (lane & 1) * 8;
+  const int32_t* qn = qtile + static_cast<size_t>(warp) * 32 * 4;
+  int jn = 0, sn = 0, ktn = warp;
+  auto issue = [&]() {
+    if (jn < nt) {
+      cp_async16(&wring[sn][lane], qn, true);
+      if (pcopy) cp_async16(&pring[sn][lane * 4], pbase + gi.of(ktn * 64) * 16, true);
+    }
+    cp_commit();  // an empty group past the end keeps the count of pending groups uniform
+    ++jn;
+    ktn += kWarps;
+    qn += kWarps * 32 * 4;
+    sn = sn + 1 == S ? 0 : sn + 1;
+  };
+  auto load_x = [&](Chunk<T, 4, NT, 1, kPrefetchX>& c, int j) {
+    if constexpr (kPrefetchX) {
+      const int kt = warp + j * kWarps;
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int step = 0; step < 4; ++step)
+          x_fragment<true>(c.xb[0][step][t][0], c.xb[0][step][t][1], xb + (xo[t] + kt * 32), step, kt * 64, tig, K);
+    }
+  };
+  const bool hz = zp != nullptr;
+  int slot = 0;
+  // Tile j from its slot into cur (x fragments already there), the next tile's x into nxt, then the math.
+  auto step = [&](int j, Chunk<T, 4, NT, 1, kPrefetchX>& cur, Chunk<T, 4, NT, 1, kPrefetchX>& nxt) {
+    issue();
+    cp_wait<S - 1>();
+    __syncwarp();
+    const uint4 w = wring[slot][lane];
+    cur.w[0][0] = w.x; cur.w[0][1] = w.y; cur.w[0][2] = w.z; cur.w[0][3] = w.w;
+    const unsigned short* ps = reinterpret_cast<const unsigned short*>(pring[slot]);
+    cur.s[0][0][0] = ps[g];
+    cur.s[0][0][1] = ps[g + 8];
+    if (hz) {
+      cur.z[0][0][0] = ps[16 + g];
+      cur.z[0][0][1] = ps[24 + g];
+    }
+    if (j + 1 < nt) load_x(nxt, j + 1);
+    const int kt = warp + j * kWarps;
+    compute_chunk<true>(acc, cur, kt, kt + 1, xb, xo, K, hz, true, tig);
+    __syncwarp();  // every lane has read the slot before tile j + S refills it
+    slot = slot + 1 == S ? 0 : slot + 1;
+  };
+#pragma unroll
+  for (int j = 0; j < S - 1; ++j) issue();
+  on_first();
+  Chunk<T, 4, NT, 1, kPrefetchX> ca, cb;  // used in turn (no register copies of the x fragments)
+  if (nt > 0) load_x(ca, 0);
+  for (int j = 0; j < nt; j += 2) {
+    step(j, ca, cb);
+    if (j + 1 >= nt) break;
+    step(j + 1, cb, ca);
+  }
+}
 template <int NT> using V1Default = V1Cfg<NT == 1 ? 2 : 1, NT <= 2, 2>;
 
 template <typename T, int BITS, int NT, class Cfg = V1Default<NT>>
@@ -566,8 +641,19 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   const bool hz = zp != nullptr;
   const GroupIndex gi(op.group_size, K);
   const int Tf = K >> 6;
-  if (warp < Tf) load_chunk<true>(ca, warp, Tf, qtile, sc, zp, xb, xo, K, gi, g, tig);
-  for (int kt0 = warp; kt0 < Tf; kt0 += 2 * stride) {
+  bool swept = false;
+  if constexpr (Cfg::kStages > 0 && BITS == 4) {
+    __shared__ __align__(16) uint4 wring[kWarps][Cfg::kStages][32];
+    __shared__ __align__(16) uint32_t pring[kWarps][Cfg::kStages][16];
+    if (gi.same) {
+      const int nt = warp < Tf ? (Tf - warp + kWarps - 1) / kWarps : 0;
+      ring_sweep<Cfg::kStages, T, NT, kPrefetchX>(acc, wring[warp], pring[warp], nt, warp, lane, qtile, sc, zp, xb,
+                                                 xo, K, gi, g, tig, [&] { if (!staged) stage_ortho(); });
+      swept = true;
+    }
+  }
+  if (!swept && warp < Tf) load_chunk<true>(ca, warp, Tf, qtile, sc, zp, xb, xo, K, gi, g, tig);
+  for (int kt0 = warp; !swept && kt0 < Tf; kt0 += 2 * stride) {
     if (kt0 + stride < Tf) load_chunk<true>(cb, kt0 + stride, Tf, qtile, sc, zp, xb, xo, K, gi, g, tig);
     if (!staged) stage_ortho();
     compute_chunk<true>(acc, ca, kt0, Tf, xb, xo, K, hz, gi.same, tig);
@@ -773,6 +859,10 @@ cudaError_t fused_cfg_dispatch(const Operands& op, const void* x, const void* bi
     case 0: return launch_v1<T>(fused_small_m_kernel<T, 4, 1, V1Cfg<2, true, 2>>, op, x, bias, out, M, s);  // short grids
     case 1: return launch_v1<T>(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 3>>, op, x, bias, out, M, s);  // tall grids
     case 2: return launch_v1<T>(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 2>>, op, x, bias, out, M, s);
+    // weights through a per-warp shared-memory ring (ring_sweep)
+    case 3: return launch_v1<T>(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 2, 6>>, op, x, bias, out, M, s);
+    case 4: return launch_v1<T>(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 3, 6>>, op, x, bias, out, M, s);
+    case 5: return launch_v1<T>(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 3, 4>>, op, x, bias, out, M, s);
     default: return cudaErrorInvalidValue;
   }
 }
