@@ -116,7 +116,7 @@ def test_tall_grid_configuration(n, m, gs, sym, dtype):
         assert rel_err(layer(x), reference64(layer, x, alpha)) < TOL[dtype]
 
 
-V1_CONFIGS = 6  # kernels.cu fused_cfg_dispatch (benchmarks/probes/v1_configs.py names them)
+V1_CONFIGS = 8  # kernels.cu fused_cfg_dispatch (benchmarks/probes/v1_configs.py names them); 6-7: M <= 16
 
 
 @pytest.mark.parametrize("cfg", range(V1_CONFIGS))
@@ -126,11 +126,11 @@ V1_CONFIGS = 6  # kernels.cu fused_cfg_dispatch (benchmarks/probes/v1_configs.py
                                               (64, 1024, 32, False, torch.float16),      # two groups per tile
                                               (4096, 4096, 128, False, torch.bfloat16)])
 def test_every_v1_configuration(cfg, n, k, gs, sym, dtype):
-    """Each v1 tuning configuration (register chunks or the shared-memory ring) against float64, M 1..8."""
+    """Each v1 tuning configuration (register chunks or the shared-memory ring) against float64, M 1..8 (16)."""
     gen = torch.Generator(device="cuda").manual_seed(cfg * 7 + n)
     layer = make_layer(n, k, 4, gs, sym, 0.02, dtype, gen)
     ext = cuda_backend.extension()
-    for m in (1, 3, 8):
+    for m in (1, 3, 8) + ((9, 16) if cfg >= 6 else ()):
         x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
         for alpha in (0.0, 1.0):
             poison_allocator()

@@ -1,6 +1,6 @@
 """Tuning probe of the v1 decode kernel (GPU machine): each configuration of kernels.cu's fused_cfg_dispatch
 (K tiles per chunk, x fragments fetched with the chunk or not, occupancy floor) checked against a float64
-reference and timed at M = 1, 4, 8 in the kernel bench's harness (CUDA graph of back-to-back calls over
+reference and timed at M = 1, 4, 8, 16 (each where the configuration supports it) in the kernel bench's harness (CUDA graph of back-to-back calls over
 weight copies beyond 4x L2, median per call), next to bf16 F.linear and torch's int4 kernel.
 
     PYTHONPATH=src python benchmarks/probes/v1_configs.py     # writes benchmarks/results/v1-configs-<card>.json
@@ -19,7 +19,9 @@ from libortho.eval.bench_kernels import _clone_layer, _copies, _layer_bytes, _or
 from libortho.ops import cuda as cuda_ops
 
 CONFIGS = ["kU2 pfx min2 (short grids)", "kU1 pfx min3 (tall grids)", "kU1 pfx min2",
-           "ring6 min2", "ring6 min3", "ring4 min3"]  # ring: weights via a shared-memory ring (kStages)
+           "ring6 min2", "ring6 min3", "ring4 min3",  # ring: weights via a shared-memory ring (kStages)
+           "m16 default", "m16 ring5 min2"]           # the M <= 16 kernel (two n8 column blocks)
+MAX_M = [8] * 6 + [16] * 2
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (1024, 4096)]
 
 
@@ -40,7 +42,7 @@ def rel_err(layer, x, alpha, y) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None)
-    ap.add_argument("--m", type=int, nargs="*", default=[1, 4, 8])
+    ap.add_argument("--m", type=int, nargs="*", default=[1, 4, 8, 16])
     ap.add_argument("--replays", type=int, default=15)
     args = ap.parse_args()
     assert cuda_ops.build(), cuda_ops._state["error"]
@@ -62,16 +64,19 @@ def main() -> None:
                 packs = [int4[0]] + [int4[0].clone() for _ in range(nq - 1)]
                 row["torch_int4_us"] = time_rotating(
                     [lambda p=p: torch.ops.aten._weight_int4pack_mm(x, p, 128, int4[1]) for p in packs], args.replays, calls)
+            names = [c for c, mm in zip(CONFIGS, MAX_M) if m <= mm]
             for cfg, name in enumerate(CONFIGS):
+                if name not in names:
+                    continue
                 errs = [rel_err(base, x, a, call(ext, base, x, a, cfg)) for a in (0.0, 1.0)]
                 t = [time_rotating([lambda lay=lay, a=a: call(ext, lay, x, a, cfg) for lay in layers], args.replays, calls)
                      for a in (0.0, 1.0)]
                 row[name] = {"alpha0_us": t[0], "alpha1_us": t[1], "rel_err": max(errs), "ok": max(errs) < 1.6e-2}
             rows.append(row)
-            best = min(CONFIGS, key=lambda c: row[c]["alpha0_us"] if row[c]["ok"] else float("inf"))
+            best = min(names, key=lambda c: row[c]["alpha0_us"] if row[c]["ok"] else float("inf"))
             print(f"{n}x{k} M={m}: bf16 {row['bf16_us']:.2f} us, int4 {row.get('torch_int4_us', float('nan')):.2f}; "
                   + "; ".join(f"{c.split(' (')[0]} {row[c]['alpha0_us']:.2f}/{row[c]['alpha1_us']:.2f}"
-                              + ("" if row[c]["ok"] else " WRONG") for c in CONFIGS)
+                              + ("" if row[c]["ok"] else " WRONG") for c in names)
                   + f"; best alpha0: {best}", flush=True)
     out = Path(args.out or f"benchmarks/results/v1-configs-{card_name()}.json")
     out.write_text(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__,

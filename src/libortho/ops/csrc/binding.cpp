@@ -103,7 +103,7 @@ Result fused_cfg(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
                  const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                  const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
                  int64_t group_size, int64_t N, int64_t K, int64_t cfg) {
-  return small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, false, 8,
+  return small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, false, 16,
                  [cfg](const libortho::Operands& op, const void* xp, const void* bp, void* out, int M, cudaStream_t s) {
                    return libortho::launch_fused_small_m_cfg(op, xp, bp, out, M, static_cast<int>(cfg), s);
                  });
@@ -127,6 +127,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_small_m", &fused<&libortho::launch_fused_small_m>, "(x @ deq(Q)^T + alpha x @ S^T + bias, error code), 1 <= M <= 64; last argument: PDL (v1)");
   m.def("fused_small_m_v2", &fused<&libortho::launch_fused_small_m_v2>, "the same by the v2 decode kernel (LIBORTHO_DECODE_KERNEL=v2)");
   m.def("fused_small_m_v3", &fused<&libortho::launch_fused_small_m_v3>, "the same by the v3 decode kernel (LIBORTHO_DECODE_KERNEL=v3)");
-  m.def("fused_small_m_cfg", &fused_cfg, "v1 with a tuning configuration (INT4, M <= 8; benchmarks/probes/v1_configs.py)");
+  m.def("fused_small_m_cfg", &fused_cfg, "v1 with a tuning configuration (INT4, M <= 8 or 16; benchmarks/probes/v1_configs.py)");
   m.def("dequant_merge", &dequant_merge, "(W = deq(Q) + alpha S as a dense matrix, error code)");
 }

@@ -850,11 +850,11 @@ cudaError_t fused_dispatch_nt(const Operands& op, const void* x, const void* bia
   return launch_v1<T>(kernel, op, x, bias, out, M, s);
 }
 
-// The v1 configurations the tuning probe times (M <= 8, INT4): index -> V1Cfg.
+// The v1 configurations the tuning probe times (INT4; M <= 8, configurations 6-7 M <= 16): index -> V1Cfg.
 template <typename T>
 cudaError_t fused_cfg_dispatch(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
                                cudaStream_t s) {
-  if (op.bits != 4 || M > 8) return cudaErrorInvalidValue;
+  if (op.bits != 4 || M > (cfg >= 6 ? 16 : 8)) return cudaErrorInvalidValue;
   switch (cfg) {
     case 0: return launch_v1<T>(fused_small_m_kernel<T, 4, 1, V1Cfg<2, true, 2>>, op, x, bias, out, M, s);  // short grids
     case 1: return launch_v1<T>(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 3>>, op, x, bias, out, M, s);  // tall grids
@@ -863,6 +863,9 @@ cudaError_t fused_cfg_dispatch(const Operands& op, const void* x, const void* bi
     case 3: return launch_v1<T>(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 2, 6>>, op, x, bias, out, M, s);
     case 4: return launch_v1<T>(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 3, 6>>, op, x, bias, out, M, s);
     case 5: return launch_v1<T>(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 3, 4>>, op, x, bias, out, M, s);
+    // M <= 16 (two n8 column blocks): the default, and the ring
+    case 6: return launch_v1<T>(fused_small_m_kernel<T, 4, 2, V1Cfg<1, true, 2>>, op, x, bias, out, M, s);
+    case 7: return launch_v1<T>(fused_small_m_kernel<T, 4, 2, V1Cfg<1, true, 2, 5>>, op, x, bias, out, M, s);  // 6 slots: > 48 KB static
     default: return cudaErrorInvalidValue;
   }
 }

@@ -24,7 +24,7 @@ struct Operands {
 cudaError_t launch_fused_small_m(const Operands& op, const void* x, const void* bias, void* out, int M,
                                  cudaStream_t stream);
 
-// The same product by one of the v1 tuning configurations (INT4, M <= 8; see fused_cfg_dispatch).
+// The same product by one of the v1 tuning configurations (INT4, M <= 8 or 16; see fused_cfg_dispatch).
 cudaError_t launch_fused_small_m_cfg(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
                                      cudaStream_t stream);
 
