@@ -378,15 +378,16 @@ __device__ inline void compute_chunk(float (&acc)[NT][4], const Chunk<T, BITS, N
   }
 }
 
-// Adds this thread's run [run_b, run_e) of ortho entries times x (M <= MR rows) into orth (16 rows of
-// `stride` floats, zeroed). Runs are contiguous and ordered by thread, so a row strictly inside a run is
-// this thread's alone (a plain store); only the first and last rows of runs are shared. For MR <= 16 those
-// are added up across the warp by a segmented scan on the (sorted) row keys, and only segments that may
-// continue into a neighbouring warp use atomics: shared-memory float atomics are compare-and-swap loops,
-// and 16 threads per row spinning on one address were most of the alpha = 1 stall samples in ncu.
+// Adds alpha * this thread's run [run_b, run_e) of ortho entries times x (M <= MR rows) into out, the
+// warp's own 16 rows of `stride` partial sums (red[warp]; the epilogue adds the warps up). Runs are
+// contiguous and ordered by thread, so within a warp a row strictly inside a run is one thread's, and the
+// first and last rows of runs are added up by a segmented scan on the (sorted) row keys: every row then
+// gets one plain add from one lane, and rows shared with other warps land in their own slots. No atomics
+// (shared-memory float atomics are compare-and-swap loops) and no block barrier before the epilogue's.
+// MR > 16 (too many registers for the scan) adds each row partial with an atomic.
 template <int MR, typename T, class ColAt, class ValAt>
-__device__ inline void ortho_run(float* orth, int stride, const int* rp, int run_b, int run_e, const T* x, int K,
-                                 int M, ColAt col_at, ValAt val_at) {
+__device__ inline void ortho_run(float* out, int stride, const int* rp, int run_b, int run_e, const T* x, int K,
+                                 int M, float alpha, ColAt col_at, ValAt val_at) {
   constexpr bool kScan = MR <= 16;
   float part[MR], first[MR];
 #pragma unroll
@@ -402,11 +403,11 @@ __device__ inline void ortho_run(float* orth, int stride, const int* rp, int run
 #pragma unroll
       for (int m = 0; m < MR; ++m) {
         if (!kScan) {
-          if (m < M) atomicAdd(&orth[row * stride + m], part[m]);
+          if (m < M) atomicAdd(&out[row * stride + m], alpha * part[m]);
         } else if (row == row0) {
           first[m] = part[m];
         } else if (m < M) {
-          orth[row * stride + m] = part[m];
+          out[row * stride + m] += alpha * part[m];
         }
         part[m] = 0.f;
       }
@@ -420,11 +421,11 @@ __device__ inline void ortho_run(float* orth, int stride, const int* rp, int run
     if (run_b < run_e)
 #pragma unroll
       for (int m = 0; m < MR; ++m)
-        if (m < M) atomicAdd(&orth[row * stride + m], part[m]);
+        if (m < M) atomicAdd(&out[row * stride + m], alpha * part[m]);
     return;
   }
   const int lane = threadIdx.x & 31;
-  int key = run_b < run_e ? row : 16;               // row of the last partial (16: empty run)
+  int key = run_b < run_e ? row : 16;                         // row of the last partial (16: empty run)
   const int fkey = run_b < run_e && row != row0 ? row0 : -1;  // row of the first partial, if separate
   // The next lane's first partial continues this lane's last row: fold it in.
   const int nk = __shfl_down_sync(0xffffffffu, fkey, 1);
@@ -433,16 +434,12 @@ __device__ inline void ortho_run(float* orth, int stride, const int* rp, int run
     const float nv = __shfl_down_sync(0xffffffffu, first[m], 1);
     if (lane < 31 && nk >= 0 && nk == key) part[m] += nv;
   }
-  // A first partial not folded into the previous lane: its row began and ended in this run, unless this
-  // is lane 0 (the row may come from the previous warp).
+  // A first partial not folded into the previous lane: no other lane of the warp has that row.
   const int pk = __shfl_up_sync(0xffffffffu, key, 1);
   if (fkey >= 0 && (lane == 0 || pk != fkey))
 #pragma unroll
     for (int m = 0; m < MR; ++m)
-      if (m < M) {
-        if (lane == 0) atomicAdd(&orth[fkey * stride + m], first[m]);
-        else orth[fkey * stride + m] = first[m];
-      }
+      if (m < M) out[fkey * stride + m] += alpha * first[m];
   // Segmented inclusive scan of the last partials: equal keys are adjacent (runs are ordered).
 #pragma unroll
   for (int off = 1; off < 32; off <<= 1) {
@@ -454,14 +451,10 @@ __device__ inline void ortho_run(float* orth, int stride, const int* rp, int run
     }
   }
   const int next = __shfl_down_sync(0xffffffffu, key, 1);
-  const bool shared = __shfl_sync(0xffffffffu, key, 0) == key || lane == 31;  // may span warps
   if (key < 16 && (lane == 31 || next != key))
 #pragma unroll
     for (int m = 0; m < MR; ++m)
-      if (m < M) {
-        if (shared) atomicAdd(&orth[key * stride + m], part[m]);
-        else orth[key * stride + m] = part[m];
-      }
+      if (m < M) out[key * stride + m] += alpha * part[m];
 }
 
 // Column of CSR entry e (int16 or int32 column indices).
@@ -562,11 +555,12 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   constexpr bool kPrefetchX = Cfg::kPrefetchX;  // activation fragments travel with the chunk
   constexpr int kU = Cfg::kU;                // K tiles per chunk; two chunks in flight (double buffer)
   constexpr int kStage = NT >= 8 ? 1024 : 2048;  // ortho entries a block stages in shared memory (rest: global)
-  __shared__ float red[kWarps][16][MT + 1];
-  __shared__ float orth[16][MT + 1];
-  __shared__ int rp[17];
-  __shared__ uint32_t st_col[kStage];      // staged column indices (int16 pairs or int32)
-  __shared__ uint32_t st_val[kStage / 2];  // staged values (pairs)
+  constexpr int kStageW = kStage / kWarps;  // per warp
+  __shared__ float red[kWarps][16][MT + 1];  // per-warp partial sums (base, then + alpha * ortho)
+  __shared__ int rpw[kWarps][17];            // the tile's row pointers, one copy per warp
+  __shared__ int wmeta[kWarps][3];           // the block's entry range and the warp's first staged entry
+  __shared__ uint32_t st_col[kWarps][kStageW];      // staged column indices (int16 pairs or int32)
+  __shared__ uint32_t st_val[kWarps][kStageW / 2];  // staged values (pairs)
 
   const int tn = blockIdx.x, n0 = tn * 16;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -583,49 +577,39 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   // flattened and cut into equal contiguous runs, one per thread, whatever the row lengths (a dense
   // row costs its tile no more than the same count spread over rows). Their columns and values (the
   // first kStage of the block) are copied to shared memory by cp.async once both weight chunks are in
-  // flight: no registers held through the main loop, no load left to wait for after it. Known cost: the
-  // compiler moves the block-uniform e_lo / e_hi to uniform registers right after their loads below, and
-  // that move waits for them before the first weight load goes out (ncu, alpha = 1: 40 stall samples).
+  // flight: no registers held through the main loop, no load left to wait for after it. Nothing before
+  // that waits on a row pointer (the block's entry range is read inside the staging, see stage_ortho).
   const bool ortho = op.alpha != 0.f && op.nnz > 0;
-  int e_lo = 0, e_hi = 0, my_rp = 0, st_base = 0, st_n = 0;
-  if (ortho) {
-    if (threadIdx.x <= 16) my_rp = op.row_ptr[min(n0 + static_cast<int>(threadIdx.x), N)];
-    for (int i = threadIdx.x; i < 16 * (MT + 1); i += blockDim.x) (&orth[0][0])[i] = 0.f;
-  }
+  int my_rp = 0;
+  const bool csr_aligned = (reinterpret_cast<uintptr_t>(op.col_idx) | reinterpret_cast<uintptr_t>(op.values)) % 4 == 0;
+  if (ortho && lane <= 16) my_rp = op.row_ptr[min(n0 + lane, N)];  // each warp keeps its own copy
   bool staged = !ortho;
   auto stage_ortho = [&]() {
     // The block's entry range is read here, after the weight loads: loaded at the top, the block-uniform
     // values went to uniform registers right away (R2UR), and that move waited for the loads before any
     // weight load was issued (ncu: 40 stall samples there at alpha = 1).
-    e_lo = op.row_ptr[n0];
-    e_hi = op.row_ptr[min(n0 + 16, N)];
-    // 4-byte copies from an even entry; the last word of an odd-length array is read half.
-    const bool aligned = (reinterpret_cast<uintptr_t>(op.col_idx) | reinterpret_cast<uintptr_t>(op.values)) % 4 == 0;
-    st_base = e_lo & ~1;
-    st_n = aligned ? min(e_hi - st_base, kStage) : 0;
+    // What the ortho runs need after the sweep goes to shared memory, not registers held through it.
+    const int e_lo = op.row_ptr[n0], e_hi = op.row_ptr[min(n0 + 16, N)];
+    const int per = (e_hi - e_lo + kWarps * 32 - 1) / (kWarps * 32);
+    // The warp's entries (its threads' runs), 4-byte copies from an even entry by its own lanes; the last
+    // word of an odd-length array is read half.
+    const int wb = min(e_lo + warp * 32 * per, e_hi), we = min(wb + 32 * per, e_hi);
+    const int st_base = wb & ~1;
+    const int st_n = csr_aligned ? min(we - st_base, kStageW) : 0;
+    if (lane == 0) wmeta[warp][0] = e_lo, wmeta[warp][1] = e_hi, wmeta[warp][2] = st_base;
     const int cw = op.col16 ? (st_n + 1) / 2 : st_n, vw = (st_n + 1) / 2;
-    for (int w = threadIdx.x; w < cw + vw; w += blockDim.x) {
+    for (int w = lane; w < cw + vw; w += 32) {
       const bool is_col = w < cw;
       const int e0 = st_base + (is_col ? (op.col16 ? 2 * (w) : w) : 2 * (w - cw));
       const bool two = !is_col || op.col16;  // 2-byte elements: the word holds entries e0, e0 + 1
       const int bytes = two && e0 + 1 >= op.nnz ? 2 : 4;
       const char* src = is_col ? static_cast<const char*>(op.col_idx) + static_cast<size_t>(e0) * (op.col16 ? 2 : 4)
                                : static_cast<const char*>(op.values) + static_cast<size_t>(e0) * 2;
-      cp_async4_part(is_col ? &st_col[w] : &st_val[w - cw], src, bytes);
+      cp_async4_part(is_col ? &st_col[warp][w] : &st_val[warp][w - cw], src, bytes);
     }
     cp_commit();
     staged = true;
   };
-  auto entry_col = [&](int e) {
-    const int i = e - st_base;
-    if (i >= st_n) return col_at(op, e);
-    return op.col16 ? static_cast<int>(reinterpret_cast<const int16_t*>(st_col)[i]) : static_cast<int>(st_col[i]);
-  };
-  auto entry_val = [&](int e) {
-    const int i = e - st_base;
-    return Num<T>::f(i < st_n ? reinterpret_cast<const T*>(st_val)[i] : static_cast<const T*>(op.values)[e]);
-  };
-
   float acc[NT][4];
   // This lane's rows of x (batch rows t*8 + g; past M: row 0) as offsets, in 32-bit pairs, from xb.
   const uint32_t* xb = reinterpret_cast<const uint32_t*>(x) + tig;
@@ -680,19 +664,29 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   }
   if (!staged) stage_ortho();  // a warp without K tiles
   if (ortho) {
-    if (threadIdx.x <= 16) rp[threadIdx.x] = my_rp;
+    // The warp adds alpha times its threads' runs into its own red slot, as soon as its sweep is done.
+    // Per-row loops sized to M (1, 2, 4, 8 within the kernel's MT): loops over all MT padded rows cost
+    // ~200 instructions per entry at M = 1 (ncu, 4096x4096, 1 %).
+    if (lane <= 16) rpw[warp][lane] = my_rp;
     cp_wait<0>();
-  }
-  __syncthreads();
-  if (ortho) {
-    // This thread's run, its per-row loops sized to M (rounded up to 1, 2, 4, 8 within the kernel's MT):
-    // loops over all MT padded rows cost ~200 instructions per entry at M = 1 (ncu: alpha 1 issued ~10k
-    // more warp instructions per SM than alpha 0 at 4096x4096, 1 %).
-    const int per = (e_hi - e_lo + blockDim.x - 1) / blockDim.x;
-    const int run_b = e_lo + threadIdx.x * per, run_e = min(run_b + per, e_hi);
+    __syncwarp();
+    const int e_lo = wmeta[warp][0], e_hi = wmeta[warp][1], st_base = wmeta[warp][2];
+    const int per = (e_hi - e_lo + kWarps * 32 - 1) / (kWarps * 32);
+    const int run_b = min(e_lo + static_cast<int>(threadIdx.x) * per, e_hi), run_e = min(run_b + per, e_hi);
+    const int st_n = csr_aligned ? min(min(e_lo + (warp + 1) * 32 * per, e_hi) - st_base, kStageW) : 0;
+    auto entry_col = [&](int e) {
+      const int i = e - st_base;
+      if (i >= st_n) return col_at(op, e);
+      return op.col16 ? static_cast<int>(reinterpret_cast<const int16_t*>(st_col[warp])[i])
+                      : static_cast<int>(st_col[warp][i]);
+    };
+    auto entry_val = [&](int e) {
+      const int i = e - st_base;
+      return Num<T>::f(i < st_n ? reinterpret_cast<const T*>(st_val[warp])[i] : static_cast<const T*>(op.values)[e]);
+    };
     auto run = [&](auto mr) {
       constexpr int MR = decltype(mr)::value;
-      ortho_run<MR>(&orth[0][0], MT + 1, rp, run_b, run_e, x, K, M, entry_col, entry_val);
+      ortho_run<MR>(&red[warp][0][0], MT + 1, rpw[warp], run_b, run_e, x, K, M, op.alpha, entry_col, entry_val);
     };
     if constexpr (MT == 8) {
       if (M == 1) run(std::integral_constant<int, 1>{});
@@ -702,15 +696,14 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     } else {
       run(std::integral_constant<int, MT>{});
     }
-    __syncthreads();
   }
+  __syncthreads();
   for (int i = threadIdx.x; i < 16 * M; i += blockDim.x) {
     const int r = i & 15, m = i >> 4, n = n0 + r;
     if (n >= N) continue;
     float y = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) y += red[w][r][m];
-    if (ortho) y += op.alpha * orth[r][m];
     if (bias) y += Num<T>::f(bias[n]);
     out[static_cast<size_t>(m) * N + n] = Num<T>::from(y);
   }
