@@ -144,9 +144,9 @@ def test_every_v1_configuration(cfg, n, k, gs, sym, dtype):
 @pytest.mark.parametrize("case", ["int32-columns", "more-than-staged", "odd-nnz", "misaligned-csr"])
 @pytest.mark.parametrize("m", [1, 6, 16, 40])
 def test_ortho_staging_edge_cases(case, m):
-    """v1 copies a block's first 2048 (1024 at M > 32) CSR entries to shared memory in 4-byte words: int32
-    columns, tiles with more entries than that, an odd entry count (last word read half) and arrays not
-    4-byte aligned (no staging) must all give the reference result."""
+    """v1's warps copy their first 256 (128 at M > 32) CSR entries each to shared memory in 4-byte words:
+    int32 columns, tiles with more entries than that, an odd entry count (last word read half) and arrays
+    not 4-byte aligned (no staging) must all give the reference result."""
     gen = torch.Generator(device="cuda").manual_seed(m)
     n, k = 200, 576
     w_dense = torch.zeros(n, k, device="cuda")
