@@ -488,7 +488,7 @@ __device__ inline void ring_sweep(float (&acc)[NT][4], uint4 (&wring)[S][32], ui
   // Requests advance with running pointers and slot counters (no index arithmetic per tile).
   const T* pbase = lane < 2 ? sc : zp;  // lanes 0-1: the 16 scales, 2-3: the 16 zeros (32 bytes each)
   const bool pcopy = lane < 4 && pbase != nullptr;
-  pbase += (lane & 1) * 8;
+  if (pcopy) pbase += (lane & 1) * 8;
   const int32_t* qn = qtile + static_cast<size_t>(warp) * 32 * 4;
   int jn = 0, sn = 0, ktn = warp;
   auto issue = [&]() {
@@ -545,6 +545,7 @@ __device__ inline void ring_sweep(float (&acc)[NT][4], uint4 (&wring)[S][32], ui
     step(j + 1, cb, ca);
   }
 }
+
 template <int NT> using V1Default = V1Cfg<NT == 1 ? 2 : 1, NT <= 2, 2>;
 
 template <typename T, int BITS, int NT, class Cfg = V1Default<NT>>
