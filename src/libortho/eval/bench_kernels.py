@@ -2,7 +2,9 @@
 
 Timing: each measurement is a CUDA graph of back-to-back calls that rotate through enough weight copies
 to exceed 4x the L2 cache (so every call streams its weights from HBM), replayed several times and
-timed with CUDA events; the per-call median is reported. All columns of a row are timed in the same run.
+timed with CUDA events; the per-call median is reported. All columns of a row are timed in the same run;
+the LibOrtho graphs of a shape and M (base only, alpha 0 and alpha 1 at every density) are replayed in
+turn, so clock drift over the run (the H200 slows under long large-M runs) cannot favour one column.
 For M <= 16 every small-M kernel variant is timed (``*_v1_us``, ``*_v2_us``, ``*_v3_us``;
 ``$LIBORTHO_BENCH_VARIANTS=v1,v3`` keeps a subset); the unsuffixed LibOrtho columns are the default
 variant's (``decode_kernel`` in the row names it). For larger M all variants share the dequantize +
@@ -52,8 +54,8 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / statistics.median(times[2:])
 
 
-def time_rotating(fns, replays: int, calls: int) -> float:
-    """Median microseconds per call of a graph running ``calls`` calls cycling through ``fns``."""
+def _capture(fns, calls: int):
+    """A CUDA graph of ``calls`` calls cycling through ``fns`` (warmed up outside the graph first)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -67,16 +69,29 @@ def time_rotating(fns, replays: int, calls: int) -> float:
             fns[i % len(fns)]()
     graph.replay()
     torch.cuda.synchronize()
-    times = []
+    return graph
+
+
+def time_interleaved(groups, replays: int, calls: int) -> list[float]:
+    """Median microseconds per call for each list of functions in ``groups``: one graph per list, the
+    graphs replayed in turn (round robin) so that slow drifts of the clocks hit every list alike."""
+    graphs = [_capture(fns, calls) for fns in groups]
+    times = [[] for _ in graphs]
     for _ in range(replays):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        graph.replay()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / calls)
-    del graph
-    return statistics.median(times)
+        for g, t in zip(graphs, times):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            g.replay()
+            e.record()
+            torch.cuda.synchronize()
+            t.append(s.elapsed_time(e) * 1e3 / calls)
+    del graphs
+    return [statistics.median(t) for t in times]
+
+
+def time_rotating(fns, replays: int, calls: int) -> float:
+    """Median microseconds per call of a graph running ``calls`` calls cycling through ``fns``."""
+    return time_interleaved([fns], replays, calls)[0]
 
 
 def _copies(nbytes: int) -> int:
@@ -153,13 +168,16 @@ def bench_shape(n, k, ms, densities, bits, group_size, replays):
         try:
             for v in variants:
                 cuda_ops.set_decode_kernel(v)  # the graph records the kernel chosen at capture
-                t_base[v] = time_rotating([_layer_call(b, x, 1.0) for b in bases], replays, calls)
-                for d in densities:
-                    if d == 0:
-                        t0s[v, d] = t1s[v, d] = t_base[v]
-                    else:
-                        t0s[v, d] = time_rotating([_layer_call(c, x, 0.0) for c in copies[d]], replays, calls)
-                        t1s[v, d] = time_rotating([_layer_call(c, x, 1.0) for c in copies[d]], replays, calls)
+                ds = [d for d in densities if d != 0]
+                groups = [[_layer_call(b, x, 1.0) for b in bases]]
+                for d in ds:
+                    groups += [[_layer_call(c, x, a) for c in copies[d]] for a in (0.0, 1.0)]
+                t = time_interleaved(groups, replays, calls)
+                t_base[v] = t[0]
+                for i, d in enumerate(ds):
+                    t0s[v, d], t1s[v, d] = t[1 + 2 * i], t[2 + 2 * i]
+                if 0 in densities:
+                    t0s[v, 0] = t1s[v, 0] = t_base[v]
         finally:
             cuda_ops.set_decode_kernel(None)
         for d in densities:
