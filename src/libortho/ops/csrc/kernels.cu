@@ -837,13 +837,23 @@ cudaError_t launch_v1(void (*kernel)(Operands, const T*, const T*, T*, int), con
   return cudaLaunchKernelEx(&cfg, kernel, op, xp, bp, op_, M);
 }
 
+// INT4 at M <= 8 on grids of <= 2 blocks per SM (v1-configs-H200.json, 2026-11-29 08:10): at M <= 4 with
+// K >= 8192 the shared-memory ring (6 slots) beats the default by 4-7 % (4096x11008, 4096x14336; it loses
+// ~2 % at K = 4096); at M 5-8 one K tile per chunk beats two by 4-9 %.
+template <typename T>
+auto v1_short_cfg(const Operands& op, int M) -> void (*)(Operands, const T*, const T*, T*, int) {
+  if (M <= 4 && op.K >= 8192) return fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 2, 6>>;
+  if (M > 4) return fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 2>>;
+  return fused_small_m_kernel<T, 4, 1>;
+}
+
 template <typename T, int BITS>
 cudaError_t fused_dispatch_nt(const Operands& op, const void* x, const void* bias, void* out, int M,
                               cudaStream_t s) {
   auto kernel = M <= 8 ? fused_small_m_kernel<T, BITS, 1> : M <= 16 ? fused_small_m_kernel<T, BITS, 2>
                : M <= 32 ? fused_small_m_kernel<T, BITS, 4> : fused_small_m_kernel<T, BITS, 8>;
   if constexpr (BITS == 4)
-    if (v1_tall(op, M)) kernel = fused_small_m_kernel<T, BITS, 1, V1Cfg<1, true, 3>>;
+    if (M <= 8) kernel = v1_tall(op, M) ? fused_small_m_kernel<T, BITS, 1, V1Cfg<1, true, 3>> : v1_short_cfg<T>(op, M);
   return launch_v1<T>(kernel, op, x, bias, out, M, s);
 }
 
