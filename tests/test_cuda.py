@@ -124,6 +124,7 @@ V1_CONFIGS = 8  # kernels.cu fused_cfg_dispatch (benchmarks/probes/v1_configs.py
                                               (300, 4096, 64, True, torch.float16),
                                               (129, 576, -1, False, torch.bfloat16),     # one group per row
                                               (64, 1024, 32, False, torch.float16),      # two groups per tile
+                                              (96, 2048, 256, True, torch.bfloat16),     # a group per 4 tiles
                                               (4096, 4096, 128, False, torch.bfloat16)])
 def test_every_v1_configuration(cfg, n, k, gs, sym, dtype):
     """Each v1 tuning configuration (register chunks or the shared-memory ring) against float64, M 1..8 (16)."""
@@ -139,6 +140,34 @@ def test_every_v1_configuration(cfg, n, k, gs, sym, dtype):
                 alpha, 4, quant.effective_group_size(layer.group_size, k), n, k, cfg), f"config {cfg}")
             ref = reference64(layer, x, alpha) - layer.bias.double()
             assert rel_err(y, ref) < TOL[dtype], (cfg, m, alpha)
+
+
+def test_v1_table_set_get_and_refusal():
+    """The v1 configuration table behind the default op: read back, refused entries change nothing, and with
+    other configurations in every class the op still gives the reference result."""
+    ext = cuda_backend.extension()
+    old = list(ext.v1_table())
+    assert len(old) == len(cuda_backend.V1_CLASSES)
+    assert not ext.set_v1_table(old[:-1] + [5])      # M 9-16 needs configuration 6 or 7
+    assert not ext.set_v1_table([6] + old[1:])       # M <= 8 classes take 0-5
+    assert not ext.set_v1_table(old[:-1])            # wrong length
+    assert list(ext.v1_table()) == old
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tall_n = 16 * 3 * sms + 16
+    cases = [(512, 8192, 2), (512, 1024, 3), (512, 1024, 7), (tall_n, 512, 4), (tall_n, 512, 8), (512, 1024, 12)]
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    try:
+        for table in ([3, 4, 5, 4, 3, 7], [5, 3, 4, 0, 2, 6]):
+            assert ext.set_v1_table(table) and list(ext.v1_table()) == table
+            for n, k, m in cases:
+                layer = make_layer(n, k, 4, 128, False, 0.02, torch.bfloat16, gen)
+                x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+                for alpha in (0.0, 1.0):
+                    layer.alpha = alpha
+                    poison_allocator()
+                    assert rel_err(layer(x), reference64(layer, x, alpha)) < TOL[torch.bfloat16], (table, n, k, m)
+    finally:
+        assert ext.set_v1_table(old)
 
 
 @pytest.mark.parametrize("case", ["int32-columns", "more-than-staged", "odd-nnz", "misaligned-csr"])

@@ -4,6 +4,10 @@ reference and timed at M = 1, 4, 8, 16 (each where the configuration supports it
 weight copies beyond 4x L2, median per call), next to bf16 F.linear and torch's int4 kernel.
 
     PYTHONPATH=src python benchmarks/probes/v1_configs.py     # writes benchmarks/results/v1-configs-<card>.json
+
+It also suggests the table of configurations per class of call (cuda.V1_CLASSES, kernels.cu g_v1_table):
+for each class, the configuration with the least alpha 0 + alpha 1 time summed over the class's rows, among
+those correct on all of them; the JSON's "suggested" holds it as a $LIBORTHO_V1_CFG value.
 """
 from __future__ import annotations
 
@@ -23,6 +27,35 @@ CONFIGS = ["kU2 pfx min2 (short grids)", "kU1 pfx min3 (tall grids)", "kU1 pfx m
            "m16 default", "m16 ring5 min2"]           # the M <= 16 kernel (two n8 column blocks)
 MAX_M = [8] * 6 + [16] * 2
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (1024, 4096)]
+
+
+def v1_class(n: int, k: int, m: int, sms: int) -> str:
+    """The class of a call in kernels.cu's v1 table (v1_class there)."""
+    if m > 8:
+        return "m16"
+    if (n + 15) // 16 >= 3 * sms:
+        return "tall_m4" if m <= 4 else "tall_m8"
+    if m > 4:
+        return "short_m8"
+    return "short_long_k" if k >= 8192 else "short_m4"
+
+
+def suggest_table(rows: list[dict], configs: list[str], sms: int) -> dict[str, int]:
+    """{class: configuration index} for the classes the rows cover (see the module docstring)."""
+    allowed = cuda_ops._V1_CLASS_CONFIGS
+    by_class: dict[str, list[dict]] = {}
+    for r in rows:
+        by_class.setdefault(v1_class(r["N"], r["K"], r["M"], sms), []).append(r)
+    table = {}
+    for cls, rs in by_class.items():
+        cost = {}
+        for i in allowed[cls]:
+            name = configs[i]
+            if all(name in r and r[name]["ok"] for r in rs):
+                cost[i] = sum(r[name]["alpha0_us"] + r[name]["alpha1_us"] for r in rs)
+        if cost:
+            table[cls] = min(cost, key=cost.get)
+    return table
 
 
 def call(ext, layer, x, alpha, cfg):
@@ -78,10 +111,14 @@ def main() -> None:
                   + "; ".join(f"{c.split(' (')[0]} {row[c]['alpha0_us']:.2f}/{row[c]['alpha1_us']:.2f}"
                               + ("" if row[c]["ok"] else " WRONG") for c in names)
                   + f"; best alpha0: {best}", flush=True)
+    table = suggest_table(rows, CONFIGS, torch.cuda.get_device_properties(0).multi_processor_count)
+    spec = ",".join(f"{c}={i}" for c, i in table.items())
+    print(f"suggested LIBORTHO_V1_CFG={spec} (in use: {cuda_ops.v1_table()})")
     out = Path(args.out or f"benchmarks/results/v1-configs-{card_name()}.json")
     out.write_text(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__,
                                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                               "configs": CONFIGS, "rows": rows}, indent=1))
+                               "configs": CONFIGS, "table_in_use": cuda_ops.v1_table(),
+                               "suggested": {"table": table, "spec": spec}, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -236,7 +236,8 @@ def run(args):
     rows = []
     result = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "copy_GBps": bw / 1e9, "pdl": ops.cuda.pdl_enabled(), "method": __doc__.strip(), "rows": rows}
+              "copy_GBps": bw / 1e9, "pdl": ops.cuda.pdl_enabled(), "v1_table": ops.cuda.v1_table(),
+              "method": __doc__.strip(), "rows": rows}
     out = Path(args.out or f"benchmarks/results/kernels-{card_name()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     for s in args.shapes:

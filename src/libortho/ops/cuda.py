@@ -7,6 +7,9 @@
   v1 for shapes whose x slice does not fit, see kernels.cu). ``LIBORTHO_DECODE_KERNEL=v1|v2|v3`` picks
   one (read at each call; default ``DEFAULT_DECODE_KERNEL``), :func:`set_decode_kernel` overrides it
   from Python.
+* INT4 v1 at M <= 16 runs one of its tuning configurations (``benchmarks/probes/v1_configs.py``) per class
+  of call (``V1_CLASSES``); ``LIBORTHO_V1_CFG="tall_m4=4,short_m4=3"`` replaces entries of that table for a
+  tuning run (read once, when the extension loads; :func:`v1_table` shows the table in use).
 * M > 16 (prefill): one kernel dequantizes the base and merges alpha * S into a bf16/fp16 weight, then cuBLAS.
 
 The extension is built on first use with ``torch.utils.cpp_extension.load`` for the GPU present and
@@ -32,6 +35,42 @@ DECODE_KERNELS = ("v1", "v2", "v3")
 DEFAULT_DECODE_KERNEL = "v1"  # H200, 2026-11-29: v3 wins at M = 1 on 5 of 6 Llama shapes but loses 2-6x from M = 2 on
 _FUSED = {"v1": "fused_small_m", "v2": "fused_small_m_v2", "v3": "fused_small_m_v3"}
 _state = {"ext": None, "error": None, "warned": set(), "decode": None}
+# The classes of the v1 configuration table (kernels.h, in its order) and the configurations each can take.
+V1_CLASSES = ("short_long_k", "short_m4", "short_m8", "tall_m4", "tall_m8", "m16")
+_V1_CLASS_CONFIGS = {**{c: range(0, 6) for c in V1_CLASSES[:-1]}, "m16": range(6, 8)}
+
+
+def parse_v1_table(spec: str) -> dict[str, int]:
+    """'class=index,...' (``$LIBORTHO_V1_CFG``) -> {class: configuration index}; ValueError names what is wrong."""
+    out = {}
+    for item in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in _V1_CLASS_CONFIGS:
+            raise ValueError(f"LIBORTHO_V1_CFG: {item!r} is not class=index; classes: {', '.join(V1_CLASSES)}")
+        try:
+            index = int(value)
+        except ValueError:
+            raise ValueError(f"LIBORTHO_V1_CFG: {item!r}: the index must be an integer") from None
+        allowed = _V1_CLASS_CONFIGS[name]
+        if index not in allowed:
+            raise ValueError(f"LIBORTHO_V1_CFG: {item!r}: class {name} takes configurations "
+                             f"{allowed.start}-{allowed.stop - 1}")
+        out[name] = index
+    return out
+
+
+def v1_table() -> dict[str, int] | None:
+    """The INT4 v1 configuration per class of call in use, or None without the extension."""
+    ext = extension()
+    return dict(zip(V1_CLASSES, ext.v1_table())) if ext is not None else None
+
+
+def _apply_v1_table(ext, spec: dict[str, int]) -> None:
+    table = dict(zip(V1_CLASSES, ext.v1_table()))
+    table.update(spec)
+    if not ext.set_v1_table([table[c] for c in V1_CLASSES]):
+        raise RuntimeError(f"libortho CUDA: the kernels refused the v1 table {table}")
 
 
 def decode_kernel() -> str:
@@ -88,17 +127,20 @@ def build(verbose: bool = False):
         return True
     if _state["error"] is not None:
         return False
+    spec = parse_v1_table(os.environ.get("LIBORTHO_V1_CFG", ""))  # a bad value raises before the build
     try:
         from torch.utils.cpp_extension import load
         _state["ext"] = load(name="libortho_cuda_v2", sources=[str(CSRC / "binding.cpp"), str(CSRC / "kernels.cu")],
                              extra_cflags=["-O3"], extra_cuda_cflags=["-O3", *_arch_flags(), *_extra_flags()],
                              build_directory=str(build_dir()), verbose=verbose)
-        return True
     except Exception as e:  # compiler missing, unsupported GPU, ...
         _state["error"] = e
         _warn_once("build", f"libortho: the CUDA kernels could not be built ({e}); using the slow "
                             "pure-PyTorch reference on the GPU")
         return False
+    if spec:
+        _apply_v1_table(_state["ext"], spec)
+    return True
 
 
 def extension():

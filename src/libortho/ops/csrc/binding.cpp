@@ -11,6 +11,7 @@
 #include <torch/extension.h>
 
 #include <tuple>
+#include <vector>
 
 #include "kernels.h"
 
@@ -121,12 +122,27 @@ Result dequant_merge(const at::Tensor& like, const at::Tensor& qweight, const at
   return {w, static_cast<int64_t>(err)};
 }
 
+std::vector<int64_t> v1_table() {
+  int t[libortho::kV1Classes];
+  libortho::get_v1_table(t);
+  return std::vector<int64_t>(t, t + libortho::kV1Classes);
+}
+
+bool set_v1_table(const std::vector<int64_t>& table) {
+  if (table.size() != libortho::kV1Classes) return false;
+  int t[libortho::kV1Classes];
+  for (int c = 0; c < libortho::kV1Classes; ++c) t[c] = static_cast<int>(table[c]);
+  return libortho::set_v1_table(t);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_small_m", &fused<&libortho::launch_fused_small_m>, "(x @ deq(Q)^T + alpha x @ S^T + bias, error code), 1 <= M <= 64; last argument: PDL (v1)");
   m.def("fused_small_m_v2", &fused<&libortho::launch_fused_small_m_v2>, "the same by the v2 decode kernel (LIBORTHO_DECODE_KERNEL=v2)");
   m.def("fused_small_m_v3", &fused<&libortho::launch_fused_small_m_v3>, "the same by the v3 decode kernel (LIBORTHO_DECODE_KERNEL=v3)");
+  m.def("v1_table", &v1_table, "the INT4 v1 configuration per class of call (kernels.h, cuda.V1_CLASSES)");
+  m.def("set_v1_table", &set_v1_table, "replace that table; False (nothing changed) for an index its class cannot take");
   m.def("fused_small_m_cfg", &fused_cfg, "v1 with a tuning configuration (INT4, M <= 8 or 16; benchmarks/probes/v1_configs.py)");
   m.def("dequant_merge", &dequant_merge, "(W = deq(Q) + alpha S as a dense matrix, error code)");
 }

@@ -198,6 +198,32 @@ __device__ inline RowParams<T> row_params(T s_lo, T s_hi, float z_lo, float z_hi
   return p;
 }
 
+// magic + z in both halves, from z's 16-bit pattern: one PRMT and one add instead of a conversion to fp32,
+// an fp32 add and a pack (the same single rounding of the exact sum; exact for the integer zeros).
+template <typename T>
+__device__ inline typename Num<T>::T2 magic_plus(uint32_t zbits) {
+  using T2 = typename Num<T>::T2;
+  return __hadd2(as_t2<T2>(__byte_perm(zbits, 0u, 0x1010)), as_t2<T2>(Num<T>::kMagic));
+}
+
+// INT4 row parameters from the 16-bit patterns of the scales and zeros (no zeros: the default 8, whose
+// magic + 8 is the magic with 8 in each half's low bits).
+template <typename T, bool kScaled>
+__device__ inline RowParams<T> row_params4(uint32_t s_lo, uint32_t s_hi, uint32_t z_lo, uint32_t z_hi, bool hz) {
+  using T2 = typename Num<T>::T2;
+  RowParams<T> p;
+  p.fs_lo = Num<T>::f(Num<T>::bits(s_lo));
+  p.fs_hi = Num<T>::f(Num<T>::bits(s_hi));
+  if (kScaled) {
+    p.s_lo = Num<T>::pair2(Num<T>::bits(s_lo));
+    p.s_hi = Num<T>::pair2(Num<T>::bits(s_hi));
+  }
+  const T2 zdef = as_t2<T2>(Num<T>::kMagic + 0x00080008u);
+  p.zm_lo = hz ? magic_plus<T>(z_lo) : zdef;
+  p.zm_hi = hz ? magic_plus<T>(z_hi) : zdef;
+  return p;
+}
+
 // (a & b) | c in one instruction (the compiler splits it in two when b and c are both immediates).
 __device__ inline uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
   uint32_t r;
@@ -342,9 +368,12 @@ __device__ inline void compute_chunk(float (&acc)[NT][4], const Chunk<T, BITS, N
     const int kt = kt0 + u * kWarps;
     if (kt >= Tk) break;
     auto params = [&](int h) {
-      return row_params<T, BITS>(Num<T>::bits(c.s[u][h][0]), Num<T>::bits(c.s[u][h][1]),
-                                 has_zeros ? Num<T>::f(Num<T>::bits(c.z[u][h][0])) : zdef,
-                                 has_zeros ? Num<T>::f(Num<T>::bits(c.z[u][h][1])) : zdef);
+      if constexpr (BITS == 4)
+        return row_params4<T, !kScaleAfter>(c.s[u][h][0], c.s[u][h][1], c.z[u][h][0], c.z[u][h][1], has_zeros);
+      else
+        return row_params<T, BITS>(Num<T>::bits(c.s[u][h][0]), Num<T>::bits(c.s[u][h][1]),
+                                   has_zeros ? Num<T>::f(Num<T>::bits(c.z[u][h][0])) : zdef,
+                                   has_zeros ? Num<T>::f(Num<T>::bits(c.z[u][h][1])) : zdef);
     };
     const RowParams<T> p0 = params(0);
     RowParams<T> p1 = p0;
@@ -474,49 +503,64 @@ struct V1Cfg {
   static constexpr int kStages = kStages_;
 };
 
+// Elements between the scale rows of a warp's consecutive tiles (kWarps * 64 columns apart) for
+// ring_sweep: a fixed number of groups when the group size is a power of two dividing that span, 0 for one
+// group per row; -1 (other sizes): no ring.
+__device__ inline int ring_pstep(const GroupIndex& gi) {
+  constexpr int kSpan = kWarps * 64;
+  if (gi.shift == 31) return 0;
+  return gi.shift >= 0 && ((kSpan >> gi.shift) << gi.shift) == kSpan ? (kSpan >> gi.shift) * 16 : -1;
+}
+
 // One warp's full INT4 tiles (warp, warp + kWarps, ...; nt of them) through a ring of S slots in shared
 // memory: each slot holds the tile's 512 weight bytes (16 per lane) and the 16 scales and 16 zeros of its
-// group (tiles of one group only: the caller checks GroupIndex::same). Tile j + S - 1 is requested while
-// tile j is computed, so S - 1 tiles are in flight with no registers held for them; x fragments (L2 hits)
-// are loaded one tile ahead into registers. `on_first` runs once, after the first requests (the ortho
-// staging, whose cp.async group then sits among the ring's: the waits stay correct, one tile less deep).
+// group (tiles of one group only: the caller checks GroupIndex::same and ring_pstep). Tile j + S - 1 is
+// requested while tile j is computed, so S - 1 tiles are in flight with no registers held for them; x
+// fragments (L2 hits) are loaded one tile ahead into registers. `on_first` runs once, after the first
+// requests (the ortho staging, whose cp.async group then sits among the ring's: the waits stay correct, one
+// tile less deep).
 template <int S, typename T, int NT, bool kPrefetchX, class OnFirst>
 __device__ inline void ring_sweep(float (&acc)[NT][4], uint4 (&wring)[S][32], uint32_t (&pring)[S][16], int nt,
                                   int warp, int lane, const int32_t* qtile, const T* sc, const T* zp,
-                                  const uint32_t* xb, const int (&xo)[NT], int K, const GroupIndex& gi, int g,
-                                  int tig, OnFirst on_first) {
-  // Requests advance with running pointers and slot counters (no index arithmetic per tile).
+                                  const uint32_t* xb, const int (&xo)[NT], int K, const GroupIndex& gi,
+                                  int pstep, int g, int tig, OnFirst on_first) {
+  // Requests advance with running pointers and offsets (no index arithmetic per tile; pstep: see
+  // ring_pstep). The sweep is unrolled over the ring (twice for an odd S), so every slot address is a
+  // constant offset.
   const T* pbase = lane < 2 ? sc : zp;  // lanes 0-1: the 16 scales, 2-3: the 16 zeros (32 bytes each)
   const bool pcopy = lane < 4 && pbase != nullptr;
-  if (pcopy) pbase += (lane & 1) * 8;
+  if (pcopy) pbase += (lane & 1) * 8 + gi.of(warp * 64) * 16;
+  int poff = 0;
   const int32_t* qn = qtile + static_cast<size_t>(warp) * 32 * 4;
-  int jn = 0, sn = 0, ktn = warp;
-  auto issue = [&]() {
+  int jn = 0;
+  auto issue = [&](int sn) {
     if (jn < nt) {
       cp_async16(&wring[sn][lane], qn, true);
-      if (pcopy) cp_async16(&pring[sn][lane * 4], pbase + gi.of(ktn * 64) * 16, true);
+      if (pcopy) cp_async16(&pring[sn][lane * 4], pbase + poff, true);
     }
     cp_commit();  // an empty group past the end keeps the count of pending groups uniform
     ++jn;
-    ktn += kWarps;
     qn += kWarps * 32 * 4;
-    sn = sn + 1 == S ? 0 : sn + 1;
+    poff += pstep;
   };
-  auto load_x = [&](Chunk<T, 4, NT, 1, kPrefetchX>& c, int j) {
-    if constexpr (kPrefetchX) {
-      const int kt = warp + j * kWarps;
+  const uint32_t* xn[NT];  // this lane's pairs of x at the next tile to fetch, per batch block
 #pragma unroll
-      for (int t = 0; t < NT; ++t)
+  for (int t = 0; t < NT; ++t) xn[t] = xb + xo[t] + warp * 32;
+  auto load_x = [&](Chunk<T, 4, NT, 1, kPrefetchX>& c) {
+    if constexpr (kPrefetchX) {
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
 #pragma unroll
         for (int step = 0; step < 4; ++step)
-          x_fragment<true>(c.xb[0][step][t][0], c.xb[0][step][t][1], xb + (xo[t] + kt * 32), step, kt * 64, tig, K);
+          x_fragment<true>(c.xb[0][step][t][0], c.xb[0][step][t][1], xn[t], step, 0, tig, K);
+        xn[t] += kWarps * 32;
+      }
     }
   };
   const bool hz = zp != nullptr;
-  int slot = 0;
-  // Tile j from its slot into cur (x fragments already there), the next tile's x into nxt, then the math.
-  auto step = [&](int j, Chunk<T, 4, NT, 1, kPrefetchX>& cur, Chunk<T, 4, NT, 1, kPrefetchX>& nxt) {
-    issue();
+  // Tile j from slot `slot` into cur (x fragments already there), the next tile's x into nxt, the math.
+  auto step = [&](int j, int slot, Chunk<T, 4, NT, 1, kPrefetchX>& cur, Chunk<T, 4, NT, 1, kPrefetchX>& nxt) {
+    issue(slot == 0 ? S - 1 : slot - 1);  // tile j + S - 1
     cp_wait<S - 1>();
     __syncwarp();
     const uint4 w = wring[slot][lane];
@@ -528,21 +572,25 @@ __device__ inline void ring_sweep(float (&acc)[NT][4], uint4 (&wring)[S][32], ui
       cur.z[0][0][0] = ps[16 + g];
       cur.z[0][0][1] = ps[24 + g];
     }
-    if (j + 1 < nt) load_x(nxt, j + 1);
+    if (j + 1 < nt) load_x(nxt);
     const int kt = warp + j * kWarps;
     compute_chunk<true>(acc, cur, kt, kt + 1, xb, xo, K, hz, true, tig);
     __syncwarp();  // every lane has read the slot before tile j + S refills it
-    slot = slot + 1 == S ? 0 : slot + 1;
   };
 #pragma unroll
-  for (int j = 0; j < S - 1; ++j) issue();
+  for (int j = 0; j < S - 1; ++j) issue(j);
   on_first();
   Chunk<T, 4, NT, 1, kPrefetchX> ca, cb;  // used in turn (no register copies of the x fragments)
-  if (nt > 0) load_x(ca, 0);
-  for (int j = 0; j < nt; j += 2) {
-    step(j, ca, cb);
-    if (j + 1 >= nt) break;
-    step(j + 1, cb, ca);
+  if (nt > 0) load_x(ca);
+  constexpr int kUnroll = S % 2 == 0 ? S : 2 * S;  // even, so tile j's chunk is fixed by u's parity
+  for (int j0 = 0; j0 < nt; j0 += kUnroll) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; u += 2) {
+      if (j0 + u >= nt) break;
+      step(j0 + u, u % S, ca, cb);
+      if (j0 + u + 1 >= nt) break;
+      step(j0 + u + 1, (u + 1) % S, cb, ca);
+    }
   }
 }
 
@@ -633,10 +681,11 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   if constexpr (Cfg::kStages > 0 && BITS == 4) {
     __shared__ __align__(16) uint4 wring[kWarps][Cfg::kStages][32];
     __shared__ __align__(16) uint32_t pring[kWarps][Cfg::kStages][16];
-    if (gi.same) {
+    const int pstep = ring_pstep(gi);
+    if (gi.same && pstep >= 0) {
       const int nt = warp < Tf ? (Tf - warp + kWarps - 1) / kWarps : 0;
       ring_sweep<Cfg::kStages, T, NT, kPrefetchX>(acc, wring[warp], pring[warp], nt, warp, lane, qtile, sc, zp, xb,
-                                                 xo, K, gi, g, tig, [&] { if (!staged) stage_ortho(); });
+                                                 xo, K, gi, pstep, g, tig, [&] { if (!staged) stage_ortho(); });
       swept = true;
     }
   }
@@ -807,13 +856,6 @@ __global__ void __launch_bounds__(kWarps * 32) dequant_merge_kernel(Operands op,
   }
 }
 
-// INT4 at M <= 8 on a grid of >= 3 blocks per SM (N >= ~6.3k on an H100/H200): one K tile per chunk and
-// 3 blocks per SM beat the default by 13-15 % at M = 1 (benchmarks/results/v1-configs-H200.json: 11008x4096
-// and 14336x4096); on grids of <= 2 blocks per SM the default is as fast or faster.
-inline bool v1_tall(const Operands& op, int M) {
-  return M <= 8 && (op.N + 15) / 16 >= 3 * device_info().sms;
-}
-
 template <typename T>
 cudaError_t launch_v1(void (*kernel)(Operands, const T*, const T*, T*, int), const Operands& op, const void* x,
                       const void* bias, void* out, int M, cudaStream_t s) {
@@ -837,26 +879,6 @@ cudaError_t launch_v1(void (*kernel)(Operands, const T*, const T*, T*, int), con
   return cudaLaunchKernelEx(&cfg, kernel, op, xp, bp, op_, M);
 }
 
-// INT4 at M <= 8 on grids of <= 2 blocks per SM (v1-configs-H200.json, 2026-11-29 08:10): at M <= 4 with
-// K >= 8192 the shared-memory ring (6 slots) beats the default by 4-7 % (4096x11008, 4096x14336; it loses
-// ~2 % at K = 4096); at M 5-8 one K tile per chunk beats two by 4-9 %.
-template <typename T>
-auto v1_short_cfg(const Operands& op, int M) -> void (*)(Operands, const T*, const T*, T*, int) {
-  if (M <= 4 && op.K >= 8192) return fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 2, 6>>;
-  if (M > 4) return fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 2>>;
-  return fused_small_m_kernel<T, 4, 1>;
-}
-
-template <typename T, int BITS>
-cudaError_t fused_dispatch_nt(const Operands& op, const void* x, const void* bias, void* out, int M,
-                              cudaStream_t s) {
-  auto kernel = M <= 8 ? fused_small_m_kernel<T, BITS, 1> : M <= 16 ? fused_small_m_kernel<T, BITS, 2>
-               : M <= 32 ? fused_small_m_kernel<T, BITS, 4> : fused_small_m_kernel<T, BITS, 8>;
-  if constexpr (BITS == 4)
-    if (M <= 8) kernel = v1_tall(op, M) ? fused_small_m_kernel<T, BITS, 1, V1Cfg<1, true, 3>> : v1_short_cfg<T>(op, M);
-  return launch_v1<T>(kernel, op, x, bias, out, M, s);
-}
-
 // The v1 configurations the tuning probe times (INT4; M <= 8, configurations 6-7 M <= 16): index -> V1Cfg.
 template <typename T>
 cudaError_t fused_cfg_dispatch(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
@@ -875,6 +897,28 @@ cudaError_t fused_cfg_dispatch(const Operands& op, const void* x, const void* bi
     case 7: return launch_v1<T>(fused_small_m_kernel<T, 4, 2, V1Cfg<1, true, 2, 5>>, op, x, bias, out, M, s);  // 6 slots: > 48 KB static
     default: return cudaErrorInvalidValue;
   }
+}
+
+// The INT4 v1 configuration for each class of call (kernels.h, set_v1_table), as the probe
+// (benchmarks/probes/v1_configs.py, results/v1-configs-H200.json) found best; cuda.py replaces it for a
+// tuning run ($LIBORTHO_V1_CFG).
+int g_v1_table[kV1Classes] = {3, 0, 2, 1, 1, 6};
+
+inline int v1_class(const Operands& op, int M) {
+  if (M > 8) return 5;
+  if ((op.N + 15) / 16 >= 3 * device_info().sms) return M <= 4 ? 3 : 4;
+  if (M > 4) return 2;
+  return op.K >= 8192 ? 0 : 1;
+}
+
+template <typename T, int BITS>
+cudaError_t fused_dispatch_nt(const Operands& op, const void* x, const void* bias, void* out, int M,
+                              cudaStream_t s) {
+  if constexpr (BITS == 4)
+    if (M <= 16) return fused_cfg_dispatch<T>(op, x, bias, out, M, g_v1_table[v1_class(op, M)], s);
+  auto kernel = M <= 8 ? fused_small_m_kernel<T, BITS, 1> : M <= 16 ? fused_small_m_kernel<T, BITS, 2>
+               : M <= 32 ? fused_small_m_kernel<T, BITS, 4> : fused_small_m_kernel<T, BITS, 8>;
+  return launch_v1<T>(kernel, op, x, bias, out, M, s);
 }
 
 template <typename T>
@@ -1688,6 +1732,15 @@ cudaError_t launch_fused_small_m(const Operands& op, const void* x, const void* 
   return op.bf16 ? fused_dispatch<__nv_bfloat16>(op, x, bias, out, M, stream)
                  : fused_dispatch<__half>(op, x, bias, out, M, stream);
 }
+
+bool set_v1_table(const int (&table)[kV1Classes]) {
+  for (int c = 0; c < kV1Classes; ++c)
+    if (c == kV1Classes - 1 ? table[c] < 6 || table[c] > 7 : table[c] < 0 || table[c] > 5) return false;
+  std::copy(table, table + kV1Classes, g_v1_table);
+  return true;
+}
+
+void get_v1_table(int (&table)[kV1Classes]) { std::copy(g_v1_table, g_v1_table + kV1Classes, table); }
 
 cudaError_t launch_fused_small_m_cfg(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
                                      cudaStream_t stream) {

@@ -1,0 +1,66 @@
+"""The v1 configuration table: $LIBORTHO_V1_CFG parsing (cuda.py) and the probe's suggestion
+(benchmarks/probes/v1_configs.py). No GPU needed; the kernels' side is in test_cuda.py."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from libortho.ops import cuda as cuda_backend
+
+_spec = importlib.util.spec_from_file_location(
+    "v1_configs", Path(__file__).resolve().parents[1] / "benchmarks" / "probes" / "v1_configs.py")
+probe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(probe)
+
+
+def test_parse_v1_table_accepts_classes_and_spaces():
+    assert cuda_backend.parse_v1_table(" tall_m4=4, short_m4 = 3,m16=7,") == {"tall_m4": 4, "short_m4": 3, "m16": 7}
+    assert cuda_backend.parse_v1_table("") == {}
+
+
+@pytest.mark.parametrize("spec,words", [("x=1", "not class=index"), ("tall_m4", "not class=index"),
+                                        ("tall_m4=a", "must be an integer"), ("m16=3", "takes configurations 6-7"),
+                                        ("short_m8=6", "takes configurations 0-5"), ("short_m4=-1", "0-5")])
+def test_parse_v1_table_names_what_is_wrong(spec, words):
+    with pytest.raises(ValueError, match=words):
+        cuda_backend.parse_v1_table(spec)
+
+
+def test_bad_env_raises_before_any_build(monkeypatch):
+    monkeypatch.setenv("LIBORTHO_V1_CFG", "tall_m4=9")
+    monkeypatch.setitem(cuda_backend._state, "ext", None)
+    monkeypatch.setitem(cuda_backend._state, "error", None)
+    with pytest.raises(ValueError, match="tall_m4=9"):
+        cuda_backend.build()
+    assert cuda_backend._state["ext"] is None and cuda_backend._state["error"] is None
+
+
+def test_probe_classes_mirror_the_kernel_dispatch():
+    sms = 132                                   # H200: tall grids from ceil(N / 16) >= 396 blocks
+    assert probe.v1_class(4096, 11008, 1, sms) == "short_long_k"
+    assert probe.v1_class(4096, 4096, 4, sms) == "short_m4"
+    assert probe.v1_class(1024, 4096, 8, sms) == "short_m8"
+    assert probe.v1_class(11008, 4096, 2, sms) == "tall_m4"
+    assert probe.v1_class(14336, 4096, 5, sms) == "tall_m8"
+    assert probe.v1_class(4096, 4096, 16, sms) == "m16"
+    assert probe.v1_class(6336, 4096, 1, sms) == "tall_m4" and probe.v1_class(6320, 4096, 1, sms) == "short_m4"
+
+
+def _row(n, k, m, times, wrong=()):
+    row = {"N": n, "K": k, "M": m}
+    for i, t in times.items():
+        row[probe.CONFIGS[i]] = {"alpha0_us": t, "alpha1_us": t, "rel_err": 0.0, "ok": i not in wrong}
+    return row
+
+
+def test_suggest_table_picks_the_least_total_time_among_correct_configs():
+    rows = [_row(4096, 4096, 1, {0: 7.0, 1: 6.0, 3: 6.5}),
+            _row(4096, 4096, 4, {0: 8.0, 1: 9.0, 3: 7.0}),       # class total: 0 -> 15, 1 -> 15, 3 -> 13.5
+            _row(11008, 4096, 1, {1: 5.0, 4: 4.0}, wrong={4}),   # the faster one is wrong: not picked
+            _row(4096, 4096, 16, {6: 10.0, 7: 9.0, 3: 1.0})]     # 3 cannot serve M 9-16
+    assert probe.suggest_table(rows, probe.CONFIGS, 132) == {"short_m4": 3, "tall_m4": 1, "m16": 7}
+
+
+def test_suggest_table_leaves_out_a_class_with_no_config_correct_on_all_rows():
+    rows = [_row(4096, 4096, 8, {0: 5.0, 2: 4.0}, wrong={2}), _row(1024, 4096, 8, {0: 3.0, 2: 2.0}, wrong={0})]
+    assert probe.suggest_table(rows, probe.CONFIGS, 132) == {}
