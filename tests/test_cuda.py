@@ -116,7 +116,8 @@ def test_tall_grid_configuration(n, m, gs, sym, dtype):
         assert rel_err(layer(x), reference64(layer, x, alpha)) < TOL[dtype]
 
 
-V1_CONFIGS = 8  # kernels.cu fused_cfg_dispatch (benchmarks/probes/v1_configs.py names them); 6-7: M <= 16
+V1_CONFIGS = 9  # kernels.cu fused_cfg_dispatch (benchmarks/probes/v1_configs.py names them)
+V1_CONFIG_MAX_M = [8] * 6 + [16] * 2 + [4]
 
 
 @pytest.mark.parametrize("cfg", range(V1_CONFIGS))
@@ -125,14 +126,17 @@ V1_CONFIGS = 8  # kernels.cu fused_cfg_dispatch (benchmarks/probes/v1_configs.py
                                               (129, 576, -1, False, torch.bfloat16),     # one group per row
                                               (64, 1024, 32, False, torch.float16),      # two groups per tile
                                               (96, 2048, 256, True, torch.bfloat16),     # a group per 4 tiles
+                                              (150, 1002, 128, False, torch.bfloat16),   # K % 8 != 0: no x ring
                                               (4096, 4096, 128, False, torch.bfloat16)])
 def test_every_v1_configuration(cfg, n, k, gs, sym, dtype):
     """Each v1 tuning configuration (register chunks or the shared-memory ring) against float64, M 1..8 (16)."""
     gen = torch.Generator(device="cuda").manual_seed(cfg * 7 + n)
     layer = make_layer(n, k, 4, gs, sym, 0.02, dtype, gen)
     ext = cuda_backend.extension()
-    for m in (1, 3, 8) + ((9, 16) if cfg >= 6 else ()):
+    for m in [m for m in (1, 3, 4, 8, 9, 16) if m <= V1_CONFIG_MAX_M[cfg]]:
         x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+        if cfg == 8 and m == 3:  # rows not 16-byte aligned: the x ring must step aside
+            x = torch.randn(m * k + 4, generator=gen, device="cuda").to(dtype)[4:].view(m, k)
         for alpha in (0.0, 1.0):
             poison_allocator()
             y = cuda_backend._checked(ext.fused_small_m_cfg(
@@ -150,6 +154,7 @@ def test_v1_table_set_get_and_refusal():
     assert len(old) == len(cuda_backend.V1_CLASSES)
     assert not ext.set_v1_table(old[:-1] + [5])      # M 9-16 needs configuration 6 or 7
     assert not ext.set_v1_table([6] + old[1:])       # M <= 8 classes take 0-5
+    assert not ext.set_v1_table(old[:2] + [8] + old[3:])  # 8 (x ring) serves M <= 4 only
     assert not ext.set_v1_table(old[:-1])            # wrong length
     assert list(ext.v1_table()) == old
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -157,7 +162,7 @@ def test_v1_table_set_get_and_refusal():
     cases = [(512, 8192, 2), (512, 1024, 3), (512, 1024, 7), (tall_n, 512, 4), (tall_n, 512, 8), (512, 1024, 12)]
     gen = torch.Generator(device="cuda").manual_seed(5)
     try:
-        for table in ([3, 4, 5, 4, 3, 7], [5, 3, 4, 0, 2, 6]):
+        for table in ([3, 4, 5, 4, 3, 7], [5, 3, 4, 0, 2, 6], [8, 8, 2, 8, 1, 6]):
             assert ext.set_v1_table(table) and list(ext.v1_table()) == table
             for n, k, m in cases:
                 layer = make_layer(n, k, 4, 128, False, 0.02, torch.bfloat16, gen)

@@ -37,7 +37,9 @@ _FUSED = {"v1": "fused_small_m", "v2": "fused_small_m_v2", "v3": "fused_small_m_
 _state = {"ext": None, "error": None, "warned": set(), "decode": None}
 # The classes of the v1 configuration table (kernels.h, in its order) and the configurations each can take.
 V1_CLASSES = ("short_long_k", "short_m4", "short_m8", "tall_m4", "tall_m8", "m16")
-_V1_CLASS_CONFIGS = {**{c: range(0, 6) for c in V1_CLASSES[:-1]}, "m16": range(6, 8)}
+_V1_CLASS_CONFIGS = {"short_long_k": (0, 1, 2, 3, 4, 5, 8), "short_m4": (0, 1, 2, 3, 4, 5, 8),
+                     "short_m8": (0, 1, 2, 3, 4, 5), "tall_m4": (0, 1, 2, 3, 4, 5, 8),
+                     "tall_m8": (0, 1, 2, 3, 4, 5), "m16": (6, 7)}
 
 
 def parse_v1_table(spec: str) -> dict[str, int]:
@@ -55,7 +57,7 @@ def parse_v1_table(spec: str) -> dict[str, int]:
         allowed = _V1_CLASS_CONFIGS[name]
         if index not in allowed:
             raise ValueError(f"LIBORTHO_V1_CFG: {item!r}: class {name} takes configurations "
-                             f"{allowed.start}-{allowed.stop - 1}")
+                             f"{', '.join(map(str, allowed))}")
         out[name] = index
     return out
 
