@@ -388,6 +388,47 @@ def test_prefill_in_slices(monkeypatch, setting, n, k, m):
         assert rel_err(layer(x), reference64(layer, x, alpha)) < TOL[torch.bfloat16], (setting, alpha)
 
 
+@pytest.fixture
+def ortho_xt():
+    """Set v1's transposed-x threshold for a test (0: always at M >= 2, -1: never); restored after."""
+    ext = cuda_backend.extension()
+    old = ext.ortho_xt_min()
+    yield ext.set_ortho_xt_min
+    ext.set_ortho_xt_min(old)
+
+
+@pytest.mark.parametrize("mode", [0, -1])
+@pytest.mark.parametrize("n,k,dtype", [(200, 1000, torch.bfloat16), (300, 4096, torch.float16), (64, 578, torch.bfloat16)])
+def test_ortho_reads_x_transposed(ortho_xt, mode, n, k, dtype):
+    """v1's ortho stream with x transposed (mode 0) and without (-1): float64 reference at every M it
+    serves, alpha 0.5 and 1, dense and empty rows; a CUDA graph of the transposed path replays the same."""
+    ortho_xt(mode)
+    gen = torch.Generator(device="cuda").manual_seed(n + k)
+    w_dense = torch.zeros(n, k, device="cuda")
+    idx = torch.randperm(n * k, generator=gen, device="cuda")[: n * k // 20]
+    w_dense.view(-1)[idx] = torch.randn(idx.numel(), generator=gen, device="cuda")
+    w_dense[3] = torch.randn(k, generator=gen, device="cuda")  # one full row
+    w_dense[5] = 0.0                                          # one empty row
+    from libortho.sieve import csr_from_indices
+    csr = csr_from_indices(w_dense, w_dense.flatten().nonzero().flatten(), dtype)
+    layer = make_layer(n, k, 4, 128, False, 0.0, dtype, gen, csr=csr)
+    for m in (2, 3, 4, 5, 8, 9, 16):
+        x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+        for alpha in (0.5, 1.0):
+            layer.alpha = alpha
+            poison_allocator()
+            assert rel_err(layer(x), reference64(layer, x, alpha)) < TOL[dtype], (mode, m, alpha)
+    if mode == 0:
+        x = torch.randn(8, k, generator=gen, device="cuda").to(dtype)
+        eager = layer(x)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = layer(x)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, eager)
+
+
 def test_bad_calls_raise_python_errors():
     gen = torch.Generator(device="cuda").manual_seed(3)
     layer = make_layer(64, 128, 4, 128, True, 0.01, torch.bfloat16, gen)

@@ -70,3 +70,15 @@ def test_suggest_table_offers_the_x_ring_to_m4_classes_only():
 def test_suggest_table_leaves_out_a_class_with_no_config_correct_on_all_rows():
     rows = [_row(4096, 4096, 8, {0: 5.0, 2: 4.0}, wrong={2}), _row(1024, 4096, 8, {0: 3.0, 2: 2.0}, wrong={0})]
     assert probe.suggest_table(rows, probe.CONFIGS, 132) == {}
+
+
+@pytest.mark.parametrize("value,expected", [("", cuda_backend.ORTHO_XT_AUTO), ("auto", cuda_backend.ORTHO_XT_AUTO),
+                                            (" ON ", 0), ("off", -1), ("4096", 4096), ("0", 0)])
+def test_parse_ortho_xt(value, expected):
+    assert cuda_backend.parse_ortho_xt(value) == expected
+
+
+@pytest.mark.parametrize("value", ["-1", "sometimes", "1e6"])
+def test_parse_ortho_xt_names_what_is_wrong(value):
+    with pytest.raises(ValueError, match="expected auto, on, off"):
+        cuda_backend.parse_ortho_xt(value)

@@ -10,6 +10,8 @@
 * INT4 v1 at M <= 16 runs one of its tuning configurations (``benchmarks/probes/v1_configs.py``) per class
   of call (``V1_CLASSES``); ``LIBORTHO_V1_CFG="tall_m4=4,short_m4=3"`` replaces entries of that table for a
   tuning run (read once, when the extension loads; :func:`v1_table` shows the table in use).
+* v1's ortho stream at M >= 2 reads x transposed (one small transpose launch first) when nnz * M is at
+  least a threshold: ``LIBORTHO_ORTHO_XT=auto`` (the default, ``ORTHO_XT_AUTO``), ``on``, ``off`` or a number.
 * M > 16 (prefill): one kernel dequantizes the base and merges alpha * S into a bf16/fp16 weight, then cuBLAS;
   ``LIBORTHO_PREFILL_SLICE=l2`` (or a row count) does it in slices of output rows small enough to be
   written to and read back from the L2 cache (see :func:`prefill_slice_rows`).
@@ -42,6 +44,24 @@ V1_CLASSES = ("short_long_k", "short_m4", "short_m8", "tall_m4", "tall_m8", "m16
 _V1_CLASS_CONFIGS = {"short_long_k": (0, 1, 2, 3, 4, 5, 8), "short_m4": (0, 1, 2, 3, 4, 5, 8),
                      "short_m8": (0, 1, 2, 3, 4, 5), "tall_m4": (0, 1, 2, 3, 4, 5, 8),
                      "tall_m8": (0, 1, 2, 3, 4, 5), "m16": (6, 7)}
+
+
+ORTHO_XT_AUTO = 1 << 21  # entries x rows above which v1's ortho stream reads x transposed (a guess to measure)
+
+
+def parse_ortho_xt(value: str) -> int:
+    """$LIBORTHO_ORTHO_XT -> the threshold on nnz * M (-1: never); ValueError names what is wrong."""
+    v = value.strip().lower()
+    named = {"": ORTHO_XT_AUTO, "auto": ORTHO_XT_AUTO, "on": 0, "off": -1}
+    if v in named:
+        return named[v]
+    try:
+        n = int(v)
+    except ValueError:
+        n = -2
+    if n < 0:
+        raise ValueError(f"LIBORTHO_ORTHO_XT={value!r}; expected auto, on, off or a non-negative entry count")
+    return n
 
 
 def parse_v1_table(spec: str) -> dict[str, int]:
@@ -132,6 +152,7 @@ def build(verbose: bool = False):
     if _state["error"] is not None:
         return False
     spec = parse_v1_table(os.environ.get("LIBORTHO_V1_CFG", ""))  # a bad value raises before the build
+    xt_min = parse_ortho_xt(os.environ.get("LIBORTHO_ORTHO_XT", ""))
     try:
         from torch.utils.cpp_extension import load
         _state["ext"] = load(name="libortho_cuda_v2", sources=[str(CSRC / "binding.cpp"), str(CSRC / "kernels.cu")],
@@ -144,6 +165,7 @@ def build(verbose: bool = False):
         return False
     if spec:
         _apply_v1_table(_state["ext"], spec)
+    _state["ext"].set_ortho_xt_min(xt_min)
     return True
 
 

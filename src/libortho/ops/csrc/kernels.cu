@@ -414,9 +414,33 @@ __device__ inline void compute_chunk(float (&acc)[NT][4], const Chunk<T, BITS, N
 // gets one plain add from one lane, and rows shared with other warps land in their own slots. No atomics
 // (shared-memory float atomics are compare-and-swap loops) and no block barrier before the epilogue's.
 // MR > 16 (too many registers for the scan) adds each row partial with an atomic.
+// x[0..MR) of column c from xt (MR values in one load; MR = the row stride of xt).
+template <int MR, typename T>
+__device__ inline void xt_column(float (&xv)[MR], const T* xt, int c) {
+  const T* p = xt + static_cast<size_t>(c) * MR;
+  uint32_t w[MR / 2];
+  if constexpr (MR == 2) {
+    w[0] = *reinterpret_cast<const uint32_t*>(p);
+  } else if constexpr (MR == 4) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    w[0] = v.x; w[1] = v.y;
+  } else {
+#pragma unroll
+    for (int i = 0; i < MR / 8; ++i) {
+      const uint4 v = reinterpret_cast<const uint4*>(p)[i];
+      w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < MR / 2; ++i) {
+    xv[2 * i] = Num<T>::f(Num<T>::bits(w[i] & 0xFFFFu));
+    xv[2 * i + 1] = Num<T>::f(Num<T>::bits(w[i] >> 16));
+  }
+}
+
 template <int MR, typename T, class ColAt, class ValAt>
 __device__ inline void ortho_run(float* out, int stride, const int* rp, int run_b, int run_e, const T* x, int K,
-                                 int M, float alpha, ColAt col_at, ValAt val_at) {
+                                 int M, float alpha, ColAt col_at, ValAt val_at, const T* xt = nullptr) {
   constexpr bool kScan = MR <= 16;
   float part[MR], first[MR];
 #pragma unroll
@@ -441,6 +465,15 @@ __device__ inline void ortho_run(float* out, int stride, const int* rp, int run_
         part[m] = 0.f;
       }
       while (e >= rp[row + 1]) ++row;
+    }
+    if constexpr (MR >= 2 && MR <= 16) {
+      if (xt != nullptr) {  // the padded rows are zeros: no bound on m
+        float xv[MR];
+        xt_column<MR>(xv, xt, c);
+#pragma unroll
+        for (int m = 0; m < MR; ++m) part[m] += v * xv[m];
+        continue;
+      }
     }
 #pragma unroll
     for (int m = 0; m < MR; ++m)
@@ -774,7 +807,9 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     };
     auto run = [&](auto mr) {
       constexpr int MR = decltype(mr)::value;
-      ortho_run<MR>(&red[warp][0][0], MT + 1, rpw[warp], run_b, run_e, x, K, M, op.alpha, entry_col, entry_val);
+      // xt is laid out for this MR (the binding picks ld by the same rule) or not given
+      const T* xt = op.xt != nullptr && op.xt_ld == MR ? static_cast<const T*>(op.xt) : nullptr;
+      ortho_run<MR>(&red[warp][0][0], MT + 1, rpw[warp], run_b, run_e, x, K, M, op.alpha, entry_col, entry_val, xt);
     };
     if constexpr (MT == 8) {
       if (M == 1) run(std::integral_constant<int, 1>{});
@@ -1766,7 +1801,47 @@ cudaError_t launch(const Operands& op, const void* x, const void* bias, void* ou
 
 }  // namespace v3
 
+// xt (K, LD) = x (M, K) transposed, columns M..LD-1 zero: thread c reads x's column c (coalesced across
+// threads) and writes its LD values as 16-byte stores (LD * 2 bytes, 4-32).
+template <typename T, int LD>
+__global__ void transpose_x_kernel(const T* __restrict__ x, T* __restrict__ xt, int M, int K) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= K) return;
+  __align__(16) T v[LD];
+#pragma unroll
+  for (int m = 0; m < LD; ++m) v[m] = m < M ? x[static_cast<size_t>(m) * K + c] : Num<T>::from(0.f);
+  T* dst = xt + static_cast<size_t>(c) * LD;
+  if constexpr (LD == 2) {
+    *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(v);
+  } else if constexpr (LD == 4) {
+    *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(v);
+  } else {
+#pragma unroll
+    for (int i = 0; i < LD / 8; ++i) reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(v)[i];
+  }
+}
+
+template <typename T>
+cudaError_t transpose_x(const void* x, void* xt, int M, int K, int ld, cudaStream_t s) {
+  const dim3 block(128), grid((K + 127) / 128);
+  auto xp = static_cast<const T*>(x);
+  auto xtp = static_cast<T*>(xt);
+  switch (ld) {
+    case 2: transpose_x_kernel<T, 2><<<grid, block, 0, s>>>(xp, xtp, M, K); break;
+    case 4: transpose_x_kernel<T, 4><<<grid, block, 0, s>>>(xp, xtp, M, K); break;
+    case 8: transpose_x_kernel<T, 8><<<grid, block, 0, s>>>(xp, xtp, M, K); break;
+    case 16: transpose_x_kernel<T, 16><<<grid, block, 0, s>>>(xp, xtp, M, K); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+cudaError_t launch_transpose_x(const void* x, void* xt, int M, int K, int ld, bool bf16, cudaStream_t stream) {
+  if (M < 1 || M > ld || K < 1) return cudaErrorInvalidValue;
+  return bf16 ? transpose_x<__nv_bfloat16>(x, xt, M, K, ld, stream) : transpose_x<__half>(x, xt, M, K, ld, stream);
+}
 
 cudaError_t launch_fused_small_m(const Operands& op, const void* x, const void* bias, void* out, int M,
                                  cudaStream_t stream) {

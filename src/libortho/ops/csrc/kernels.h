@@ -18,7 +18,13 @@ struct Operands {
   int bits, group_size, N, K;
   bool bf16;               // activation dtype: bf16 (true) or fp16
   bool pdl;                // v1 only: programmatic dependent launch (sm_90+), see kernels.cu
+  const void* xt;          // v1 only, or nullptr: x transposed, (K, xt_ld), rows padded with zeros
+  int xt_ld;               // 2, 4, 8 or 16: the ortho stream's rows of x for one column in one load
 };
+
+// xt (K, ld) = x (M, K) transposed, columns M..ld-1 zero (ld = 2, 4, 8, 16 >= M), for the v1 kernel's
+// ortho stream: one column's M values are then one 4-32 byte load instead of M loads K apart.
+cudaError_t launch_transpose_x(const void* x, void* xt, int M, int K, int ld, bool bf16, cudaStream_t stream);
 
 // out (M, N) = x (M, K) @ deq(Q)^T + alpha * x @ S^T + bias, for 1 <= M <= 64.
 cudaError_t launch_fused_small_m(const Operands& op, const void* x, const void* bias, void* out, int M,
