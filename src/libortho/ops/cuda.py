@@ -37,7 +37,11 @@ _FUSED = {"v1": "fused_small_m", "v2": "fused_small_m_v2", "v3": "fused_small_m_
 _state = {"ext": None, "error": None, "warned": set(), "decode": None}
 # The classes of the v1 configuration table (kernels.h, in its order) and the configurations each can take.
 V1_CLASSES = ("short_long_k", "short_m4", "short_m8", "tall_m4", "tall_m8", "m16")
-_V1_CLASS_CONFIGS = {**{c: range(0, 6) for c in V1_CLASSES[:-1]}, "m16": range(6, 8)}
+# The largest M of each v1 tuning configuration (kernels.cu fused_cfg_dispatch, in its order): the M <= 8
+# kernel's configurations serve the M <= 8 classes, the M <= 16 kernel's the class m16.
+V1_CONFIG_MAX_M = (8,) * 6 + (16,) * 2
+_V1_CLASS_CONFIGS = {c: range(V1_CONFIG_MAX_M.index(mm), len(V1_CONFIG_MAX_M) - V1_CONFIG_MAX_M[::-1].index(mm))
+                     for c, mm in ((c, 16 if c == "m16" else 8) for c in V1_CLASSES)}
 
 
 def parse_v1_table(spec: str) -> dict[str, int]:
