@@ -117,7 +117,7 @@ def test_tall_grid_configuration(n, m, gs, sym, dtype):
 
 
 V1_CONFIGS = 9  # kernels.cu fused_cfg_dispatch (benchmarks/probes/v1_configs.py names them)
-V1_CONFIG_MAX_M = [8] * 6 + [16] * 2 + [4]
+V1_CONFIG_MAX_M = cuda_backend.V1_CONFIG_MAX_M
 
 
 @pytest.mark.parametrize("cfg", range(V1_CONFIGS))
