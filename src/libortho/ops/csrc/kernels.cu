@@ -975,11 +975,10 @@ cudaError_t fused_cfg_dispatch(const Operands& op, const void* x, const void* bi
 }
 
 // The INT4 v1 configuration for each class of call (kernels.h, set_v1_table), as the probe
-// (benchmarks/probes/v1_configs.py, results/v1-configs-H200.json, 2026-11-29 07:49 UTC) suggested it:
-// the 4-slot ring at 3 blocks per SM at M <= 4, one K tile per chunk at M 5-8 (2 or 3 blocks per SM on
-// short or tall grids), the default M <= 16 kernel above 8. cuda.py replaces entries for a tuning run
-// ($LIBORTHO_V1_CFG).
-int g_v1_table[kV1Classes] = {5, 5, 2, 5, 1, 6};
+// (benchmarks/probes/v1_configs.py, results/v1-configs-H200.json, 2026-11-29 09:10 UTC) suggested it:
+// the 4-slot ring carrying x's columns at M <= 4, one K tile per chunk at M 5-8, the default M <= 16
+// kernel above 8. cuda.py replaces entries for a tuning run ($LIBORTHO_V1_CFG).
+int g_v1_table[kV1Classes] = {8, 8, 1, 8, 1, 6};
 
 inline int v1_class(const Operands& op, int M) {
   if (M > 8) return 5;
