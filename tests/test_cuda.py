@@ -372,22 +372,6 @@ def test_pdl_chain_matches_plain_launches(m, monkeypatch):
         cuda_backend.set_decode_kernel(None)
 
 
-@pytest.mark.parametrize("setting", ["32", "16", "l2"])
-@pytest.mark.parametrize("n,k,m", [(200, 1000, 40), (4096, 4096, 64)])
-def test_prefill_in_slices(monkeypatch, setting, n, k, m):
-    """M > 16 with W dequantized in slices of output rows ($LIBORTHO_PREFILL_SLICE): the kernel on a slice
-    of the packed strips and of the row pointers, stitched by column blocks of y; 200 rows end in a
-    partial strip."""
-    monkeypatch.setenv("LIBORTHO_PREFILL_SLICE", setting)
-    gen = torch.Generator(device="cuda").manual_seed(n + m)
-    layer = make_layer(n, k, 4, 128, False, 0.03, torch.bfloat16, gen)
-    x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
-    for alpha in (0.0, 1.0):
-        layer.alpha = alpha
-        poison_allocator()
-        assert rel_err(layer(x), reference64(layer, x, alpha)) < TOL[torch.bfloat16], (setting, alpha)
-
-
 @pytest.fixture
 def ortho_xt():
     """Set v1's transposed-x threshold for a test (0: always at M >= 2, -1: never); restored after."""

@@ -12,9 +12,7 @@
   tuning run (read once, when the extension loads; :func:`v1_table` shows the table in use).
 * v1's ortho stream at M >= 2 reads x transposed (one small transpose launch first) when nnz * M is at
   least a threshold: ``LIBORTHO_ORTHO_XT=auto`` (the default, ``ORTHO_XT_AUTO``), ``on``, ``off`` or a number.
-* M > 16 (prefill): one kernel dequantizes the base and merges alpha * S into a bf16/fp16 weight, then cuBLAS;
-  ``LIBORTHO_PREFILL_SLICE=l2`` (or a row count) does it in slices of output rows small enough to be
-  written to and read back from the L2 cache (see :func:`prefill_slice_rows`).
+* M > 16 (prefill): one kernel dequantizes the base and merges alpha * S into a bf16/fp16 weight, then cuBLAS.
 
 The extension is built on first use with ``torch.utils.cpp_extension.load`` for the GPU present and
 cached in ``$LIBORTHO_BUILD_DIR`` (default ``~/.cache/libortho/build``). Set
@@ -38,7 +36,7 @@ SMALL_M_MAX = 16  # measured: above this the dequantize + cuBLAS path is faster 
 DECODE_KERNELS = ("v1", "v2", "v3")
 DEFAULT_DECODE_KERNEL = "v1"  # H200, 2026-11-29: v3 wins at M = 1 on 5 of 6 Llama shapes but loses 2-6x from M = 2 on
 _FUSED = {"v1": "fused_small_m", "v2": "fused_small_m_v2", "v3": "fused_small_m_v3"}
-_state = {"ext": None, "error": None, "warned": set(), "decode": None, "l2": {}}
+_state = {"ext": None, "error": None, "warned": set(), "decode": None}
 # The classes of the v1 configuration table (kernels.h, in its order) and the configurations each can take.
 V1_CLASSES = ("short_long_k", "short_m4", "short_m8", "tall_m4", "tall_m8", "m16")
 # The largest M of each v1 tuning configuration (kernels.cu fused_cfg_dispatch, in its order) and of each
@@ -201,49 +199,6 @@ def _checked(result, what: str = "kernel"):
     return out
 
 
-def prefill_slice_rows(n: int, k: int, device) -> int:
-    """Rows of W dequantized per step at M > 16, from $LIBORTHO_PREFILL_SLICE: ``off`` (the default: all n at
-    once), ``l2`` (slices of a third of the L2 cache: the allocator hands each slice the same block, so it
-    is written to and read back from L2 instead of HBM) or a row count (a positive multiple of 16)."""
-    v = os.environ.get("LIBORTHO_PREFILL_SLICE", "off").strip().lower()
-    if v == "off":
-        return n
-    if v == "l2":
-        dev = torch.device(device)
-        if dev not in _state["l2"]:
-            _state["l2"][dev] = torch.cuda.get_device_properties(dev).L2_cache_size
-        rows = _state["l2"][dev] // 3 // (2 * k) // 16 * 16
-    else:
-        try:
-            rows = int(v)
-        except ValueError:
-            rows = 0
-        if rows <= 0 or rows % 16:
-            raise ValueError(f"LIBORTHO_PREFILL_SLICE={v!r}; expected 'off', 'l2' or a positive multiple of 16")
-    return max(16, min(rows, n))
-
-
-def _dequant_gemm(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, n, k):
-    """y = x2 @ (deq(Q) + alpha S)^T + bias through W in slices of prefill_slice_rows rows: a slice of the
-    packed arrays is a slice of 16-row strips, and its row pointers index the whole CSR arrays."""
-    ext = _state["ext"]
-    rows = prefill_slice_rows(n, k, x2.device)
-    if rows >= n:
-        w = _checked(ext.dequant_merge(x2, qweight, scales, zeros, row_ptr, col_idx, values, alpha, bits,
-                                       group_size, n, k), "dequant kernel")
-        return F.linear(x2, w, bias)
-    y = x2.new_empty(x2.shape[0], n)
-    for n0 in range(0, n, rows):
-        n1 = min(n0 + rows, n)
-        s0, s1 = n0 // 16, (n1 + 15) // 16
-        w = _checked(ext.dequant_merge(x2, qweight[s0:s1], scales[s0:s1], None if zeros is None else zeros[s0:s1],
-                                       row_ptr[n0:n1 + 1], col_idx, values, alpha, bits, group_size, n1 - n0, k),
-                     "dequant kernel")
-        torch.mm(x2, w.t(), out=y[:, n0:n1])
-        del w  # its block goes back to the allocator for the next slice (the same L2 lines)
-    return y if bias is None else y.add_(bias)
-
-
 def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
                       out_features, in_features):
     supported = x.dtype in (torch.float16, torch.bfloat16) and in_features % 2 == 0
@@ -268,8 +223,9 @@ def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
         y = _checked(fused(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
                            out_features, in_features, pdl_enabled()), "fused kernel")
     else:
-        y = _dequant_gemm(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
-                          out_features, in_features)
+        w = _checked(_state["ext"].dequant_merge(x2, qweight, scales, zeros, row_ptr, col_idx, values, alpha,
+                                                 bits, group_size, out_features, in_features), "dequant kernel")
+        y = F.linear(x2, w, bias)
     return y.reshape(*x.shape[:-1], out_features)
 
 
