@@ -116,7 +116,8 @@ def test_tall_grid_configuration(n, m, gs, sym, dtype):
         assert rel_err(layer(x), reference64(layer, x, alpha)) < TOL[dtype]
 
 
-V1_CONFIGS = 8  # kernels.cu fused_cfg_dispatch (benchmarks/probes/v1_configs.py names them); 6-7: M <= 16
+V1_CONFIGS = 9  # kernels.cu fused_cfg_dispatch (benchmarks/probes/v1_configs.py names them)
+V1_CONFIG_MAX_M = cuda_backend.V1_CONFIG_MAX_M
 
 
 @pytest.mark.parametrize("cfg", range(V1_CONFIGS))
@@ -125,14 +126,17 @@ V1_CONFIGS = 8  # kernels.cu fused_cfg_dispatch (benchmarks/probes/v1_configs.py
                                               (129, 576, -1, False, torch.bfloat16),     # one group per row
                                               (64, 1024, 32, False, torch.float16),      # two groups per tile
                                               (96, 2048, 256, True, torch.bfloat16),     # a group per 4 tiles
+                                              (150, 1002, 128, False, torch.bfloat16),   # K % 8 != 0: no x ring
                                               (4096, 4096, 128, False, torch.bfloat16)])
 def test_every_v1_configuration(cfg, n, k, gs, sym, dtype):
     """Each v1 tuning configuration (register chunks or the shared-memory ring) against float64, M 1..8 (16)."""
     gen = torch.Generator(device="cuda").manual_seed(cfg * 7 + n)
     layer = make_layer(n, k, 4, gs, sym, 0.02, dtype, gen)
     ext = cuda_backend.extension()
-    for m in (1, 3, 8) + ((9, 16) if cfg >= 6 else ()):
+    for m in [m for m in (1, 3, 4, 8, 9, 16) if m <= V1_CONFIG_MAX_M[cfg]]:
         x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+        if cfg == 8 and m == 3:  # rows not 16-byte aligned: the x ring must step aside
+            x = torch.randn(m * k + 4, generator=gen, device="cuda").to(dtype)[4:].view(m, k)
         for alpha in (0.0, 1.0):
             poison_allocator()
             y = cuda_backend._checked(ext.fused_small_m_cfg(
@@ -150,6 +154,7 @@ def test_v1_table_set_get_and_refusal():
     assert len(old) == len(cuda_backend.V1_CLASSES)
     assert not ext.set_v1_table(old[:-1] + [5])      # M 9-16 needs configuration 6 or 7
     assert not ext.set_v1_table([6] + old[1:])       # M <= 8 classes take 0-5
+    assert not ext.set_v1_table(old[:2] + [8] + old[3:])  # 8 (x ring) serves M <= 4 only
     assert not ext.set_v1_table(old[:-1])            # wrong length
     assert list(ext.v1_table()) == old
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -157,7 +162,7 @@ def test_v1_table_set_get_and_refusal():
     cases = [(512, 8192, 2), (512, 1024, 3), (512, 1024, 7), (tall_n, 512, 4), (tall_n, 512, 8), (512, 1024, 12)]
     gen = torch.Generator(device="cuda").manual_seed(5)
     try:
-        for table in ([3, 4, 5, 4, 3, 7], [5, 3, 4, 0, 2, 6]):
+        for table in ([3, 4, 5, 4, 3, 7], [5, 3, 4, 0, 2, 6], [8, 8, 2, 8, 1, 6]):
             assert ext.set_v1_table(table) and list(ext.v1_table()) == table
             for n, k, m in cases:
                 layer = make_layer(n, k, 4, 128, False, 0.02, torch.bfloat16, gen)
@@ -365,6 +370,47 @@ def test_pdl_chain_matches_plain_launches(m, monkeypatch):
             assert torch.equal(out, plain)
     finally:
         cuda_backend.set_decode_kernel(None)
+
+
+@pytest.fixture
+def ortho_xt():
+    """Set v1's transposed-x threshold for a test (0: always at M >= 2, -1: never); restored after."""
+    ext = cuda_backend.extension()
+    old = ext.ortho_xt_min()
+    yield ext.set_ortho_xt_min
+    ext.set_ortho_xt_min(old)
+
+
+@pytest.mark.parametrize("mode", [0, -1])
+@pytest.mark.parametrize("n,k,dtype", [(200, 1000, torch.bfloat16), (300, 4096, torch.float16), (64, 578, torch.bfloat16)])
+def test_ortho_reads_x_transposed(ortho_xt, mode, n, k, dtype):
+    """v1's ortho stream with x transposed (mode 0) and without (-1): float64 reference at every M it
+    serves, alpha 0.5 and 1, dense and empty rows; a CUDA graph of the transposed path replays the same."""
+    ortho_xt(mode)
+    gen = torch.Generator(device="cuda").manual_seed(n + k)
+    w_dense = torch.zeros(n, k, device="cuda")
+    idx = torch.randperm(n * k, generator=gen, device="cuda")[: n * k // 20]
+    w_dense.view(-1)[idx] = torch.randn(idx.numel(), generator=gen, device="cuda")
+    w_dense[3] = torch.randn(k, generator=gen, device="cuda")  # one full row
+    w_dense[5] = 0.0                                          # one empty row
+    from libortho.sieve import csr_from_indices
+    csr = csr_from_indices(w_dense, w_dense.flatten().nonzero().flatten(), dtype)
+    layer = make_layer(n, k, 4, 128, False, 0.0, dtype, gen, csr=csr)
+    for m in (2, 3, 4, 5, 8, 9, 16):
+        x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+        for alpha in (0.5, 1.0):
+            layer.alpha = alpha
+            poison_allocator()
+            assert rel_err(layer(x), reference64(layer, x, alpha)) < TOL[dtype], (mode, m, alpha)
+    if mode == 0:
+        x = torch.randn(8, k, generator=gen, device="cuda").to(dtype)
+        eager = layer(x)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = layer(x)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, eager)
 
 
 def test_bad_calls_raise_python_errors():

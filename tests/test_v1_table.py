@@ -14,13 +14,14 @@ _spec.loader.exec_module(probe)
 
 
 def test_parse_v1_table_accepts_classes_and_spaces():
-    assert cuda_backend.parse_v1_table(" tall_m4=4, short_m4 = 3,m16=7,") == {"tall_m4": 4, "short_m4": 3, "m16": 7}
+    assert cuda_backend.parse_v1_table(" tall_m4=4, short_m4 = 8,m16=7,") == {"tall_m4": 4, "short_m4": 8, "m16": 7}
     assert cuda_backend.parse_v1_table("") == {}
 
 
 @pytest.mark.parametrize("spec,words", [("x=1", "not class=index"), ("tall_m4", "not class=index"),
-                                        ("tall_m4=a", "must be an integer"), ("m16=3", "takes configurations 6-7"),
-                                        ("short_m8=6", "takes configurations 0-5"), ("short_m4=-1", "0-5")])
+                                        ("tall_m4=a", "must be an integer"), ("m16=3", "takes configurations 6, 7"),
+                                        ("short_m8=8", "takes configurations 0, 1, 2, 3, 4, 5$"),
+                                        ("short_m4=-1", "0, 1, 2, 3, 4, 5, 8")])
 def test_parse_v1_table_names_what_is_wrong(spec, words):
     with pytest.raises(ValueError, match=words):
         cuda_backend.parse_v1_table(spec)
@@ -61,6 +62,23 @@ def test_suggest_table_picks_the_least_total_time_among_correct_configs():
     assert probe.suggest_table(rows, probe.CONFIGS, 132) == {"short_m4": 3, "tall_m4": 1, "m16": 7}
 
 
+def test_suggest_table_offers_the_x_ring_to_m4_classes_only():
+    rows = [_row(4096, 4096, 1, {0: 7.0, 8: 5.0}), _row(4096, 4096, 8, {0: 9.0, 2: 8.0})]
+    assert probe.suggest_table(rows, probe.CONFIGS, 132) == {"short_m4": 8, "short_m8": 2}
+
+
 def test_suggest_table_leaves_out_a_class_with_no_config_correct_on_all_rows():
     rows = [_row(4096, 4096, 8, {0: 5.0, 2: 4.0}, wrong={2}), _row(1024, 4096, 8, {0: 3.0, 2: 2.0}, wrong={0})]
     assert probe.suggest_table(rows, probe.CONFIGS, 132) == {}
+
+
+@pytest.mark.parametrize("value,expected", [("", cuda_backend.ORTHO_XT_AUTO), ("auto", cuda_backend.ORTHO_XT_AUTO),
+                                            (" ON ", 0), ("off", -1), ("4096", 4096), ("0", 0)])
+def test_parse_ortho_xt(value, expected):
+    assert cuda_backend.parse_ortho_xt(value) == expected
+
+
+@pytest.mark.parametrize("value", ["-1", "sometimes", "1e6"])
+def test_parse_ortho_xt_names_what_is_wrong(value):
+    with pytest.raises(ValueError, match="expected auto, on, off"):
+        cuda_backend.parse_ortho_xt(value)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -237,6 +238,7 @@ def run(args):
     result = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "copy_GBps": bw / 1e9, "pdl": ops.cuda.pdl_enabled(), "v1_table": ops.cuda.v1_table(),
+              "ortho_xt_min": ops.cuda.extension().ortho_xt_min() if ops.cuda.extension() else None,
               "method": __doc__.strip(), "rows": rows}
     out = Path(args.out or f"benchmarks/results/kernels-{card_name()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

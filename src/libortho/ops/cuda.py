@@ -10,6 +10,8 @@
 * INT4 v1 at M <= 16 runs one of its tuning configurations (``benchmarks/probes/v1_configs.py``) per class
   of call (``V1_CLASSES``); ``LIBORTHO_V1_CFG="tall_m4=4,short_m4=3"`` replaces entries of that table for a
   tuning run (read once, when the extension loads; :func:`v1_table` shows the table in use).
+* v1's ortho stream at M >= 2 reads x transposed (one small transpose launch first) when nnz * M is at
+  least a threshold: ``LIBORTHO_ORTHO_XT=auto`` (the default, ``ORTHO_XT_AUTO``), ``on``, ``off`` or a number.
 * M > 16 (prefill): one kernel dequantizes the base and merges alpha * S into a bf16/fp16 weight, then cuBLAS.
 
 The extension is built on first use with ``torch.utils.cpp_extension.load`` for the GPU present and
@@ -37,11 +39,30 @@ _FUSED = {"v1": "fused_small_m", "v2": "fused_small_m_v2", "v3": "fused_small_m_
 _state = {"ext": None, "error": None, "warned": set(), "decode": None}
 # The classes of the v1 configuration table (kernels.h, in its order) and the configurations each can take.
 V1_CLASSES = ("short_long_k", "short_m4", "short_m8", "tall_m4", "tall_m8", "m16")
-# The largest M of each v1 tuning configuration (kernels.cu fused_cfg_dispatch, in its order): the M <= 8
-# kernel's configurations serve the M <= 8 classes, the M <= 16 kernel's the class m16.
-V1_CONFIG_MAX_M = (8,) * 6 + (16,) * 2
-_V1_CLASS_CONFIGS = {c: range(V1_CONFIG_MAX_M.index(mm), len(V1_CONFIG_MAX_M) - V1_CONFIG_MAX_M[::-1].index(mm))
-                     for c, mm in ((c, 16 if c == "m16" else 8) for c in V1_CLASSES)}
+# The largest M of each v1 tuning configuration (kernels.cu fused_cfg_dispatch, in its order) and of each
+# class: a class takes the configurations of its kernel (M <= 8 or M <= 16) that reach its largest M.
+V1_CONFIG_MAX_M = (8,) * 6 + (16,) * 2 + (4,)
+_V1_CLASS_MAX_M = {"short_long_k": 4, "short_m4": 4, "short_m8": 8, "tall_m4": 4, "tall_m8": 8, "m16": 16}
+_V1_CLASS_CONFIGS = {c: tuple(i for i, mm in enumerate(V1_CONFIG_MAX_M) if mm >= cm and (mm == 16) == (cm == 16))
+                     for c, cm in _V1_CLASS_MAX_M.items()}
+
+
+ORTHO_XT_AUTO = 1 << 21  # nnz * M from which v1's ortho stream reads x transposed (H200: wins from 2-4 Mi, loses below)
+
+
+def parse_ortho_xt(value: str) -> int:
+    """$LIBORTHO_ORTHO_XT -> the threshold on nnz * M (-1: never); ValueError names what is wrong."""
+    v = value.strip().lower()
+    named = {"": ORTHO_XT_AUTO, "auto": ORTHO_XT_AUTO, "on": 0, "off": -1}
+    if v in named:
+        return named[v]
+    try:
+        n = int(v)
+    except ValueError:
+        n = -2
+    if n < 0:
+        raise ValueError(f"LIBORTHO_ORTHO_XT={value!r}; expected auto, on, off or a non-negative entry count")
+    return n
 
 
 def parse_v1_table(spec: str) -> dict[str, int]:
@@ -59,7 +80,7 @@ def parse_v1_table(spec: str) -> dict[str, int]:
         allowed = _V1_CLASS_CONFIGS[name]
         if index not in allowed:
             raise ValueError(f"LIBORTHO_V1_CFG: {item!r}: class {name} takes configurations "
-                             f"{allowed.start}-{allowed.stop - 1}")
+                             f"{', '.join(map(str, allowed))}")
         out[name] = index
     return out
 
@@ -132,6 +153,7 @@ def build(verbose: bool = False):
     if _state["error"] is not None:
         return False
     spec = parse_v1_table(os.environ.get("LIBORTHO_V1_CFG", ""))  # a bad value raises before the build
+    xt_min = parse_ortho_xt(os.environ.get("LIBORTHO_ORTHO_XT", ""))
     try:
         from torch.utils.cpp_extension import load
         _state["ext"] = load(name="libortho_cuda_v2", sources=[str(CSRC / "binding.cpp"), str(CSRC / "kernels.cu")],
@@ -144,6 +166,7 @@ def build(verbose: bool = False):
         return False
     if spec:
         _apply_v1_table(_state["ext"], spec)
+    _state["ext"].set_ortho_xt_min(xt_min)
     return True
 
 

@@ -64,12 +64,17 @@ bool operands(libortho::Operands& op, const at::Tensor& ref, const at::Tensor& q
 
 using Launch = cudaError_t (*)(const libortho::Operands&, const void*, const void*, void*, int, cudaStream_t);
 
+// v1's ortho stream reads x transposed (one load per column for all M rows instead of M loads K apart)
+// when M >= 2 and nnz * M >= g_xt_min (-1: never); it costs one small transpose launch per call.
+// cuda.py sets it ($LIBORTHO_ORTHO_XT).
+int64_t g_xt_min = int64_t{1} << 21;
+
 // Checks the operands of a small-M product (1 <= M <= max_m) and runs launch(op, x, bias, out, M, stream).
 template <class F>
 Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
-               int64_t group_size, int64_t N, int64_t K, bool pdl, int64_t max_m, F&& launch) {
+               int64_t group_size, int64_t N, int64_t K, bool pdl, int64_t max_m, bool v1, F&& launch) {
   const at::Tensor none = at::empty({0}, x.options());
   if (!x.is_cuda() || x.dim() != 2 || x.size(1) != K || !x.is_contiguous())
     return {none, kBadArgs};
@@ -82,9 +87,20 @@ Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     return {none, kBadArgs};
   op.pdl = pdl;
   const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  at::Tensor xt;  // alive until the launch is queued; the allocator reuses it in stream order
+  if (v1 && op.alpha != 0.f && op.nnz > 0 && M >= 2 && M <= 16 && g_xt_min >= 0 && op.nnz * M >= g_xt_min) {
+    const int ld = M <= 2 ? 2 : M <= 4 ? 4 : M <= 8 ? 8 : 16;  // the kernel's rows per ortho entry (MR)
+    xt = at::empty({K, ld}, x.options());
+    const cudaError_t err = libortho::launch_transpose_x(x.data_ptr(), xt.data_ptr(), static_cast<int>(M),
+                                                         static_cast<int>(K), ld, op.bf16, stream);
+    if (err != cudaSuccess) return {none, static_cast<int64_t>(err)};
+    op.xt = xt.data_ptr();
+    op.xt_ld = ld;
+  }
   auto out = at::empty({M, N}, x.options());
   const cudaError_t err = launch(op, x.data_ptr(), bias ? bias->data_ptr() : nullptr, out.data_ptr(),
-                                 static_cast<int>(M), c10::cuda::getCurrentCUDAStream().stream());
+                                 static_cast<int>(M), stream);
   return {out, static_cast<int64_t>(err)};
 }
 
@@ -96,7 +112,7 @@ Result fused(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& s
              const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
              int64_t group_size, int64_t N, int64_t K, bool pdl) {
   return small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, pdl, 64,
-                 launch);
+                 launch == &libortho::launch_fused_small_m, launch);
 }
 
 // v1 with tuning configuration `cfg` (benchmarks/probes/v1_configs.py), plain launches.
@@ -105,7 +121,7 @@ Result fused_cfg(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
                  const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
                  int64_t group_size, int64_t N, int64_t K, int64_t cfg) {
   return small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, false, 16,
-                 [cfg](const libortho::Operands& op, const void* xp, const void* bp, void* out, int M, cudaStream_t s) {
+                 true, [cfg](const libortho::Operands& op, const void* xp, const void* bp, void* out, int M, cudaStream_t s) {
                    return libortho::launch_fused_small_m_cfg(op, xp, bp, out, M, static_cast<int>(cfg), s);
                  });
 }
@@ -121,6 +137,9 @@ Result dequant_merge(const at::Tensor& like, const at::Tensor& qweight, const at
   const cudaError_t err = libortho::launch_dequant_merge(op, w.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
   return {w, static_cast<int64_t>(err)};
 }
+
+int64_t ortho_xt_min() { return g_xt_min; }
+void set_ortho_xt_min(int64_t v) { g_xt_min = v < 0 ? -1 : v; }
 
 std::vector<int64_t> v1_table() {
   int t[libortho::kV1Classes];
@@ -141,6 +160,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_small_m", &fused<&libortho::launch_fused_small_m>, "(x @ deq(Q)^T + alpha x @ S^T + bias, error code), 1 <= M <= 64; last argument: PDL (v1)");
   m.def("fused_small_m_v2", &fused<&libortho::launch_fused_small_m_v2>, "the same by the v2 decode kernel (LIBORTHO_DECODE_KERNEL=v2)");
   m.def("fused_small_m_v3", &fused<&libortho::launch_fused_small_m_v3>, "the same by the v3 decode kernel (LIBORTHO_DECODE_KERNEL=v3)");
+  m.def("ortho_xt_min", &ortho_xt_min, "v1 reads x transposed in its ortho stream when M >= 2 and nnz * M >= this (-1: never)");
+  m.def("set_ortho_xt_min", &set_ortho_xt_min, "set that threshold (negative: never)");
   m.def("v1_table", &v1_table, "the INT4 v1 configuration per class of call (kernels.h, cuda.V1_CLASSES)");
   m.def("set_v1_table", &set_v1_table, "replace that table; False (nothing changed) for an index its class cannot take");
   m.def("fused_small_m_cfg", &fused_cfg, "v1 with a tuning configuration (INT4, M <= 8 or 16; benchmarks/probes/v1_configs.py)");

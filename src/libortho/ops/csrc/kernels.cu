@@ -414,9 +414,33 @@ __device__ inline void compute_chunk(float (&acc)[NT][4], const Chunk<T, BITS, N
 // gets one plain add from one lane, and rows shared with other warps land in their own slots. No atomics
 // (shared-memory float atomics are compare-and-swap loops) and no block barrier before the epilogue's.
 // MR > 16 (too many registers for the scan) adds each row partial with an atomic.
+// x[0..MR) of column c from xt (MR values in one load; MR = the row stride of xt).
+template <int MR, typename T>
+__device__ inline void xt_column(float (&xv)[MR], const T* xt, int c) {
+  const T* p = xt + static_cast<size_t>(c) * MR;
+  uint32_t w[MR / 2];
+  if constexpr (MR == 2) {
+    w[0] = *reinterpret_cast<const uint32_t*>(p);
+  } else if constexpr (MR == 4) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    w[0] = v.x; w[1] = v.y;
+  } else {
+#pragma unroll
+    for (int i = 0; i < MR / 8; ++i) {
+      const uint4 v = reinterpret_cast<const uint4*>(p)[i];
+      w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < MR / 2; ++i) {
+    xv[2 * i] = Num<T>::f(Num<T>::bits(w[i] & 0xFFFFu));
+    xv[2 * i + 1] = Num<T>::f(Num<T>::bits(w[i] >> 16));
+  }
+}
+
 template <int MR, typename T, class ColAt, class ValAt>
 __device__ inline void ortho_run(float* out, int stride, const int* rp, int run_b, int run_e, const T* x, int K,
-                                 int M, float alpha, ColAt col_at, ValAt val_at) {
+                                 int M, float alpha, ColAt col_at, ValAt val_at, const T* xt = nullptr) {
   constexpr bool kScan = MR <= 16;
   float part[MR], first[MR];
 #pragma unroll
@@ -441,6 +465,15 @@ __device__ inline void ortho_run(float* out, int stride, const int* rp, int run_
         part[m] = 0.f;
       }
       while (e >= rp[row + 1]) ++row;
+    }
+    if constexpr (MR >= 2 && MR <= 16) {
+      if (xt != nullptr) {  // the padded rows are zeros: no bound on m
+        float xv[MR];
+        xt_column<MR>(xv, xt, c);
+#pragma unroll
+        for (int m = 0; m < MR; ++m) part[m] += v * xv[m];
+        continue;
+      }
     }
 #pragma unroll
     for (int m = 0; m < MR; ++m)
@@ -494,14 +527,26 @@ __device__ inline int col_at(const Operands& op, int e) {
 // Tuning knobs of the v1 kernel (benchmarks/probes/v1_configs.py times alternatives): K tiles per chunk
 // (two chunks in flight), whether x fragments are fetched with the chunk, the occupancy floor, and
 // kStages > 0: INT4 weights, scales and zeros come through a per-warp ring of kStages tiles in shared
-// memory filled by cp.async (kStages - 1 tiles in flight without holding registers; see ring_sweep).
-template <int kU_, bool kPrefetchX_, int kMinBlocks_, int kStages_ = 0>
+// memory filled by cp.async (kStages - 1 tiles in flight without holding registers; see ring_sweep);
+// kXRows > 0: so do the tile's columns of x (M <= kXRows rows), read back with ldmatrix.
+template <int kU_, bool kPrefetchX_, int kMinBlocks_, int kStages_ = 0, int kXRows_ = 0>
 struct V1Cfg {
   static constexpr int kU = kU_;
   static constexpr bool kPrefetchX = kPrefetchX_;
   static constexpr int kMinBlocks = kMinBlocks_;
   static constexpr int kStages = kStages_;
+  static constexpr int kXRows = kXRows_;
 };
+
+// Four 8x8 16-bit matrices from shared memory, one row address per lane (lanes 8q..8q+7: matrix q):
+// thread t gets row t / 4, columns 2 (t % 4) and 2 (t % 4) + 1 of each, as mma's B fragments want them.
+__device__ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+#endif
+}
 
 // Elements between the scale rows of a warp's consecutive tiles (kWarps * 64 columns apart) for
 // ring_sweep: a fixed number of groups when the group size is a power of two dividing that span, 0 for one
@@ -519,11 +564,17 @@ __device__ inline int ring_pstep(const GroupIndex& gi) {
 // fragments (L2 hits) are loaded one tile ahead into registers. `on_first` runs once, after the first
 // requests (the ortho staging, whose cp.async group then sits among the ring's: the waits stay correct, one
 // tile less deep).
-template <int S, typename T, int NT, bool kPrefetchX, class OnFirst>
-__device__ inline void ring_sweep(float (&acc)[NT][4], uint4 (&wring)[S][32], uint32_t (&pring)[S][16], int nt,
-                                  int warp, int lane, const int32_t* qtile, const T* sc, const T* zp,
-                                  const uint32_t* xb, const int (&xo)[NT], int K, const GroupIndex& gi,
-                                  int pstep, int g, int tig, OnFirst on_first) {
+// XR > 0 (NT = 1, M <= XR): the tile's 64 columns of x's M rows come through the ring too (16-byte
+// cp.async, 16-byte chunks XOR-swizzled by row so ldmatrix reads them without bank conflicts) and are
+// read back with two ldmatrix.x4 instead of 8 global loads per tile; rows past M read row 0. The caller
+// checks that x rows are 16-byte aligned (K % 8 == 0, x aligned).
+template <int S, int XR, typename T, int NT, bool kPrefetchX, class OnFirst>
+__device__ inline void ring_sweep(float (&acc)[NT][4], uint4 (&wring)[S][32], uint32_t (&pring)[S][16],
+                                  uint4 (*xring)[XR > 0 ? XR * 8 : 1], int nt, int warp, int lane,
+                                  const int32_t* qtile, const T* sc, const T* zp, const uint32_t* xb,
+                                  const int (&xo)[NT], const T* x, int M, int K, const GroupIndex& gi, int pstep,
+                                  int g, int tig, OnFirst on_first) {
+  static_assert(XR == 0 || (NT == 1 && XR <= 8), "the x ring serves the M <= 8 kernel");
   // Requests advance with running pointers and offsets (no index arithmetic per tile; pstep: see
   // ring_pstep). The sweep is unrolled over the ring (twice for an odd S), so every slot address is a
   // constant offset.
@@ -533,10 +584,16 @@ __device__ inline void ring_sweep(float (&acc)[NT][4], uint4 (&wring)[S][32], ui
   int poff = 0;
   const int32_t* qn = qtile + static_cast<size_t>(warp) * 32 * 4;
   int jn = 0;
+  // x ring: lane (row xm, chunk xc) copies 16 bytes of a tile's columns to chunk xc ^ xm of its row.
+  const int xm = lane >> 3, xc = lane & 7;
+  const bool xcopy = XR > 0 && xm < M;
+  const T* xn_src = xcopy ? x + static_cast<size_t>(xm) * K + warp * 64 + xc * 8 : nullptr;
   auto issue = [&](int sn) {
     if (jn < nt) {
       cp_async16(&wring[sn][lane], qn, true);
       if (pcopy) cp_async16(&pring[sn][lane * 4], pbase + poff, true);
+      if constexpr (XR > 0)
+        if (xcopy) cp_async16(&xring[sn][xm * 8 + (xc ^ xm)], xn_src + static_cast<size_t>(jn) * kWarps * 64, true);
     }
     cp_commit();  // an empty group past the end keeps the count of pending groups uniform
     ++jn;
@@ -547,7 +604,7 @@ __device__ inline void ring_sweep(float (&acc)[NT][4], uint4 (&wring)[S][32], ui
 #pragma unroll
   for (int t = 0; t < NT; ++t) xn[t] = xb + xo[t] + warp * 32;
   auto load_x = [&](Chunk<T, 4, NT, 1, kPrefetchX>& c) {
-    if constexpr (kPrefetchX) {
+    if constexpr (kPrefetchX && XR == 0) {
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
 #pragma unroll
@@ -571,6 +628,15 @@ __device__ inline void ring_sweep(float (&acc)[NT][4], uint4 (&wring)[S][32], ui
     if (hz) {
       cur.z[0][0][0] = ps[16 + g];
       cur.z[0][0][1] = ps[24 + g];
+    }
+    if constexpr (XR > 0) {
+      // Lane l addresses row l % 8 (row 0 past M) of matrix l / 8: columns 8 (l / 8) (+ 32 for steps 2-3).
+      const int r = lane & 7, q = lane >> 3, m = r < M ? r : 0;
+      uint32_t b[4];
+      ldmatrix_x4(b, &xring[slot][m * 8 + (q ^ m)]);
+      cur.xb[0][0][0][0] = b[0]; cur.xb[0][0][0][1] = b[1]; cur.xb[0][1][0][0] = b[2]; cur.xb[0][1][0][1] = b[3];
+      ldmatrix_x4(b, &xring[slot][m * 8 + ((q + 4) ^ m)]);
+      cur.xb[0][2][0][0] = b[0]; cur.xb[0][2][0][1] = b[1]; cur.xb[0][3][0][0] = b[2]; cur.xb[0][3][0][1] = b[3];
     }
     if (j + 1 < nt) load_x(nxt);
     const int kt = warp + j * kWarps;
@@ -603,7 +669,8 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   constexpr int MT = NT * 8;                 // batch columns handled (padded)
   constexpr bool kPrefetchX = Cfg::kPrefetchX;  // activation fragments travel with the chunk
   constexpr int kU = Cfg::kU;                // K tiles per chunk; two chunks in flight (double buffer)
-  constexpr int kStage = NT >= 8 ? 1024 : 2048;  // ortho entries a block stages in shared memory (rest: global)
+  // ortho entries a block stages in shared memory (rest: global); half with the x ring (48 KB static)
+  constexpr int kStage = NT >= 8 || Cfg::kXRows > 0 ? 1024 : 2048;
   constexpr int kStageW = kStage / kWarps;  // per warp
   __shared__ float red[kWarps][16][MT + 1];  // per-warp partial sums (base, then + alpha * ortho)
   __shared__ int rpw[kWarps][17];            // the tile's row pointers, one copy per warp
@@ -679,13 +746,17 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   const int Tf = K >> 6;
   bool swept = false;
   if constexpr (Cfg::kStages > 0 && BITS == 4) {
+    constexpr int XR = Cfg::kXRows;
     __shared__ __align__(16) uint4 wring[kWarps][Cfg::kStages][32];
     __shared__ __align__(16) uint32_t pring[kWarps][Cfg::kStages][16];
+    __shared__ __align__(16) uint4 xring[kWarps][Cfg::kStages][XR > 0 ? XR * 8 : 1];
     const int pstep = ring_pstep(gi);
-    if (gi.same && pstep >= 0) {
+    const bool x_ok = XR == 0 || (M <= XR && K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0);
+    if (gi.same && pstep >= 0 && x_ok) {
       const int nt = warp < Tf ? (Tf - warp + kWarps - 1) / kWarps : 0;
-      ring_sweep<Cfg::kStages, T, NT, kPrefetchX>(acc, wring[warp], pring[warp], nt, warp, lane, qtile, sc, zp, xb,
-                                                 xo, K, gi, pstep, g, tig, [&] { if (!staged) stage_ortho(); });
+      ring_sweep<Cfg::kStages, XR, T, NT, kPrefetchX>(acc, wring[warp], pring[warp], xring[warp], nt, warp, lane,
+                                                     qtile, sc, zp, xb, xo, x, M, K, gi, pstep, g, tig,
+                                                     [&] { if (!staged) stage_ortho(); });
       swept = true;
     }
   }
@@ -736,7 +807,9 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     };
     auto run = [&](auto mr) {
       constexpr int MR = decltype(mr)::value;
-      ortho_run<MR>(&red[warp][0][0], MT + 1, rpw[warp], run_b, run_e, x, K, M, op.alpha, entry_col, entry_val);
+      // xt is laid out for this MR (the binding picks ld by the same rule) or not given
+      const T* xt = op.xt != nullptr && op.xt_ld == MR ? static_cast<const T*>(op.xt) : nullptr;
+      ortho_run<MR>(&red[warp][0][0], MT + 1, rpw[warp], run_b, run_e, x, K, M, op.alpha, entry_col, entry_val, xt);
     };
     if constexpr (MT == 8) {
       if (M == 1) run(std::integral_constant<int, 1>{});
@@ -879,11 +952,11 @@ cudaError_t launch_v1(void (*kernel)(Operands, const T*, const T*, T*, int), con
   return cudaLaunchKernelEx(&cfg, kernel, op, xp, bp, op_, M);
 }
 
-// The v1 configurations the tuning probe times (INT4; M <= 8, configurations 6-7 M <= 16): index -> V1Cfg.
+// The v1 configurations the tuning probe times (INT4; M <= 8, configurations 6-7 M <= 16, 8 M <= 4): index -> V1Cfg.
 template <typename T>
 cudaError_t fused_cfg_dispatch(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
                                cudaStream_t s) {
-  if (op.bits != 4 || M > (cfg >= 6 ? 16 : 8)) return cudaErrorInvalidValue;
+  if (op.bits != 4 || M > (cfg == 8 ? 4 : cfg >= 6 ? 16 : 8)) return cudaErrorInvalidValue;
   switch (cfg) {
     case 0: return launch_v1<T>(fused_small_m_kernel<T, 4, 1, V1Cfg<2, true, 2>>, op, x, bias, out, M, s);  // short grids
     case 1: return launch_v1<T>(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 3>>, op, x, bias, out, M, s);  // tall grids
@@ -895,16 +968,17 @@ cudaError_t fused_cfg_dispatch(const Operands& op, const void* x, const void* bi
     // M <= 16 (two n8 column blocks): the default, and the ring
     case 6: return launch_v1<T>(fused_small_m_kernel<T, 4, 2, V1Cfg<1, true, 2>>, op, x, bias, out, M, s);
     case 7: return launch_v1<T>(fused_small_m_kernel<T, 4, 2, V1Cfg<1, true, 2, 5>>, op, x, bias, out, M, s);  // 6 slots: > 48 KB static
+    // M <= 4: the 4-slot ring with x's columns in it (ldmatrix)
+    case 8: return launch_v1<T>(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 3, 4, 4>>, op, x, bias, out, M, s);
     default: return cudaErrorInvalidValue;
   }
 }
 
 // The INT4 v1 configuration for each class of call (kernels.h, set_v1_table), as the probe
-// (benchmarks/probes/v1_configs.py, results/v1-configs-H200.json, 2026-11-29 07:49 UTC) suggested it:
-// the 4-slot ring at 3 blocks per SM at M <= 4, one K tile per chunk at M 5-8 (2 or 3 blocks per SM on
-// short or tall grids), the default M <= 16 kernel above 8. cuda.py replaces entries for a tuning run
-// ($LIBORTHO_V1_CFG).
-int g_v1_table[kV1Classes] = {5, 5, 2, 5, 1, 6};
+// (benchmarks/probes/v1_configs.py, results/v1-configs-H200.json, 2026-11-29 09:10 UTC) suggested it:
+// the 4-slot ring carrying x's columns at M <= 4, one K tile per chunk at M 5-8, the default M <= 16
+// kernel above 8. cuda.py replaces entries for a tuning run ($LIBORTHO_V1_CFG).
+int g_v1_table[kV1Classes] = {8, 8, 1, 8, 1, 6};
 
 inline int v1_class(const Operands& op, int M) {
   if (M > 8) return 5;
@@ -1726,7 +1800,47 @@ cudaError_t launch(const Operands& op, const void* x, const void* bias, void* ou
 
 }  // namespace v3
 
+// xt (K, LD) = x (M, K) transposed, columns M..LD-1 zero: thread c reads x's column c (coalesced across
+// threads) and writes its LD values as 16-byte stores (LD * 2 bytes, 4-32).
+template <typename T, int LD>
+__global__ void transpose_x_kernel(const T* __restrict__ x, T* __restrict__ xt, int M, int K) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= K) return;
+  __align__(16) T v[LD];
+#pragma unroll
+  for (int m = 0; m < LD; ++m) v[m] = m < M ? x[static_cast<size_t>(m) * K + c] : Num<T>::from(0.f);
+  T* dst = xt + static_cast<size_t>(c) * LD;
+  if constexpr (LD == 2) {
+    *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(v);
+  } else if constexpr (LD == 4) {
+    *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(v);
+  } else {
+#pragma unroll
+    for (int i = 0; i < LD / 8; ++i) reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(v)[i];
+  }
+}
+
+template <typename T>
+cudaError_t transpose_x(const void* x, void* xt, int M, int K, int ld, cudaStream_t s) {
+  const dim3 block(128), grid((K + 127) / 128);
+  auto xp = static_cast<const T*>(x);
+  auto xtp = static_cast<T*>(xt);
+  switch (ld) {
+    case 2: transpose_x_kernel<T, 2><<<grid, block, 0, s>>>(xp, xtp, M, K); break;
+    case 4: transpose_x_kernel<T, 4><<<grid, block, 0, s>>>(xp, xtp, M, K); break;
+    case 8: transpose_x_kernel<T, 8><<<grid, block, 0, s>>>(xp, xtp, M, K); break;
+    case 16: transpose_x_kernel<T, 16><<<grid, block, 0, s>>>(xp, xtp, M, K); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+cudaError_t launch_transpose_x(const void* x, void* xt, int M, int K, int ld, bool bf16, cudaStream_t stream) {
+  if (M < 1 || M > ld || K < 1) return cudaErrorInvalidValue;
+  return bf16 ? transpose_x<__nv_bfloat16>(x, xt, M, K, ld, stream) : transpose_x<__half>(x, xt, M, K, ld, stream);
+}
 
 cudaError_t launch_fused_small_m(const Operands& op, const void* x, const void* bias, void* out, int M,
                                  cudaStream_t stream) {
@@ -1736,8 +1850,11 @@ cudaError_t launch_fused_small_m(const Operands& op, const void* x, const void* 
 }
 
 bool set_v1_table(const int (&table)[kV1Classes]) {
-  for (int c = 0; c < kV1Classes; ++c)
-    if (c == kV1Classes - 1 ? table[c] < 6 || table[c] > 7 : table[c] < 0 || table[c] > 5) return false;
+  for (int c = 0; c < kV1Classes; ++c) {
+    const int i = table[c];
+    const bool m4 = c == 0 || c == 1 || c == 3;  // the classes of M <= 4
+    if (c == kV1Classes - 1 ? i < 6 || i > 7 : !((i >= 0 && i <= 5) || (m4 && i == 8))) return false;
+  }
   std::copy(table, table + kV1Classes, g_v1_table);
   return true;
 }

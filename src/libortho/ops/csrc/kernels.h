@@ -18,7 +18,13 @@ struct Operands {
   int bits, group_size, N, K;
   bool bf16;               // activation dtype: bf16 (true) or fp16
   bool pdl;                // v1 only: programmatic dependent launch (sm_90+), see kernels.cu
+  const void* xt;          // v1 only, or nullptr: x transposed, (K, xt_ld), rows padded with zeros
+  int xt_ld;               // 2, 4, 8 or 16: the ortho stream's rows of x for one column in one load
 };
+
+// xt (K, ld) = x (M, K) transposed, columns M..ld-1 zero (ld = 2, 4, 8, 16 >= M), for the v1 kernel's
+// ortho stream: one column's M values are then one 4-32 byte load instead of M loads K apart.
+cudaError_t launch_transpose_x(const void* x, void* xt, int M, int K, int ld, bool bf16, cudaStream_t stream);
 
 // out (M, N) = x (M, K) @ deq(Q)^T + alpha * x @ S^T + bias, for 1 <= M <= 64.
 cudaError_t launch_fused_small_m(const Operands& op, const void* x, const void* bias, void* out, int M,
@@ -31,7 +37,8 @@ cudaError_t launch_fused_small_m_cfg(const Operands& op, const void* x, const vo
 // The INT4 v1 configuration (an index of launch_fused_small_m_cfg) that launch_fused_small_m uses for each
 // class of call, in this order: short grids (< 3 blocks per SM) at M <= 4 with K >= 8192, at M <= 4 with
 // K < 8192, at M 5-8; tall grids at M <= 4, at M 5-8; M 9-16. set_v1_table changes nothing and returns
-// false when an index cannot serve its class (0-5 for M <= 8, 6-7 for M 9-16).
+// false when an index cannot serve its class (0-5 for M <= 8, also 8 for the M <= 4 classes, 6-7 for
+// M 9-16).
 constexpr int kV1Classes = 6;
 bool set_v1_table(const int (&table)[kV1Classes]);
 void get_v1_table(int (&table)[kV1Classes]);
