@@ -449,35 +449,68 @@ __device__ inline void ortho_run(float* out, int stride, const int* rp, int run_
 #pragma unroll
   for (int i = 1; i < 16; ++i) row += (rp[i] <= run_b);
   const int row0 = row;
-  for (int e = run_b; e < run_e; ++e) {
+  // Before entry e: add up the partial sums of the rows e has moved past.
+  auto flush = [&](int e) {
+    if (e < rp[row + 1]) return;
+#pragma unroll
+    for (int m = 0; m < MR; ++m) {
+      if (!kScan) {
+        if (m < M) atomicAdd(&out[row * stride + m], alpha * part[m]);
+      } else if (row == row0) {
+        first[m] = part[m];
+      } else if (m < M) {
+        out[row * stride + m] += alpha * part[m];
+      }
+      part[m] = 0.f;
+    }
+    while (e >= rp[row + 1]) ++row;
+  };
+  // Rows 0..MR of x at column c: one load from xt (padded with zeros), or M loads K apart.
+  auto load_x = [&](float (&xv)[MR], int c) {
+    if constexpr (MR >= 2 && MR <= 16) {
+      if (xt != nullptr) {
+        xt_column<MR>(xv, xt, c);
+        return;
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < MR; ++m) xv[m] = m < M ? Num<T>::f(x[static_cast<size_t>(m) * K + c]) : 0.f;
+  };
+  // kB entries at a time: all their loads (column, value, x) issue before the first add, so their
+  // latencies overlap; one at a time, each entry's add waited on its own chain of three loads. Rows of
+  // xv past M are zeros (their sums are never stored).
+  constexpr int kB = MR <= 2 ? 4 : MR <= 8 ? 2 : 1;
+  int e = run_b;
+  if constexpr (MR <= 8) {
+    for (; e + kB <= run_e; e += kB) {
+      int c[kB];
+      float v[kB], xv[kB][MR];
+#pragma unroll
+      for (int j = 0; j < kB; ++j) c[j] = col_at(e + j), v[j] = val_at(e + j);
+#pragma unroll
+      for (int j = 0; j < kB; ++j) load_x(xv[j], c[j]);
+#pragma unroll
+      for (int j = 0; j < kB; ++j) {
+        flush(e + j);
+#pragma unroll
+        for (int m = 0; m < MR; ++m) part[m] += v[j] * xv[j][m];
+      }
+    }
+  }
+  for (; e < run_e; ++e) {
     const int c = col_at(e);
     const float v = val_at(e);
-    if (e >= rp[row + 1]) {
+    flush(e);
+    if constexpr (MR <= 16) {
+      float xv[MR];
+      load_x(xv, c);
 #pragma unroll
-      for (int m = 0; m < MR; ++m) {
-        if (!kScan) {
-          if (m < M) atomicAdd(&out[row * stride + m], alpha * part[m]);
-        } else if (row == row0) {
-          first[m] = part[m];
-        } else if (m < M) {
-          out[row * stride + m] += alpha * part[m];
-        }
-        part[m] = 0.f;
-      }
-      while (e >= rp[row + 1]) ++row;
+      for (int m = 0; m < MR; ++m) part[m] += v * xv[m];
+    } else {  // 64 values of x in registers would spill
+#pragma unroll
+      for (int m = 0; m < MR; ++m)
+        if (m < M) part[m] += v * Num<T>::f(x[static_cast<size_t>(m) * K + c]);
     }
-    if constexpr (MR >= 2 && MR <= 16) {
-      if (xt != nullptr) {  // the padded rows are zeros: no bound on m
-        float xv[MR];
-        xt_column<MR>(xv, xt, c);
-#pragma unroll
-        for (int m = 0; m < MR; ++m) part[m] += v * xv[m];
-        continue;
-      }
-    }
-#pragma unroll
-    for (int m = 0; m < MR; ++m)
-      if (m < M) part[m] += v * Num<T>::f(x[static_cast<size_t>(m) * K + c]);
   }
   if constexpr (!kScan) {
     if (run_b < run_e)
