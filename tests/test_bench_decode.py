@@ -153,6 +153,8 @@ def test_bench_decode_cli_json_schema(tmp_path, capsys):
     assert res["rows"][0]["bf16_prefill_16_ms"] > 0
     info = res["models"]["tiny"]
     assert info["errors"] == {}
+    for v in bd.VARIANTS:  # one rep, no warm-up: the median is that rep
+        assert info["prefill"][f"{v}_ms_all"] == [info["prefill"][f"{v}_ms"]]
     wb = info["weight_bytes"]
     assert wb["libortho_base_only"] < wb["libortho"] < wb["bf16"] and wb["int4"] < wb["bf16"]
     assert info["libortho_config"]["density"] == 0.01 and info["libortho_ortho_nnz"] > 0

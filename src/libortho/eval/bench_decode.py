@@ -813,6 +813,7 @@ def bench_model(name: str, args, device) -> tuple[list[dict], dict]:
         bank.clear()
     info["weight_bytes"] = weight_bytes
     info["prefill"] = {"tokens": args.prefill_len, **{f"{v}_ms": p["ms"] for v, p in prefill.items()},
+                       **{f"{v}_ms_all": p["ms_all"] for v, p in prefill.items()},  # every rep: outliers show
                        **{f"{v}_peak_mem_bytes": p["peak_mem_bytes"] for v, p in prefill.items()}}
     rows = []
     for b in args.batches:
