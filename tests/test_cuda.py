@@ -116,8 +116,8 @@ def test_tall_grid_configuration(n, m, gs, sym, dtype):
         assert rel_err(layer(x), reference64(layer, x, alpha)) < TOL[dtype]
 
 
-V1_CONFIGS = 9  # kernels.cu fused_cfg_dispatch (benchmarks/probes/v1_configs.py names them)
-V1_CONFIG_MAX_M = cuda_backend.V1_CONFIG_MAX_M
+V1_CONFIG_MAX_M = cuda_backend.V1_CONFIG_MAX_M  # per kernels.cu fused_cfg_dispatch index
+V1_CONFIGS = len(V1_CONFIG_MAX_M)  # (benchmarks/probes/v1_configs.py names them)
 
 
 @pytest.mark.parametrize("cfg", range(V1_CONFIGS))
