@@ -1065,10 +1065,10 @@ cudaError_t fused_cfg_dispatch(const Operands& op, const void* x, const void* bi
 }
 
 // The INT4 v1 configuration for each class of call (kernels.h, set_v1_table), as the probe
-// (benchmarks/probes/v1_configs.py, results/v1-configs-H200.json, 2026-11-29 09:10 UTC) suggested it:
-// the 4-slot ring carrying x's columns at M <= 4, one K tile per chunk at M 5-8, the default M <= 16
-// kernel above 8. cuda.py replaces entries for a tuning run ($LIBORTHO_V1_CFG).
-int g_v1_table[kV1Classes] = {8, 8, 1, 8, 1, 6};
+// (benchmarks/probes/v1_configs.py, results/v1-configs-H200.json, 2026-11-29 11:03 UTC) suggested it:
+// the 4-slot ring carrying x's columns, its 4-row form at M <= 4, 8 rows at M 5-8, 16 rows at M 9-16.
+// cuda.py replaces entries for a tuning run ($LIBORTHO_V1_CFG).
+int g_v1_table[kV1Classes] = {8, 8, 9, 8, 9, 10};
 
 inline int v1_class(const Operands& op, int M) {
   if (M > 8) return 5;
