@@ -118,6 +118,7 @@ def test_tall_grid_configuration(n, m, gs, sym, dtype):
 
 V1_CONFIG_MAX_M = cuda_backend.V1_CONFIG_MAX_M  # per kernels.cu fused_cfg_dispatch index
 V1_CONFIGS = len(V1_CONFIG_MAX_M)  # (benchmarks/probes/v1_configs.py names them)
+X_RING_CONFIGS = (8, 9, 10)  # x's columns through the shared-memory ring (M <= 4, 8, 16)
 
 
 @pytest.mark.parametrize("cfg", range(V1_CONFIGS))
@@ -135,7 +136,7 @@ def test_every_v1_configuration(cfg, n, k, gs, sym, dtype):
     ext = cuda_backend.extension()
     for m in [m for m in (1, 3, 4, 8, 9, 16) if m <= V1_CONFIG_MAX_M[cfg]]:
         x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
-        if cfg == 8 and m == 3:  # rows not 16-byte aligned: the x ring must step aside
+        if cfg in X_RING_CONFIGS and m == 3:  # rows not 16-byte aligned: the x ring must step aside
             x = torch.randn(m * k + 4, generator=gen, device="cuda").to(dtype)[4:].view(m, k)
         for alpha in (0.0, 1.0):
             poison_allocator()
@@ -155,6 +156,9 @@ def test_v1_table_set_get_and_refusal():
     assert not ext.set_v1_table(old[:-1] + [5])      # M 9-16 needs configuration 6 or 7
     assert not ext.set_v1_table([6] + old[1:])       # M <= 8 classes take 0-5
     assert not ext.set_v1_table(old[:2] + [8] + old[3:])  # 8 (x ring) serves M <= 4 only
+    assert not ext.set_v1_table(old[:-1] + [9])      # 9 (x ring, M <= 8) is not the M <= 16 kernel
+    assert not ext.set_v1_table([10] + old[1:])      # 10 (x ring, M <= 16) is not the M <= 8 kernel
+    assert not ext.set_v1_table(old[:-1] + [11])     # no such configuration
     assert not ext.set_v1_table(old[:-1])            # wrong length
     assert list(ext.v1_table()) == old
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -162,7 +166,7 @@ def test_v1_table_set_get_and_refusal():
     cases = [(512, 8192, 2), (512, 1024, 3), (512, 1024, 7), (tall_n, 512, 4), (tall_n, 512, 8), (512, 1024, 12)]
     gen = torch.Generator(device="cuda").manual_seed(5)
     try:
-        for table in ([3, 4, 5, 4, 3, 7], [5, 3, 4, 0, 2, 6], [8, 8, 2, 8, 1, 6]):
+        for table in ([3, 4, 5, 4, 3, 7], [5, 3, 4, 0, 2, 6], [8, 8, 2, 8, 1, 6], [9, 8, 9, 9, 9, 10]):
             assert ext.set_v1_table(table) and list(ext.v1_table()) == table
             for n, k, m in cases:
                 layer = make_layer(n, k, 4, 128, False, 0.02, torch.bfloat16, gen)

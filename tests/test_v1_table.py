@@ -20,18 +20,19 @@ def test_parse_v1_table_accepts_classes_and_spaces():
 
 @pytest.mark.parametrize("spec,words", [("x=1", "not class=index"), ("tall_m4", "not class=index"),
                                         ("tall_m4=a", "must be an integer"), ("m16=3", "takes configurations 6, 7"),
-                                        ("short_m8=8", "takes configurations 0, 1, 2, 3, 4, 5$"),
-                                        ("short_m4=-1", "0, 1, 2, 3, 4, 5, 8")])
+                                        ("short_m8=8", "takes configurations 0, 1, 2, 3, 4, 5, 9$"),
+                                        ("m16=9", "takes configurations 6, 7, 10$"),
+                                        ("short_m4=-1", "0, 1, 2, 3, 4, 5, 8, 9$")])
 def test_parse_v1_table_names_what_is_wrong(spec, words):
     with pytest.raises(ValueError, match=words):
         cuda_backend.parse_v1_table(spec)
 
 
 def test_bad_env_raises_before_any_build(monkeypatch):
-    monkeypatch.setenv("LIBORTHO_V1_CFG", "tall_m4=9")
+    monkeypatch.setenv("LIBORTHO_V1_CFG", "tall_m4=10")
     monkeypatch.setitem(cuda_backend._state, "ext", None)
     monkeypatch.setitem(cuda_backend._state, "error", None)
-    with pytest.raises(ValueError, match="tall_m4=9"):
+    with pytest.raises(ValueError, match="tall_m4=10"):
         cuda_backend.build()
     assert cuda_backend._state["ext"] is None and cuda_backend._state["error"] is None
 

@@ -25,7 +25,8 @@ from libortho.ops import cuda as cuda_ops
 CONFIGS = ["kU2 pfx min2 (short grids)", "kU1 pfx min3 (tall grids)", "kU1 pfx min2",
            "ring6 min2", "ring6 min3", "ring4 min3",  # ring: weights via a shared-memory ring (kStages)
            "m16 default", "m16 ring5 min2",           # the M <= 16 kernel (two n8 column blocks)
-           "ring4 min3 x-ring"]                       # x's tile columns through the ring too (M <= 4)
+           "ring4 min3 x-ring",                       # x's tile columns through the ring too (M <= 4)
+           "ring4 min3 x-ring8", "m16 ring4 min2 x-ring16"]  # ... M <= 8 and 16 (dynamic shared memory)
 MAX_M = list(cuda_ops.V1_CONFIG_MAX_M)
 assert len(MAX_M) == len(CONFIGS)
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (1024, 4096)]

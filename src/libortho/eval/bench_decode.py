@@ -779,9 +779,8 @@ def bench_model(name: str, args, device) -> tuple[list[dict], dict]:
             info["libortho_bits_per_weight"] = tot["bits_per_weight"]
             info["libortho_ortho_nnz"] = tot["ortho_nnz"]
             check_n = args.new_tokens if args.check_tokens is None else args.check_tokens
-            for v, a in (("alpha1", 1.0), ("alpha0", 0.0)):
-                if v not in args.variants:
-                    continue
+            for v in [v for v in args.variants if v in ("alpha1", "alpha0")]:  # in the order asked
+                a = 1.0 if v == "alpha1" else 0.0
                 set_alpha(model, a)
                 run_variant(v)
                 if name == "smollm2" and check_n:

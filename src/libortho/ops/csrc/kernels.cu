@@ -561,7 +561,8 @@ __device__ inline int col_at(const Operands& op, int e) {
 // (two chunks in flight), whether x fragments are fetched with the chunk, the occupancy floor, and
 // kStages > 0: INT4 weights, scales and zeros come through a per-warp ring of kStages tiles in shared
 // memory filled by cp.async (kStages - 1 tiles in flight without holding registers; see ring_sweep);
-// kXRows > 0: so do the tile's columns of x (M <= kXRows rows), read back with ldmatrix.
+// kXRows > 0: so do the tile's columns of x (M <= kXRows rows), read back with ldmatrix. From 8 rows the
+// ring no longer fits the 48 KB of static shared memory: it lives in dynamic shared memory (kRingBytes).
 template <int kU_, bool kPrefetchX_, int kMinBlocks_, int kStages_ = 0, int kXRows_ = 0>
 struct V1Cfg {
   static constexpr int kU = kU_;
@@ -569,6 +570,9 @@ struct V1Cfg {
   static constexpr int kMinBlocks = kMinBlocks_;
   static constexpr int kStages = kStages_;
   static constexpr int kXRows = kXRows_;
+  static constexpr bool kDynRing = kXRows_ > 4;
+  // per warp and slot: 512 weight bytes, 64 bytes of scales and zeros, 128 bytes per row of x
+  static constexpr int kRingBytes = kDynRing ? kWarps * kStages_ * (512 + 64 + kXRows_ * 128) : 0;
 };
 
 // Four 8x8 16-bit matrices from shared memory, one row address per lane (lanes 8q..8q+7: matrix q):
@@ -597,17 +601,17 @@ __device__ inline int ring_pstep(const GroupIndex& gi) {
 // fragments (L2 hits) are loaded one tile ahead into registers. `on_first` runs once, after the first
 // requests (the ortho staging, whose cp.async group then sits among the ring's: the waits stay correct, one
 // tile less deep).
-// XR > 0 (NT = 1, M <= XR): the tile's 64 columns of x's M rows come through the ring too (16-byte
-// cp.async, 16-byte chunks XOR-swizzled by row so ldmatrix reads them without bank conflicts) and are
-// read back with two ldmatrix.x4 instead of 8 global loads per tile; rows past M read row 0. The caller
-// checks that x rows are 16-byte aligned (K % 8 == 0, x aligned).
+// XR > 0 (M <= XR <= 8 NT): the tile's 64 columns of x's M rows come through the ring too (16-byte
+// cp.async, XR / 4 per lane; 16-byte chunks XOR-swizzled by row so ldmatrix reads them without bank
+// conflicts) and are read back with two ldmatrix.x4 per n8 column block instead of 8 global loads; rows
+// past M read row 0. The caller checks that x rows are 16-byte aligned (K % 8 == 0, x aligned).
 template <int S, int XR, typename T, int NT, bool kPrefetchX, class OnFirst>
 __device__ inline void ring_sweep(float (&acc)[NT][4], uint4 (&wring)[S][32], uint32_t (&pring)[S][16],
                                   uint4 (*xring)[XR > 0 ? XR * 8 : 1], int nt, int warp, int lane,
                                   const int32_t* qtile, const T* sc, const T* zp, const uint32_t* xb,
                                   const int (&xo)[NT], const T* x, int M, int K, const GroupIndex& gi, int pstep,
                                   int g, int tig, OnFirst on_first) {
-  static_assert(XR == 0 || (NT == 1 && XR <= 8), "the x ring serves the M <= 8 kernel");
+  static_assert(XR == 0 || (XR % 4 == 0 && XR <= 8 * NT && XR > 8 * (NT - 1)), "the x ring holds the kernel's rows");
   // Requests advance with running pointers and offsets (no index arithmetic per tile; pstep: see
   // ring_pstep). The sweep is unrolled over the ring (twice for an odd S), so every slot address is a
   // constant offset.
@@ -617,16 +621,23 @@ __device__ inline void ring_sweep(float (&acc)[NT][4], uint4 (&wring)[S][32], ui
   int poff = 0;
   const int32_t* qn = qtile + static_cast<size_t>(warp) * 32 * 4;
   int jn = 0;
-  // x ring: lane (row xm, chunk xc) copies 16 bytes of a tile's columns to chunk xc ^ xm of its row.
+  // x ring: lane (rows xm + 4 i, chunk xc) copies 16 bytes of a tile's columns of each of its rows r to
+  // chunk xc ^ (r % 8) of row r.
   const int xm = lane >> 3, xc = lane & 7;
-  const bool xcopy = XR > 0 && xm < M;
-  const T* xn_src = xcopy ? x + static_cast<size_t>(xm) * K + warp * 64 + xc * 8 : nullptr;
+  const T* xn_src = XR > 0 ? x + static_cast<size_t>(xm) * K + warp * 64 + xc * 8 : nullptr;
   auto issue = [&](int sn) {
     if (jn < nt) {
       cp_async16(&wring[sn][lane], qn, true);
       if (pcopy) cp_async16(&pring[sn][lane * 4], pbase + poff, true);
-      if constexpr (XR > 0)
-        if (xcopy) cp_async16(&xring[sn][xm * 8 + (xc ^ xm)], xn_src + static_cast<size_t>(jn) * kWarps * 64, true);
+      if constexpr (XR > 0) {
+#pragma unroll
+        for (int i = 0; i < XR / 4; ++i) {
+          const int r = xm + 4 * i;
+          if (r < M)
+            cp_async16(&xring[sn][r * 8 + (xc ^ (r & 7))],
+                       xn_src + static_cast<size_t>(4 * i) * K + static_cast<size_t>(jn) * kWarps * 64, true);
+        }
+      }
     }
     cp_commit();  // an empty group past the end keeps the count of pending groups uniform
     ++jn;
@@ -663,13 +674,17 @@ __device__ inline void ring_sweep(float (&acc)[NT][4], uint4 (&wring)[S][32], ui
       cur.z[0][0][1] = ps[24 + g];
     }
     if constexpr (XR > 0) {
-      // Lane l addresses row l % 8 (row 0 past M) of matrix l / 8: columns 8 (l / 8) (+ 32 for steps 2-3).
-      const int r = lane & 7, q = lane >> 3, m = r < M ? r : 0;
-      uint32_t b[4];
-      ldmatrix_x4(b, &xring[slot][m * 8 + (q ^ m)]);
-      cur.xb[0][0][0][0] = b[0]; cur.xb[0][0][0][1] = b[1]; cur.xb[0][1][0][0] = b[2]; cur.xb[0][1][0][1] = b[3];
-      ldmatrix_x4(b, &xring[slot][m * 8 + ((q + 4) ^ m)]);
-      cur.xb[0][2][0][0] = b[0]; cur.xb[0][2][0][1] = b[1]; cur.xb[0][3][0][0] = b[2]; cur.xb[0][3][0][1] = b[3];
+      // Lane l addresses row 8 t + l % 8 (row 0 past M) of matrix l / 8: columns 8 (l / 8) (+ 32 for steps 2-3).
+      const int q = lane >> 3;
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        const int r = t * 8 + (lane & 7), m = r < M ? r : 0, sw = m & 7;
+        uint32_t b[4];
+        ldmatrix_x4(b, &xring[slot][m * 8 + (q ^ sw)]);
+        cur.xb[0][0][t][0] = b[0]; cur.xb[0][0][t][1] = b[1]; cur.xb[0][1][t][0] = b[2]; cur.xb[0][1][t][1] = b[3];
+        ldmatrix_x4(b, &xring[slot][m * 8 + ((q + 4) ^ sw)]);
+        cur.xb[0][2][t][0] = b[0]; cur.xb[0][2][t][1] = b[1]; cur.xb[0][3][t][0] = b[2]; cur.xb[0][3][t][1] = b[3];
+      }
     }
     if (j + 1 < nt) load_x(nxt);
     const int kt = warp + j * kWarps;
@@ -779,15 +794,31 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   const int Tf = K >> 6;
   bool swept = false;
   if constexpr (Cfg::kStages > 0 && BITS == 4) {
-    constexpr int XR = Cfg::kXRows;
-    __shared__ __align__(16) uint4 wring[kWarps][Cfg::kStages][32];
-    __shared__ __align__(16) uint32_t pring[kWarps][Cfg::kStages][16];
-    __shared__ __align__(16) uint4 xring[kWarps][Cfg::kStages][XR > 0 ? XR * 8 : 1];
+    constexpr int XR = Cfg::kXRows, S = Cfg::kStages;
+    using WSlots = uint4[S][32];
+    using PSlots = uint32_t[S][16];
+    using XSlots = uint4[S][XR > 0 ? XR * 8 : 1];
+    WSlots* wring;
+    PSlots* pring;
+    XSlots* xring;
+    if constexpr (Cfg::kDynRing) {  // kRingBytes of dynamic shared memory: x, weights, scales and zeros
+      extern __shared__ __align__(16) uint4 v1_ring[];
+      xring = reinterpret_cast<XSlots*>(v1_ring);
+      wring = reinterpret_cast<WSlots*>(v1_ring + kWarps * S * XR * 8);
+      pring = reinterpret_cast<PSlots*>(v1_ring + kWarps * S * (XR * 8 + 32));
+    } else {
+      __shared__ __align__(16) uint4 wring_s[kWarps][S][32];
+      __shared__ __align__(16) uint32_t pring_s[kWarps][S][16];
+      __shared__ __align__(16) uint4 xring_s[kWarps][S][XR > 0 ? XR * 8 : 1];
+      wring = wring_s;
+      pring = pring_s;
+      xring = xring_s;
+    }
     const int pstep = ring_pstep(gi);
     const bool x_ok = XR == 0 || (M <= XR && K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0);
     if (gi.same && pstep >= 0 && x_ok) {
       const int nt = warp < Tf ? (Tf - warp + kWarps - 1) / kWarps : 0;
-      ring_sweep<Cfg::kStages, XR, T, NT, kPrefetchX>(acc, wring[warp], pring[warp], xring[warp], nt, warp, lane,
+      ring_sweep<S, XR, T, NT, kPrefetchX>(acc, wring[warp], pring[warp], xring[warp], nt, warp, lane,
                                                      qtile, sc, zp, xb, xo, x, M, K, gi, pstep, g, tig,
                                                      [&] { if (!staged) stage_ortho(); });
       swept = true;
@@ -964,13 +995,13 @@ __global__ void __launch_bounds__(kWarps * 32) dequant_merge_kernel(Operands op,
 
 template <typename T>
 cudaError_t launch_v1(void (*kernel)(Operands, const T*, const T*, T*, int), const Operands& op, const void* x,
-                      const void* bias, void* out, int M, cudaStream_t s) {
+                      const void* bias, void* out, int M, cudaStream_t s, int smem = 0) {
   const dim3 grid((op.N + 15) / 16), block(kWarps * 32);
   auto xp = static_cast<const T*>(x);
   auto bp = static_cast<const T*>(bias);
   auto op_ = static_cast<T*>(out);
   if (!op.pdl) {
-    kernel<<<grid, block, 0, s>>>(op, xp, bp, op_, M);
+    kernel<<<grid, block, smem, s>>>(op, xp, bp, op_, M);
     return cudaGetLastError();
   }
   cudaLaunchAttribute attr{};
@@ -980,16 +1011,39 @@ cudaError_t launch_v1(void (*kernel)(Operands, const T*, const T*, T*, int), con
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.stream = s;
+  cfg.dynamicSmemBytes = smem;
   cfg.attrs = &attr;
   cfg.numAttrs = 1;
   return cudaLaunchKernelEx(&cfg, kernel, op, xp, bp, op_, M);
 }
 
-// The v1 configurations the tuning probe times (INT4; M <= 8, configurations 6-7 M <= 16, 8 M <= 4): index -> V1Cfg.
+// A v1 configuration whose ring lives in dynamic shared memory: the kernel is allowed its kRingBytes (over
+// the default 48 KB) once per device before its first launch.
+template <typename T, int NT, class Cfg>
+cudaError_t launch_v1_dyn(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
+  constexpr auto kernel = fused_small_m_kernel<T, 4, NT, Cfg>;
+  static bool allowed[64] = {};
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
+  if (!allowed[dev]) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kRingBytes);
+    if (err != cudaSuccess) return err;
+    allowed[dev] = true;
+  }
+  return launch_v1<T>(kernel, op, x, bias, out, M, s, Cfg::kRingBytes);
+}
+
+// The largest M of each v1 configuration below (cuda.py V1_CONFIG_MAX_M mirrors it).
+constexpr int kV1CfgMaxM[] = {8, 8, 8, 8, 8, 8, 16, 16, 4, 8, 16};
+constexpr int kV1Cfgs = sizeof(kV1CfgMaxM) / sizeof(kV1CfgMaxM[0]);
+
+// The v1 configurations the tuning probe times (INT4; largest M: kV1CfgMaxM): index -> V1Cfg.
 template <typename T>
 cudaError_t fused_cfg_dispatch(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
                                cudaStream_t s) {
-  if (op.bits != 4 || M > (cfg == 8 ? 4 : cfg >= 6 ? 16 : 8)) return cudaErrorInvalidValue;
+  if (op.bits != 4 || cfg < 0 || cfg >= kV1Cfgs || M > kV1CfgMaxM[cfg]) return cudaErrorInvalidValue;
   switch (cfg) {
     case 0: return launch_v1<T>(fused_small_m_kernel<T, 4, 1, V1Cfg<2, true, 2>>, op, x, bias, out, M, s);  // short grids
     case 1: return launch_v1<T>(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 3>>, op, x, bias, out, M, s);  // tall grids
@@ -1003,15 +1057,18 @@ cudaError_t fused_cfg_dispatch(const Operands& op, const void* x, const void* bi
     case 7: return launch_v1<T>(fused_small_m_kernel<T, 4, 2, V1Cfg<1, true, 2, 5>>, op, x, bias, out, M, s);  // 6 slots: > 48 KB static
     // M <= 4: the 4-slot ring with x's columns in it (ldmatrix)
     case 8: return launch_v1<T>(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 3, 4, 4>>, op, x, bias, out, M, s);
+    // the x ring for M <= 8 and M <= 16 (dynamic shared memory: 51 / 84 KB of ring per block)
+    case 9: return launch_v1_dyn<T, 1, V1Cfg<1, true, 3, 4, 8>>(op, x, bias, out, M, s);
+    case 10: return launch_v1_dyn<T, 2, V1Cfg<1, true, 2, 4, 16>>(op, x, bias, out, M, s);
     default: return cudaErrorInvalidValue;
   }
 }
 
 // The INT4 v1 configuration for each class of call (kernels.h, set_v1_table), as the probe
-// (benchmarks/probes/v1_configs.py, results/v1-configs-H200.json, 2026-11-29 09:10 UTC) suggested it:
-// the 4-slot ring carrying x's columns at M <= 4, one K tile per chunk at M 5-8, the default M <= 16
-// kernel above 8. cuda.py replaces entries for a tuning run ($LIBORTHO_V1_CFG).
-int g_v1_table[kV1Classes] = {8, 8, 1, 8, 1, 6};
+// (benchmarks/probes/v1_configs.py, results/v1-configs-H200.json, 2026-11-29 11:03 UTC) suggested it:
+// the 4-slot ring carrying x's columns, its 4-row form at M <= 4, 8 rows at M 5-8, 16 rows at M 9-16.
+// cuda.py replaces entries for a tuning run ($LIBORTHO_V1_CFG).
+int g_v1_table[kV1Classes] = {8, 8, 9, 8, 9, 10};
 
 inline int v1_class(const Operands& op, int M) {
   if (M > 8) return 5;
@@ -1883,10 +1940,12 @@ cudaError_t launch_fused_small_m(const Operands& op, const void* x, const void* 
 }
 
 bool set_v1_table(const int (&table)[kV1Classes]) {
+  // A class takes the configurations of its kernel (M <= 8 or M <= 16) that reach its largest M.
+  constexpr int kClassMaxM[kV1Classes] = {4, 4, 8, 4, 8, 16};
   for (int c = 0; c < kV1Classes; ++c) {
     const int i = table[c];
-    const bool m4 = c == 0 || c == 1 || c == 3;  // the classes of M <= 4
-    if (c == kV1Classes - 1 ? i < 6 || i > 7 : !((i >= 0 && i <= 5) || (m4 && i == 8))) return false;
+    if (i < 0 || i >= kV1Cfgs || kV1CfgMaxM[i] < kClassMaxM[c] || (kV1CfgMaxM[i] == 16) != (kClassMaxM[c] == 16))
+      return false;
   }
   std::copy(table, table + kV1Classes, g_v1_table);
   return true;
