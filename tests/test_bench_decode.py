@@ -160,6 +160,7 @@ def test_bench_decode_cli_json_schema(tmp_path, capsys):
     assert info["libortho_config"]["density"] == 0.01 and info["libortho_ortho_nnz"] > 0
     md = out.with_suffix(".md").read_text()
     assert "| tiny | 1 |" in md and "| tiny | 2 |" in md
+    assert not (tmp_path / "decode-cpu.partial.json").exists()  # removed once the full result is written
     printed = capsys.readouterr().out
     assert re.search(r"batch 1: +[0-9.]+ tok/s +[0-9.]+ ms/token", printed)
     # separate invocations (one per model) merge into one result
@@ -273,3 +274,29 @@ def test_a_failed_measurement_is_recorded_and_the_bench_goes_on(capsys):
     with bd._keep_going(info, "ok", "ok", False, torch.device("cpu")):
         pass
     assert "ok" not in info["errors"]
+
+
+def test_a_cut_off_run_leaves_what_it_measured(tmp_path, monkeypatch):
+    """After each variant the numbers so far are written to <out>.partial.json (a time limit that kills the
+    run mid-way, as on the GPU machine, then loses only the variant it was in)."""
+    real = bd.measure_decode
+
+    def cut_at_alpha0(*a, desc="", **kw):
+        if "alpha0" in desc:
+            raise RuntimeError("cut off")
+        return real(*a, desc=desc, **kw)
+
+    monkeypatch.setattr(bd, "measure_decode", cut_at_alpha0)
+    out = tmp_path / "decode-cpu.json"
+    with pytest.raises(RuntimeError, match="cut off"):
+        main(["bench", "decode", "--models", "tiny", "--device", "cpu", "--batches", "1", "--prompt-len", "8",
+              "--new-tokens", "4", "--prefill-len", "8", "--reps", "1", "--warmup", "0", "--no-progress",
+              "--strict", "--variants", "bf16", "alpha1", "alpha0", "--out", str(out)])
+    assert not out.exists()
+    part = json.loads((tmp_path / "decode-cpu.partial.json").read_text())
+    assert part["partial"] is True and [r["model"] for r in part["rows"]] == ["tiny"]
+    row = part["rows"][0]
+    assert row["bf16_tok_s"] > 0 and row["alpha1_tok_s"] > 0 and row["alpha0_tok_s"] is None
+    assert row["speedup_alpha1"] == pytest.approx(row["alpha1_tok_s"] / row["bf16_tok_s"])
+    assert set(part["models"]["tiny"]["prefill"]) >= {"bf16_ms", "alpha1_ms"}
+    assert "alpha0_ms" not in part["models"]["tiny"]["prefill"]

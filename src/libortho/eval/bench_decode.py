@@ -726,7 +726,9 @@ def _keep_going(info: dict, key: str, what: str, strict: bool, device):
         _free(device)
 
 
-def bench_model(name: str, args, device) -> tuple[list[dict], dict]:
+def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], dict]:
+    """Rows and info of one model; ``on_variant(rows, info)`` gets what is measured so far after each variant
+    (run() keeps it in a partial file, so a run cut off by a time limit still leaves its numbers)."""
     from ..config import OrthoConfig
     from ..model import ortho_layers, report, set_alpha
     progress = not args.no_progress
@@ -757,6 +759,13 @@ def bench_model(name: str, args, device) -> tuple[list[dict], dict]:
                 prefill[v] = measure_prefill(model, prefill_ids, args.reps, args.warmup)
                 print(f"  prefill {args.prefill_len}: {prefill[v]['ms']:.2f} ms  peak "
                       f"{_gib(prefill[v]['peak_mem_bytes'])}", flush=True)
+        if on_variant is not None:
+            on_variant(*snapshot())
+
+    def snapshot() -> tuple[list[dict], dict]:
+        info["weight_bytes"] = dict(weight_bytes)
+        info["prefill"] = _prefill_info(args.prefill_len, prefill)
+        return _rows(name, args, mode, results, prefill, weight_bytes), info
 
     with torch.no_grad():
         if "bf16" in args.variants:
@@ -810,10 +819,20 @@ def bench_model(name: str, args, device) -> tuple[list[dict], dict]:
                 weight_bytes["int4"] = target_bytes(model)
                 run_variant("int4")
         bank.clear()
-    info["weight_bytes"] = weight_bytes
-    info["prefill"] = {"tokens": args.prefill_len, **{f"{v}_ms": p["ms"] for v, p in prefill.items()},
-                       **{f"{v}_ms_all": p["ms_all"] for v, p in prefill.items()},  # every rep: outliers show
-                       **{f"{v}_peak_mem_bytes": p["peak_mem_bytes"] for v, p in prefill.items()}}
+    rows, info = snapshot()
+    model = bank = None  # noqa: F841  (free the device before the next model)
+    _free(device)
+    return rows, info
+
+
+def _prefill_info(tokens: int, prefill: dict) -> dict:
+    return {"tokens": tokens, **{f"{v}_ms": p["ms"] for v, p in prefill.items()},
+            **{f"{v}_ms_all": p["ms_all"] for v, p in prefill.items()},  # every rep: outliers show
+            **{f"{v}_peak_mem_bytes": p["peak_mem_bytes"] for v, p in prefill.items()}}
+
+
+def _rows(name: str, args, mode: str, results: dict, prefill: dict, weight_bytes: dict) -> list[dict]:
+    """One row per batch from what is measured (variants not yet run: None)."""
     rows = []
     for b in args.batches:
         row = {"model": name, "batch": b, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
@@ -840,9 +859,7 @@ def bench_model(name: str, args, device) -> tuple[list[dict], dict]:
                 same = (ref["tokens"] == r["tokens"]).all(0).long()
                 row[f"{v}_tokens_matching_bf16_prefix"] = int(same.cumprod(0).sum())
         rows.append(row)
-    model = bank = None  # noqa: F841  (free the device before the next model)
-    _free(device)
-    return rows, info
+    return rows
 
 
 def _gib(x) -> str:
@@ -943,16 +960,23 @@ def run(args):
     result = {"card": card_name(device) if device.type == "cuda" else env["device"], "torch": torch.__version__,
               "cuda": torch.version.cuda, "transformers": env["transformers"], "date": env["date"],
               "command": env["command"], "protocol": protocol, "rows": [], "models": {}}
+    out = Path(args.out or f"benchmarks/results/decode-{card_name(device)}.json")
+    partial = out.with_name(out.stem + ".partial.json")  # what is measured so far, replaced after each variant
+
+    def save_partial(name, rows, info):
+        write_json(partial, dict(result, rows=result["rows"] + rows, models={**result["models"], name: info},
+                                 partial=True))
+
     t_all = time.perf_counter()
     for name in args.models:
         t = time.perf_counter()
-        rows, info = bench_model(name, args, device)
+        rows, info = bench_model(name, args, device, on_variant=lambda r, i, n=name: save_partial(n, r, i))
         info["total_s"] = time.perf_counter() - t
         result["rows"] += rows
         result["models"][name] = info
     result["total_s"] = time.perf_counter() - t_all
-    out = Path(args.out or f"benchmarks/results/decode-{card_name(device)}.json")
     write_json(out, result)
+    partial.unlink(missing_ok=True)
     md = summary(result)
     write_text(out.with_suffix(".md"), md + "\n")
     print(md)
