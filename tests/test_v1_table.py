@@ -1,6 +1,7 @@
 """The v1 configuration table: $LIBORTHO_V1_CFG parsing (cuda.py) and the probe's suggestion
 (benchmarks/probes/v1_configs.py). No GPU needed; the kernels' side is in test_cuda.py."""
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,18 @@ def test_parse_ortho_xt(value, expected):
 def test_parse_ortho_xt_names_what_is_wrong(value):
     with pytest.raises(ValueError, match="expected auto, on, off"):
         cuda_backend.parse_ortho_xt(value)
+
+
+def _cu_int_array(name: str) -> tuple[int, ...]:
+    src = (Path(cuda_backend.__file__).parent / "csrc" / "kernels.cu").read_text()
+    m = re.search(rf"constexpr int {name}\[[^\]]*\] = \{{([^}}]*)\}};", src)
+    assert m, f"{name} not found in kernels.cu"
+    return tuple(int(v) for v in m.group(1).split(","))
+
+
+def test_python_mirrors_of_the_kernel_tables_match_kernels_cu():
+    """cuda.py's V1_CONFIG_MAX_M and class limits mirror kernels.cu (kV1CfgMaxM, kClassMaxM): a configuration
+    added on one side only would be refused or offered wrongly without a GPU test noticing on CPU CI."""
+    assert _cu_int_array("kV1CfgMaxM") == cuda_backend.V1_CONFIG_MAX_M
+    assert _cu_int_array("kClassMaxM") == tuple(cuda_backend._V1_CLASS_MAX_M[c] for c in cuda_backend.V1_CLASSES)
+    assert len(probe.CONFIGS) == len(cuda_backend.V1_CONFIG_MAX_M)
