@@ -1,10 +1,3 @@
-// Decode kernel v2 (LIBORTHO_DECODE_KERNEL=v2).
-#include "common.cuh"
-
-namespace libortho {
-namespace {
-
-// ---------------------------------------------------------------------------------------------------
 // Decode kernel v2 (LIBORTHO_DECODE_KERNEL=v2): the same math as fused_small_m_kernel, organised for
 // bytes in flight instead of registers.
 //
@@ -23,6 +16,11 @@ namespace {
 //   warp sweeps its rows' entries 32 at a time (coalesced col/value loads) and adds them up per row
 //   with a segmented shuffle scan. Every sum has a fixed order: results are bitwise reproducible.
 //   At alpha == 0 nothing of the CSR arrays is read.
+#include "common.cuh"
+
+namespace libortho {
+namespace {
+
 namespace v2 {
 
 constexpr int kThreads = 256, kW = 8, kStages = 4, kU = 2;  // kU: K tiles per warp per stage

@@ -1,10 +1,3 @@
-// Decode kernel v3 (LIBORTHO_DECODE_KERNEL=v3).
-#include "common.cuh"
-
-namespace libortho {
-namespace {
-
-// ---------------------------------------------------------------------------------------------------
 // Decode kernel v3 (LIBORTHO_DECODE_KERNEL=v3), for M = 1..4 (correct up to 16): a bandwidth-bound GEMV,
 // no tensor cores. At M <= 4 the mma in v1/v2 does at most 4 useful columns of 8, and their time goes to
 // latency (few bytes in flight per SM, dependent scale/x loads), not to math.
@@ -36,6 +29,11 @@ namespace {
 //   <= 8 ranks (g128 with clusters: v1 above K = 6656 at M = 16, 9728 at M = 12, 15360 at M = 8, 32256
 //   at M = 4; without clusters M = 16 already above K ~ 832),
 //   or when the cluster launch fails while the split is needed for that fit.
+#include "common.cuh"
+
+namespace libortho {
+namespace {
+
 namespace v3 {
 
 constexpr int kThreads = 256, kW = 8;
