@@ -10,8 +10,9 @@ namespace {
 // (two chunks in flight), whether x fragments are fetched with the chunk, the occupancy floor, and
 // kStages > 0: INT4 weights, scales and zeros come through a per-warp ring of kStages tiles in shared
 // memory filled by cp.async (kStages - 1 tiles in flight without holding registers; see ring_sweep);
-// kXRows > 0: so do the tile's columns of x (M <= kXRows rows), read back with ldmatrix. From 8 rows the
-// ring no longer fits the 48 KB of static shared memory: it lives in dynamic shared memory (kRingBytes).
+// kXRows > 0: so do the tile's columns of x (M <= kXRows rows), read back with ldmatrix. A ring too large
+// to sit beside the kernel's other static shared memory (~12 KB) under the 48 KB static limit lives in
+// dynamic shared memory (kRingBytes; the x ring from 8 rows).
 template <int kU_, bool kPrefetchX_, int kMinBlocks_, int kStages_ = 0, int kXRows_ = 0>
 struct V1Cfg {
   static constexpr int kU = kU_;
@@ -19,9 +20,10 @@ struct V1Cfg {
   static constexpr int kMinBlocks = kMinBlocks_;
   static constexpr int kStages = kStages_;
   static constexpr int kXRows = kXRows_;
-  static constexpr bool kDynRing = kXRows_ > 4;
   // per warp and slot: 512 weight bytes, 64 bytes of scales and zeros, 128 bytes per row of x
-  static constexpr int kRingBytes = kDynRing ? kWarps * kStages_ * (512 + 64 + kXRows_ * 128) : 0;
+  static constexpr int kRingSize = kWarps * kStages_ * (512 + 64 + kXRows_ * 128);
+  static constexpr bool kDynRing = kRingSize > 36 * 1024;
+  static constexpr int kRingBytes = kDynRing ? kRingSize : 0;
 };
 
 // Four 8x8 16-bit matrices from shared memory, one row address per lane (lanes 8q..8q+7: matrix q):
@@ -166,7 +168,8 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   constexpr int MT = NT * 8;                 // batch columns handled (padded)
   constexpr bool kPrefetchX = Cfg::kPrefetchX;  // activation fragments travel with the chunk
   constexpr int kU = Cfg::kU;                // K tiles per chunk; two chunks in flight (double buffer)
-  // ortho entries a block stages in shared memory (rest: global); half with the x ring (48 KB static)
+  // ortho entries a block stages in shared memory (rest: global); half with the x ring (configuration 8:
+  // the 48 KB static limit; 9-10: less shared memory per block)
   constexpr int kStage = NT >= 8 || Cfg::kXRows > 0 ? 1024 : 2048;
   constexpr int kStageW = kStage / kWarps;  // per warp
   __shared__ float red[kWarps][16][MT + 1];  // per-warp partial sums (base, then + alpha * ortho)
