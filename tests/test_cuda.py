@@ -106,7 +106,7 @@ def test_empty_rows_and_one_very_dense_row(m, dtype, variant):
 @pytest.mark.parametrize("n,m,gs,sym,dtype", [(11008, 1, 128, False, torch.bfloat16), (6353, 5, 32, True, torch.float16),
                                                (14336, 8, -1, False, torch.bfloat16), (8000, 3, 64, False, torch.float16)])
 def test_tall_grid_configuration(n, m, gs, sym, dtype):
-    """INT4 at M <= 8 with >= 3 blocks per SM runs v1's tall-grid configuration (kernels.cu, v1_tall)."""
+    """INT4 at M <= 8 with >= 3 blocks per SM runs v1's tall-grid configuration (v1.cu, v1_class)."""
     gen = torch.Generator(device="cuda").manual_seed(n + m)
     layer = make_layer(n, 1000, 4, gs, sym, 0.02, dtype, gen)
     x = torch.randn(m, 1000, generator=gen, device="cuda").to(dtype)
@@ -116,7 +116,7 @@ def test_tall_grid_configuration(n, m, gs, sym, dtype):
         assert rel_err(layer(x), reference64(layer, x, alpha)) < TOL[dtype]
 
 
-V1_CONFIG_MAX_M = cuda_backend.V1_CONFIG_MAX_M  # per kernels.cu fused_cfg_dispatch index
+V1_CONFIG_MAX_M = cuda_backend.V1_CONFIG_MAX_M  # per v1_configs.cu fused_cfg_dispatch index
 V1_CONFIGS = len(V1_CONFIG_MAX_M)  # (benchmarks/probes/v1_configs.py names them)
 X_RING_CONFIGS = (8, 9, 10)  # x's columns through the shared-memory ring (M <= 4, 8, 16)
 

@@ -87,14 +87,15 @@ def test_parse_ortho_xt_names_what_is_wrong(value):
 
 
 def _cu_int_array(name: str) -> tuple[int, ...]:
-    src = (Path(cuda_backend.__file__).parent / "csrc" / "kernels.cu").read_text()
+    csrc = Path(cuda_backend.__file__).parent / "csrc"
+    src = "\n".join(p.read_text() for p in sorted(csrc.glob("*.cu*")))
     m = re.search(rf"constexpr int {name}\[[^\]]*\] = \{{([^}}]*)\}};", src)
-    assert m, f"{name} not found in kernels.cu"
+    assert m, f"{name} not found in the kernel sources"
     return tuple(int(v) for v in m.group(1).split(","))
 
 
-def test_python_mirrors_of_the_kernel_tables_match_kernels_cu():
-    """cuda.py's V1_CONFIG_MAX_M and class limits mirror kernels.cu (kV1CfgMaxM, kClassMaxM): a configuration
+def test_python_mirrors_of_the_kernel_tables_match_the_kernel_sources():
+    """cuda.py's V1_CONFIG_MAX_M and class limits mirror v1.cuh / v1.cu (kV1CfgMaxM, kClassMaxM): a configuration
     added on one side only would be refused or offered wrongly without a GPU test noticing on CPU CI."""
     assert _cu_int_array("kV1CfgMaxM") == cuda_backend.V1_CONFIG_MAX_M
     assert _cu_int_array("kClassMaxM") == tuple(cuda_backend._V1_CLASS_MAX_M[c] for c in cuda_backend.V1_CLASSES)

@@ -1,11 +1,11 @@
-"""Tuning probe of the v1 decode kernel (GPU machine): each configuration of kernels.cu's fused_cfg_dispatch
+"""Tuning probe of the v1 decode kernel (GPU machine): each configuration of v1_configs.cu's fused_cfg_dispatch
 (K tiles per chunk, x fragments fetched with the chunk or not, occupancy floor) checked against a float64
 reference and timed at M = 1, 4, 8, 16 (each where the configuration supports it) in the kernel bench's harness (CUDA graph of back-to-back calls over
 weight copies beyond 4x L2, median per call), next to bf16 F.linear and torch's int4 kernel.
 
     PYTHONPATH=src python benchmarks/probes/v1_configs.py     # writes benchmarks/results/v1-configs-<card>.json
 
-It also suggests the table of configurations per class of call (cuda.V1_CLASSES, kernels.cu g_v1_table):
+It also suggests the table of configurations per class of call (cuda.V1_CLASSES, v1.cu g_v1_table):
 for each class, the configuration with the least alpha 0 + alpha 1 time summed over the class's rows, among
 those correct on all of them; the JSON's "suggested" holds it as a $LIBORTHO_V1_CFG value.
 """
@@ -33,7 +33,7 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 1433
 
 
 def v1_class(n: int, k: int, m: int, sms: int) -> str:
-    """The class of a call in kernels.cu's v1 table (v1_class there)."""
+    """The class of a call in v1.cu's table (v1_class there)."""
     if m > 8:
         return "m16"
     if (n + 15) // 16 >= 3 * sms:

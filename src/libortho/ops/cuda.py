@@ -4,7 +4,7 @@
   (tensor cores, register double buffer, one block per 16 output rows), ``v2`` (tensor cores, cp.async
   stages in shared memory, cluster split-K on sm_90, nnz-balanced ortho rows) and ``v3`` (no tensor
   cores: a bandwidth-bound GEMV for M = 1..4, x staged once in shared memory, cluster split-K; it runs
-  v1 for shapes whose x slice does not fit, see kernels.cu). ``LIBORTHO_DECODE_KERNEL=v1|v2|v3`` picks
+  v1 for shapes whose x slice does not fit, see v3.cu). ``LIBORTHO_DECODE_KERNEL=v1|v2|v3`` picks
   one (read at each call; default ``DEFAULT_DECODE_KERNEL``), :func:`set_decode_kernel` overrides it
   from Python.
 * INT4 v1 at M <= 16 runs one of its tuning configurations (``benchmarks/probes/v1_configs.py``) per class
@@ -39,7 +39,7 @@ _FUSED = {"v1": "fused_small_m", "v2": "fused_small_m_v2", "v3": "fused_small_m_
 _state = {"ext": None, "error": None, "warned": set(), "decode": None}
 # The classes of the v1 configuration table (kernels.h, in its order) and the configurations each can take.
 V1_CLASSES = ("short_long_k", "short_m4", "short_m8", "tall_m4", "tall_m8", "m16")
-# The largest M of each v1 tuning configuration (kernels.cu fused_cfg_dispatch, in its order) and of each
+# The largest M of each v1 tuning configuration (v1.cuh kV1CfgMaxM, v1_configs.cu fused_cfg_dispatch, in its order) and of each
 # class: a class takes the configurations of its kernel (M <= 8 or M <= 16) that reach its largest M.
 V1_CONFIG_MAX_M = (8,) * 6 + (16,) * 2 + (4, 8, 16)
 _V1_CLASS_MAX_M = {"short_long_k": 4, "short_m4": 4, "short_m8": 8, "tall_m4": 4, "tall_m8": 8, "m16": 16}
@@ -108,7 +108,7 @@ def decode_kernel() -> str:
 
 def pdl_enabled() -> bool:
     """$LIBORTHO_PDL=1: the v1 decode kernel is launched with programmatic dependent launch (Hopper), so its
-    blocks can prefetch their weight strip into L2 while the previous kernel drains (kernels.cu). Off by
+    blocks can prefetch their weight strip into L2 while the previous kernel drains (common.cuh). Off by
     default: on the H200 it saved 0.4-0.7 us per call on the two smallest Llama shapes at M = 1 but cost
     up to 0.6 us on 4096x11008 (benchmarks/results/probe-H200.json), and the 7B-shape decode did not gain
     (155 vs 158 tok/s at alpha 0, batch 1; benchmarks/results/decode-H200-pdl.json)."""
@@ -156,7 +156,7 @@ def build(verbose: bool = False):
     xt_min = parse_ortho_xt(os.environ.get("LIBORTHO_ORTHO_XT", ""))
     try:
         from torch.utils.cpp_extension import load
-        _state["ext"] = load(name="libortho_cuda_v2", sources=[str(CSRC / "binding.cpp"), str(CSRC / "kernels.cu")],
+        _state["ext"] = load(name="libortho_cuda_v2", sources=[str(CSRC / "binding.cpp"), *map(str, sorted(CSRC.glob("*.cu")))],
                              extra_cflags=["-O3"], extra_cuda_cflags=["-O3", *_arch_flags(), *_extra_flags()],
                              build_directory=str(build_dir()), verbose=verbose)
     except Exception as e:  # compiler missing, unsupported GPU, ...

@@ -1,4 +1,4 @@
-// Plain-C interface of the LibOrtho CUDA kernels (no torch headers: nvcc can build kernels.cu alone).
+// Plain-C interface of the LibOrtho CUDA kernels (no torch headers: nvcc can build each .cu file alone).
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
@@ -17,7 +17,7 @@ struct Operands {
   float alpha;             // alpha == 0: the ortho arrays are never read
   int bits, group_size, N, K;
   bool bf16;               // activation dtype: bf16 (true) or fp16
-  bool pdl;                // v1 only: programmatic dependent launch (sm_90+), see kernels.cu
+  bool pdl;                // v1 only: programmatic dependent launch (sm_90+), see common.cuh
   const void* xt;          // v1 only, or nullptr: x transposed, (K, xt_ld), rows padded with zeros
   int xt_ld;               // 2, 4, 8 or 16: the ortho stream's rows of x for one column in one load
 };
@@ -38,7 +38,7 @@ cudaError_t launch_fused_small_m_cfg(const Operands& op, const void* x, const vo
 // class of call, in this order: short grids (< 3 blocks per SM) at M <= 4 with K >= 8192, at M <= 4 with
 // K < 8192, at M 5-8; tall grids at M <= 4, at M 5-8; M 9-16. set_v1_table changes nothing and returns
 // false when an index cannot serve its class (a configuration of the M <= 8 kernel reaching the class's
-// largest M, or of the M <= 16 kernel for M 9-16; kernels.cu kV1CfgMaxM).
+// largest M, or of the M <= 16 kernel for M 9-16; v1.cuh kV1CfgMaxM).
 constexpr int kV1Classes = 6;
 bool set_v1_table(const int (&table)[kV1Classes]);
 void get_v1_table(int (&table)[kV1Classes]);

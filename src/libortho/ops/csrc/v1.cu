@@ -1,0 +1,60 @@
+// The v1 decode kernel's entry point: INT4 at M <= 16 by the configuration table (v1_configs.cu), every
+// other width and M by the default configuration.
+#include "v1.cuh"
+
+namespace libortho {
+namespace {
+
+// The INT4 v1 configuration for each class of call (kernels.h, set_v1_table), as the probe
+// (benchmarks/probes/v1_configs.py, results/v1-configs-H200.json, 2026-11-29 11:03 UTC) suggested it:
+// the 4-slot ring carrying x's columns, its 4-row form at M <= 4, 8 rows at M 5-8, 16 rows at M 9-16.
+// cuda.py replaces entries for a tuning run ($LIBORTHO_V1_CFG).
+int g_v1_table[kV1Classes] = {8, 8, 9, 8, 9, 10};
+
+inline int v1_class(const Operands& op, int M) {
+  if (M > 8) return 5;
+  if ((op.N + 15) / 16 >= 3 * device_info().sms) return M <= 4 ? 3 : 4;
+  if (M > 4) return 2;
+  return op.K >= 8192 ? 0 : 1;
+}
+
+template <typename T, int BITS>
+cudaError_t fused_dispatch_nt(const Operands& op, const void* x, const void* bias, void* out, int M,
+                              cudaStream_t s) {
+  if constexpr (BITS == 4)
+    if (M <= 16) return launch_fused_small_m_cfg(op, x, bias, out, M, g_v1_table[v1_class(op, M)], s);
+  auto kernel = M <= 8 ? fused_small_m_kernel<T, BITS, 1> : M <= 16 ? fused_small_m_kernel<T, BITS, 2>
+               : M <= 32 ? fused_small_m_kernel<T, BITS, 4> : fused_small_m_kernel<T, BITS, 8>;
+  return launch_v1<T>(kernel, op, x, bias, out, M, s);
+}
+
+template <typename T>
+cudaError_t fused_dispatch(const Operands& op, const void* x, const void* bias, void* out, int M,
+                           cudaStream_t s) {
+  return with_bits(op.bits, [&](auto b) { return fused_dispatch_nt<T, decltype(b)::value>(op, x, bias, out, M, s); });
+}
+
+}  // namespace
+
+cudaError_t launch_fused_small_m(const Operands& op, const void* x, const void* bias, void* out, int M,
+                                 cudaStream_t stream) {
+  if (M < 1 || M > 64 || op.K % 2 != 0) return cudaErrorInvalidValue;
+  return op.bf16 ? fused_dispatch<__nv_bfloat16>(op, x, bias, out, M, stream)
+                 : fused_dispatch<__half>(op, x, bias, out, M, stream);
+}
+
+bool set_v1_table(const int (&table)[kV1Classes]) {
+  // A class takes the configurations of its kernel (M <= 8 or M <= 16) that reach its largest M.
+  constexpr int kClassMaxM[kV1Classes] = {4, 4, 8, 4, 8, 16};
+  for (int c = 0; c < kV1Classes; ++c) {
+    const int i = table[c];
+    if (i < 0 || i >= kV1Cfgs || kV1CfgMaxM[i] < kClassMaxM[c] || (kV1CfgMaxM[i] == 16) != (kClassMaxM[c] == 16))
+      return false;
+  }
+  std::copy(table, table + kV1Classes, g_v1_table);
+  return true;
+}
+
+void get_v1_table(int (&table)[kV1Classes]) { std::copy(g_v1_table, g_v1_table + kV1Classes, table); }
+
+}  // namespace libortho

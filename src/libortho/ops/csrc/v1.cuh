@@ -1,0 +1,380 @@
+// The v1 decode kernel (M <= 64, fused base + ortho stream, one block per 16 output rows) and its launch;
+// v1.cu picks a configuration per class of call, v1_configs.cu instantiates the tuning configurations.
+#pragma once
+#include "common.cuh"
+
+namespace libortho {
+namespace {
+
+// Tuning knobs of the v1 kernel (benchmarks/probes/v1_configs.py times alternatives): K tiles per chunk
+// (two chunks in flight), whether x fragments are fetched with the chunk, the occupancy floor, and
+// kStages > 0: INT4 weights, scales and zeros come through a per-warp ring of kStages tiles in shared
+// memory filled by cp.async (kStages - 1 tiles in flight without holding registers; see ring_sweep);
+// kXRows > 0: so do the tile's columns of x (M <= kXRows rows), read back with ldmatrix. A ring too large
+// to sit beside the kernel's other static shared memory (~12 KB) under the 48 KB static limit lives in
+// dynamic shared memory (kRingBytes; the x ring from 8 rows).
+template <int kU_, bool kPrefetchX_, int kMinBlocks_, int kStages_ = 0, int kXRows_ = 0>
+struct V1Cfg {
+  static constexpr int kU = kU_;
+  static constexpr bool kPrefetchX = kPrefetchX_;
+  static constexpr int kMinBlocks = kMinBlocks_;
+  static constexpr int kStages = kStages_;
+  static constexpr int kXRows = kXRows_;
+  // per warp and slot: 512 weight bytes, 64 bytes of scales and zeros, 128 bytes per row of x
+  static constexpr int kRingSize = kWarps * kStages_ * (512 + 64 + kXRows_ * 128);
+  static constexpr bool kDynRing = kRingSize > 36 * 1024;
+  static constexpr int kRingBytes = kDynRing ? kRingSize : 0;
+};
+
+// Four 8x8 16-bit matrices from shared memory, one row address per lane (lanes 8q..8q+7: matrix q):
+// thread t gets row t / 4, columns 2 (t % 4) and 2 (t % 4) + 1 of each, as mma's B fragments want them.
+__device__ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+#endif
+}
+
+// Elements between the scale rows of a warp's consecutive tiles (kWarps * 64 columns apart) for
+// ring_sweep: a fixed number of groups when the group size is a power of two dividing that span, 0 for one
+// group per row; -1 (other sizes): no ring.
+__device__ inline int ring_pstep(const GroupIndex& gi) {
+  constexpr int kSpan = kWarps * 64;
+  if (gi.shift == 31) return 0;
+  return gi.shift >= 0 && ((kSpan >> gi.shift) << gi.shift) == kSpan ? (kSpan >> gi.shift) * 16 : -1;
+}
+
+// One warp's full INT4 tiles (warp, warp + kWarps, ...; nt of them) through a ring of S slots in shared
+// memory: each slot holds the tile's 512 weight bytes (16 per lane) and the 16 scales and 16 zeros of its
+// group (tiles of one group only: the caller checks GroupIndex::same and ring_pstep). Tile j + S - 1 is
+// requested while tile j is computed, so S - 1 tiles are in flight with no registers held for them; x
+// fragments (L2 hits) are loaded one tile ahead into registers. `on_first` runs once, after the first
+// requests (the ortho staging, whose cp.async group then sits among the ring's: the waits stay correct, one
+// tile less deep).
+// XR > 0 (M <= XR <= 8 NT): the tile's 64 columns of x's M rows come through the ring too (16-byte
+// cp.async, XR / 4 per lane; 16-byte chunks XOR-swizzled by row so ldmatrix reads them without bank
+// conflicts) and are read back with two ldmatrix.x4 per n8 column block instead of 8 global loads; rows
+// past M read row 0. The caller checks that x rows are 16-byte aligned (K % 8 == 0, x aligned).
+template <int S, int XR, typename T, int NT, bool kPrefetchX, class OnFirst>
+__device__ inline void ring_sweep(float (&acc)[NT][4], uint4 (&wring)[S][32], uint32_t (&pring)[S][16],
+                                  uint4 (*xring)[XR > 0 ? XR * 8 : 1], int nt, int warp, int lane,
+                                  const int32_t* qtile, const T* sc, const T* zp, const uint32_t* xb,
+                                  const int (&xo)[NT], const T* x, int M, int K, const GroupIndex& gi, int pstep,
+                                  int g, int tig, OnFirst on_first) {
+  static_assert(XR == 0 || (XR % 4 == 0 && XR <= 8 * NT && XR > 8 * (NT - 1)), "the x ring holds the kernel's rows");
+  // Requests advance with running pointers and offsets (no index arithmetic per tile; pstep: see
+  // ring_pstep). The sweep is unrolled over the ring (twice for an odd S), so every slot address is a
+  // constant offset.
+  const T* pbase = lane < 2 ? sc : zp;  // lanes 0-1: the 16 scales, 2-3: the 16 zeros (32 bytes each)
+  const bool pcopy = lane < 4 && pbase != nullptr;
+  if (pcopy) pbase += (lane & 1) * 8 + gi.of(warp * 64) * 16;
+  int poff = 0;
+  const int32_t* qn = qtile + static_cast<size_t>(warp) * 32 * 4;
+  int jn = 0;
+  // x ring: lane (rows xm + 4 i, chunk xc) copies 16 bytes of a tile's columns of each of its rows r to
+  // chunk xc ^ (r % 8) of row r.
+  const int xm = lane >> 3, xc = lane & 7;
+  const T* xn_src = XR > 0 ? x + static_cast<size_t>(xm) * K + warp * 64 + xc * 8 : nullptr;
+  auto issue = [&](int sn) {
+    if (jn < nt) {
+      cp_async16(&wring[sn][lane], qn, true);
+      if (pcopy) cp_async16(&pring[sn][lane * 4], pbase + poff, true);
+      if constexpr (XR > 0) {
+#pragma unroll
+        for (int i = 0; i < XR / 4; ++i) {
+          const int r = xm + 4 * i;
+          if (r < M)
+            cp_async16(&xring[sn][r * 8 + (xc ^ (r & 7))],
+                       xn_src + static_cast<size_t>(4 * i) * K + static_cast<size_t>(jn) * kWarps * 64, true);
+        }
+      }
+    }
+    cp_commit();  // an empty group past the end keeps the count of pending groups uniform
+    ++jn;
+    qn += kWarps * 32 * 4;
+    poff += pstep;
+  };
+  const uint32_t* xn[NT];  // this lane's pairs of x at the next tile to fetch, per batch block
+#pragma unroll
+  for (int t = 0; t < NT; ++t) xn[t] = xb + xo[t] + warp * 32;
+  auto load_x = [&](Chunk<T, 4, NT, 1, kPrefetchX>& c) {
+    if constexpr (kPrefetchX && XR == 0) {
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+#pragma unroll
+        for (int step = 0; step < 4; ++step)
+          x_fragment<true>(c.xb[0][step][t][0], c.xb[0][step][t][1], xn[t], step, 0, tig, K);
+        xn[t] += kWarps * 32;
+      }
+    }
+  };
+  const bool hz = zp != nullptr;
+  // Tile j from slot `slot` into cur (x fragments already there), the next tile's x into nxt, the math.
+  auto step = [&](int j, int slot, Chunk<T, 4, NT, 1, kPrefetchX>& cur, Chunk<T, 4, NT, 1, kPrefetchX>& nxt) {
+    issue(slot == 0 ? S - 1 : slot - 1);  // tile j + S - 1
+    cp_wait<S - 1>();
+    __syncwarp();
+    const uint4 w = wring[slot][lane];
+    cur.w[0][0] = w.x; cur.w[0][1] = w.y; cur.w[0][2] = w.z; cur.w[0][3] = w.w;
+    const unsigned short* ps = reinterpret_cast<const unsigned short*>(pring[slot]);
+    cur.s[0][0][0] = ps[g];
+    cur.s[0][0][1] = ps[g + 8];
+    if (hz) {
+      cur.z[0][0][0] = ps[16 + g];
+      cur.z[0][0][1] = ps[24 + g];
+    }
+    if constexpr (XR > 0) {
+      // Lane l addresses row 8 t + l % 8 (row 0 past M) of matrix l / 8: columns 8 (l / 8) (+ 32 for steps 2-3).
+      const int q = lane >> 3;
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        const int r = t * 8 + (lane & 7), m = r < M ? r : 0, sw = m & 7;
+        uint32_t b[4];
+        ldmatrix_x4(b, &xring[slot][m * 8 + (q ^ sw)]);
+        cur.xb[0][0][t][0] = b[0]; cur.xb[0][0][t][1] = b[1]; cur.xb[0][1][t][0] = b[2]; cur.xb[0][1][t][1] = b[3];
+        ldmatrix_x4(b, &xring[slot][m * 8 + ((q + 4) ^ sw)]);
+        cur.xb[0][2][t][0] = b[0]; cur.xb[0][2][t][1] = b[1]; cur.xb[0][3][t][0] = b[2]; cur.xb[0][3][t][1] = b[3];
+      }
+    }
+    if (j + 1 < nt) load_x(nxt);
+    const int kt = warp + j * kWarps;
+    compute_chunk<true>(acc, cur, kt, kt + 1, xb, xo, K, hz, true, tig);
+    __syncwarp();  // every lane has read the slot before tile j + S refills it
+  };
+#pragma unroll
+  for (int j = 0; j < S - 1; ++j) issue(j);
+  on_first();
+  Chunk<T, 4, NT, 1, kPrefetchX> ca, cb;  // used in turn (no register copies of the x fragments)
+  if (nt > 0) load_x(ca);
+  constexpr int kUnroll = S % 2 == 0 ? S : 2 * S;  // even, so tile j's chunk is fixed by u's parity
+  for (int j0 = 0; j0 < nt; j0 += kUnroll) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; u += 2) {
+      if (j0 + u >= nt) break;
+      step(j0 + u, u % S, ca, cb);
+      if (j0 + u + 1 >= nt) break;
+      step(j0 + u + 1, (u + 1) % S, cb, ca);
+    }
+  }
+}
+
+template <int NT> using V1Default = V1Cfg<NT == 1 ? 2 : 1, NT <= 2, 2>;
+
+template <typename T, int BITS, int NT, class Cfg = V1Default<NT>>
+__global__ void __launch_bounds__(kWarps * 32, Cfg::kMinBlocks)
+fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ out,
+                     int M) {
+  constexpr int MT = NT * 8;                 // batch columns handled (padded)
+  constexpr bool kPrefetchX = Cfg::kPrefetchX;  // activation fragments travel with the chunk
+  constexpr int kU = Cfg::kU;                // K tiles per chunk; two chunks in flight (double buffer)
+  // ortho entries a block stages in shared memory (rest: global); half with the x ring (configuration 8:
+  // the 48 KB static limit; 9-10: less shared memory per block)
+  constexpr int kStage = NT >= 8 || Cfg::kXRows > 0 ? 1024 : 2048;
+  constexpr int kStageW = kStage / kWarps;  // per warp
+  __shared__ float red[kWarps][16][MT + 1];  // per-warp partial sums (base, then + alpha * ortho)
+  __shared__ int rpw[kWarps][17];            // the tile's row pointers, one copy per warp
+  __shared__ int wmeta[kWarps][3];           // the block's entry range and the warp's first staged entry
+  __shared__ uint32_t st_col[kWarps][kStageW];      // staged column indices (int16 pairs or int32)
+  __shared__ uint32_t st_val[kWarps][kStageW / 2];  // staged values (pairs)
+
+  const int tn = blockIdx.x, n0 = tn * 16;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, tig = lane & 3;
+  const int K = op.K, N = op.N, G = (op.K + op.group_size - 1) / op.group_size;
+  const int Tk = (K + 63) >> 6;
+  const int32_t* qtile = op.qweight + static_cast<size_t>(tn) * Tk * 32 * BITS + lane * BITS;
+  const T* sc = static_cast<const T*>(op.scales) + static_cast<size_t>(tn) * G * 16;
+  const T* zp = static_cast<const T*>(op.zeros);
+  if (zp) zp += static_cast<size_t>(tn) * G * 16;
+  if (op.pdl) pdl_prologue(op.qweight + static_cast<size_t>(tn) * Tk * 32 * BITS, Tk * 32 * BITS * 4);
+
+  // The ortho stream (skipped entirely when alpha == 0, the kill switch). The tile's entries are
+  // flattened and cut into equal contiguous runs, one per thread, whatever the row lengths (a dense
+  // row costs its tile no more than the same count spread over rows). Their columns and values (the
+  // first kStage of the block) are copied to shared memory by cp.async once both weight chunks are in
+  // flight: no registers held through the main loop, no load left to wait for after it. Nothing before
+  // that waits on a row pointer (the block's entry range is read inside the staging, see stage_ortho).
+  const bool ortho = op.alpha != 0.f && op.nnz > 0;
+  int my_rp = 0;
+  const bool csr_aligned = (reinterpret_cast<uintptr_t>(op.col_idx) | reinterpret_cast<uintptr_t>(op.values)) % 4 == 0;
+  if (ortho && lane <= 16) my_rp = op.row_ptr[min(n0 + lane, N)];  // each warp keeps its own copy
+  bool staged = !ortho;
+  auto stage_ortho = [&]() {
+    // The block's entry range is read here, after the weight loads: loaded at the top, the block-uniform
+    // values went to uniform registers right away (R2UR), and that move waited for the loads before any
+    // weight load was issued (ncu: 40 stall samples there at alpha = 1).
+    // What the ortho runs need after the sweep goes to shared memory, not registers held through it.
+    const int e_lo = op.row_ptr[n0], e_hi = op.row_ptr[min(n0 + 16, N)];
+    const int per = (e_hi - e_lo + kWarps * 32 - 1) / (kWarps * 32);
+    // The warp's entries (its threads' runs), 4-byte copies from an even entry by its own lanes; the last
+    // word of an odd-length array is read half.
+    const int wb = min(e_lo + warp * 32 * per, e_hi), we = min(wb + 32 * per, e_hi);
+    const int st_base = wb & ~1;
+    const int st_n = csr_aligned ? min(we - st_base, kStageW) : 0;
+    if (lane == 0) wmeta[warp][0] = e_lo, wmeta[warp][1] = e_hi, wmeta[warp][2] = st_base;
+    const int cw = op.col16 ? (st_n + 1) / 2 : st_n, vw = (st_n + 1) / 2;
+    for (int w = lane; w < cw + vw; w += 32) {
+      const bool is_col = w < cw;
+      const int e0 = st_base + (is_col ? (op.col16 ? 2 * (w) : w) : 2 * (w - cw));
+      const bool two = !is_col || op.col16;  // 2-byte elements: the word holds entries e0, e0 + 1
+      const int bytes = two && e0 + 1 >= op.nnz ? 2 : 4;
+      const char* src = is_col ? static_cast<const char*>(op.col_idx) + static_cast<size_t>(e0) * (op.col16 ? 2 : 4)
+                               : static_cast<const char*>(op.values) + static_cast<size_t>(e0) * 2;
+      cp_async4_part(is_col ? &st_col[warp][w] : &st_val[warp][w - cw], src, bytes);
+    }
+    cp_commit();
+    staged = true;
+  };
+  float acc[NT][4];
+  // This lane's rows of x (batch rows t*8 + g; past M: row 0) as offsets, in 32-bit pairs, from xb.
+  const uint32_t* xb = reinterpret_cast<const uint32_t*>(x) + tig;
+  int xo[NT];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+    xo[t] = (t * 8 + g < M ? t * 8 + g : 0) * (K >> 1);
+  }
+
+  // Each warp sweeps the full K tiles warp, warp + kWarps, ... in chunks of kU tiles, loading the next
+  // chunk while it computes the current one (two register buffers, used in turn); a short last tile
+  // (K % 64 != 0) comes after the sweep, so the sweep needs no bounds checks.
+  constexpr int stride = kWarps * kU;
+  Chunk<T, BITS, NT, kU, kPrefetchX> ca, cb;
+  const bool hz = zp != nullptr;
+  const GroupIndex gi(op.group_size, K);
+  const int Tf = K >> 6;
+  bool swept = false;
+  if constexpr (Cfg::kStages > 0 && BITS == 4) {
+    constexpr int XR = Cfg::kXRows, S = Cfg::kStages;
+    using WSlots = uint4[S][32];
+    using PSlots = uint32_t[S][16];
+    using XSlots = uint4[S][XR > 0 ? XR * 8 : 1];
+    WSlots* wring;
+    PSlots* pring;
+    XSlots* xring;
+    if constexpr (Cfg::kDynRing) {  // kRingBytes of dynamic shared memory: x, weights, scales and zeros
+      extern __shared__ __align__(16) uint4 v1_ring[];
+      xring = reinterpret_cast<XSlots*>(v1_ring);
+      wring = reinterpret_cast<WSlots*>(v1_ring + kWarps * S * XR * 8);
+      pring = reinterpret_cast<PSlots*>(v1_ring + kWarps * S * (XR * 8 + 32));
+    } else {
+      __shared__ __align__(16) uint4 wring_s[kWarps][S][32];
+      __shared__ __align__(16) uint32_t pring_s[kWarps][S][16];
+      __shared__ __align__(16) uint4 xring_s[kWarps][S][XR > 0 ? XR * 8 : 1];
+      wring = wring_s;
+      pring = pring_s;
+      xring = xring_s;
+    }
+    const int pstep = ring_pstep(gi);
+    const bool x_ok = XR == 0 || (M <= XR && K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0);
+    if (gi.same && pstep >= 0 && x_ok) {
+      const int nt = warp < Tf ? (Tf - warp + kWarps - 1) / kWarps : 0;
+      ring_sweep<S, XR, T, NT, kPrefetchX>(acc, wring[warp], pring[warp], xring[warp], nt, warp, lane,
+                                                     qtile, sc, zp, xb, xo, x, M, K, gi, pstep, g, tig,
+                                                     [&] { if (!staged) stage_ortho(); });
+      swept = true;
+    }
+  }
+  if (!swept && warp < Tf) load_chunk<true>(ca, warp, Tf, qtile, sc, zp, xb, xo, K, gi, g, tig);
+  for (int kt0 = warp; !swept && kt0 < Tf; kt0 += 2 * stride) {
+    if (kt0 + stride < Tf) load_chunk<true>(cb, kt0 + stride, Tf, qtile, sc, zp, xb, xo, K, gi, g, tig);
+    if (!staged) stage_ortho();
+    compute_chunk<true>(acc, ca, kt0, Tf, xb, xo, K, hz, gi.same, tig);
+    if (kt0 + stride >= Tf) break;
+    if (kt0 + 2 * stride < Tf) load_chunk<true>(ca, kt0 + 2 * stride, Tf, qtile, sc, zp, xb, xo, K, gi, g, tig);
+    compute_chunk<true>(acc, cb, kt0 + stride, Tf, xb, xo, K, hz, gi.same, tig);
+  }
+  if (Tf < Tk && warp == Tf % kWarps) {
+    Chunk<T, BITS, NT, 1, kPrefetchX> ct;
+    load_chunk<false>(ct, Tf, Tk, qtile, sc, zp, xb, xo, K, gi, g, tig);
+    compute_chunk<false>(acc, ct, Tf, Tk, xb, xo, K, hz, gi.same, tig);
+  }
+
+  // C fragment: c0,c1 -> row g, batch columns 2*tig, 2*tig+1; c2,c3 -> row g+8.
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    red[warp][g][t * 8 + 2 * tig] = acc[t][0];
+    red[warp][g][t * 8 + 2 * tig + 1] = acc[t][1];
+    red[warp][g + 8][t * 8 + 2 * tig] = acc[t][2];
+    red[warp][g + 8][t * 8 + 2 * tig + 1] = acc[t][3];
+  }
+  if (!staged) stage_ortho();  // a warp without K tiles
+  if (ortho) {
+    // The warp adds alpha times its threads' runs into its own red slot, as soon as its sweep is done.
+    // Per-row loops sized to M (1, 2, 4, 8 within the kernel's MT): loops over all MT padded rows cost
+    // ~200 instructions per entry at M = 1 (ncu, 4096x4096, 1 %).
+    if (lane <= 16) rpw[warp][lane] = my_rp;
+    cp_wait<0>();
+    __syncwarp();
+    const int e_lo = wmeta[warp][0], e_hi = wmeta[warp][1], st_base = wmeta[warp][2];
+    const int per = (e_hi - e_lo + kWarps * 32 - 1) / (kWarps * 32);
+    const int run_b = min(e_lo + static_cast<int>(threadIdx.x) * per, e_hi), run_e = min(run_b + per, e_hi);
+    const int st_n = csr_aligned ? min(min(e_lo + (warp + 1) * 32 * per, e_hi) - st_base, kStageW) : 0;
+    auto entry_col = [&](int e) {
+      const int i = e - st_base;
+      if (i >= st_n) return col_at(op, e);
+      return op.col16 ? static_cast<int>(reinterpret_cast<const int16_t*>(st_col[warp])[i])
+                      : static_cast<int>(st_col[warp][i]);
+    };
+    auto entry_val = [&](int e) {
+      const int i = e - st_base;
+      return Num<T>::f(i < st_n ? reinterpret_cast<const T*>(st_val[warp])[i] : static_cast<const T*>(op.values)[e]);
+    };
+    auto run = [&](auto mr) {
+      constexpr int MR = decltype(mr)::value;
+      // xt is laid out for this MR (the binding picks ld by the same rule) or not given
+      const T* xt = op.xt != nullptr && op.xt_ld == MR ? static_cast<const T*>(op.xt) : nullptr;
+      ortho_run<MR>(&red[warp][0][0], MT + 1, rpw[warp], run_b, run_e, x, K, M, op.alpha, entry_col, entry_val, xt);
+    };
+    if constexpr (MT == 8) {
+      if (M == 1) run(std::integral_constant<int, 1>{});
+      else if (M <= 2) run(std::integral_constant<int, 2>{});
+      else if (M <= 4) run(std::integral_constant<int, 4>{});
+      else run(std::integral_constant<int, 8>{});
+    } else {
+      run(std::integral_constant<int, MT>{});
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 16 * M; i += blockDim.x) {
+    const int r = i & 15, m = i >> 4, n = n0 + r;
+    if (n >= N) continue;
+    float y = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) y += red[w][r][m];
+    if (bias) y += Num<T>::f(bias[n]);
+    out[static_cast<size_t>(m) * N + n] = Num<T>::from(y);
+  }
+}
+
+template <typename T>
+cudaError_t launch_v1(void (*kernel)(Operands, const T*, const T*, T*, int), const Operands& op, const void* x,
+                      const void* bias, void* out, int M, cudaStream_t s, int smem = 0) {
+  const dim3 grid((op.N + 15) / 16), block(kWarps * 32);
+  auto xp = static_cast<const T*>(x);
+  auto bp = static_cast<const T*>(bias);
+  auto op_ = static_cast<T*>(out);
+  if (!op.pdl) {
+    kernel<<<grid, block, smem, s>>>(op, xp, bp, op_, M);
+    return cudaGetLastError();
+  }
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.stream = s;
+  cfg.dynamicSmemBytes = smem;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, op, xp, bp, op_, M);
+}
+
+// The largest M of each v1 configuration below (cuda.py V1_CONFIG_MAX_M mirrors it).
+constexpr int kV1CfgMaxM[] = {8, 8, 8, 8, 8, 8, 16, 16, 4, 8, 16};
+constexpr int kV1Cfgs = sizeof(kV1CfgMaxM) / sizeof(kV1CfgMaxM[0]);
+
+}  // namespace
+}  // namespace libortho
