@@ -10,8 +10,9 @@
 * INT4 v1 at M <= 16 runs one of its tuning configurations (``benchmarks/probes/v1_configs.py``) per class
   of call (``V1_CLASSES``); ``LIBORTHO_V1_CFG="tall_m4=4,short_m4=3"`` replaces entries of that table for a
   tuning run (read once, when the extension loads; :func:`v1_table` shows the table in use).
-* v1's ortho stream at M >= 2 reads x transposed (one small transpose launch first) when nnz * M is at
-  least a threshold: ``LIBORTHO_ORTHO_XT=auto`` (the default, ``ORTHO_XT_AUTO``), ``on``, ``off`` or a number.
+* v1's ortho stream at M >= 2 reads x transposed (one small transpose launch first) when
+  nnz * M * max(M, 4) / 4 is at least a threshold: ``LIBORTHO_ORTHO_XT=auto`` (the default,
+  ``ORTHO_XT_AUTO``), ``on``, ``off`` or a number.
 * M > 16 (prefill): one kernel dequantizes the base and merges alpha * S into a bf16/fp16 weight, then cuBLAS.
 
 The extension is built on first use with ``torch.utils.cpp_extension.load`` for the GPU present and
@@ -47,11 +48,12 @@ _V1_CLASS_CONFIGS = {c: tuple(i for i, mm in enumerate(V1_CONFIG_MAX_M) if mm >=
                      for c, cm in _V1_CLASS_MAX_M.items()}
 
 
-ORTHO_XT_AUTO = 1 << 21  # nnz * M from which v1's ortho stream reads x transposed (H200: wins from 2-4 Mi, loses below)
+ORTHO_XT_AUTO = 1 << 21  # nnz * M * max(M, 4) / 4 from which v1's ortho stream reads x transposed (H200 sweep:
+# results/kernels-H200-ortho-xt-{on,off}.json; 0.08 % above the faster of the two on average, at most 5 %)
 
 
 def parse_ortho_xt(value: str) -> int:
-    """$LIBORTHO_ORTHO_XT -> the threshold on nnz * M (-1: never); ValueError names what is wrong."""
+    """$LIBORTHO_ORTHO_XT -> the threshold on nnz * M * max(M, 4) / 4 (-1: never); ValueError names what is wrong."""
     v = value.strip().lower()
     named = {"": ORTHO_XT_AUTO, "auto": ORTHO_XT_AUTO, "on": 0, "off": -1}
     if v in named:

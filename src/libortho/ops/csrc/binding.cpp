@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <tuple>
 #include <vector>
 
@@ -65,8 +66,9 @@ bool operands(libortho::Operands& op, const at::Tensor& ref, const at::Tensor& q
 using Launch = cudaError_t (*)(const libortho::Operands&, const void*, const void*, void*, int, cudaStream_t);
 
 // v1's ortho stream reads x transposed (one load per column for all M rows instead of M loads K apart)
-// when M >= 2 and nnz * M >= g_xt_min (-1: never); it costs one small transpose launch per call.
-// cuda.py sets it ($LIBORTHO_ORTHO_XT).
+// when M >= 2 and nnz * M * max(M, 4) / 4 >= g_xt_min (-1: never); it costs one small transpose launch per
+// call. Above M = 4 the x ring leaves the ortho stream's strided loads as the bottleneck, so the gain grows
+// faster than nnz * M (H200, 12:36 UTC 2026-11-29). cuda.py sets it ($LIBORTHO_ORTHO_XT).
 int64_t g_xt_min = int64_t{1} << 21;
 
 // Checks the operands of a small-M product (1 <= M <= max_m) and runs launch(op, x, bias, out, M, stream).
@@ -89,7 +91,8 @@ Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   at::Tensor xt;  // alive until the launch is queued; the allocator reuses it in stream order
-  if (v1 && op.alpha != 0.f && op.nnz > 0 && M >= 2 && M <= 16 && g_xt_min >= 0 && op.nnz * M >= g_xt_min) {
+  if (v1 && op.alpha != 0.f && op.nnz > 0 && M >= 2 && M <= 16 && g_xt_min >= 0 &&
+      op.nnz * M * std::max<int64_t>(M, 4) >= 4 * g_xt_min) {
     const int ld = M <= 2 ? 2 : M <= 4 ? 4 : M <= 8 ? 8 : 16;  // the kernel's rows per ortho entry (MR)
     xt = at::empty({K, ld}, x.options());
     const cudaError_t err = libortho::launch_transpose_x(x.data_ptr(), xt.data_ptr(), static_cast<int>(M),
@@ -160,7 +163,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_small_m", &fused<&libortho::launch_fused_small_m>, "(x @ deq(Q)^T + alpha x @ S^T + bias, error code), 1 <= M <= 64; last argument: PDL (v1)");
   m.def("fused_small_m_v2", &fused<&libortho::launch_fused_small_m_v2>, "the same by the v2 decode kernel (LIBORTHO_DECODE_KERNEL=v2)");
   m.def("fused_small_m_v3", &fused<&libortho::launch_fused_small_m_v3>, "the same by the v3 decode kernel (LIBORTHO_DECODE_KERNEL=v3)");
-  m.def("ortho_xt_min", &ortho_xt_min, "v1 reads x transposed in its ortho stream when M >= 2 and nnz * M >= this (-1: never)");
+  m.def("ortho_xt_min", &ortho_xt_min, "v1 reads x transposed in its ortho stream when M >= 2 and nnz * M * max(M, 4) / 4 >= this (-1: never)");
   m.def("set_ortho_xt_min", &set_ortho_xt_min, "set that threshold (negative: never)");
   m.def("v1_table", &v1_table, "the INT4 v1 configuration per class of call (kernels.h, cuda.V1_CLASSES)");
   m.def("set_v1_table", &set_v1_table, "replace that table; False (nothing changed) for an index its class cannot take");
