@@ -77,6 +77,9 @@ def test_torch_compile_fullgraph_of_decomposed_model_cpu():
     eager = bd.StaticDecoder(model, 2, 8, 6, mode="eager").generate(ids)
     compiled = bd.StaticDecoder(model, 2, 8, 6, mode="compile").generate(ids)
     assert torch.equal(eager, compiled)
+    libortho.fuse_siblings(model)  # q/k/v and gate/up as one op each: the hand-over traces without a break
+    torch._dynamo.reset()
+    assert torch.equal(bd.StaticDecoder(model, 2, 8, 6, mode="compile").generate(ids), eager)
 
 
 def test_generate_fast_cuts_at_eos(one_thread):
@@ -158,6 +161,7 @@ def test_bench_decode_cli_json_schema(tmp_path, capsys):
     wb = info["weight_bytes"]
     assert wb["libortho_base_only"] < wb["libortho"] < wb["bf16"] and wb["int4"] < wb["bf16"]
     assert info["libortho_config"]["density"] == 0.01 and info["libortho_ortho_nnz"] > 0
+    assert info["fused_groups"] == 4 and res["protocol"]["fuse_siblings"] is True  # q/k/v, gate/up per block
     md = out.with_suffix(".md").read_text()
     assert "| tiny | 1 |" in md and "| tiny | 2 |" in md
     assert not (tmp_path / "decode-cpu.partial.json").exists()  # removed once the full result is written

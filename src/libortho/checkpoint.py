@@ -26,6 +26,7 @@ from torch import nn
 
 from .compat import from_config
 from .errors import SaveFormatError
+from .fuse import refuse_fused
 from .layer import OrthoLinear
 from .model import META_ATTR, ortho_layers
 from .sieve import check_csr
@@ -65,6 +66,7 @@ def _fsync_dir(path: Path) -> None:
 def save(model: nn.Module, directory, tokenizer=None) -> Path:
     """Write a decomposed model to ``directory`` atomically; an existing save there is replaced."""
     from . import __version__
+    refuse_fused(model, "libortho.save")
     layers = ortho_layers(model)
     if not layers:
         raise SaveFormatError("the model has no OrthoLinear layers: decompose it before libortho.save")

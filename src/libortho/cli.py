@@ -105,6 +105,8 @@ def cmd_generate(a):
     if a.compile and dtype is not None:
         libortho.cast_model(model, dtype)  # one activation dtype end to end (no per-call casts)
     mode = a.mode or ("compile" if a.compile else None)
+    if mode is not None and not a.no_fuse:
+        libortho.fuse_siblings(model)  # q/k/v and gate/up as one launch each
     for value in a.alpha:
         has_ortho = bool(libortho.ortho_layers(model))
         if has_ortho:
@@ -177,6 +179,8 @@ def build_parser():
                         "graph on a GPU (the path `libortho bench decode` times)")
     g.add_argument("--mode", default=None, choices=["eager", "graph", "compile", "reduce-overhead"],
                    help="decode step of the fast path (implies it; --compile means 'compile')")
+    g.add_argument("--no-fuse", action="store_true",
+                   help="fast path: keep q/k/v and gate/up as separate launches (libortho.fuse_siblings)")
     g.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     g.set_defaults(fn=cmd_generate)
 

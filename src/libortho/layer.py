@@ -131,18 +131,29 @@ class OrthoLinear(nn.Module):
                 "ortho": ortho, "bias": size(self.bias)}
 
     # -- forward ------------------------------------------------------------------------------------
+    _group = None  # the OrthoGroup whose buffers this layer's are views of (libortho.fuse_siblings)
+    _group_index = 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_inputs(x, self.qweight, self.scales, self.zeros, self.row_ptr, self.col_idx,
-                     self.values, self.bias, self._alpha, self.bits, self.out_features,
-                     self.in_features)
-        return torch.ops.libortho.ortho_linear(
-            x, self.qweight, self.scales, self.zeros, self.row_ptr, self.col_idx, self.values,
-            self.bias, self._alpha, self.bits,
-            quant.effective_group_size(self.group_size, self.in_features),
-            self.out_features, self.in_features)
+        if self._group is not None:
+            return self._group.output(self, x)
+        return self.forward_alone(x)
+
+    def forward_alone(self, x: torch.Tensor) -> torch.Tensor:
+        return run_packed(self, x, self._alpha)
 
     def extra_repr(self) -> str:
         g = "row" if self.group_size == -1 else self.group_size
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={g}, symmetric={self.symmetric}, ortho_nnz={self.ortho_nnz}, "
                 f"alpha={self._alpha}")
+
+
+def run_packed(layer, x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The op on ``layer``'s packed buffers (an OrthoLinear or a fused group of them)."""
+    check_inputs(x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx,
+                 layer.values, layer.bias, alpha, layer.bits, layer.out_features, layer.in_features)
+    return torch.ops.libortho.ortho_linear(
+        x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values,
+        layer.bias, alpha, layer.bits, quant.effective_group_size(layer.group_size, layer.in_features),
+        layer.out_features, layer.in_features)

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from .config import OrthoConfig
 from .errors import LibOrthoError
+from .fuse import refuse_fused
 from .layer import OrthoLinear, check_alpha
 from .split import split_linear
 from .surgery import find_targets, linear_weight, set_module
@@ -104,6 +105,7 @@ def alpha(model: nn.Module, value: float, pattern: str | None = None):
 def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast parameters and the OrthoLinear float buffers to ``dtype``; leave other buffers (e.g. rotary
     ``inv_freq``, which ``from_pretrained(dtype=...)`` keeps in fp32) as they are."""
+    refuse_fused(model, "cast_model")
     for p in model.parameters():
         p.data = p.data.to(dtype)
     for m in model.modules():

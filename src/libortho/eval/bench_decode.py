@@ -3,7 +3,9 @@
 Protocol (the same for every row): the model's target linears (every linear of the decoder blocks)
 are bf16 ``nn.Linear`` (baseline), ``OrthoLinear`` (INT4 g128 RTN base + 1 % ortho stream, run at
 alpha = 1 and alpha = 0) or a wrapper of torch's tinygemm int4 kernel (``aten._weight_int4pack_mm``,
-asymmetric INT4, bf16 scale+zero). Embeddings, norms and the lm_head stay bf16 in every row.
+asymmetric INT4, bf16 scale+zero). Embeddings, norms and the lm_head stay bf16 in every row. The
+LibOrtho rows run q/k/v and gate/up as one launch each (``libortho.fuse_siblings``; ``--no-fuse``
+keeps them apart); the bf16 and int4 rows run the model's own separate linears.
 A prompt of ``prompt_len`` tokens per sequence is prefilled (eager) into a transformers
 ``StaticCache``; then ``new_tokens - 1`` one-token greedy decode steps run, each one a replay of a
 CUDA graph captured from the step (``--mode graph``: the eager step; ``--mode compile``: the
@@ -695,6 +697,9 @@ def add_arguments(p):
     p.add_argument("--score", default="magnitude", choices=["magnitude", "random"],
                    help="ortho sieve of the RTN residual (random draws its scores on the CPU: slow for 7B)")
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--no-fuse", action="store_true",
+                   help="LibOrtho rows: keep q/k/v and gate/up as separate launches (default: one launch each, "
+                        "libortho.fuse_siblings)")
     p.add_argument("--mode", default=None, choices=StaticDecoder.MODES,
                    help="decode step: graph (default on CUDA), compile, reduce-overhead, eager (default on CPU)")
     p.add_argument("--check-tokens", type=int, default=None,
@@ -730,6 +735,7 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
     """Rows and info of one model; ``on_variant(rows, info)`` gets what is measured so far after each variant
     (run() keeps it in a partial file, so a run cut off by a time limit still leaves its numbers)."""
     from ..config import OrthoConfig
+    from ..fuse import fuse_siblings, unfuse_siblings
     from ..model import ortho_layers, report, set_alpha
     progress = not args.no_progress
     mode = args.mode or ("graph" if device.type == "cuda" else "eager")
@@ -782,6 +788,7 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
             info["decompose_s"] = bank.install(_ortho_maker(cfg), f"{name}: decompose (RTN INT4, {args.score} "
                                                f"{100 * args.density:g} %)", progress)
             print(f"[{name}] decomposed in {info['decompose_s']:.1f} s", flush=True)
+            info["fused_groups"] = 0 if args.no_fuse else len(fuse_siblings(model))
             tot = report(model)["total"]
             weight_bytes["libortho"] = tot["bytes"] + sum(m.storage_bytes()["bias"] for _, m in ortho_layers(model))
             weight_bytes["libortho_base_only"] = tot["base_bytes"]
@@ -809,6 +816,7 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
                               f"{tf['dense_bf16']['mean_abs_logit_diff']:.4f} top-1 "
                               f"{tf['dense_bf16']['top1_agreement']:.3f}", flush=True)
             set_alpha(model, 1.0)
+            unfuse_siblings(model)  # the groups hold the buffers: let the next variant free them
         if "int4" in args.variants:
             with _keep_going(info, "int4", f"[{name}] torch int4", args.strict, device):
                 info["int4_convert_s"] = bank.install(
@@ -953,7 +961,7 @@ def run(args):
     protocol = {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batches": args.batches,
                 "prefill_len": args.prefill_len, "reps": args.reps, "warmup": args.warmup, "mode": mode,
                 "density": args.density, "score": args.score, "group_size": args.group_size,
-                "variants": args.variants, "method": __doc__.strip()}
+                "variants": args.variants, "fuse_siblings": not args.no_fuse, "method": __doc__.strip()}
     if device.type == "cuda":
         from ..ops import cuda as cuda_ops
         protocol["decode_kernel"], protocol["pdl"] = cuda_ops.decode_kernel(), cuda_ops.pdl_enabled()
