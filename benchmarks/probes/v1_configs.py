@@ -26,7 +26,8 @@ CONFIGS = ["kU2 pfx min2 (short grids)", "kU1 pfx min3 (tall grids)", "kU1 pfx m
            "ring6 min2", "ring6 min3", "ring4 min3",  # ring: weights via a shared-memory ring (kStages)
            "m16 default", "m16 ring5 min2",           # the M <= 16 kernel (two n8 column blocks)
            "ring4 min3 x-ring",                       # x's tile columns through the ring too (M <= 4)
-           "ring4 min3 x-ring8", "m16 ring4 min2 x-ring16"]  # ... M <= 8 and 16 (dynamic shared memory)
+           "ring4 min3 x-ring8", "m16 ring4 min2 x-ring16",  # ... M <= 8 and 16 (dynamic shared memory)
+           "ring4 min2 x-ring8 32 rows", "m16 ring3 min2 x-ring16 32 rows"]  # two row tiles per block
 MAX_M = list(cuda_ops.V1_CONFIG_MAX_M)
 assert len(MAX_M) == len(CONFIGS)
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (1024, 4096)]
@@ -80,6 +81,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--m", type=int, nargs="*", default=[1, 4, 8, 16])
     ap.add_argument("--replays", type=int, default=15)
+    ap.add_argument("--configs", type=int, nargs="*", default=None, help="indices to time (default: all)")
     args = ap.parse_args()
     assert cuda_ops.build(), cuda_ops._state["error"]
     ext = cuda_ops.extension()
@@ -100,7 +102,8 @@ def main() -> None:
                 packs = [int4[0]] + [int4[0].clone() for _ in range(nq - 1)]
                 row["torch_int4_us"] = time_rotating(
                     [lambda p=p: torch.ops.aten._weight_int4pack_mm(x, p, 128, int4[1]) for p in packs], args.replays, calls)
-            names = [c for c, mm in zip(CONFIGS, MAX_M) if m <= mm]
+            names = [c for i, (c, mm) in enumerate(zip(CONFIGS, MAX_M))
+                     if m <= mm and (args.configs is None or i in args.configs)]
             for cfg, name in enumerate(CONFIGS):
                 if name not in names:
                     continue

@@ -410,7 +410,7 @@ __device__ inline void compute_chunk(float (&acc)[NT][4], const Chunk<T, BITS, N
 }
 
 // Adds alpha * this thread's run [run_b, run_e) of ortho entries times x (M <= MR rows) into out, the
-// warp's own 16 rows of `stride` partial sums (red[warp]; the epilogue adds the warps up). Runs are
+// warp's own kRows (16 or 32: the block's rows) of `stride` partial sums (red[warp]; the epilogue adds the warps up). Runs are
 // contiguous and ordered by thread, so within a warp a row strictly inside a run is one thread's, and the
 // first and last rows of runs are added up by a segmented scan on the (sorted) row keys: every row then
 // gets one plain add from one lane, and rows shared with other warps land in their own slots. No atomics
@@ -440,7 +440,7 @@ __device__ inline void xt_column(float (&xv)[MR], const T* xt, int c) {
   }
 }
 
-template <int MR, typename T, class ColAt, class ValAt>
+template <int MR, int kRows = 16, typename T, class ColAt, class ValAt>
 __device__ inline void ortho_run(float* out, int stride, const int* rp, int run_b, int run_e, const T* x, int K,
                                  int M, float alpha, ColAt col_at, ValAt val_at, const T* xt = nullptr) {
   constexpr bool kScan = MR <= 16;
@@ -449,7 +449,7 @@ __device__ inline void ortho_run(float* out, int stride, const int* rp, int run_
   for (int m = 0; m < MR; ++m) part[m] = first[m] = 0.f;
   int row = 0;
 #pragma unroll
-  for (int i = 1; i < 16; ++i) row += (rp[i] <= run_b);
+  for (int i = 1; i < kRows; ++i) row += (rp[i] <= run_b);
   const int row0 = row;
   // Before entry e: add up the partial sums of the rows e has moved past.
   auto flush = [&](int e) {
@@ -522,7 +522,7 @@ __device__ inline void ortho_run(float* out, int stride, const int* rp, int run_
     return;
   }
   const int lane = threadIdx.x & 31;
-  int key = run_b < run_e ? row : 16;                         // row of the last partial (16: empty run)
+  int key = run_b < run_e ? row : kRows;                      // row of the last partial (kRows: empty run)
   const int fkey = run_b < run_e && row != row0 ? row0 : -1;  // row of the first partial, if separate
   // The next lane's first partial continues this lane's last row: fold it in.
   const int nk = __shfl_down_sync(0xffffffffu, fkey, 1);
@@ -548,7 +548,7 @@ __device__ inline void ortho_run(float* out, int stride, const int* rp, int run_
     }
   }
   const int next = __shfl_down_sync(0xffffffffu, key, 1);
-  if (key < 16 && (lane == 31 || next != key))
+  if (key < kRows && (lane == 31 || next != key))
 #pragma unroll
     for (int m = 0; m < MR; ++m)
       if (m < M) out[key * stride + m] += alpha * part[m];

@@ -12,16 +12,20 @@ namespace {
 // memory filled by cp.async (kStages - 1 tiles in flight without holding registers; see ring_sweep);
 // kXRows > 0: so do the tile's columns of x (M <= kXRows rows), read back with ldmatrix. A ring too large
 // to sit beside the kernel's other static shared memory (~12 KB) under the 48 KB static limit lives in
-// dynamic shared memory (kRingBytes; the x ring from 8 rows).
-template <int kU_, bool kPrefetchX_, int kMinBlocks_, int kStages_ = 0, int kXRows_ = 0>
+// dynamic shared memory (kRingBytes; the x ring from 8 rows). kRowTiles = 2: a block computes 32 output
+// rows (two row tiles) from one x ring, halving the x a block reads per output row (at M = 16 every
+// 16-row block read 128 KB of x from L2 at K = 4096, 4x its weight bytes).
+template <int kU_, bool kPrefetchX_, int kMinBlocks_, int kStages_ = 0, int kXRows_ = 0, int kRowTiles_ = 1>
 struct V1Cfg {
   static constexpr int kU = kU_;
   static constexpr bool kPrefetchX = kPrefetchX_;
   static constexpr int kMinBlocks = kMinBlocks_;
   static constexpr int kStages = kStages_;
   static constexpr int kXRows = kXRows_;
-  // per warp and slot: 512 weight bytes, 64 bytes of scales and zeros, 128 bytes per row of x
-  static constexpr int kRingSize = kWarps * kStages_ * (512 + 64 + kXRows_ * 128);
+  static constexpr int kRowTiles = kRowTiles_;
+  static_assert(kRowTiles_ == 1 || (kRowTiles_ == 2 && kStages_ > 0), "two row tiles need the ring");
+  // per warp and slot and row tile: 512 weight bytes, 64 bytes of scales and zeros; 128 bytes per row of x
+  static constexpr int kRingSize = kWarps * kStages_ * (kRowTiles_ * (512 + 64) + kXRows_ * 128);
   static constexpr bool kDynRing = kRingSize > 36 * 1024;
   static constexpr int kRingBytes = kDynRing ? kRingSize : 0;
 };
@@ -56,19 +60,23 @@ __device__ inline int ring_pstep(const GroupIndex& gi) {
 // cp.async, XR / 4 per lane; 16-byte chunks XOR-swizzled by row so ldmatrix reads them without bank
 // conflicts) and are read back with two ldmatrix.x4 per n8 column block instead of 8 global loads; rows
 // past M read row 0. The caller checks that x rows are 16-byte aligned (K % 8 == 0, x aligned).
-template <int S, int XR, typename T, int NT, bool kPrefetchX, class OnFirst>
-__device__ inline void ring_sweep(float (&acc)[NT][4], uint4 (&wring)[S][32], uint32_t (&pring)[S][16],
+// RT = 2: each slot also holds a second row tile (weights rt_q int32 and scales / zeros rt_p elements after
+// the first's; 0 when the block has only one), computed with the same x fragments.
+template <int S, int XR, typename T, int NT, bool kPrefetchX, int RT, class OnFirst>
+__device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT * 32], uint32_t (&pring)[S][RT * 16],
                                   uint4 (*xring)[XR > 0 ? XR * 8 : 1], int nt, int warp, int lane,
-                                  const int32_t* qtile, const T* sc, const T* zp, const uint32_t* xb,
+                                  const int32_t* qtile, size_t rt_q, const T* sc, const T* zp, size_t rt_p,
+                                  const uint32_t* xb,
                                   const int (&xo)[NT], const T* x, int M, int K, const GroupIndex& gi, int pstep,
                                   int g, int tig, OnFirst on_first) {
   static_assert(XR == 0 || (XR % 4 == 0 && XR <= 8 * NT && XR > 8 * (NT - 1)), "the x ring holds the kernel's rows");
   // Requests advance with running pointers and offsets (no index arithmetic per tile; pstep: see
   // ring_pstep). The sweep is unrolled over the ring (twice for an odd S), so every slot address is a
   // constant offset.
-  const T* pbase = lane < 2 ? sc : zp;  // lanes 0-1: the 16 scales, 2-3: the 16 zeros (32 bytes each)
-  const bool pcopy = lane < 4 && pbase != nullptr;
-  if (pcopy) pbase += (lane & 1) * 8 + gi.of(warp * 64) * 16;
+  // lanes 4 rt + (0-1): row tile rt's 16 scales, 4 rt + (2-3): its 16 zeros (32 bytes each)
+  const T* pbase = (RT == 1 ? lane : lane & 3) < 2 ? sc : zp;
+  const bool pcopy = lane < 4 * RT && pbase != nullptr;
+  if (pcopy) pbase += (lane >> 2) * rt_p + (lane & 1) * 8 + gi.of(warp * 64) * 16;
   int poff = 0;
   const int32_t* qn = qtile + static_cast<size_t>(warp) * 32 * 4;
   int jn = 0;
@@ -78,7 +86,8 @@ __device__ inline void ring_sweep(float (&acc)[NT][4], uint4 (&wring)[S][32], ui
   const T* xn_src = XR > 0 ? x + static_cast<size_t>(xm) * K + warp * 64 + xc * 8 : nullptr;
   auto issue = [&](int sn) {
     if (jn < nt) {
-      cp_async16(&wring[sn][lane], qn, true);
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt) cp_async16(&wring[sn][rt * 32 + lane], qn + rt * rt_q, true);
       if (pcopy) cp_async16(&pring[sn][lane * 4], pbase + poff, true);
       if constexpr (XR > 0) {
 #pragma unroll
@@ -110,20 +119,24 @@ __device__ inline void ring_sweep(float (&acc)[NT][4], uint4 (&wring)[S][32], ui
     }
   };
   const bool hz = zp != nullptr;
+  // Row tile rt's weights, scales and zeros of slot `slot` into c.
+  auto fill = [&](Chunk<T, 4, NT, 1, kPrefetchX>& c, int slot, int rt) {
+    const uint4 w = wring[slot][rt * 32 + lane];
+    c.w[0][0] = w.x; c.w[0][1] = w.y; c.w[0][2] = w.z; c.w[0][3] = w.w;
+    const unsigned short* ps = reinterpret_cast<const unsigned short*>(pring[slot]) + rt * 32;
+    c.s[0][0][0] = ps[g];
+    c.s[0][0][1] = ps[g + 8];
+    if (hz) {
+      c.z[0][0][0] = ps[16 + g];
+      c.z[0][0][1] = ps[24 + g];
+    }
+  };
   // Tile j from slot `slot` into cur (x fragments already there), the next tile's x into nxt, the math.
   auto step = [&](int j, int slot, Chunk<T, 4, NT, 1, kPrefetchX>& cur, Chunk<T, 4, NT, 1, kPrefetchX>& nxt) {
     issue(slot == 0 ? S - 1 : slot - 1);  // tile j + S - 1
     cp_wait<S - 1>();
     __syncwarp();
-    const uint4 w = wring[slot][lane];
-    cur.w[0][0] = w.x; cur.w[0][1] = w.y; cur.w[0][2] = w.z; cur.w[0][3] = w.w;
-    const unsigned short* ps = reinterpret_cast<const unsigned short*>(pring[slot]);
-    cur.s[0][0][0] = ps[g];
-    cur.s[0][0][1] = ps[g + 8];
-    if (hz) {
-      cur.z[0][0][0] = ps[16 + g];
-      cur.z[0][0][1] = ps[24 + g];
-    }
+    fill(cur, slot, 0);
     if constexpr (XR > 0) {
       // Lane l addresses row 8 t + l % 8 (row 0 past M) of matrix l / 8: columns 8 (l / 8) (+ 32 for steps 2-3).
       const int q = lane >> 3;
@@ -139,7 +152,13 @@ __device__ inline void ring_sweep(float (&acc)[NT][4], uint4 (&wring)[S][32], ui
     }
     if (j + 1 < nt) load_x(nxt);
     const int kt = warp + j * kWarps;
-    compute_chunk<true>(acc, cur, kt, kt + 1, xb, xo, K, hz, true, tig);
+    compute_chunk<true>(acc[0], cur, kt, kt + 1, xb, xo, K, hz, true, tig);
+#pragma unroll
+    for (int rt = 1; rt < RT; ++rt) {  // the same x fragments (copied registers, not reloads)
+      Chunk<T, 4, NT, 1, kPrefetchX> c = cur;
+      fill(c, slot, rt);
+      compute_chunk<true>(acc[rt], c, kt, kt + 1, xb, xo, K, hz, true, tig);
+    }
     __syncwarp();  // every lane has read the slot before tile j + S refills it
   };
 #pragma unroll
@@ -172,22 +191,26 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   // the 48 KB static limit; 9-10: less shared memory per block)
   constexpr int kStage = NT >= 8 || Cfg::kXRows > 0 ? 1024 : 2048;
   constexpr int kStageW = kStage / kWarps;  // per warp
-  __shared__ float red[kWarps][16][MT + 1];  // per-warp partial sums (base, then + alpha * ortho)
-  __shared__ int rpw[kWarps][17];            // the tile's row pointers, one copy per warp
+  constexpr int RT = Cfg::kRowTiles, R = 16 * RT;  // row tiles and output rows of a block
+  __shared__ float red[kWarps][R][MT + 1];  // per-warp partial sums (base, then + alpha * ortho)
+  __shared__ int rpw[kWarps][R + 1];        // the block's row pointers, one copy per warp
   __shared__ int wmeta[kWarps][3];           // the block's entry range and the warp's first staged entry
   __shared__ uint32_t st_col[kWarps][kStageW];      // staged column indices (int16 pairs or int32)
   __shared__ uint32_t st_val[kWarps][kStageW / 2];  // staged values (pairs)
 
-  const int tn = blockIdx.x, n0 = tn * 16;
+  const int tn = blockIdx.x * RT, n0 = tn * 16;  // the block's first row tile and row
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, tig = lane & 3;
   const int K = op.K, N = op.N, G = (op.K + op.group_size - 1) / op.group_size;
   const int Tk = (K + 63) >> 6;
+  // With RT = 2 and only one row tile left, the second repeats the first (its rows are past N, never stored).
+  const int rts = RT == 1 ? 1 : min(RT, (N + 15) / 16 - tn);
+  const size_t rt_q = rts > 1 ? static_cast<size_t>(Tk) * 32 * BITS : 0, rt_p = rts > 1 ? static_cast<size_t>(G) * 16 : 0;
   const int32_t* qtile = op.qweight + static_cast<size_t>(tn) * Tk * 32 * BITS + lane * BITS;
   const T* sc = static_cast<const T*>(op.scales) + static_cast<size_t>(tn) * G * 16;
   const T* zp = static_cast<const T*>(op.zeros);
   if (zp) zp += static_cast<size_t>(tn) * G * 16;
-  if (op.pdl) pdl_prologue(op.qweight + static_cast<size_t>(tn) * Tk * 32 * BITS, Tk * 32 * BITS * 4);
+  if (op.pdl) pdl_prologue(op.qweight + static_cast<size_t>(tn) * Tk * 32 * BITS, Tk * 32 * BITS * 4 * rts);
 
   // The ortho stream (skipped entirely when alpha == 0, the kill switch). The tile's entries are
   // flattened and cut into equal contiguous runs, one per thread, whatever the row lengths (a dense
@@ -196,16 +219,17 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   // flight: no registers held through the main loop, no load left to wait for after it. Nothing before
   // that waits on a row pointer (the block's entry range is read inside the staging, see stage_ortho).
   const bool ortho = op.alpha != 0.f && op.nnz > 0;
-  int my_rp = 0;
+  int my_rp = 0, my_rp_end = 0;  // row pointers n0 + lane (lanes 0..R) and, for R = 32, n0 + 32 (lane 0)
   const bool csr_aligned = (reinterpret_cast<uintptr_t>(op.col_idx) | reinterpret_cast<uintptr_t>(op.values)) % 4 == 0;
-  if (ortho && lane <= 16) my_rp = op.row_ptr[min(n0 + lane, N)];  // each warp keeps its own copy
+  if (ortho && lane <= R) my_rp = op.row_ptr[min(n0 + lane, N)];  // each warp keeps its own copy
+  if (R > 16 && ortho && lane == 0) my_rp_end = op.row_ptr[min(n0 + R, N)];
   bool staged = !ortho;
   auto stage_ortho = [&]() {
     // The block's entry range is read here, after the weight loads: loaded at the top, the block-uniform
     // values went to uniform registers right away (R2UR), and that move waited for the loads before any
     // weight load was issued (ncu: 40 stall samples there at alpha = 1).
     // What the ortho runs need after the sweep goes to shared memory, not registers held through it.
-    const int e_lo = op.row_ptr[n0], e_hi = op.row_ptr[min(n0 + 16, N)];
+    const int e_lo = op.row_ptr[n0], e_hi = op.row_ptr[min(n0 + R, N)];
     const int per = (e_hi - e_lo + kWarps * 32 - 1) / (kWarps * 32);
     // The warp's entries (its threads' runs), 4-byte copies from an even entry by its own lanes; the last
     // word of an odd-length array is read half.
@@ -226,13 +250,14 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     cp_commit();
     staged = true;
   };
-  float acc[NT][4];
+  float acc[RT][NT][4];
   // This lane's rows of x (batch rows t*8 + g; past M: row 0) as offsets, in 32-bit pairs, from xb.
   const uint32_t* xb = reinterpret_cast<const uint32_t*>(x) + tig;
   int xo[NT];
 #pragma unroll
   for (int t = 0; t < NT; ++t) {
-    acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) acc[rt][t][0] = acc[rt][t][1] = acc[rt][t][2] = acc[rt][t][3] = 0.f;
     xo[t] = (t * 8 + g < M ? t * 8 + g : 0) * (K >> 1);
   }
 
@@ -247,8 +272,8 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   bool swept = false;
   if constexpr (Cfg::kStages > 0 && BITS == 4) {
     constexpr int XR = Cfg::kXRows, S = Cfg::kStages;
-    using WSlots = uint4[S][32];
-    using PSlots = uint32_t[S][16];
+    using WSlots = uint4[S][RT * 32];
+    using PSlots = uint32_t[S][RT * 16];
     using XSlots = uint4[S][XR > 0 ? XR * 8 : 1];
     WSlots* wring;
     PSlots* pring;
@@ -257,10 +282,10 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
       extern __shared__ __align__(16) uint4 v1_ring[];
       xring = reinterpret_cast<XSlots*>(v1_ring);
       wring = reinterpret_cast<WSlots*>(v1_ring + kWarps * S * XR * 8);
-      pring = reinterpret_cast<PSlots*>(v1_ring + kWarps * S * (XR * 8 + 32));
+      pring = reinterpret_cast<PSlots*>(v1_ring + kWarps * S * (XR * 8 + RT * 32));
     } else {
-      __shared__ __align__(16) uint4 wring_s[kWarps][S][32];
-      __shared__ __align__(16) uint32_t pring_s[kWarps][S][16];
+      __shared__ __align__(16) uint4 wring_s[kWarps][S][RT * 32];
+      __shared__ __align__(16) uint32_t pring_s[kWarps][S][RT * 16];
       __shared__ __align__(16) uint4 xring_s[kWarps][S][XR > 0 ? XR * 8 : 1];
       wring = wring_s;
       pring = pring_s;
@@ -270,41 +295,52 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     const bool x_ok = XR == 0 || (M <= XR && K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0);
     if (gi.same && pstep >= 0 && x_ok) {
       const int nt = warp < Tf ? (Tf - warp + kWarps - 1) / kWarps : 0;
-      ring_sweep<S, XR, T, NT, kPrefetchX>(acc, wring[warp], pring[warp], xring[warp], nt, warp, lane,
-                                                     qtile, sc, zp, xb, xo, x, M, K, gi, pstep, g, tig,
-                                                     [&] { if (!staged) stage_ortho(); });
+      ring_sweep<S, XR, T, NT, kPrefetchX, RT>(acc, wring[warp], pring[warp], xring[warp], nt, warp, lane,
+                                               qtile, rt_q, sc, zp, rt_p, xb, xo, x, M, K, gi, pstep, g, tig,
+                                               [&] { if (!staged) stage_ortho(); });
       swept = true;
     }
   }
-  if (!swept && warp < Tf) load_chunk<true>(ca, warp, Tf, qtile, sc, zp, xb, xo, K, gi, g, tig);
-  for (int kt0 = warp; !swept && kt0 < Tf; kt0 += 2 * stride) {
-    if (kt0 + stride < Tf) load_chunk<true>(cb, kt0 + stride, Tf, qtile, sc, zp, xb, xo, K, gi, g, tig);
-    if (!staged) stage_ortho();
-    compute_chunk<true>(acc, ca, kt0, Tf, xb, xo, K, hz, gi.same, tig);
-    if (kt0 + stride >= Tf) break;
-    if (kt0 + 2 * stride < Tf) load_chunk<true>(ca, kt0 + 2 * stride, Tf, qtile, sc, zp, xb, xo, K, gi, g, tig);
-    compute_chunk<true>(acc, cb, kt0 + stride, Tf, xb, xo, K, hz, gi.same, tig);
-  }
-  if (Tf < Tk && warp == Tf % kWarps) {
-    Chunk<T, BITS, NT, 1, kPrefetchX> ct;
-    load_chunk<false>(ct, Tf, Tk, qtile, sc, zp, xb, xo, K, gi, g, tig);
-    compute_chunk<false>(acc, ct, Tf, Tk, xb, xo, K, hz, gi.same, tig);
+  // Without the ring (or for a short last tile) a block's row tiles are swept one after the other.
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt) {
+    const int32_t* qt = qtile + rt * rt_q;
+    const T* st = sc + rt * rt_p;
+    const T* zt = zp ? zp + rt * rt_p : zp;
+    if (!swept && warp < Tf) load_chunk<true>(ca, warp, Tf, qt, st, zt, xb, xo, K, gi, g, tig);
+    for (int kt0 = warp; !swept && kt0 < Tf; kt0 += 2 * stride) {
+      if (kt0 + stride < Tf) load_chunk<true>(cb, kt0 + stride, Tf, qt, st, zt, xb, xo, K, gi, g, tig);
+      if (!staged) stage_ortho();
+      compute_chunk<true>(acc[rt], ca, kt0, Tf, xb, xo, K, hz, gi.same, tig);
+      if (kt0 + stride >= Tf) break;
+      if (kt0 + 2 * stride < Tf) load_chunk<true>(ca, kt0 + 2 * stride, Tf, qt, st, zt, xb, xo, K, gi, g, tig);
+      compute_chunk<true>(acc[rt], cb, kt0 + stride, Tf, xb, xo, K, hz, gi.same, tig);
+    }
+    if (Tf < Tk && warp == Tf % kWarps) {
+      Chunk<T, BITS, NT, 1, kPrefetchX> ct;
+      load_chunk<false>(ct, Tf, Tk, qt, st, zt, xb, xo, K, gi, g, tig);
+      compute_chunk<false>(acc[rt], ct, Tf, Tk, xb, xo, K, hz, gi.same, tig);
+    }
   }
 
   // C fragment: c0,c1 -> row g, batch columns 2*tig, 2*tig+1; c2,c3 -> row g+8.
 #pragma unroll
-  for (int t = 0; t < NT; ++t) {
-    red[warp][g][t * 8 + 2 * tig] = acc[t][0];
-    red[warp][g][t * 8 + 2 * tig + 1] = acc[t][1];
-    red[warp][g + 8][t * 8 + 2 * tig] = acc[t][2];
-    red[warp][g + 8][t * 8 + 2 * tig + 1] = acc[t][3];
+  for (int rt = 0; rt < RT; ++rt) {
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      red[warp][rt * 16 + g][t * 8 + 2 * tig] = acc[rt][t][0];
+      red[warp][rt * 16 + g][t * 8 + 2 * tig + 1] = acc[rt][t][1];
+      red[warp][rt * 16 + g + 8][t * 8 + 2 * tig] = acc[rt][t][2];
+      red[warp][rt * 16 + g + 8][t * 8 + 2 * tig + 1] = acc[rt][t][3];
+    }
   }
   if (!staged) stage_ortho();  // a warp without K tiles
   if (ortho) {
     // The warp adds alpha times its threads' runs into its own red slot, as soon as its sweep is done.
     // Per-row loops sized to M (1, 2, 4, 8 within the kernel's MT): loops over all MT padded rows cost
     // ~200 instructions per entry at M = 1 (ncu, 4096x4096, 1 %).
-    if (lane <= 16) rpw[warp][lane] = my_rp;
+    if (lane <= R) rpw[warp][lane] = my_rp;
+    if (R > 16 && lane == 0) rpw[warp][R] = my_rp_end;
     cp_wait<0>();
     __syncwarp();
     const int e_lo = wmeta[warp][0], e_hi = wmeta[warp][1], st_base = wmeta[warp][2];
@@ -325,7 +361,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
       constexpr int MR = decltype(mr)::value;
       // xt is laid out for this MR (the binding picks ld by the same rule) or not given
       const T* xt = op.xt != nullptr && op.xt_ld == MR ? static_cast<const T*>(op.xt) : nullptr;
-      ortho_run<MR>(&red[warp][0][0], MT + 1, rpw[warp], run_b, run_e, x, K, M, op.alpha, entry_col, entry_val, xt);
+      ortho_run<MR, R>(&red[warp][0][0], MT + 1, rpw[warp], run_b, run_e, x, K, M, op.alpha, entry_col, entry_val, xt);
     };
     if constexpr (MT == 8) {
       if (M == 1) run(std::integral_constant<int, 1>{});
@@ -337,8 +373,8 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < 16 * M; i += blockDim.x) {
-    const int r = i & 15, m = i >> 4, n = n0 + r;
+  for (int i = threadIdx.x; i < R * M; i += blockDim.x) {
+    const int r = i & (R - 1), m = i >> (RT == 1 ? 4 : 5), n = n0 + r;
     if (n >= N) continue;
     float y = 0.f;
 #pragma unroll
@@ -350,8 +386,8 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
 
 template <typename T>
 cudaError_t launch_v1(void (*kernel)(Operands, const T*, const T*, T*, int), const Operands& op, const void* x,
-                      const void* bias, void* out, int M, cudaStream_t s, int smem = 0) {
-  const dim3 grid((op.N + 15) / 16), block(kWarps * 32);
+                      const void* bias, void* out, int M, cudaStream_t s, int smem = 0, int rows = 16) {
+  const dim3 grid((op.N + rows - 1) / rows), block(kWarps * 32);
   auto xp = static_cast<const T*>(x);
   auto bp = static_cast<const T*>(bias);
   auto op_ = static_cast<T*>(out);
@@ -373,7 +409,7 @@ cudaError_t launch_v1(void (*kernel)(Operands, const T*, const T*, T*, int), con
 }
 
 // The largest M of each v1 configuration below (cuda.py V1_CONFIG_MAX_M mirrors it).
-constexpr int kV1CfgMaxM[] = {8, 8, 8, 8, 8, 8, 16, 16, 4, 8, 16};
+constexpr int kV1CfgMaxM[] = {8, 8, 8, 8, 8, 8, 16, 16, 4, 8, 16, 8, 16};
 constexpr int kV1Cfgs = sizeof(kV1CfgMaxM) / sizeof(kV1CfgMaxM[0]);
 
 }  // namespace
