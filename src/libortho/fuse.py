@@ -146,19 +146,23 @@ class OrthoGroup(SiblingGroup):
         return f"in_features={self.in_features}, sizes={self.sizes}, ortho_nnz={self.values.numel()}"
 
 
-def fuse_siblings(model: nn.Module, groups=DEFAULT_GROUPS) -> list[str]:
-    """Fuse every group of sibling OrthoLinears named in ``groups`` (all present under one parent);
-    returns the names of the fused groups. Groups that cannot share a launch are left as they are."""
+def _fuse(model: nn.Module, groups, kind: type, make, why_not) -> list[str]:
     done = []
     for parent_name, parent in list(model.named_modules()):
         for names in groups:
             members = [getattr(parent, n, None) for n in names]
-            if not all(isinstance(m, OrthoLinear) for m in members) or why_not_fusable(members) is not None:
+            if not all(isinstance(m, kind) for m in members) or why_not(members) is not None:
                 continue
             attr = "fused_" + "_".join(names)
-            parent.add_module(attr, OrthoGroup(members))
+            parent.add_module(attr, make(members))
             done.append(f"{parent_name}.{attr}" if parent_name else attr)
     return done
+
+
+def fuse_siblings(model: nn.Module, groups=DEFAULT_GROUPS) -> list[str]:
+    """Fuse every group of sibling OrthoLinears named in ``groups`` (all present under one parent);
+    returns the names of the fused groups. Groups that cannot share a launch are left as they are."""
+    return _fuse(model, groups, OrthoLinear, OrthoGroup, why_not_fusable)
 
 
 class _FusedLinear(nn.Linear):
@@ -222,16 +226,7 @@ def why_not_linear_fusable(members: list[nn.Module]) -> str | None:
 
 def fuse_linear_siblings(model: nn.Module, groups=DEFAULT_GROUPS) -> list[str]:
     """:func:`fuse_siblings` for plain nn.Linear siblings (a dense model's q/k/v and gate/up)."""
-    done = []
-    for parent_name, parent in list(model.named_modules()):
-        for names in groups:
-            members = [getattr(parent, n, None) for n in names]
-            if any(m is None for m in members) or why_not_linear_fusable(members) is not None:
-                continue
-            attr = "fused_" + "_".join(names)
-            parent.add_module(attr, LinearGroup(members))
-            done.append(f"{parent_name}.{attr}" if parent_name else attr)
-    return done
+    return _fuse(model, groups, nn.Module, LinearGroup, why_not_linear_fusable)
 
 
 def fused_groups(model: nn.Module) -> list[tuple[str, SiblingGroup]]:
