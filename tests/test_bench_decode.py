@@ -148,7 +148,7 @@ def test_bench_decode_cli_json_schema(tmp_path, capsys):
     assert {"card", "torch", "date", "rows", "models", "protocol"} <= set(res)
     assert [(r["model"], r["batch"]) for r in res["rows"]] == [("tiny", 1), ("tiny", 2)]
     for r in res["rows"]:
-        for v in bd.VARIANTS:
+        for v in bd.DEFAULT_VARIANTS:
             assert r[f"{v}_tok_s"] > 0 and r[f"{v}_ms_per_token"] > 0, (v, r)
             assert r[f"{v}_deterministic"] is True
         assert r["speedup_alpha1"] == pytest.approx(r["alpha1_tok_s"] / r["bf16_tok_s"])
@@ -156,7 +156,7 @@ def test_bench_decode_cli_json_schema(tmp_path, capsys):
     assert res["rows"][0]["bf16_prefill_16_ms"] > 0
     info = res["models"]["tiny"]
     assert info["errors"] == {}
-    for v in bd.VARIANTS:  # one rep, no warm-up: the median is that rep
+    for v in bd.DEFAULT_VARIANTS:  # one rep, no warm-up: the median is that rep
         assert info["prefill"][f"{v}_ms_all"] == [info["prefill"][f"{v}_ms"]]
     wb = info["weight_bytes"]
     assert wb["libortho_base_only"] < wb["libortho"] < wb["bf16"] and wb["int4"] < wb["bf16"]
@@ -176,6 +176,18 @@ def test_bench_decode_cli_json_schema(tmp_path, capsys):
     merged = json.loads((tmp_path / "m.json").read_text())
     assert [r["model"] for r in merged["rows"]] == ["tiny", "tiny", "tiny2", "tiny2"]
     assert set(merged["models"]) == {"tiny", "tiny2"} and "| tiny2 | 2 |" in (tmp_path / "m.md").read_text()
+
+
+def test_bench_decode_fused_bf16_control(tmp_path, capsys):
+    out = tmp_path / "decode-cpu.json"
+    main(["bench", "decode", "--models", "tiny", "--device", "cpu", "--batches", "1", "--prompt-len", "8",
+          "--new-tokens", "5", "--prefill-len", "0", "--reps", "1", "--warmup", "0", "--no-progress", "--strict",
+          "--variants", "bf16", "bf16_fused", "alpha0", "--out", str(out)])
+    r = json.loads(out.read_text())["rows"][0]
+    assert r["bf16_fused_tok_s"] > 0 and r["alpha1_tok_s"] is None
+    assert r["speedup_alpha0_vs_bf16_fused"] == pytest.approx(r["alpha0_tok_s"] / r["bf16_fused_tok_s"])
+    assert r["bf16_fused_tokens_matching_bf16_prefix"] == 5  # the same model: the same greedy tokens
+    assert "Control, tiny batch 1: bf16 with q/k/v and gate/up fused" in out.with_suffix(".md").read_text()
 
 
 def test_generate_cli_fast_path_matches_plain(tmp_path, capsys):

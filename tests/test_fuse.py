@@ -173,6 +173,63 @@ def test_partial_last_tile_and_fusing_twice():
     assert "already fused" in why_not_fusable([a, b])
 
 
+
+class _CountLinear(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.linear:
+            self.shapes.append(tuple(args[1].shape))
+        return func(*args, **(kwargs or {}))
+
+
+def test_dense_siblings_fused_match_run_one_linear_per_group_and_unfuse():
+    model = tiny_model("qwen2")  # q/k/v with bias
+    ids = _ids()
+    want = model(ids).logits
+    params = sum(p.numel() for p in model.parameters())
+    assert len(libortho.fuse_linear_siblings(model)) == 4
+    assert sum(p.numel() for p in model.parameters()) == params  # members' weights are views: nothing added
+    attn = model.model.layers[0].self_attn
+    group = attn.fused_q_proj_k_proj_v_proj
+    assert attn.v_proj.weight.untyped_storage().data_ptr() == group.weight.untyped_storage().data_ptr()
+    with _CountLinear() as count:
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert count.shapes == [(128, 64), (64, 64), (320, 64), (64, 160)] * 2 + [(256, 64)]  # + lm_head
+    assert libortho.fuse_linear_siblings(model) == []  # already fused: left alone
+    assert libortho.unfuse_siblings(model) == 4
+    assert type(attn.q_proj) is nn.Linear and attn.q_proj._group is None
+    assert attn.q_proj.weight.untyped_storage().nbytes() == attn.q_proj.weight.numel() * 4
+    torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_fusion_compiles_to_one_linear_per_group():
+    model = tiny_model("llama")
+    libortho.fuse_linear_siblings(model)
+    mlp = model.model.layers[1].mlp
+    x = torch.randn(2, 64)
+    want = mlp(x)
+    linears = []
+
+    def backend(gm, _):
+        linears.extend(n for n in gm.graph.nodes if n.op == "call_function" and "linear" in str(n.target))
+        return gm.forward
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(mlp, fullgraph=True, backend=backend)(x), want, rtol=0, atol=0)
+    assert len(linears) == 2  # gate/up, down
+
+
+def test_what_dense_layers_cannot_be_fused():
+    from libortho.fuse import why_not_linear_fusable
+    assert why_not_linear_fusable([nn.Linear(8, 4), nn.Linear(8, 3)]) is None
+    assert "in_features" in why_not_linear_fusable([nn.Linear(8, 4), nn.Linear(9, 4)])
+    assert "bias" in why_not_linear_fusable([nn.Linear(8, 4), nn.Linear(8, 4, bias=False)])
+    assert "dtype" in why_not_linear_fusable([nn.Linear(8, 4), nn.Linear(8, 4).half()])
+    assert "plain" in why_not_linear_fusable([nn.Linear(8, 4), _layer(32, 8)])
+
 # ------------------------------------------------------------------------------------------------ GPU only
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 @pytest.mark.parametrize("alpha", [1.0, 0.0])

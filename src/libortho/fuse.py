@@ -13,11 +13,13 @@ into views of it, so nothing is stored twice. The members stay where they were, 
 The model's code is not changed (transformers' attention calls q_proj, k_proj and v_proj on one tensor,
 its MLP gate_proj and up_proj), and ``torch.compile(fullgraph=True)`` traces the hand-over: the graph holds
 one product per group. Fusing is a run-time layout: save, cast or move the model before it (or after
-:func:`unfuse_siblings`).
+:func:`unfuse_siblings`). :func:`fuse_linear_siblings` does the same for plain bf16/fp16 ``nn.Linear``
+siblings (one ``F.linear`` per group): the control for what fusing alone is worth to a dense model.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import LibOrthoError
@@ -51,8 +53,47 @@ def why_not_fusable(members: list[OrthoLinear]) -> str | None:
     return None
 
 
-class OrthoGroup(nn.Module):
-    """The concatenated buffers of sibling OrthoLinears, and the hand-over of their outputs."""
+class SiblingGroup(nn.Module):
+    """Hands each member its slice of one product of the whole group (see the module docstring)."""
+
+    def _hand_over_to(self, members: list[nn.Module]) -> None:
+        self.sizes = [m.out_features for m in members]
+        self.in_features, self.out_features = members[0].in_features, sum(self.sizes)
+        self._members = list(members)  # a plain list: the members stay registered where they are
+        self._stash = None             # (input, key, outputs) of the last fused product not yet handed out
+        self._left = 0
+        for i, m in enumerate(members):
+            object.__setattr__(m, "_group", self)
+            object.__setattr__(m, "_group_index", i)
+
+    def _key(self, member) -> object:
+        """What must agree between members for one product to serve them all."""
+        return None
+
+    def _run(self, x: torch.Tensor, key) -> torch.Tensor:
+        raise NotImplementedError
+
+    def output(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """What ``member(x)`` returns: its slice of one fused product where it can, else its own product."""
+        stash, key = self._stash, self._key(member)
+        if stash is not None and stash[0] is x and stash[1] == key:
+            self._left -= 1
+            if self._left == 0:
+                self._stash = None
+            return stash[2][member._group_index]
+        if any(self._key(m) != key for m in self._members):
+            return member.forward_alone(x)
+        outs = torch.split(self._run(x, key), self.sizes, dim=-1)
+        self._stash, self._left = (x, key, outs), len(self.sizes) - 1
+        return outs[member._group_index]
+
+    def _release_members(self) -> None:
+        for m in self._members:
+            object.__setattr__(m, "_group", None)
+
+
+class OrthoGroup(SiblingGroup):
+    """The concatenated buffers of sibling OrthoLinears; each member keeps its alpha."""
 
     def __init__(self, members: list[OrthoLinear]):
         super().__init__()
@@ -60,12 +101,7 @@ class OrthoGroup(nn.Module):
         if why is not None:
             raise LibOrthoError(f"cannot fuse these layers: {why}")
         first = members[0]
-        self.in_features, self.bits, self.group_size = first.in_features, first.bits, first.group_size
-        self.sizes = [m.out_features for m in members]
-        self.out_features = sum(self.sizes)
-        self._members = list(members)  # a plain list: the members stay registered where they are
-        self._stash = None             # (input, alpha, outputs) of the last fused product not yet handed out
-        self._left = 0
+        self.bits, self.group_size = first.bits, first.group_size
         cat = lambda key: torch.cat([getattr(m, key) for m in members])  # noqa: E731
         self.register_buffer("qweight", cat("qweight"))
         self.register_buffer("scales", cat("scales"))
@@ -78,69 +114,131 @@ class OrthoGroup(nn.Module):
             offsets.append(offsets[-1] + m.ortho_nnz)
         self.register_buffer("row_ptr", torch.cat([first.row_ptr[:1]] + [m.row_ptr[1:] + o
                                                                         for m, o in zip(members, offsets)]))
-        self._point_members_here(offsets)
+        self._point_members_here(members, offsets)
+        self._hand_over_to(members)
 
-    def _point_members_here(self, offsets: list[int]) -> None:
-        tile = 0
-        for i, m in enumerate(self._members):
+    def _point_members_here(self, members: list[OrthoLinear], offsets: list[int]) -> None:
+        tile, start = 0, 0
+        for i, m in enumerate(members):
             tiles = -(-m.out_features // TILE_N)
             for key in ("qweight", "scales", "zeros"):
                 if getattr(m, key) is not None:
                     setattr(m, key, getattr(self, key)[tile:tile + tiles])
             m.col_idx, m.values = self.col_idx[offsets[i]:offsets[i + 1]], self.values[offsets[i]:offsets[i + 1]]
             if m.bias is not None:
-                start = sum(self.sizes[:i])
                 m.bias = self.bias[start:start + m.out_features]
-            object.__setattr__(m, "_group", self)
-            object.__setattr__(m, "_group_index", i)
-            tile += tiles
+            tile, start = tile + tiles, start + m.out_features
 
-    def output(self, member: OrthoLinear, x: torch.Tensor) -> torch.Tensor:
-        """What ``member(x)`` returns: its slice of one fused product where it can, else its own product."""
-        stash, alpha = self._stash, member.alpha
-        if stash is not None and stash[0] is x and stash[1] == alpha:
-            self._left -= 1
-            if self._left == 0:
-                self._stash = None
-            return stash[2][member._group_index]
-        if any(m.alpha != alpha for m in self._members):
-            return member.forward_alone(x)
-        outs = torch.split(run_packed(self, x, alpha), self.sizes, dim=-1)
-        self._stash, self._left = (x, alpha, outs), len(self.sizes) - 1
-        return outs[member._group_index]
+    def _key(self, member: OrthoLinear) -> float:
+        return member.alpha
+
+    def _run(self, x: torch.Tensor, alpha: float) -> torch.Tensor:
+        return run_packed(self, x, alpha)
+
+    def _release_members(self) -> None:
+        for m in self._members:
+            for key in ("qweight", "scales", "zeros", "col_idx", "values", "bias"):
+                if getattr(m, key) is not None:
+                    setattr(m, key, getattr(m, key).clone())
+        super()._release_members()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, sizes={self.sizes}, ortho_nnz={self.values.numel()}"
 
 
-def fuse_siblings(model: nn.Module, groups=DEFAULT_GROUPS) -> list[str]:
-    """Fuse every group of sibling OrthoLinears named in ``groups`` (all present under one parent);
-    returns the names of the fused groups. Groups that cannot share a launch are left as they are."""
+def _fuse(model: nn.Module, groups, kind: type, make, why_not) -> list[str]:
     done = []
     for parent_name, parent in list(model.named_modules()):
         for names in groups:
             members = [getattr(parent, n, None) for n in names]
-            if not all(isinstance(m, OrthoLinear) for m in members) or why_not_fusable(members) is not None:
+            if not all(isinstance(m, kind) for m in members) or why_not(members) is not None:
                 continue
             attr = "fused_" + "_".join(names)
-            parent.add_module(attr, OrthoGroup(members))
+            parent.add_module(attr, make(members))
             done.append(f"{parent_name}.{attr}" if parent_name else attr)
     return done
 
 
-def fused_groups(model: nn.Module) -> list[tuple[str, OrthoGroup]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, OrthoGroup)]
+def fuse_siblings(model: nn.Module, groups=DEFAULT_GROUPS) -> list[str]:
+    """Fuse every group of sibling OrthoLinears named in ``groups`` (all present under one parent);
+    returns the names of the fused groups. Groups that cannot share a launch are left as they are."""
+    return _fuse(model, groups, OrthoLinear, OrthoGroup, why_not_fusable)
+
+
+class _FusedLinear(nn.Linear):
+    """An nn.Linear whose weight is a view of its LinearGroup's (the class of a fused member)."""
+    _group = None
+    _group_index = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._group.output(self, x)
+
+    def forward_alone(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class LinearGroup(SiblingGroup):
+    """The concatenated weights (and biases) of sibling nn.Linear layers: one F.linear per group."""
+
+    def __init__(self, members: list[nn.Linear]):
+        super().__init__()
+        why = why_not_linear_fusable(members)
+        if why is not None:
+            raise LibOrthoError(f"cannot fuse these layers: {why}")
+        self.register_buffer("weight", torch.cat([m.weight.detach() for m in members]))
+        self.register_buffer("bias", None if members[0].bias is None else torch.cat([m.bias.detach() for m in members]))
+        start = 0
+        for m in members:
+            end = start + m.out_features
+            m.weight = nn.Parameter(self.weight[start:end], requires_grad=False)
+            if m.bias is not None:
+                m.bias = nn.Parameter(self.bias[start:end], requires_grad=False)
+            m.__class__ = _FusedLinear
+            start = end
+        self._hand_over_to(members)
+
+    def _run(self, x: torch.Tensor, key) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def _release_members(self) -> None:
+        for m in self._members:
+            m.weight = nn.Parameter(m.weight.detach().clone(), requires_grad=False)
+            if m.bias is not None:
+                m.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=False)
+            m.__class__ = nn.Linear
+        super()._release_members()
+
+
+def why_not_linear_fusable(members: list[nn.Module]) -> str | None:
+    """None when these plain nn.Linear layers can share one F.linear, else what keeps them apart."""
+    if any(type(m) is not nn.Linear for m in members):
+        return "not all plain nn.Linear (or already fused)"
+    first = members[0]
+    for m in members[1:]:
+        if m.in_features != first.in_features:
+            return f"in_features differs ({first.in_features} vs {m.in_features})"
+        if (m.weight.dtype, m.weight.device) != (first.weight.dtype, first.weight.device):
+            return "weight dtype or device differs"
+        if (m.bias is None) != (first.bias is None):
+            return "bias differs in presence"
+    return None
+
+
+def fuse_linear_siblings(model: nn.Module, groups=DEFAULT_GROUPS) -> list[str]:
+    """:func:`fuse_siblings` for plain nn.Linear siblings (a dense model's q/k/v and gate/up)."""
+    return _fuse(model, groups, nn.Module, LinearGroup, why_not_linear_fusable)
+
+
+def fused_groups(model: nn.Module) -> list[tuple[str, SiblingGroup]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SiblingGroup)]
 
 
 def unfuse_siblings(model: nn.Module) -> int:
-    """Undo :func:`fuse_siblings`: every member gets its own buffers back; returns how many groups."""
+    """Undo :func:`fuse_siblings` / :func:`fuse_linear_siblings`: every member gets its own storage back;
+    returns how many groups."""
     found = fused_groups(model)
     for name, group in found:
-        for m in group._members:
-            for key in ("qweight", "scales", "zeros", "col_idx", "values", "bias"):
-                if getattr(m, key) is not None:
-                    setattr(m, key, getattr(m, key).clone())
-            object.__setattr__(m, "_group", None)
+        group._release_members()
         parent_name, _, attr = name.rpartition(".")
         delattr(model.get_submodule(parent_name) if parent_name else model, attr)
     return len(found)

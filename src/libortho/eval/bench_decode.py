@@ -34,9 +34,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-VARIANTS = ("bf16", "alpha1", "alpha0", "int4")
+VARIANTS = ("bf16", "alpha1", "alpha0", "int4", "bf16_fused")
+DEFAULT_VARIANTS = VARIANTS[:4]  # bf16_fused (the control for what fusing siblings alone is worth) on request
 MODELS = ("smollm2", "llama2-7b-shape", "tiny")
-LABELS = {"bf16": "bf16", "alpha1": "LibOrtho alpha=1", "alpha0": "LibOrtho alpha=0", "int4": "torch int4"}
+LABELS = {"bf16": "bf16", "alpha1": "LibOrtho alpha=1", "alpha0": "LibOrtho alpha=0", "int4": "torch int4",
+          "bf16_fused": "bf16, q/k/v and gate/up fused"}
 _PAD = 8  # spare cache slots / token slots for the warm-up steps before a graph capture
 
 
@@ -692,7 +694,9 @@ def add_arguments(p):
     p.add_argument("--prefill-len", type=int, default=2048, help="batch-1 prefill prompt (0: skip)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (median)")
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS,
+                   help="bf16_fused: bf16 with q/k/v and gate/up as one F.linear each (libortho.fuse_linear_siblings), "
+                        "the control for the LibOrtho rows' fusion")
     p.add_argument("--density", type=float, default=0.01)
     p.add_argument("--score", default="magnitude", choices=["magnitude", "random"],
                    help="ortho sieve of the RTN residual (random draws its scores on the CPU: slow for 7B)")
@@ -735,7 +739,7 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
     """Rows and info of one model; ``on_variant(rows, info)`` gets what is measured so far after each variant
     (run() keeps it in a partial file, so a run cut off by a time limit still leaves its numbers)."""
     from ..config import OrthoConfig
-    from ..fuse import fuse_siblings, unfuse_siblings
+    from ..fuse import fuse_linear_siblings, fuse_siblings, unfuse_siblings
     from ..model import ortho_layers, report, set_alpha
     progress = not args.no_progress
     mode = args.mode or ("graph" if device.type == "cuda" else "eager")
@@ -777,6 +781,11 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
         if "bf16" in args.variants:
             weight_bytes["bf16"] = target_bytes(model)
             run_variant("bf16")
+        if "bf16_fused" in args.variants:
+            weight_bytes["bf16_fused"] = target_bytes(model)
+            fuse_linear_siblings(model)
+            run_variant("bf16_fused")
+            unfuse_siblings(model)
         bank = LinearBank(model, progress)
         if "bf16" not in weight_bytes:
             weight_bytes["bf16"] = sum(w.numel() * 2 for w in bank.weights.values()) + \
@@ -853,15 +862,17 @@ def _rows(name: str, args, mode: str, results: dict, prefill: dict, weight_bytes
             row[f"{v}_prefill_{args.prompt_len}_ms"] = None if r is None else r["prefill_prompt_ms"]
             row[f"{v}_deterministic"] = None if r is None else r["deterministic"]
             row[f"{v}_weight_bytes"] = weight_bytes.get("libortho" if v.startswith("alpha") else v)
-        base = row["bf16_tok_s"]
+        base, fused = row["bf16_tok_s"], row["bf16_fused_tok_s"]
         for v in ("alpha1", "alpha0", "int4"):
             row[f"speedup_{v}"] = None if not base or row[f"{v}_tok_s"] is None else row[f"{v}_tok_s"] / base
+            if fused and row[f"{v}_tok_s"] is not None:
+                row[f"speedup_{v}_vs_bf16_fused"] = row[f"{v}_tok_s"] / fused
         if b == 1 and prefill:
             for v, p in prefill.items():
                 row[f"{v}_prefill_{args.prefill_len}_ms"] = p["ms"]
         # greedy agreement of each row with bf16 (same prompt, same harness): how many leading tokens match
         ref = results["bf16"].get(b)
-        for v in ("alpha1", "alpha0", "int4"):
+        for v in ("alpha1", "alpha0", "int4", "bf16_fused"):
             r = results[v].get(b)
             if ref is not None and r is not None:
                 same = (ref["tokens"] == r["tokens"]).all(0).long()
@@ -887,7 +898,7 @@ def summary(result: dict) -> str:
         cell = lambda v: "-" if r[f"{v}_tok_s"] is None else f"{r[f'{v}_tok_s']:.1f} ({r[f'{v}_ms_per_token']:.2f})"  # noqa: E731
         sp = " / ".join(f(r[f"speedup_{v}"], "{:.2f}x") for v in ("alpha1", "alpha0", "int4"))
         mem = " / ".join("-" if r[f"{v}_peak_mem_bytes"] is None else f"{r[f'{v}_peak_mem_bytes'] / 2**30:.2f}"
-                         for v in VARIANTS)
+                         for v in DEFAULT_VARIANTS)
         lines.append(f"| {r['model']} | {r['batch']} | {cell('bf16')} | {cell('alpha1')} | {cell('alpha0')} | "
                      f"{cell('int4')} | {sp} | {mem} |")
     lines += ["", "| model | weight bytes of the linears: bf16 | LibOrtho (base + ortho) | base only | torch int4 "
@@ -896,9 +907,15 @@ def summary(result: dict) -> str:
         wb = info.get("weight_bytes", {})
         mib = lambda k: "-" if wb.get(k) is None else f"{wb[k] / 2**20:.1f} MiB"  # noqa: E731
         pf = info.get("prefill", {})
-        pre = " / ".join(f(pf.get(f"{v}_ms"), "{:.2f}") for v in VARIANTS)
+        pre = " / ".join(f(pf.get(f"{v}_ms"), "{:.2f}") for v in DEFAULT_VARIANTS)
         lines.append(f"| {name} | {mib('bf16')} | {mib('libortho')} | {mib('libortho_base_only')} | {mib('int4')} | "
                      f"{pf.get('tokens')} tokens: {pre} | {f(info.get('decompose_s'))} |")
+    for r in result["rows"]:
+        if r.get("bf16_fused_tok_s") is not None:
+            vs = " / ".join(f(r.get(f"speedup_{v}_vs_bf16_fused"), "{:.2f}x") for v in ("alpha1", "alpha0", "int4"))
+            lines.append(f"\nControl, {r['model']} batch {r['batch']}: bf16 with q/k/v and gate/up fused "
+                         f"{r['bf16_fused_tok_s']:.1f} tok/s ({r['bf16_fused_ms_per_token']:.2f} ms); alpha=1 / "
+                         f"alpha=0 / int4 against it: {vs}")
     for name, info in result["models"].items():
         for v, c in info.get("greedy_check", {}).items():
             lines.append(f"\nGreedy check {name} {v} ({c['tokens']} tokens, {c['dispatch_mode']} vs "
