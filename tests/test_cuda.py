@@ -159,15 +159,18 @@ def test_v1_table_set_get_and_refusal():
     assert not ext.set_v1_table(old[:2] + [8] + old[3:])  # 8 (x ring) serves M <= 4 only
     assert not ext.set_v1_table(old[:-1] + [9])      # 9 (x ring, M <= 8) is not the M <= 16 kernel
     assert not ext.set_v1_table([10] + old[1:])      # 10 (x ring, M <= 16) is not the M <= 8 kernel
-    assert not ext.set_v1_table(old[:-1] + [11])     # no such configuration
+    assert not ext.set_v1_table(old[:-1] + [11])     # 11 (32 rows, M <= 8) is not the M <= 16 kernel
+    assert not ext.set_v1_table(old[:-1] + [17])     # no such configuration
     assert not ext.set_v1_table(old[:-1])            # wrong length
     assert list(ext.v1_table()) == old
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     tall_n = 16 * 3 * sms + 16
-    cases = [(512, 8192, 2), (512, 1024, 3), (512, 1024, 7), (tall_n, 512, 4), (tall_n, 512, 8), (512, 1024, 12)]
+    cases = [(512, 8192, 2), (512, 1024, 3), (512, 1024, 7), (tall_n, 512, 4), (tall_n, 512, 8), (512, 1024, 12),
+             (16 * sms + 48, 1024, 16)]
     gen = torch.Generator(device="cuda").manual_seed(5)
     try:
-        for table in ([3, 4, 5, 4, 3, 7], [5, 3, 4, 0, 2, 6], [8, 8, 2, 8, 1, 6], [9, 8, 9, 9, 9, 10]):
+        for table in ([3, 4, 5, 4, 3, 7, 6], [5, 3, 4, 0, 2, 6, 7], [8, 8, 2, 8, 1, 6, 10], [9, 8, 9, 9, 9, 10, 12],
+                      [11, 11, 11, 11, 11, 12, 12]):
             assert ext.set_v1_table(table) and list(ext.v1_table()) == table
             for n, k, m in cases:
                 layer = make_layer(n, k, 4, 128, False, 0.02, torch.bfloat16, gen)

@@ -45,7 +45,7 @@ def test_probe_classes_mirror_the_kernel_dispatch():
     assert probe.v1_class(1024, 4096, 8, sms) == "short_m8"
     assert probe.v1_class(11008, 4096, 2, sms) == "tall_m4"
     assert probe.v1_class(14336, 4096, 5, sms) == "tall_m8"
-    assert probe.v1_class(4096, 4096, 16, sms) == "m16"
+    assert probe.v1_class(2096, 4096, 16, sms) == "m16" and probe.v1_class(2112, 4096, 9, sms) == "m16_tall"
     assert probe.v1_class(6336, 4096, 1, sms) == "tall_m4" and probe.v1_class(6320, 4096, 1, sms) == "short_m4"
 
 
@@ -60,7 +60,7 @@ def test_suggest_table_picks_the_least_total_time_among_correct_configs():
     rows = [_row(4096, 4096, 1, {0: 7.0, 1: 6.0, 3: 6.5}),
             _row(4096, 4096, 4, {0: 8.0, 1: 9.0, 3: 7.0}),       # class total: 0 -> 15, 1 -> 15, 3 -> 13.5
             _row(11008, 4096, 1, {1: 5.0, 4: 4.0}, wrong={4}),   # the faster one is wrong: not picked
-            _row(4096, 4096, 16, {6: 10.0, 7: 9.0, 3: 1.0})]     # 3 cannot serve M 9-16
+            _row(1024, 4096, 16, {6: 10.0, 7: 9.0, 3: 1.0})]     # 3 cannot serve M 9-16
     assert probe.suggest_table(rows, probe.CONFIGS, 132) == {"short_m4": 3, "tall_m4": 1, "m16": 7}
 
 

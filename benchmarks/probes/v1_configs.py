@@ -38,7 +38,7 @@ SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 1433
 def v1_class(n: int, k: int, m: int, sms: int) -> str:
     """The class of a call in v1.cu's table (v1_class there)."""
     if m > 8:
-        return "m16"
+        return "m16_tall" if (n + 15) // 16 >= sms else "m16"
     if (n + 15) // 16 >= 3 * sms:
         return "tall_m4" if m <= 4 else "tall_m8"
     if m > 4:

@@ -39,7 +39,7 @@ cudaError_t launch_fused_small_m_cfg(const Operands& op, const void* x, const vo
 // K < 8192, at M 5-8; tall grids at M <= 4, at M 5-8; M 9-16. set_v1_table changes nothing and returns
 // false when an index cannot serve its class (a configuration of the M <= 8 kernel reaching the class's
 // largest M, or of the M <= 16 kernel for M 9-16; v1.cuh kV1CfgMaxM).
-constexpr int kV1Classes = 6;
+constexpr int kV1Classes = 7;
 bool set_v1_table(const int (&table)[kV1Classes]);
 void get_v1_table(int (&table)[kV1Classes]);
 
