@@ -202,6 +202,7 @@ def test_dense_siblings_fused_match_run_one_linear_per_group_and_unfuse():
     assert libortho.fuse_linear_siblings(model) == []  # already fused: left alone
     assert libortho.unfuse_siblings(model) == 4
     assert type(attn.q_proj) is nn.Linear and attn.q_proj._group is None
+    assert attn.q_proj.weight.requires_grad  # as transformers made it
     assert attn.q_proj.weight.untyped_storage().nbytes() == attn.q_proj.weight.numel() * 4
     torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
 

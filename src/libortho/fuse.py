@@ -178,7 +178,8 @@ class _FusedLinear(nn.Linear):
 
 
 class LinearGroup(SiblingGroup):
-    """The concatenated weights (and biases) of sibling nn.Linear layers: one F.linear per group."""
+    """The concatenated weights (and biases) of sibling nn.Linear layers: one F.linear per group (inference:
+    the fused product reads the group's buffer, so no gradient reaches the members' weights)."""
 
     def __init__(self, members: list[nn.Linear]):
         super().__init__()
@@ -190,9 +191,9 @@ class LinearGroup(SiblingGroup):
         start = 0
         for m in members:
             end = start + m.out_features
-            m.weight = nn.Parameter(self.weight[start:end], requires_grad=False)
+            m.weight = nn.Parameter(self.weight[start:end], requires_grad=m.weight.requires_grad)
             if m.bias is not None:
-                m.bias = nn.Parameter(self.bias[start:end], requires_grad=False)
+                m.bias = nn.Parameter(self.bias[start:end], requires_grad=m.bias.requires_grad)
             m.__class__ = _FusedLinear
             start = end
         self._hand_over_to(members)
@@ -202,9 +203,9 @@ class LinearGroup(SiblingGroup):
 
     def _release_members(self) -> None:
         for m in self._members:
-            m.weight = nn.Parameter(m.weight.detach().clone(), requires_grad=False)
+            m.weight = nn.Parameter(m.weight.detach().clone(), requires_grad=m.weight.requires_grad)
             if m.bias is not None:
-                m.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=False)
+                m.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=m.bias.requires_grad)
             m.__class__ = nn.Linear
         super()._release_members()
 
