@@ -44,6 +44,8 @@ __global__ void __launch_bounds__(kWarps * 32) dequant_merge_kernel(Operands op,
   if (kt_begin + warp < kt_end) load_words<BITS>(w, qstrip + static_cast<size_t>(kt_begin + warp) * 32 * BITS);
   for (int base = kt_begin; base < kt_end; base += kWarps) {
     const int kt = base + warp;
+    uint32_t wn[BITS];  // the warp's next tile, requested before this one is decoded
+    if (kt + kWarps < kt_end) load_words<BITS>(wn, qstrip + static_cast<size_t>(kt + kWarps) * 32 * BITS);
     if (kt < kt_end) {
       // Scales and zeros per 32-column half (group sizes are >= 32), once for both when they share a group;
       // the group by shift where it is a power of two (GroupIndex), not a division per step.
@@ -66,7 +68,10 @@ __global__ void __launch_bounds__(kWarps * 32) dequant_merge_kernel(Operands op,
         for (int i = 0; i < 4; ++i)
           *reinterpret_cast<uint32_t*>(&tile[warp][g + 8 * (i & 1)][step * 16 + 2 * tig + 8 * (i >> 1)]) = a[i];
       }
-      if (kt + kWarps < kt_end) load_words<BITS>(w, qstrip + static_cast<size_t>(kt + kWarps) * 32 * BITS);
+      if (kt + kWarps < kt_end) {
+#pragma unroll
+        for (int i = 0; i < BITS; ++i) w[i] = wn[i];
+      }
     }
     if (ortho) {
       __syncthreads();
