@@ -231,6 +231,11 @@ def test_what_dense_layers_cannot_be_fused():
     assert "dtype" in why_not_linear_fusable([nn.Linear(8, 4), nn.Linear(8, 4).half()])
     assert "plain" in why_not_linear_fusable([nn.Linear(8, 4), _layer(32, 8)])
 
+
+def test_a_sibling_group_needs_a_product():
+    with pytest.raises(TypeError, match="abstract"):
+        fuse_mod.SiblingGroup()
+
 # ------------------------------------------------------------------------------------------------ GPU only
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 @pytest.mark.parametrize("alpha", [1.0, 0.0])

@@ -18,6 +18,8 @@ siblings (one ``F.linear`` per group): the control for what fusing alone is wort
 """
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,6 +35,8 @@ _SAME_DTYPE = ("qweight", "scales", "zeros", "row_ptr", "col_idx", "values", "bi
 
 def why_not_fusable(members: list[OrthoLinear]) -> str | None:
     """None when the layers can share one launch, else what keeps them apart."""
+    if any(m._group is not None for m in members):
+        return "already fused"
     first = members[0]
     for m in members[1:]:
         for key in _SAME:
@@ -42,10 +46,6 @@ def why_not_fusable(members: list[OrthoLinear]) -> str | None:
             a, b = getattr(first, key), getattr(m, key)
             if (a is None) != (b is None) or (a is not None and (a.dtype, a.device) != (b.dtype, b.device)):
                 return f"{key} differs in presence, dtype or device"
-        if m._group is not None:
-            return "already fused"
-    if first._group is not None:
-        return "already fused"
     if any(m.out_features % TILE_N for m in members[:-1]):
         return f"out_features of all but the last must be multiples of {TILE_N} (the packed tile height)"
     if sum(m.ortho_nnz for m in members) >= 2 ** 31:
@@ -53,8 +53,9 @@ def why_not_fusable(members: list[OrthoLinear]) -> str | None:
     return None
 
 
-class SiblingGroup(nn.Module):
-    """Hands each member its slice of one product of the whole group (see the module docstring)."""
+class SiblingGroup(nn.Module, abc.ABC):
+    """Hands each member its slice of one product of the whole group (see the module docstring); a kind of
+    group says how to run that product (``_run``) and what its members must agree on (``_key``)."""
 
     def _hand_over_to(self, members: list[nn.Module]) -> None:
         self.sizes = [m.out_features for m in members]
@@ -70,8 +71,9 @@ class SiblingGroup(nn.Module):
         """What must agree between members for one product to serve them all."""
         return None
 
+    @abc.abstractmethod
     def _run(self, x: torch.Tensor, key) -> torch.Tensor:
-        raise NotImplementedError
+        """The whole group's product at ``key`` (its members' common key)."""
 
     def output(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """What ``member(x)`` returns: its slice of one fused product where it can, else its own product."""
