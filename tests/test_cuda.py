@@ -183,6 +183,21 @@ def test_v1_table_set_get_and_refusal():
         assert ext.set_v1_table(old)
 
 
+def test_heavy_ortho_on_a_tall_grid():
+    """From 2^20 ortho entries (alpha != 0) a tall grid takes the short classes' configurations (v1.cu
+    kHeavyOrtho); at alpha 0 the same layer keeps the tall ones. Both against the float64 reference."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    layer = make_layer(16 * 3 * sms + 16, 4096, 4, 128, False, 0.05, torch.bfloat16, gen)
+    assert layer.ortho_nnz >= 2 ** 20
+    for m in (1, 3, 8, 16):
+        x = torch.randn(m, 4096, generator=gen, device="cuda").to(torch.bfloat16)
+        for alpha in (0.0, 0.5, 1.0):
+            layer.alpha = alpha
+            poison_allocator()
+            assert rel_err(layer(x), reference64(layer, x, alpha)) < TOL[torch.bfloat16], (m, alpha)
+
+
 @pytest.mark.parametrize("case", ["int32-columns", "more-than-staged", "odd-nnz", "misaligned-csr"])
 @pytest.mark.parametrize("m", [1, 6, 16, 40])
 def test_ortho_staging_edge_cases(case, m):
