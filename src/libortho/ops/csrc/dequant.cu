@@ -34,7 +34,6 @@ __global__ void __launch_bounds__(kWarps * 32) dequant_merge_kernel(Operands op,
   const T* sc = static_cast<const T*>(op.scales) + static_cast<size_t>(tn) * G * 16;
   const T* zp = op.zeros ? static_cast<const T*>(op.zeros) + static_cast<size_t>(tn) * G * 16 : nullptr;
   const float zdef = static_cast<float>(1 << (BITS - 1));
-  const GroupIndex gi(op.group_size, K);
   __shared__ int cursor[16];  // per row: the first CSR entry not yet merged
   if (ortho && threadIdx.x < 16) {
     const int n = tn * 16 + threadIdx.x;
@@ -44,34 +43,18 @@ __global__ void __launch_bounds__(kWarps * 32) dequant_merge_kernel(Operands op,
   if (kt_begin + warp < kt_end) load_words<BITS>(w, qstrip + static_cast<size_t>(kt_begin + warp) * 32 * BITS);
   for (int base = kt_begin; base < kt_end; base += kWarps) {
     const int kt = base + warp;
-    uint32_t wn[BITS];  // the warp's next tile, requested before this one is decoded
-    if (kt + kWarps < kt_end) load_words<BITS>(wn, qstrip + static_cast<size_t>(kt + kWarps) * 32 * BITS);
     if (kt < kt_end) {
-      // Scales and zeros per 32-column half (group sizes are >= 32), once for both when they share a group;
-      // the group by shift where it is a power of two (GroupIndex), not a division per step.
-      RowParams<T> ph[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        if (h == 1 && gi.same) {
-          ph[1] = ph[0];
-          break;
-        }
-        const int grp = gi.of(kt * 64 + h * 32);
-        const float z_lo = zp ? Num<T>::f(zp[grp * 16 + g]) : zdef, z_hi = zp ? Num<T>::f(zp[grp * 16 + g + 8]) : zdef;
-        ph[h] = row_params<T, BITS>(sc[grp * 16 + g], sc[grp * 16 + g + 8], z_lo, z_hi);
-      }
 #pragma unroll
       for (int step = 0; step < 4; ++step) {
+        const int grp = min(kt * 64 + step * 16, K - 1) / op.group_size;
+        const float z_lo = zp ? Num<T>::f(zp[grp * 16 + g]) : zdef, z_hi = zp ? Num<T>::f(zp[grp * 16 + g + 8]) : zdef;
         uint32_t a[4];
-        dequant_step<T, BITS>(a, w, step, ph[step >> 1]);
+        dequant_step<T, BITS>(a, w, step, row_params<T, BITS>(sc[grp * 16 + g], sc[grp * 16 + g + 8], z_lo, z_hi));
 #pragma unroll
         for (int i = 0; i < 4; ++i)
           *reinterpret_cast<uint32_t*>(&tile[warp][g + 8 * (i & 1)][step * 16 + 2 * tig + 8 * (i >> 1)]) = a[i];
       }
-      if (kt + kWarps < kt_end) {
-#pragma unroll
-        for (int i = 0; i < BITS; ++i) w[i] = wn[i];
-      }
+      if (kt + kWarps < kt_end) load_words<BITS>(w, qstrip + static_cast<size_t>(kt + kWarps) * 32 * BITS);
     }
     if (ortho) {
       __syncthreads();
