@@ -118,7 +118,8 @@ def test_tall_grid_configuration(n, m, gs, sym, dtype):
 
 V1_CONFIG_MAX_M = cuda_backend.V1_CONFIG_MAX_M  # per v1_configs.cu fused_cfg_dispatch index
 V1_CONFIGS = len(V1_CONFIG_MAX_M)  # (benchmarks/probes/v1_configs.py names them)
-X_RING_CONFIGS = (8, 9, 10, 11, 12)  # x's columns through the shared-memory ring (M <= 4, 8, 16; 11-12: 32 rows)
+X_RING_CONFIGS = (8, 9, 10, 11, 12, 13, 14, 15, 16)  # x's columns through the shared-memory ring (M <= 4, 8, 16;
+# 11-12: 32 rows; 13-16: the ortho stream first)
 
 
 @pytest.mark.parametrize("cfg", range(V1_CONFIGS))
@@ -158,15 +159,18 @@ def test_v1_table_set_get_and_refusal():
     assert not ext.set_v1_table(old[:2] + [8] + old[3:])  # 8 (x ring) serves M <= 4 only
     assert not ext.set_v1_table(old[:-1] + [9])      # 9 (x ring, M <= 8) is not the M <= 16 kernel
     assert not ext.set_v1_table([10] + old[1:])      # 10 (x ring, M <= 16) is not the M <= 8 kernel
-    assert not ext.set_v1_table(old[:-1] + [11])     # no such configuration
+    assert not ext.set_v1_table(old[:-1] + [11])     # 11 (32 rows, M <= 8) is not the M <= 16 kernel
+    assert not ext.set_v1_table(old[:-1] + [17])     # no such configuration
     assert not ext.set_v1_table(old[:-1])            # wrong length
     assert list(ext.v1_table()) == old
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     tall_n = 16 * 3 * sms + 16
-    cases = [(512, 8192, 2), (512, 1024, 3), (512, 1024, 7), (tall_n, 512, 4), (tall_n, 512, 8), (512, 1024, 12)]
+    cases = [(512, 8192, 2), (512, 1024, 3), (512, 1024, 7), (tall_n, 512, 4), (tall_n, 512, 8), (512, 1024, 12),
+             (16 * sms + 48, 1024, 16)]
     gen = torch.Generator(device="cuda").manual_seed(5)
     try:
-        for table in ([3, 4, 5, 4, 3, 7], [5, 3, 4, 0, 2, 6], [8, 8, 2, 8, 1, 6], [9, 8, 9, 9, 9, 10]):
+        for table in ([3, 4, 5, 4, 3, 7, 6], [5, 3, 4, 0, 2, 6, 7], [8, 8, 2, 8, 1, 6, 10], [9, 8, 9, 9, 9, 10, 12],
+                      [11, 11, 11, 11, 11, 12, 12]):
             assert ext.set_v1_table(table) and list(ext.v1_table()) == table
             for n, k, m in cases:
                 layer = make_layer(n, k, 4, 128, False, 0.02, torch.bfloat16, gen)
@@ -177,6 +181,21 @@ def test_v1_table_set_get_and_refusal():
                     assert rel_err(layer(x), reference64(layer, x, alpha)) < TOL[torch.bfloat16], (table, n, k, m)
     finally:
         assert ext.set_v1_table(old)
+
+
+def test_heavy_ortho_on_a_tall_grid():
+    """From 2^20 ortho entries (alpha != 0) a tall grid takes the short classes' configurations (v1.cu
+    kHeavyOrtho); at alpha 0 the same layer keeps the tall ones. Both against the float64 reference."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    layer = make_layer(16 * 3 * sms + 16, 4096, 4, 128, False, 0.05, torch.bfloat16, gen)
+    assert layer.ortho_nnz >= 2 ** 20
+    for m in (1, 3, 8, 16):
+        x = torch.randn(m, 4096, generator=gen, device="cuda").to(torch.bfloat16)
+        for alpha in (0.0, 0.5, 1.0):
+            layer.alpha = alpha
+            poison_allocator()
+            assert rel_err(layer(x), reference64(layer, x, alpha)) < TOL[torch.bfloat16], (m, alpha)
 
 
 @pytest.mark.parametrize("case", ["int32-columns", "more-than-staged", "odd-nnz", "misaligned-csr"])

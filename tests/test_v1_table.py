@@ -21,9 +21,9 @@ def test_parse_v1_table_accepts_classes_and_spaces():
 
 @pytest.mark.parametrize("spec,words", [("x=1", "not class=index"), ("tall_m4", "not class=index"),
                                         ("tall_m4=a", "must be an integer"), ("m16=3", "takes configurations 6, 7"),
-                                        ("short_m8=8", "takes configurations 0, 1, 2, 3, 4, 5, 9, 11$"),
+                                        ("short_m8=8", "takes configurations 0, 1, 2, 3, 4, 5, 9, 11, 14, 15$"),
                                         ("m16=9", "takes configurations 6, 7, 10, 12$"),
-                                        ("short_m4=-1", "0, 1, 2, 3, 4, 5, 8, 9, 11$")])
+                                        ("short_m4=-1", "0, 1, 2, 3, 4, 5, 8, 9, 11, 13, 14, 15, 16$")])
 def test_parse_v1_table_names_what_is_wrong(spec, words):
     with pytest.raises(ValueError, match=words):
         cuda_backend.parse_v1_table(spec)
@@ -45,8 +45,13 @@ def test_probe_classes_mirror_the_kernel_dispatch():
     assert probe.v1_class(1024, 4096, 8, sms) == "short_m8"
     assert probe.v1_class(11008, 4096, 2, sms) == "tall_m4"
     assert probe.v1_class(14336, 4096, 5, sms) == "tall_m8"
-    assert probe.v1_class(4096, 4096, 16, sms) == "m16"
+    assert probe.v1_class(2096, 4096, 16, sms) == "m16" and probe.v1_class(2112, 4096, 9, sms) == "m16_tall"
     assert probe.v1_class(6336, 4096, 1, sms) == "tall_m4" and probe.v1_class(6320, 4096, 1, sms) == "short_m4"
+    heavy = probe.HEAVY_ORTHO                   # from this many entries at alpha != 0 a tall grid counts as short
+    assert probe.v1_class(11008, 4096, 1, sms, heavy) == "short_m4"
+    assert probe.v1_class(11008, 4096, 1, sms, heavy - 1) == "tall_m4"
+    assert probe.v1_class(11008, 4096, 8, sms, heavy) == "short_m8"
+    assert probe.v1_class(11008, 4096, 16, sms, heavy) == "m16"
 
 
 def _row(n, k, m, times, wrong=()):
@@ -60,7 +65,7 @@ def test_suggest_table_picks_the_least_total_time_among_correct_configs():
     rows = [_row(4096, 4096, 1, {0: 7.0, 1: 6.0, 3: 6.5}),
             _row(4096, 4096, 4, {0: 8.0, 1: 9.0, 3: 7.0}),       # class total: 0 -> 15, 1 -> 15, 3 -> 13.5
             _row(11008, 4096, 1, {1: 5.0, 4: 4.0}, wrong={4}),   # the faster one is wrong: not picked
-            _row(4096, 4096, 16, {6: 10.0, 7: 9.0, 3: 1.0})]     # 3 cannot serve M 9-16
+            _row(1024, 4096, 16, {6: 10.0, 7: 9.0, 3: 1.0})]     # 3 cannot serve M 9-16
     assert probe.suggest_table(rows, probe.CONFIGS, 132) == {"short_m4": 3, "tall_m4": 1, "m16": 7}
 
 

@@ -27,17 +27,23 @@ CONFIGS = ["kU2 pfx min2 (short grids)", "kU1 pfx min3 (tall grids)", "kU1 pfx m
            "m16 default", "m16 ring5 min2",           # the M <= 16 kernel (two n8 column blocks)
            "ring4 min3 x-ring",                       # x's tile columns through the ring too (M <= 4)
            "ring4 min3 x-ring8", "m16 ring4 min2 x-ring16",  # ... M <= 8 and 16 (dynamic shared memory)
-           "ring4 min2 x-ring8 32 rows", "m16 ring3 min2 x-ring16 32 rows"]  # two row tiles per block
+           "ring4 min2 x-ring8 32 rows", "m16 ring3 min2 x-ring16 32 rows",  # two row tiles per block
+           "ring4 min3 x-ring ortho-first", "ring4 min3 x-ring8 ortho-first",  # ortho stream during the ring's fill
+           "ring4 min2 x-ring8 32 rows ortho-first", "ring4 min2 x-ring ortho-first"]
 MAX_M = list(cuda_ops.V1_CONFIG_MAX_M)
 assert len(MAX_M) == len(CONFIGS)
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (1024, 4096)]
 
 
-def v1_class(n: int, k: int, m: int, sms: int) -> str:
-    """The class of a call in v1.cu's table (v1_class there)."""
+HEAVY_ORTHO = 1 << 20  # v1.cu kHeavyOrtho
+
+
+def v1_class(n: int, k: int, m: int, sms: int, ortho_nnz: int = 0) -> str:
+    """The class of a call in v1.cu's table (v1_class there); ortho_nnz counts only at alpha != 0."""
+    heavy = ortho_nnz >= HEAVY_ORTHO
     if m > 8:
-        return "m16"
-    if (n + 15) // 16 >= 3 * sms:
+        return "m16_tall" if (n + 15) // 16 >= sms and not heavy else "m16"
+    if (n + 15) // 16 >= 3 * sms and not heavy:
         return "tall_m4" if m <= 4 else "tall_m8"
     if m > 4:
         return "short_m8"
@@ -45,11 +51,12 @@ def v1_class(n: int, k: int, m: int, sms: int) -> str:
 
 
 def suggest_table(rows: list[dict], configs: list[str], sms: int) -> dict[str, int]:
-    """{class: configuration index} for the classes the rows cover (see the module docstring)."""
+    """{class: configuration index} for the classes the rows cover (see the module docstring); a row with
+    a heavy ortho stream falls in its alpha 1 call's class."""
     allowed = cuda_ops._V1_CLASS_CONFIGS
     by_class: dict[str, list[dict]] = {}
     for r in rows:
-        by_class.setdefault(v1_class(r["N"], r["K"], r["M"], sms), []).append(r)
+        by_class.setdefault(v1_class(r["N"], r["K"], r["M"], sms, r.get("ortho_nnz", 0)), []).append(r)
     table = {}
     for cls, rs in by_class.items():
         cost = {}
@@ -82,20 +89,21 @@ def main() -> None:
     ap.add_argument("--m", type=int, nargs="*", default=[1, 4, 8, 16])
     ap.add_argument("--replays", type=int, default=15)
     ap.add_argument("--configs", type=int, nargs="*", default=None, help="indices to time (default: all)")
+    ap.add_argument("--density", type=float, default=0.01, help="ortho density of the alpha 1 calls")
     args = ap.parse_args()
     assert cuda_ops.build(), cuda_ops._state["error"]
     ext = cuda_ops.extension()
     rows = []
     for n, k in SHAPES:
         w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
-        base = _ortho_layer(w, 4, 128, 0.01)
+        base = _ortho_layer(w, 4, 128, args.density)
         nq, nw = _copies(_layer_bytes(base, 1.0)), _copies(n * k * 2)
         layers = [base] + [_clone_layer(base) for _ in range(nq - 1)]
         ws = [w] + [w.clone() for _ in range(nw - 1)]
         calls = max(2 * nq, 2 * nw, 24)
         for m in args.m:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            row = {"N": n, "K": k, "M": m, "bf16_us": time_rotating([lambda wi=wi: F.linear(x, wi) for wi in ws],
+            row = {"N": n, "K": k, "M": m, "ortho_nnz": base.ortho_nnz, "bf16_us": time_rotating([lambda wi=wi: F.linear(x, wi) for wi in ws],
                                                                     args.replays, calls)}
             int4 = _torch_int4(w, 128, x)
             if int4 is not None:
@@ -123,7 +131,7 @@ def main() -> None:
     out = Path(args.out or f"benchmarks/results/v1-configs-{card_name()}.json")
     out.write_text(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__,
                                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                               "configs": CONFIGS, "table_in_use": cuda_ops.v1_table(),
+                               "density": args.density, "configs": CONFIGS, "table_in_use": cuda_ops.v1_table(),
                                "suggested": {"table": table, "spec": spec}, "rows": rows}, indent=1))
 
 

@@ -15,7 +15,11 @@ namespace {
 // dynamic shared memory (kRingBytes; the x ring from 8 rows). kRowTiles = 2: a block computes 32 output
 // rows (two row tiles) from one x ring, halving the x a block reads per output row (at M = 16 every
 // 16-row block read 128 KB of x from L2 at K = 4096, 4x its weight bytes).
-template <int kU_, bool kPrefetchX_, int kMinBlocks_, int kStages_ = 0, int kXRows_ = 0, int kRowTiles_ = 1>
+// kOrthoFirst (ring only): the warp runs its ortho entries right after requesting its first ring tiles,
+// straight from global memory, while those tiles are in flight, instead of after its sweep (where nothing
+// hides their latency and every block of a wave waits on it at once).
+template <int kU_, bool kPrefetchX_, int kMinBlocks_, int kStages_ = 0, int kXRows_ = 0, int kRowTiles_ = 1,
+          bool kOrthoFirst_ = false>
 struct V1Cfg {
   static constexpr int kU = kU_;
   static constexpr bool kPrefetchX = kPrefetchX_;
@@ -23,6 +27,8 @@ struct V1Cfg {
   static constexpr int kStages = kStages_;
   static constexpr int kXRows = kXRows_;
   static constexpr int kRowTiles = kRowTiles_;
+  static constexpr bool kOrthoFirst = kOrthoFirst_;
+  static_assert(!kOrthoFirst_ || kStages_ > 0, "the ortho stream first needs the ring");
   static_assert(kRowTiles_ == 1 || (kRowTiles_ == 2 && kStages_ > 0), "two row tiles need the ring");
   // per warp and slot and row tile: 512 weight bytes, 64 bytes of scales and zeros; 128 bytes per row of x
   static constexpr int kRingSize = kWarps * kStages_ * (kRowTiles_ * (512 + 64) + kXRows_ * 128);
@@ -250,6 +256,40 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     cp_commit();
     staged = true;
   };
+  // alpha * this thread's run [run_b, run_e) of the block's entries into the warp's red slot. Per-row loops
+  // sized to M (1, 2, 4, 8 within the kernel's MT): loops over all MT padded rows cost ~200 instructions per
+  // entry at M = 1 (ncu, 4096x4096, 1 %).
+  auto ortho_runs = [&](int run_b, int run_e, auto entry_col, auto entry_val) {
+    auto run = [&](auto mr) {
+      constexpr int MR = decltype(mr)::value;
+      // xt is laid out for this MR (the binding picks ld by the same rule) or not given
+      const T* xt = op.xt != nullptr && op.xt_ld == MR ? static_cast<const T*>(op.xt) : nullptr;
+      ortho_run<MR, R>(&red[warp][0][0], MT + 1, rpw[warp], run_b, run_e, x, K, M, op.alpha, entry_col, entry_val, xt);
+    };
+    if constexpr (MT == 8) {
+      if (M == 1) run(std::integral_constant<int, 1>{});
+      else if (M <= 2) run(std::integral_constant<int, 2>{});
+      else if (M <= 4) run(std::integral_constant<int, 4>{});
+      else run(std::integral_constant<int, 8>{});
+    } else {
+      run(std::integral_constant<int, MT>{});
+    }
+  };
+  // kOrthoFirst: the warp's red slot zeroed, its row pointers, its runs from global memory (nothing staged).
+  bool ortho_done = false;
+  auto ortho_first = [&]() {
+    for (int i = lane; i < R * (MT + 1); i += 32) (&red[warp][0][0])[i] = 0.f;
+    if (lane <= R) rpw[warp][lane] = my_rp;
+    if (R > 16 && lane == 0) rpw[warp][R] = my_rp_end;
+    __syncwarp();
+    const int e_lo = rpw[warp][0], e_hi = rpw[warp][R];
+    const int per = (e_hi - e_lo + kWarps * 32 - 1) / (kWarps * 32);
+    const int run_b = min(e_lo + static_cast<int>(threadIdx.x) * per, e_hi), run_e = min(run_b + per, e_hi);
+    ortho_runs(run_b, run_e, [&](int e) { return col_at(op, e); },
+               [&](int e) { return Num<T>::f(static_cast<const T*>(op.values)[e]); });
+    __syncwarp();
+    ortho_done = staged = true;
+  };
   float acc[RT][NT][4];
   // This lane's rows of x (batch rows t*8 + g; past M: row 0) as offsets, in 32-bit pairs, from xb.
   const uint32_t* xb = reinterpret_cast<const uint32_t*>(x) + tig;
@@ -297,7 +337,13 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
       const int nt = warp < Tf ? (Tf - warp + kWarps - 1) / kWarps : 0;
       ring_sweep<S, XR, T, NT, kPrefetchX, RT>(acc, wring[warp], pring[warp], xring[warp], nt, warp, lane,
                                                qtile, rt_q, sc, zp, rt_p, xb, xo, x, M, K, gi, pstep, g, tig,
-                                               [&] { if (!staged) stage_ortho(); });
+                                               [&] {
+                                                 if constexpr (Cfg::kOrthoFirst) {
+                                                   if (ortho) ortho_first();
+                                                 } else if (!staged) {
+                                                   stage_ortho();
+                                                 }
+                                               });
       swept = true;
     }
   }
@@ -323,22 +369,23 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     }
   }
 
-  // C fragment: c0,c1 -> row g, batch columns 2*tig, 2*tig+1; c2,c3 -> row g+8.
+  // C fragment: c0,c1 -> row g, batch columns 2*tig, 2*tig+1; c2,c3 -> row g+8. Added to the ortho sums
+  // when they came first, else stored.
+  const bool base_adds = Cfg::kOrthoFirst && ortho_done;
+  auto put = [&](float& slot, float v) { slot = base_adds ? slot + v : v; };
 #pragma unroll
   for (int rt = 0; rt < RT; ++rt) {
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
-      red[warp][rt * 16 + g][t * 8 + 2 * tig] = acc[rt][t][0];
-      red[warp][rt * 16 + g][t * 8 + 2 * tig + 1] = acc[rt][t][1];
-      red[warp][rt * 16 + g + 8][t * 8 + 2 * tig] = acc[rt][t][2];
-      red[warp][rt * 16 + g + 8][t * 8 + 2 * tig + 1] = acc[rt][t][3];
+      put(red[warp][rt * 16 + g][t * 8 + 2 * tig], acc[rt][t][0]);
+      put(red[warp][rt * 16 + g][t * 8 + 2 * tig + 1], acc[rt][t][1]);
+      put(red[warp][rt * 16 + g + 8][t * 8 + 2 * tig], acc[rt][t][2]);
+      put(red[warp][rt * 16 + g + 8][t * 8 + 2 * tig + 1], acc[rt][t][3]);
     }
   }
   if (!staged) stage_ortho();  // a warp without K tiles
-  if (ortho) {
+  if (ortho && !(Cfg::kOrthoFirst && ortho_done)) {
     // The warp adds alpha times its threads' runs into its own red slot, as soon as its sweep is done.
-    // Per-row loops sized to M (1, 2, 4, 8 within the kernel's MT): loops over all MT padded rows cost
-    // ~200 instructions per entry at M = 1 (ncu, 4096x4096, 1 %).
     if (lane <= R) rpw[warp][lane] = my_rp;
     if (R > 16 && lane == 0) rpw[warp][R] = my_rp_end;
     cp_wait<0>();
@@ -357,20 +404,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
       const int i = e - st_base;
       return Num<T>::f(i < st_n ? reinterpret_cast<const T*>(st_val[warp])[i] : static_cast<const T*>(op.values)[e]);
     };
-    auto run = [&](auto mr) {
-      constexpr int MR = decltype(mr)::value;
-      // xt is laid out for this MR (the binding picks ld by the same rule) or not given
-      const T* xt = op.xt != nullptr && op.xt_ld == MR ? static_cast<const T*>(op.xt) : nullptr;
-      ortho_run<MR, R>(&red[warp][0][0], MT + 1, rpw[warp], run_b, run_e, x, K, M, op.alpha, entry_col, entry_val, xt);
-    };
-    if constexpr (MT == 8) {
-      if (M == 1) run(std::integral_constant<int, 1>{});
-      else if (M <= 2) run(std::integral_constant<int, 2>{});
-      else if (M <= 4) run(std::integral_constant<int, 4>{});
-      else run(std::integral_constant<int, 8>{});
-    } else {
-      run(std::integral_constant<int, MT>{});
-    }
+    ortho_runs(run_b, run_e, entry_col, entry_val);
   }
   __syncthreads();
   for (int i = threadIdx.x; i < R * M; i += blockDim.x) {
@@ -408,9 +442,32 @@ cudaError_t launch_v1(void (*kernel)(Operands, const T*, const T*, T*, int), con
   return cudaLaunchKernelEx(&cfg, kernel, op, xp, bp, op_, M);
 }
 
+// A v1 configuration whose ring lives in dynamic shared memory: the kernel is allowed its kRingBytes (over
+// the default 48 KB) once per device before its first launch.
+template <typename T, int NT, class Cfg>
+cudaError_t launch_v1_dyn(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
+  constexpr auto kernel = fused_small_m_kernel<T, 4, NT, Cfg>;
+  static bool allowed[64] = {};
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
+  if (!allowed[dev]) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kRingBytes);
+    if (err != cudaSuccess) return err;
+    allowed[dev] = true;
+  }
+  return launch_v1<T>(kernel, op, x, bias, out, M, s, Cfg::kRingBytes, 16 * Cfg::kRowTiles);
+}
+
 // The largest M of each v1 configuration below (cuda.py V1_CONFIG_MAX_M mirrors it).
-constexpr int kV1CfgMaxM[] = {8, 8, 8, 8, 8, 8, 16, 16, 4, 8, 16, 8, 16};
+constexpr int kV1CfgMaxM[] = {8, 8, 8, 8, 8, 8, 16, 16, 4, 8, 16, 8, 16, 4, 8, 8, 4};
 constexpr int kV1Cfgs = sizeof(kV1CfgMaxM) / sizeof(kV1CfgMaxM[0]);
 
 }  // namespace
+
+// Configurations 11 and up (v1_configs_hi.cu: another translation unit, built in parallel).
+cudaError_t launch_v1_cfg_hi(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
+                             cudaStream_t s);
+
 }  // namespace libortho

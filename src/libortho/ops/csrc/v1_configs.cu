@@ -5,24 +5,6 @@
 namespace libortho {
 namespace {
 
-// A v1 configuration whose ring lives in dynamic shared memory: the kernel is allowed its kRingBytes (over
-// the default 48 KB) once per device before its first launch.
-template <typename T, int NT, class Cfg>
-cudaError_t launch_v1_dyn(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
-  constexpr auto kernel = fused_small_m_kernel<T, 4, NT, Cfg>;
-  static bool allowed[64] = {};
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
-  if (!allowed[dev]) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kRingBytes);
-    if (err != cudaSuccess) return err;
-    allowed[dev] = true;
-  }
-  return launch_v1<T>(kernel, op, x, bias, out, M, s, Cfg::kRingBytes, 16 * Cfg::kRowTiles);
-}
-
 // The v1 configurations the tuning probe times (INT4; largest M: kV1CfgMaxM): index -> V1Cfg.
 template <typename T>
 cudaError_t fused_cfg_dispatch(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
@@ -44,10 +26,7 @@ cudaError_t fused_cfg_dispatch(const Operands& op, const void* x, const void* bi
     // the x ring for M <= 8 and M <= 16 (dynamic shared memory: 51 / 84 KB of ring per block)
     case 9: return launch_v1_dyn<T, 1, V1Cfg<1, true, 3, 4, 8>>(op, x, bias, out, M, s);
     case 10: return launch_v1_dyn<T, 2, V1Cfg<1, true, 2, 4, 16>>(op, x, bias, out, M, s);
-    // two row tiles (32 output rows) per block from one x ring: 70 / 77 KB of ring per block
-    case 11: return launch_v1_dyn<T, 1, V1Cfg<1, true, 2, 4, 8, 2>>(op, x, bias, out, M, s);
-    case 12: return launch_v1_dyn<T, 2, V1Cfg<1, true, 2, 3, 16, 2>>(op, x, bias, out, M, s);
-    default: return cudaErrorInvalidValue;
+    default: return launch_v1_cfg_hi(op, x, bias, out, M, cfg, s);  // v1_configs_hi.cu
   }
 }
 
