@@ -41,9 +41,14 @@ HEAVY_ORTHO = 1 << 20  # v1.cu kHeavyOrtho
 def v1_class(n: int, k: int, m: int, sms: int, ortho_nnz: int = 0) -> str:
     """The class of a call in v1.cu's table (v1_class there); ortho_nnz counts only at alpha != 0."""
     heavy = ortho_nnz >= HEAVY_ORTHO
+    tall = (n + 15) // 16 >= 3 * sms
     if m > 8:
         return "m16_tall" if (n + 15) // 16 >= sms and not heavy else "m16"
-    if (n + 15) // 16 >= 3 * sms and not heavy:
+    if heavy and m > 4:
+        return "heavy_m8"
+    if heavy and tall:
+        return "heavy_tall_m4"
+    if tall:
         return "tall_m4" if m <= 4 else "tall_m8"
     if m > 4:
         return "short_m8"
@@ -51,19 +56,20 @@ def v1_class(n: int, k: int, m: int, sms: int, ortho_nnz: int = 0) -> str:
 
 
 def suggest_table(rows: list[dict], configs: list[str], sms: int) -> dict[str, int]:
-    """{class: configuration index} for the classes the rows cover (see the module docstring); a row with
-    a heavy ortho stream falls in its alpha 1 call's class."""
+    """{class: configuration index} for the classes the rows cover (see the module docstring). A row's alpha 0
+    and alpha 1 calls count in their own calls' classes (which differ for a heavy ortho stream)."""
     allowed = cuda_ops._V1_CLASS_CONFIGS
-    by_class: dict[str, list[dict]] = {}
+    by_class: dict[str, list[tuple[dict, str]]] = {}
     for r in rows:
-        by_class.setdefault(v1_class(r["N"], r["K"], r["M"], sms, r.get("ortho_nnz", 0)), []).append(r)
+        for key, nnz in (("alpha0_us", 0), ("alpha1_us", r.get("ortho_nnz", 0))):
+            by_class.setdefault(v1_class(r["N"], r["K"], r["M"], sms, nnz), []).append((r, key))
     table = {}
-    for cls, rs in by_class.items():
+    for cls, calls in by_class.items():
         cost = {}
         for i in allowed[cls]:
             name = configs[i]
-            if all(name in r and r[name]["ok"] for r in rs):
-                cost[i] = sum(r[name]["alpha0_us"] + r[name]["alpha1_us"] for r in rs)
+            if all(name in r and r[name]["ok"] for r, _ in calls):
+                cost[i] = sum(r[name][key] for r, key in calls)
         if cost:
             table[cls] = min(cost, key=cost.get)
     return table

@@ -384,7 +384,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     }
   }
   if (!staged) stage_ortho();  // a warp without K tiles
-  if (ortho && !(Cfg::kOrthoFirst && ortho_done)) {
+  if (ortho && !base_adds) {
     // The warp adds alpha times its threads' runs into its own red slot, as soon as its sweep is done.
     if (lane <= R) rpw[warp][lane] = my_rp;
     if (R > 16 && lane == 0) rpw[warp][R] = my_rp_end;
@@ -416,6 +416,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     if (bias) y += Num<T>::f(bias[n]);
     out[static_cast<size_t>(m) * N + n] = Num<T>::from(y);
   }
+  l2_prefetch_share(op);
 }
 
 template <typename T>
