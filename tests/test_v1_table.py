@@ -47,13 +47,10 @@ def test_probe_classes_mirror_the_kernel_dispatch():
     assert probe.v1_class(14336, 4096, 5, sms) == "tall_m8"
     assert probe.v1_class(2096, 4096, 16, sms) == "m16" and probe.v1_class(2112, 4096, 9, sms) == "m16_tall"
     assert probe.v1_class(6336, 4096, 1, sms) == "tall_m4" and probe.v1_class(6320, 4096, 1, sms) == "short_m4"
-    heavy = probe.HEAVY_ORTHO                   # from this many entries at alpha != 0: the heavy classes
-    assert probe.v1_class(11008, 4096, 1, sms, heavy) == "heavy_tall_m4"
+    heavy = probe.HEAVY_ORTHO                   # from this many entries at alpha != 0 a tall grid counts as short
+    assert probe.v1_class(11008, 4096, 1, sms, heavy) == "short_m4"
     assert probe.v1_class(11008, 4096, 1, sms, heavy - 1) == "tall_m4"
-    assert probe.v1_class(4096, 4096, 4, sms, heavy) == "short_m4"     # a short grid stays short at M <= 4
-    assert probe.v1_class(4096, 11008, 1, sms, heavy) == "short_long_k"
-    assert probe.v1_class(11008, 4096, 8, sms, heavy) == "heavy_m8"
-    assert probe.v1_class(4096, 14336, 5, sms, heavy) == "heavy_m8"
+    assert probe.v1_class(11008, 4096, 8, sms, heavy) == "short_m8"
     assert probe.v1_class(11008, 4096, 16, sms, heavy) == "m16"
 
 
@@ -77,13 +74,13 @@ def test_suggest_table_offers_the_x_ring_to_m4_classes_only():
     assert probe.suggest_table(rows, probe.CONFIGS, 132) == {"short_m4": 8, "short_m8": 2}
 
 
-def test_suggest_table_counts_heavy_alpha1_calls_in_their_own_class():
-    """A heavy row's alpha 0 time picks its tall class's configuration, its alpha 1 time the heavy class's."""
-    n = probe.HEAVY_ORTHO
-    row = {"N": 11008, "K": 4096, "M": 1, "ortho_nnz": n}
+def test_suggest_table_counts_a_heavy_rows_calls_in_their_own_classes():
+    """A heavy row on a tall grid: its alpha 0 time picks the tall class's configuration, its alpha 1 time
+    the short class's (v1.cu kHeavyOrtho)."""
+    row = {"N": 11008, "K": 4096, "M": 1, "ortho_nnz": probe.HEAVY_ORTHO}
     for i, (a0, a1) in {1: (5.0, 30.0), 8: (6.0, 20.0)}.items():
         row[probe.CONFIGS[i]] = {"alpha0_us": a0, "alpha1_us": a1, "rel_err": 0.0, "ok": True}
-    assert probe.suggest_table([row], probe.CONFIGS, 132) == {"tall_m4": 1, "heavy_tall_m4": 8}
+    assert probe.suggest_table([row], probe.CONFIGS, 132) == {"tall_m4": 1, "short_m4": 8}
 
 
 def test_suggest_table_leaves_out_a_class_with_no_config_correct_on_all_rows():

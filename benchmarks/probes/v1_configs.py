@@ -41,14 +41,9 @@ HEAVY_ORTHO = 1 << 20  # v1.cu kHeavyOrtho
 def v1_class(n: int, k: int, m: int, sms: int, ortho_nnz: int = 0) -> str:
     """The class of a call in v1.cu's table (v1_class there); ortho_nnz counts only at alpha != 0."""
     heavy = ortho_nnz >= HEAVY_ORTHO
-    tall = (n + 15) // 16 >= 3 * sms
     if m > 8:
         return "m16_tall" if (n + 15) // 16 >= sms and not heavy else "m16"
-    if heavy and m > 4:
-        return "heavy_m8"
-    if heavy and tall:
-        return "heavy_tall_m4"
-    if tall:
+    if (n + 15) // 16 >= 3 * sms and not heavy:
         return "tall_m4" if m <= 4 else "tall_m8"
     if m > 4:
         return "short_m8"
@@ -57,7 +52,7 @@ def v1_class(n: int, k: int, m: int, sms: int, ortho_nnz: int = 0) -> str:
 
 def suggest_table(rows: list[dict], configs: list[str], sms: int) -> dict[str, int]:
     """{class: configuration index} for the classes the rows cover (see the module docstring). A row's alpha 0
-    and alpha 1 calls count in their own calls' classes (which differ for a heavy ortho stream)."""
+    and alpha 1 calls count in their own calls' classes (which differ for a heavy ortho stream on a tall grid)."""
     allowed = cuda_ops._V1_CLASS_CONFIGS
     by_class: dict[str, list[tuple[dict, str]]] = {}
     for r in rows:

@@ -9,13 +9,12 @@ from .data import load_model, read_text
 from .errors import LibOrthoError, SaveFormatError
 from .fuse import fuse_linear_siblings, fuse_siblings, unfuse_siblings
 from .layer import OrthoLinear
-from .prefetch import chain_l2_prefetch, clear_l2_prefetch
 from .model import alpha, cast_model, decompose, format_report, ortho_layers, report, set_alpha
 
 __all__ = ["OrthoConfig", "OrthoLinear", "Calibration", "calibration_data", "decompose", "set_alpha",
            "alpha", "cast_model", "report", "format_report", "ortho_layers", "save", "load", "read_manifest",
            "load_model", "read_text", "fuse_siblings", "fuse_linear_siblings", "unfuse_siblings",
-           "LibOrthoError", "SaveFormatError", "perplexity", "chain_l2_prefetch", "clear_l2_prefetch"]
+           "LibOrthoError", "SaveFormatError", "perplexity"]
 
 
 def perplexity(*args, **kwargs):

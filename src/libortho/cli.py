@@ -111,8 +111,6 @@ def cmd_generate(a):
         has_ortho = bool(libortho.ortho_layers(model))
         if has_ortho:
             libortho.set_alpha(model, value)
-        if has_ortho and mode is not None and a.l2_prefetch_mb > 0:  # after fusing and alpha: they set the units
-            libortho.chain_l2_prefetch(model, torch.ones(1, 1, dtype=torch.long, device=device), max_mb=a.l2_prefetch_mb)
         t = time.time()
         if mode is not None:  # a new decoder per alpha: a captured graph holds the alpha values
             text = _generate_fast(model, tok, a.prompt, a.max_new_tokens, chat=not a.no_chat, mode=mode)
@@ -184,9 +182,6 @@ def build_parser():
     g.add_argument("--no-fuse", action="store_true",
                    help="fast path: keep q/k/v and gate/up as separate launches (libortho.fuse_siblings)")
     g.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
-    g.add_argument("--l2-prefetch-mb", type=float, default=0.0,
-                   help="fast path: each packed launch asks L2 to fetch up to this many MB of the next one "
-                        "(libortho.chain_l2_prefetch; 0: off)")
     g.set_defaults(fn=cmd_generate)
 
     m = sub.add_parser("demo", help="SmolLM2: decompose, report sizes, generate at alpha 1 and 0")

@@ -8,7 +8,6 @@ from torch import nn
 
 from . import quant
 from .ops import check_inputs
-from .prefetch import next_buffers
 from .sieve import CSR, check_csr, check_density, col_dtype_for, empty_csr, sieve
 
 _FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -157,4 +156,4 @@ def run_packed(layer, x: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.ops.libortho.ortho_linear(
         x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values,
         layer.bias, alpha, layer.bits, quant.effective_group_size(layer.group_size, layer.in_features),
-        layer.out_features, layer.in_features, *next_buffers(layer))
+        layer.out_features, layer.in_features)

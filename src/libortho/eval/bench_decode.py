@@ -34,13 +34,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-VARIANTS = ("bf16", "alpha1", "alpha0", "int4", "bf16_fused", "alpha1_l2pf", "alpha0_l2pf")
+VARIANTS = ("bf16", "alpha1", "alpha0", "int4", "bf16_fused")
 DEFAULT_VARIANTS = VARIANTS[:4]  # bf16_fused (the control for what fusing siblings alone is worth) on request
-LIBORTHO_VARIANTS = ("alpha1", "alpha0", "alpha1_l2pf", "alpha0_l2pf")  # _l2pf: with libortho.chain_l2_prefetch
 MODELS = ("smollm2", "llama2-7b-shape", "tiny")
 LABELS = {"bf16": "bf16", "alpha1": "LibOrtho alpha=1", "alpha0": "LibOrtho alpha=0", "int4": "torch int4",
-          "bf16_fused": "bf16, q/k/v and gate/up fused", "alpha1_l2pf": "LibOrtho alpha=1, L2 prefetch chain",
-          "alpha0_l2pf": "LibOrtho alpha=0, L2 prefetch chain"}
+          "bf16_fused": "bf16, q/k/v and gate/up fused"}
 _PAD = 8  # spare cache slots / token slots for the warm-up steps before a graph capture
 
 
@@ -699,9 +697,6 @@ def add_arguments(p):
     p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS,
                    help="bf16_fused: bf16 with q/k/v and gate/up as one F.linear each (libortho.fuse_linear_siblings), "
                         "the control for the LibOrtho rows' fusion")
-    p.add_argument("--l2-prefetch-mb", type=float, default=24.0,
-                   help="variants alpha1_l2pf / alpha0_l2pf: what each launch asks L2 to fetch of the next "
-                        "(libortho.chain_l2_prefetch)")
     p.add_argument("--density", type=float, default=0.01)
     p.add_argument("--score", default="magnitude", choices=["magnitude", "random"],
                    help="ortho sieve of the RTN residual (random draws its scores on the CPU: slow for 7B)")
@@ -746,7 +741,6 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
     from ..config import OrthoConfig
     from ..fuse import fuse_linear_siblings, fuse_siblings, unfuse_siblings
     from ..model import ortho_layers, report, set_alpha
-    from ..prefetch import chain_l2_prefetch, clear_l2_prefetch
     progress = not args.no_progress
     mode = args.mode or ("graph" if device.type == "cuda" else "eager")
     t0 = time.perf_counter()
@@ -796,7 +790,7 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
         if "bf16" not in weight_bytes:
             weight_bytes["bf16"] = sum(w.numel() * 2 for w in bank.weights.values()) + \
                 sum(b.numel() * 2 for b in bank.biases.values() if b is not None)
-        if set(LIBORTHO_VARIANTS) & set(args.variants):
+        if {"alpha1", "alpha0"} & set(args.variants):
             cfg = OrthoConfig(bits=4, group_size=args.group_size, density=args.density, score=args.score,
                               method="rtn", dtype="bfloat16")
             info["libortho_config"] = cfg.to_dict()
@@ -810,15 +804,10 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
             info["libortho_bits_per_weight"] = tot["bits_per_weight"]
             info["libortho_ortho_nnz"] = tot["ortho_nnz"]
             check_n = args.new_tokens if args.check_tokens is None else args.check_tokens
-            for v in [v for v in args.variants if v in LIBORTHO_VARIANTS]:  # in the order asked
-                a = 1.0 if v.startswith("alpha1") else 0.0
+            for v in [v for v in args.variants if v in ("alpha1", "alpha0")]:  # in the order asked
+                a = 1.0 if v == "alpha1" else 0.0
                 set_alpha(model, a)
-                clear_l2_prefetch(model)
-                if v.endswith("_l2pf"):
-                    info.setdefault("l2_prefetch_links", {})[v] = chain_l2_prefetch(
-                        model, prompts[:1, :1].to(device), max_mb=args.l2_prefetch_mb)
                 run_variant(v)
-                clear_l2_prefetch(model)
                 if name == "smollm2" and check_n:
                     print(f"[{name}] greedy check at alpha={a:g}: default dispatch vs reference op", flush=True)
                     with _keep_going(info, f"{v}/greedy_check", "greedy check", args.strict, device):
@@ -874,7 +863,7 @@ def _rows(name: str, args, mode: str, results: dict, prefill: dict, weight_bytes
             row[f"{v}_deterministic"] = None if r is None else r["deterministic"]
             row[f"{v}_weight_bytes"] = weight_bytes.get("libortho" if v.startswith("alpha") else v)
         base, fused = row["bf16_tok_s"], row["bf16_fused_tok_s"]
-        for v in ("alpha1", "alpha0", "int4", "alpha1_l2pf", "alpha0_l2pf"):
+        for v in ("alpha1", "alpha0", "int4"):
             row[f"speedup_{v}"] = None if not base or row[f"{v}_tok_s"] is None else row[f"{v}_tok_s"] / base
             if fused and row[f"{v}_tok_s"] is not None:
                 row[f"speedup_{v}_vs_bf16_fused"] = row[f"{v}_tok_s"] / fused
@@ -883,7 +872,7 @@ def _rows(name: str, args, mode: str, results: dict, prefill: dict, weight_bytes
                 row[f"{v}_prefill_{args.prefill_len}_ms"] = p["ms"]
         # greedy agreement of each row with bf16 (same prompt, same harness): how many leading tokens match
         ref = results["bf16"].get(b)
-        for v in VARIANTS[1:]:
+        for v in ("alpha1", "alpha0", "int4", "bf16_fused"):
             r = results[v].get(b)
             if ref is not None and r is not None:
                 same = (ref["tokens"] == r["tokens"]).all(0).long()
@@ -921,11 +910,6 @@ def summary(result: dict) -> str:
         pre = " / ".join(f(pf.get(f"{v}_ms"), "{:.2f}") for v in DEFAULT_VARIANTS)
         lines.append(f"| {name} | {mib('bf16')} | {mib('libortho')} | {mib('libortho_base_only')} | {mib('int4')} | "
                      f"{pf.get('tokens')} tokens: {pre} | {f(info.get('decompose_s'))} |")
-    for r in result["rows"]:
-        for v in ("alpha1_l2pf", "alpha0_l2pf"):
-            if r.get(f"{v}_tok_s") is not None:
-                lines.append(f"\n{LABELS[v]}, {r['model']} batch {r['batch']}: {r[f'{v}_tok_s']:.1f} tok/s "
-                             f"({r[f'{v}_ms_per_token']:.2f} ms), {f(r.get(f'speedup_{v}'), '{:.2f}x')} bf16")
     for r in result["rows"]:
         if r.get("bf16_fused_tok_s") is not None:
             vs = " / ".join(f(r.get(f"speedup_{v}_vs_bf16_fused"), "{:.2f}x") for v in ("alpha1", "alpha0", "int4"))

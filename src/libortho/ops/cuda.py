@@ -39,13 +39,12 @@ DEFAULT_DECODE_KERNEL = "v1"  # H200, 2026-11-29: v3 wins at M = 1 on 5 of 6 Lla
 _FUSED = {"v1": "fused_small_m", "v2": "fused_small_m_v2", "v3": "fused_small_m_v3"}
 _state = {"ext": None, "error": None, "warned": set(), "decode": None}
 # The classes of the v1 configuration table (kernels.h, in its order) and the configurations each can take.
-V1_CLASSES = ("short_long_k", "short_m4", "short_m8", "tall_m4", "tall_m8", "m16", "m16_tall", "heavy_tall_m4",
-              "heavy_m8")
+V1_CLASSES = ("short_long_k", "short_m4", "short_m8", "tall_m4", "tall_m8", "m16", "m16_tall")
 # The largest M of each v1 tuning configuration (v1.cuh kV1CfgMaxM, v1_configs.cu fused_cfg_dispatch, in its order) and of each
 # class: a class takes the configurations of its kernel (M <= 8 or M <= 16) that reach its largest M.
 V1_CONFIG_MAX_M = (8,) * 6 + (16,) * 2 + (4, 8, 16) + (8, 16) + (4, 8, 8, 4)
 _V1_CLASS_MAX_M = {"short_long_k": 4, "short_m4": 4, "short_m8": 8, "tall_m4": 4, "tall_m8": 8, "m16": 16,
-                   "m16_tall": 16, "heavy_tall_m4": 4, "heavy_m8": 8}
+                   "m16_tall": 16}
 _V1_CLASS_CONFIGS = {c: tuple(i for i, mm in enumerate(V1_CONFIG_MAX_M) if mm >= cm and (mm == 16) == (cm == 16))
                      for c, cm in _V1_CLASS_MAX_M.items()}
 
@@ -204,8 +203,7 @@ def _checked(result, what: str = "kernel"):
 
 
 def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
-                      out_features, in_features, next_qweight=None, next_scales=None, next_col_idx=None,
-                      next_values=None):
+                      out_features, in_features):
     supported = x.dtype in (torch.float16, torch.bfloat16) and in_features % 2 == 0
     if not supported or not available():
         if not supported:
@@ -224,17 +222,9 @@ def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
     if m == 0:
         return x.new_empty(*x.shape[:-1], out_features)
     if m <= SMALL_M_MAX:
-        args = (x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
-                out_features, in_features, pdl_enabled())
-        variant = decode_kernel()
-        nxt = [t for t in (next_qweight, next_scales, next_col_idx, next_values) if t is not None]
-        if any(t.device != x.device for t in nxt):
-            raise ValueError(f"next_* tensors to prefetch must be on {x.device} (the input's device), got "
-                             f"{[str(t.device) for t in nxt]}")
-        if nxt and variant == "v1":  # only v1 prefetches (see libortho.prefetch)
-            y = _checked(_state["ext"].fused_small_m_prefetch(*args, nxt), "fused kernel")
-        else:
-            y = _checked(getattr(_state["ext"], _FUSED[variant])(*args), "fused kernel")
+        fused = getattr(_state["ext"], _FUSED[decode_kernel()])
+        y = _checked(fused(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
+                           out_features, in_features, pdl_enabled()), "fused kernel")
     else:
         w = _checked(_state["ext"].dequant_merge(x2, qweight, scales, zeros, row_ptr, col_idx, values, alpha,
                                                  bits, group_size, out_features, in_features), "dequant kernel")

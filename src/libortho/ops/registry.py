@@ -40,21 +40,13 @@ def check_inputs(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alph
 def ortho_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  zeros: Optional[torch.Tensor], row_ptr: torch.Tensor, col_idx: torch.Tensor,
                  values: torch.Tensor, bias: Optional[torch.Tensor], alpha: float, bits: int,
-                 group_size: int, out_features: int, in_features: int,
-                 next_qweight: Optional[torch.Tensor] = None, next_scales: Optional[torch.Tensor] = None,
-                 next_col_idx: Optional[torch.Tensor] = None,
-                 next_values: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y = x @ deq(Q)^T + alpha * x @ S^T (+ bias). group_size here is the effective one (> 0).
-
-    ``next_*`` (optional, see :mod:`libortho.prefetch`): the next layer's buffers (or prefixes of them),
-    which the CUDA decode kernel asks L2 to fetch as it finishes. A hint only: the result never depends on
-    them, and the reference ignores them."""
+                 group_size: int, out_features: int, in_features: int) -> torch.Tensor:
+    """y = x @ deq(Q)^T + alpha * x @ S^T (+ bias). group_size here is the effective one (> 0)."""
     return ortho_linear_reference(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
                                   alpha, bits, group_size, out_features, in_features)
 
 
 @ortho_linear.register_fake
 def _(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
-      out_features, in_features, next_qweight=None, next_scales=None, next_col_idx=None,
-      next_values=None):
+      out_features, in_features):
     return x.new_empty(*x.shape[:-1], out_features)

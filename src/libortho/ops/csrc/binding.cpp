@@ -71,29 +71,12 @@ using Launch = cudaError_t (*)(const libortho::Operands&, const void*, const voi
 // faster than nnz * M (H200, 12:36 UTC 2026-11-29). cuda.py sets it ($LIBORTHO_ORTHO_XT).
 int64_t g_xt_min = int64_t{1} << 21;
 
-// The byte ranges of up to 4 tensors on x's device for the v1 kernel's L2 prefetch (Operands::pf), each
-// trimmed to whole 16-byte units inside the tensor (the bulk prefetch's alignment); false for more than 4
-// or a tensor elsewhere.
-bool l2_ranges(libortho::Operands& op, const std::vector<at::Tensor>& tensors, const at::Device& device) {
-  if (tensors.size() > 4) return false;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const at::Tensor& t = tensors[i];
-    if (!t.is_cuda() || t.device() != device || !t.is_contiguous()) return false;
-    const auto a = reinterpret_cast<uintptr_t>(t.data_ptr());
-    const uintptr_t lo = (a + 15) & ~uintptr_t{15}, hi = (a + t.numel() * t.element_size()) & ~uintptr_t{15};
-    op.pf[i] = reinterpret_cast<const void*>(lo);
-    op.pf_bytes[i] = hi > lo ? static_cast<int64_t>(hi - lo) : 0;
-  }
-  return true;
-}
-
 // Checks the operands of a small-M product (1 <= M <= max_m) and runs launch(op, x, bias, out, M, stream).
 template <class F>
 Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
-               int64_t group_size, int64_t N, int64_t K, bool pdl, int64_t max_m, bool v1, F&& launch,
-               const std::vector<at::Tensor>& prefetch = {}) {
+               int64_t group_size, int64_t N, int64_t K, bool pdl, int64_t max_m, bool v1, F&& launch) {
   const at::Tensor none = at::empty({0}, x.options());
   if (!x.is_cuda() || x.dim() != 2 || x.size(1) != K || !x.is_contiguous())
     return {none, kBadArgs};
@@ -105,7 +88,6 @@ Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
   if (bias && (bias->scalar_type() != x.scalar_type() || bias->numel() != N || !bias->is_contiguous()))
     return {none, kBadArgs};
   op.pdl = pdl;
-  if (!l2_ranges(op, prefetch, x.device())) return {none, kBadArgs};
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   at::Tensor xt;  // alive until the launch is queued; the allocator reuses it in stream order
@@ -134,16 +116,6 @@ Result fused(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& s
              int64_t group_size, int64_t N, int64_t K, bool pdl) {
   return small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, pdl, 64,
                  launch == &libortho::launch_fused_small_m, launch);
-}
-
-// v1 (the default decode kernel) that, as its blocks finish, asks L2 to fetch `next` (up to 4 tensors: the
-// next layer's weights, scales and ortho arrays; see Operands::pf).
-Result fused_prefetch(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                      const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                      const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
-                      int64_t group_size, int64_t N, int64_t K, bool pdl, const std::vector<at::Tensor>& next) {
-  return small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, pdl, 64,
-                 true, &libortho::launch_fused_small_m, next);
 }
 
 // v1 with tuning configuration `cfg` (benchmarks/probes/v1_configs.py), plain launches.
@@ -189,7 +161,6 @@ bool set_v1_table(const std::vector<int64_t>& table) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_small_m", &fused<&libortho::launch_fused_small_m>, "(x @ deq(Q)^T + alpha x @ S^T + bias, error code), 1 <= M <= 64; last argument: PDL (v1)");
-  m.def("fused_small_m_prefetch", &fused_prefetch, "fused_small_m (v1) whose blocks ask L2 to fetch up to 4 more tensors as they finish (the next layer's)");
   m.def("fused_small_m_v2", &fused<&libortho::launch_fused_small_m_v2>, "the same by the v2 decode kernel (LIBORTHO_DECODE_KERNEL=v2)");
   m.def("fused_small_m_v3", &fused<&libortho::launch_fused_small_m_v3>, "the same by the v3 decode kernel (LIBORTHO_DECODE_KERNEL=v3)");
   m.def("ortho_xt_min", &ortho_xt_min, "v1 reads x transposed in its ortho stream when M >= 2 and nnz * M * max(M, 4) / 4 >= this (-1: never)");

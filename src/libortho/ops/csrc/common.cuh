@@ -49,25 +49,6 @@ __device__ inline void pdl_prologue(const void* strip, int bytes) {
 #endif
 }
 
-// The block's equal share of each of op.pf's ranges, requested into L2 by one bulk prefetch per range
-// (the TMA unit fetches it: no thread waits and nothing is read back). Called as a block finishes.
-__device__ inline void l2_prefetch_share(const Operands& op) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const int r = threadIdx.x;
-  if (r >= 4 || op.pf_bytes[r] <= 0) return;
-  const int64_t units = op.pf_bytes[r] >> 4, per = (units + gridDim.x - 1) / gridDim.x;
-  const int64_t u0 = per * blockIdx.x, u1 = min(units, u0 + per);
-  if (u0 >= u1) return;
-  const char* p = static_cast<const char*>(op.pf[r]) + (u0 << 4);
-  for (int64_t n = (u1 - u0) << 4; n > 0;) {
-    const uint32_t c = static_cast<uint32_t>(n < (int64_t{1} << 24) ? n : (int64_t{1} << 24));
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(reinterpret_cast<uint64_t>(p)), "r"(c) : "memory");
-    p += c;
-    n -= c;
-  }
-#endif
-}
-
 struct DeviceInfo {
   int sms = 0;
   bool cc90 = false;

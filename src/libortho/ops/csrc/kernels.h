@@ -20,11 +20,6 @@ struct Operands {
   bool pdl;                // v1 only: programmatic dependent launch (sm_90+), see common.cuh
   const void* xt;          // v1 only, or nullptr: x transposed, (K, xt_ld), rows padded with zeros
   int xt_ld;               // 2, 4, 8 or 16: the ortho stream's rows of x for one column in one load
-  // v1 only: up to 4 byte ranges (16-byte aligned, multiples of 16 bytes; 0 bytes: none) that the blocks
-  // ask L2 to fetch as they finish: the next layer's weights (and ortho arrays), so that they stream in
-  // while the small kernels between two layers leave HBM idle. A hint only: nothing is read back from it.
-  const void* pf[4];
-  int64_t pf_bytes[4];
 };
 
 // xt (K, ld) = x (M, K) transposed, columns M..ld-1 zero (ld = 2, 4, 8, 16 >= M), for the v1 kernel's
@@ -41,11 +36,11 @@ cudaError_t launch_fused_small_m_cfg(const Operands& op, const void* x, const vo
 
 // The INT4 v1 configuration (an index of launch_fused_small_m_cfg) that launch_fused_small_m uses for each
 // class of call, in this order: short grids (< 3 blocks per SM) at M <= 4 with K >= 8192, at M <= 4 with
-// K < 8192, at M 5-8; tall grids at M <= 4, at M 5-8; M 9-16 below one row tile per SM, from one; then
-// heavy calls (alpha != 0 and at least 2^20 ortho entries) on tall grids at M <= 4, and at M 5-8 (other heavy
-// calls count as short grids). set_v1_table changes nothing and returns false when an index cannot serve its class (a configuration of the M <= 8 kernel reaching the class's
+// K < 8192, at M 5-8; tall grids at M <= 4, at M 5-8; M 9-16 below one row tile per SM, from one. A call
+// with alpha != 0 and at least 2^20 ortho entries counts as a short grid. set_v1_table changes nothing and returns
+// false when an index cannot serve its class (a configuration of the M <= 8 kernel reaching the class's
 // largest M, or of the M <= 16 kernel for M 9-16; v1.cuh kV1CfgMaxM).
-constexpr int kV1Classes = 9;
+constexpr int kV1Classes = 7;
 bool set_v1_table(const int (&table)[kV1Classes]);
 void get_v1_table(int (&table)[kV1Classes]);
 

@@ -9,11 +9,9 @@ namespace {
 // (benchmarks/probes/v1_configs.py, results/v1-configs-H200*.json, 2026-11-29 11:03 and 13:08 UTC) suggested
 // it: the 4-slot ring carrying x's columns, its 4-row form at M <= 4, 8 rows at M 5-8, 16 rows at M 9-16;
 // on tall grids (and at M 9-16 from one row tile per SM) 32 output rows per block (11, 12, 15); on short
-// grids at M <= 8 the ortho stream first (14, 16; probe of 2026-11-29 14:02 UTC, 1 % ortho). Heavy ortho
-// streams (alpha 1 at 5 %, probe of 14:12 UTC): the x ring of 4 rows on tall grids at M <= 4 (8: 14336x4096
-// M = 1 25.9 us against 29.0 with 16) and of 8 rows at M 5-8 (9: 40.9 against 48.7 with 14).
+// grids at M <= 8 the ortho stream first (14, 16; probe of 2026-11-29 14:02 UTC, 1 % ortho).
 // cuda.py replaces entries for a tuning run ($LIBORTHO_V1_CFG).
-int g_v1_table[kV1Classes] = {16, 16, 14, 15, 11, 10, 12, 8, 9};
+int g_v1_table[kV1Classes] = {16, 16, 14, 15, 11, 10, 12};
 
 // From this many ortho entries (with alpha != 0) a grid counts as short: the tall classes' 32-row blocks
 // halve the blocks that share the ortho stream, and at 5 % ortho (2.25M entries on 11008x4096) that cost
@@ -22,11 +20,8 @@ constexpr int64_t kHeavyOrtho = int64_t{1} << 20;
 
 inline int v1_class(const Operands& op, int M) {
   const bool heavy = op.alpha != 0.f && op.nnz >= kHeavyOrtho;
-  const bool tall = (op.N + 15) / 16 >= 3 * device_info().sms;
   if (M > 8) return (op.N + 15) / 16 >= device_info().sms && !heavy ? 6 : 5;
-  if (heavy && M > 4) return 8;
-  if (heavy && tall) return 7;
-  if (tall) return M <= 4 ? 3 : 4;
+  if ((op.N + 15) / 16 >= 3 * device_info().sms && !heavy) return M <= 4 ? 3 : 4;
   if (M > 4) return 2;
   return op.K >= 8192 ? 0 : 1;
 }
@@ -58,7 +53,7 @@ cudaError_t launch_fused_small_m(const Operands& op, const void* x, const void* 
 
 bool set_v1_table(const int (&table)[kV1Classes]) {
   // A class takes the configurations of its kernel (M <= 8 or M <= 16) that reach its largest M.
-  constexpr int kClassMaxM[kV1Classes] = {4, 4, 8, 4, 8, 16, 16, 4, 8};
+  constexpr int kClassMaxM[kV1Classes] = {4, 4, 8, 4, 8, 16, 16};
   for (int c = 0; c < kV1Classes; ++c) {
     const int i = table[c];
     if (i < 0 || i >= kV1Cfgs || kV1CfgMaxM[i] < kClassMaxM[c] || (kV1CfgMaxM[i] == 16) != (kClassMaxM[c] == 16))

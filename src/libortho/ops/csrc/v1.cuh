@@ -416,7 +416,6 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     if (bias) y += Num<T>::f(bias[n]);
     out[static_cast<size_t>(m) * N + n] = Num<T>::from(y);
   }
-  l2_prefetch_share(op);
 }
 
 template <typename T>
