@@ -118,8 +118,8 @@ def test_tall_grid_configuration(n, m, gs, sym, dtype):
 
 V1_CONFIG_MAX_M = cuda_backend.V1_CONFIG_MAX_M  # per v1_configs.cu fused_cfg_dispatch index
 V1_CONFIGS = len(V1_CONFIG_MAX_M)  # (benchmarks/probes/v1_configs.py names them)
-X_RING_CONFIGS = (8, 9, 10, 11, 12, 13, 14, 15, 16)  # x's columns through the shared-memory ring (M <= 4, 8, 16;
-# 11-12: 32 rows; 13-16: the ortho stream first)
+X_RING_CONFIGS = tuple(range(8, 23))  # x's columns through the shared-memory ring (M <= 4, 8, 16;
+# 11-12: 32 rows; 13-16: the ortho stream first; 17-22: the zero point deferred)
 
 
 @pytest.mark.parametrize("cfg", range(V1_CONFIGS))
@@ -160,7 +160,7 @@ def test_v1_table_set_get_and_refusal():
     assert not ext.set_v1_table(old[:-1] + [9])      # 9 (x ring, M <= 8) is not the M <= 16 kernel
     assert not ext.set_v1_table([10] + old[1:])      # 10 (x ring, M <= 16) is not the M <= 8 kernel
     assert not ext.set_v1_table(old[:-1] + [11])     # 11 (32 rows, M <= 8) is not the M <= 16 kernel
-    assert not ext.set_v1_table(old[:-1] + [17])     # no such configuration
+    assert not ext.set_v1_table(old[:-1] + [len(V1_CONFIG_MAX_M)])  # no such configuration
     assert not ext.set_v1_table(old[:-1])            # wrong length
     assert list(ext.v1_table()) == old
     sms = torch.cuda.get_device_properties(0).multi_processor_count
