@@ -29,11 +29,7 @@ CONFIGS = ["kU2 pfx min2 (short grids)", "kU1 pfx min3 (tall grids)", "kU1 pfx m
            "ring4 min3 x-ring8", "m16 ring4 min2 x-ring16",  # ... M <= 8 and 16 (dynamic shared memory)
            "ring4 min2 x-ring8 32 rows", "m16 ring3 min2 x-ring16 32 rows",  # two row tiles per block
            "ring4 min3 x-ring ortho-first", "ring4 min3 x-ring8 ortho-first",  # ortho stream during the ring's fill
-           "ring4 min2 x-ring8 32 rows ortho-first", "ring4 min2 x-ring ortho-first",
-           # 16, 15, 14, 11, 10, 12 with the zero point deferred (V1Cfg::kDeferZero)
-           "ring4 min2 x-ring ortho-first dz", "ring4 min2 x-ring8 32 rows ortho-first dz",
-           "ring4 min3 x-ring8 ortho-first dz", "ring4 min2 x-ring8 32 rows dz", "m16 ring4 min2 x-ring16 dz",
-           "m16 ring3 min2 x-ring16 32 rows dz"]
+           "ring4 min2 x-ring8 32 rows ortho-first", "ring4 min2 x-ring ortho-first"]
 MAX_M = list(cuda_ops.V1_CONFIG_MAX_M)
 assert len(MAX_M) == len(CONFIGS)
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (1024, 4096)]

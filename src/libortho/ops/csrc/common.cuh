@@ -111,7 +111,6 @@ template <> struct Num<__nv_bfloat16> {
   using T2 = __nv_bfloat162;
   static constexpr uint32_t kMagic = 0x43004300u;  // bf16 128.0 in both halves: 0x4300 | q == 128 + q
   static constexpr float kMagicF = 128.f;
-  static constexpr uint32_t kOne = 0x3F803F80u;    // 1.0 in both halves
   __device__ static float f(__nv_bfloat16 v) { return __bfloat162float(v); }
   __device__ static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
   __device__ static T2 pair(float a, float b) { return __floats2bfloat162_rn(a, b); }
@@ -122,7 +121,6 @@ template <> struct Num<__half> {
   using T2 = __half2;
   static constexpr uint32_t kMagic = 0x64006400u;  // fp16 1024.0: 0x6400 | q == 1024 + q
   static constexpr float kMagicF = 1024.f;
-  static constexpr uint32_t kOne = 0x3C003C00u;
   __device__ static float f(__half v) { return __half2float(v); }
   __device__ static __half from(float v) { return __float2half_rn(v); }
   __device__ static T2 pair(float a, float b) { return __floats2half2_rn(a, b); }

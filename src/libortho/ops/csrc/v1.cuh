@@ -18,12 +18,8 @@ namespace {
 // kOrthoFirst (ring only): the warp runs its ortho entries right after requesting its first ring tiles,
 // straight from global memory, while those tiles are in flight, instead of after its sweep (where nothing
 // hides their latency and every block of a wave waits on it at once).
-// kDeferZero (ring only, M <= 16): the zero point is subtracted once per tile and row instead of once per
-// weight pair (see tile_deferred_zero). The ring kernels are issue-bound (ncu, H200: memory stalls near zero,
-// 6.6-7 cycles per instruction; a layer held in L2 runs only 1-7 % faster), so instructions per tile are
-// what their time follows.
 template <int kU_, bool kPrefetchX_, int kMinBlocks_, int kStages_ = 0, int kXRows_ = 0, int kRowTiles_ = 1,
-          bool kOrthoFirst_ = false, bool kDeferZero_ = false>
+          bool kOrthoFirst_ = false>
 struct V1Cfg {
   static constexpr int kU = kU_;
   static constexpr bool kPrefetchX = kPrefetchX_;
@@ -32,9 +28,7 @@ struct V1Cfg {
   static constexpr int kXRows = kXRows_;
   static constexpr int kRowTiles = kRowTiles_;
   static constexpr bool kOrthoFirst = kOrthoFirst_;
-  static constexpr bool kDeferZero = kDeferZero_;
   static_assert(!kOrthoFirst_ || kStages_ > 0, "the ortho stream first needs the ring");
-  static_assert(!kDeferZero_ || (kStages_ > 0 && kPrefetchX_), "the deferred zero point is the ring's");
   static_assert(kRowTiles_ == 1 || (kRowTiles_ == 2 && kStages_ > 0), "two row tiles need the ring");
   // per warp and slot and row tile: 512 weight bytes, 64 bytes of scales and zeros; 128 bytes per row of x
   static constexpr int kRingSize = kWarps * kStages_ * (kRowTiles_ * (512 + 64) + kXRows_ * 128);
@@ -61,51 +55,6 @@ __device__ inline int ring_pstep(const GroupIndex& gi) {
   return gi.shift >= 0 && ((kSpan >> gi.shift) << gi.shift) == kSpan ? (kSpan >> gi.shift) * 16 : -1;
 }
 
-// A tile's column sums of x for the deferred zero point: the products of an all-ones A fragment with the
-// tile's x fragments (all 16 rows of the C fragment alike: registers {0, 1} == {2, 3}).
-template <typename T, int NT, bool kPrefetchX>
-__device__ inline void x_column_sums(float (&xs)[NT][4], const Chunk<T, 4, NT, 1, kPrefetchX>& c) {
-  constexpr uint32_t kOnes[4] = {Num<T>::kOne, Num<T>::kOne, Num<T>::kOne, Num<T>::kOne};
-#pragma unroll
-  for (int t = 0; t < NT; ++t) xs[t][0] = xs[t][1] = xs[t][2] = xs[t][3] = 0.f;
-#pragma unroll
-  for (int step = 0; step < 4; ++step)
-#pragma unroll
-    for (int t = 0; t < NT; ++t) mma<T>(xs[t], kOnes, c.xb[0][step][t][0], c.xb[0][step][t][1]);
-}
-
-// One full INT4 tile of one group (the ring sweep's) with the zero point deferred: the A fragments are the
-// exact magic + q (one LOP3 per pair, no subtraction), P their products with x, and
-// acc += s P - s (magic + z) X, X the tile's column sums of x (x_column_sums). The same value as
-// s * sum((q - z) x); P is at most (magic + 15) / |q - z| times larger than that sum, well inside fp32.
-// Rows g and g + 8: C registers {0, 1} and {2, 3}.
-template <typename T, int NT, bool kPrefetchX>
-__device__ inline void tile_deferred_zero(float (&acc)[NT][4], const Chunk<T, 4, NT, 1, kPrefetchX>& c,
-                                          const float (&xs)[NT][4], bool hz) {
-  float p[NT][4];
-#pragma unroll
-  for (int t = 0; t < NT; ++t) p[t][0] = p[t][1] = p[t][2] = p[t][3] = 0.f;
-#pragma unroll
-  for (int step = 0; step < 4; ++step) {
-    uint32_t a[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) a[i] = and_or(c.w[0][step] >> (4 * i), 0x000F000Fu, Num<T>::kMagic);
-#pragma unroll
-    for (int t = 0; t < NT; ++t) mma<T>(p[t], a, c.xb[0][step][t][0], c.xb[0][step][t][1]);
-  }
-  const float s_lo = Num<T>::f(Num<T>::bits(c.s[0][0][0])), s_hi = Num<T>::f(Num<T>::bits(c.s[0][0][1]));
-  const float z_lo = hz ? Num<T>::f(Num<T>::bits(c.z[0][0][0])) : 8.f;
-  const float z_hi = hz ? Num<T>::f(Num<T>::bits(c.z[0][0][1])) : 8.f;
-  const float m_lo = s_lo * (Num<T>::kMagicF + z_lo), m_hi = s_hi * (Num<T>::kMagicF + z_hi);
-#pragma unroll
-  for (int t = 0; t < NT; ++t) {
-    acc[t][0] = fmaf(s_lo, p[t][0], fmaf(-m_lo, xs[t][0], acc[t][0]));
-    acc[t][1] = fmaf(s_lo, p[t][1], fmaf(-m_lo, xs[t][1], acc[t][1]));
-    acc[t][2] = fmaf(s_hi, p[t][2], fmaf(-m_hi, xs[t][2], acc[t][2]));
-    acc[t][3] = fmaf(s_hi, p[t][3], fmaf(-m_hi, xs[t][3], acc[t][3]));
-  }
-}
-
 // One warp's full INT4 tiles (warp, warp + kWarps, ...; nt of them) through a ring of S slots in shared
 // memory: each slot holds the tile's 512 weight bytes (16 per lane) and the 16 scales and 16 zeros of its
 // group (tiles of one group only: the caller checks GroupIndex::same and ring_pstep). Tile j + S - 1 is
@@ -119,7 +68,7 @@ __device__ inline void tile_deferred_zero(float (&acc)[NT][4], const Chunk<T, 4,
 // past M read row 0. The caller checks that x rows are 16-byte aligned (K % 8 == 0, x aligned).
 // RT = 2: each slot also holds a second row tile (weights rt_q int32 and scales / zeros rt_p elements after
 // the first's; 0 when the block has only one), computed with the same x fragments.
-template <int S, int XR, typename T, int NT, bool kPrefetchX, int RT, bool kDeferZero, class OnFirst>
+template <int S, int XR, typename T, int NT, bool kPrefetchX, int RT, class OnFirst>
 __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT * 32], uint32_t (&pring)[S][RT * 16],
                                   uint4 (*xring)[XR > 0 ? XR * 8 : 1], int nt, int warp, int lane,
                                   const int32_t* qtile, size_t rt_q, const T* sc, const T* zp, size_t rt_p,
@@ -207,24 +156,12 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
     }
     if (j + 1 < nt) load_x(nxt);
     const int kt = warp + j * kWarps;
-    if constexpr (kDeferZero) {
-      float xs[NT][4];  // the tile's column sums of x, shared by the row tiles
-      x_column_sums<T>(xs, cur);
-      tile_deferred_zero(acc[0], cur, xs, hz);
+    compute_chunk<true>(acc[0], cur, kt, kt + 1, xb, xo, K, hz, true, tig);
 #pragma unroll
-      for (int rt = 1; rt < RT; ++rt) {
-        Chunk<T, 4, NT, 1, kPrefetchX> c = cur;
-        fill(c, slot, rt);
-        tile_deferred_zero(acc[rt], c, xs, hz);
-      }
-    } else {
-      compute_chunk<true>(acc[0], cur, kt, kt + 1, xb, xo, K, hz, true, tig);
-#pragma unroll
-      for (int rt = 1; rt < RT; ++rt) {  // the same x fragments (copied registers, not reloads)
-        Chunk<T, 4, NT, 1, kPrefetchX> c = cur;
-        fill(c, slot, rt);
-        compute_chunk<true>(acc[rt], c, kt, kt + 1, xb, xo, K, hz, true, tig);
-      }
+    for (int rt = 1; rt < RT; ++rt) {  // the same x fragments (copied registers, not reloads)
+      Chunk<T, 4, NT, 1, kPrefetchX> c = cur;
+      fill(c, slot, rt);
+      compute_chunk<true>(acc[rt], c, kt, kt + 1, xb, xo, K, hz, true, tig);
     }
     __syncwarp();  // every lane has read the slot before tile j + S refills it
   };
@@ -396,7 +333,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     const bool x_ok = XR == 0 || (M <= XR && K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0);
     if (gi.same && pstep >= 0 && x_ok) {
       const int nt = warp < Tf ? (Tf - warp + kWarps - 1) / kWarps : 0;
-      ring_sweep<S, XR, T, NT, kPrefetchX, RT, Cfg::kDeferZero>(acc, wring[warp], pring[warp], xring[warp], nt, warp, lane,
+      ring_sweep<S, XR, T, NT, kPrefetchX, RT>(acc, wring[warp], pring[warp], xring[warp], nt, warp, lane,
                                                qtile, rt_q, sc, zp, rt_p, xb, xo, x, M, K, gi, pstep, g, tig,
                                                [&] {
                                                  if constexpr (Cfg::kOrthoFirst) {
@@ -522,16 +459,13 @@ cudaError_t launch_v1_dyn(const Operands& op, const void* x, const void* bias, v
 }
 
 // The largest M of each v1 configuration below (cuda.py V1_CONFIG_MAX_M mirrors it).
-constexpr int kV1CfgMaxM[] = {8, 8, 8, 8, 8, 8, 16, 16, 4, 8, 16, 8, 16, 4, 8, 8, 4, 4, 8, 8, 8, 16, 16};
+constexpr int kV1CfgMaxM[] = {8, 8, 8, 8, 8, 8, 16, 16, 4, 8, 16, 8, 16, 4, 8, 8, 4};
 constexpr int kV1Cfgs = sizeof(kV1CfgMaxM) / sizeof(kV1CfgMaxM[0]);
 
 }  // namespace
 
-// Configurations 11-16 and 17 up (v1_configs_hi.cu, v1_configs_dz.cu: other translation units, built in
-// parallel).
+// Configurations 11 and up (v1_configs_hi.cu: another translation unit, built in parallel).
 cudaError_t launch_v1_cfg_hi(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
                              cudaStream_t s);
-cudaError_t launch_v1_cfg_dz(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
-                                  cudaStream_t s);
 
 }  // namespace libortho

@@ -18,7 +18,7 @@ cudaError_t fused_cfg_dispatch_hi(const Operands& op, const void* x, const void*
     case 14: return launch_v1_dyn<T, 1, V1Cfg<1, true, 3, 4, 8, 1, true>>(op, x, bias, out, M, s);
     case 15: return launch_v1_dyn<T, 1, V1Cfg<1, true, 2, 4, 8, 2, true>>(op, x, bias, out, M, s);
     case 16: return launch_v1<T>(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 2, 4, 4, 1, true>>, op, x, bias, out, M, s);  // 13 at 2 blocks per SM: no spills
-    default: return launch_v1_cfg_dz(op, x, bias, out, M, cfg, s);  // v1_configs_dz.cu
+    default: return cudaErrorInvalidValue;
   }
 }
 

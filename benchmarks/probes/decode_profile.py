@@ -1,0 +1,102 @@
+"""Where a decode step's time goes (GPU machine): the 7B-shaped model of ``libortho bench decode``, compiled
+step, batch 1, profiled kernel by kernel.
+
+The compiled step (``torch.compile(fullgraph=True)``, as ``--mode compile`` runs it before capturing it in a
+CUDA graph) is called outside the graph under torch.profiler; each kernel's GPU time is summed into a
+category (LibOrtho's op, attention, the lm_head's GEMM, Triton kernels of the compiled elementwise and norm
+code, other). Next to it: the graph replay's time per step, whose excess over the sum of kernel times is
+what launching the kernels back to back costs inside the graph.
+
+    PYTHONPATH=src python benchmarks/probes/decode_profile.py   # writes benchmarks/results/decode-profile-<card>.json
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as dt
+import json
+from pathlib import Path
+
+import torch
+
+from libortho.eval import bench_decode as bd
+
+
+def category(name: str) -> str:
+    n = name.lower()
+    if "fused_small_m" in n or "transpose_x" in n or "dequant" in n:
+        return "libortho op"
+    if "flash" in n or "fmha" in n or "attention" in n or "sdpa" in n or "efficient" in n:
+        return "attention"
+    if "gemm" in n or "gemv" in n or "cutlass" in n or "sm90" in n:
+        return "cuBLAS (lm_head)"
+    if n.startswith("triton") or "triton_" in n:
+        return "triton (compiled elementwise / norms / rotary)"
+    return "other"
+
+
+def profile_alpha(model, prompts, alpha, steps):
+    from libortho.model import set_alpha
+    set_alpha(model, alpha)
+    dec = bd.StaticDecoder(model, 1, steps + 8, prompts.shape[1], mode="compile")
+    dec.prepare(prompts)
+    dec.prefill(prompts)
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    dec.decode(steps)
+    e.record()
+    torch.cuda.synchronize()
+    graph_ms = s.elapsed_time(e) / steps
+    dec.prefill(prompts)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            dec._fn()
+        torch.cuda.synchronize()
+    per_cat, per_kernel, launches = collections.Counter(), collections.Counter(), collections.Counter()
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            us = ev.device_time / steps
+            per_cat[category(ev.name)] += us
+            per_kernel[ev.name[:120]] += us
+            launches[category(ev.name)] += 1 / steps
+    total = sum(per_cat.values())
+    return {"alpha": alpha, "graph_step_ms": graph_ms, "kernel_sum_ms": total / 1e3,
+            "launch_gap_ms": graph_ms - total / 1e3, "kernels_per_step": sum(launches.values()),
+            "categories_us": dict(per_cat.most_common()), "launches_per_step": dict(launches.most_common()),
+            "top_kernels_us": dict(per_kernel.most_common(15))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    from libortho.config import OrthoConfig
+    from libortho.fuse import fuse_siblings
+    device = torch.device("cuda")
+    model, tok, desc = bd.load_bench_model("llama2-7b-shape", device)
+    prompts = bd.make_prompts(tok, model.config.vocab_size, 1, 128).to(device)
+    bank = bd.LinearBank(model, progress=False)
+    cfg = OrthoConfig(bits=4, group_size=128, density=0.01, score="magnitude", method="rtn", dtype="bfloat16")
+    rows = []
+    with torch.no_grad():
+        bank.install(bd._ortho_maker(cfg), "decompose", progress=False)
+        fuse_siblings(model)
+        for alpha in (0.0, 1.0):
+            r = profile_alpha(model, prompts, alpha, args.steps)
+            rows.append(r)
+            print(f"alpha {alpha:g}: graph step {r['graph_step_ms']:.3f} ms, kernels {r['kernel_sum_ms']:.3f} ms "
+                  f"({r['kernels_per_step']:.0f} per step), launch gaps {r['launch_gap_ms']:.3f} ms", flush=True)
+            for c, us in r["categories_us"].items():
+                print(f"  {c:50s} {us / 1e3:7.3f} ms  ({r['launches_per_step'][c]:.0f} kernels)", flush=True)
+            for k, us in list(r["top_kernels_us"].items())[:8]:
+                print(f"    {us:8.1f} us  {k}", flush=True)
+    out = Path(args.out or f"benchmarks/results/decode-profile-{bd.card_name(device)}.json")
+    out.write_text(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__,
+                               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                               "model": desc, "method": __doc__.strip(), "rows": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
