@@ -7,6 +7,10 @@ category (LibOrtho's op, attention, the lm_head's GEMM, Triton kernels of the co
 code, other). Next to it: the graph replay's time per step, whose excess over the sum of kernel times is
 what launching the kernels back to back costs inside the graph.
 
+``--sdpa`` profiles other attention backends (torch's scaled_dot_product_attention restricted to one). The
+choice is made when the step is compiled, and neither dynamo's guards nor inductor's caches key on it: run
+with TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0, or every backend gets the first one's graph.
+
     PYTHONPATH=src python benchmarks/probes/decode_profile.py   # writes benchmarks/results/decode-profile-<card>.json
 """
 from __future__ import annotations
@@ -20,6 +24,18 @@ from pathlib import Path
 import torch
 
 from libortho.eval import bench_decode as bd
+
+
+SDPA_BACKENDS = ("default", "cudnn", "efficient", "flash", "math")
+
+
+def set_sdpa_backend(name: str) -> None:
+    """Let scaled_dot_product_attention use only one backend ('default': all of them, torch picks)."""
+    on = lambda k: name in ("default", k)  # noqa: E731
+    torch.backends.cuda.enable_cudnn_sdp(on("cudnn"))
+    torch.backends.cuda.enable_mem_efficient_sdp(on("efficient"))
+    torch.backends.cuda.enable_flash_sdp(on("flash"))
+    torch.backends.cuda.enable_math_sdp(on("math"))
 
 
 def category(name: str) -> str:
@@ -70,6 +86,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--alphas", type=float, nargs="+", default=[0.0, 1.0])
+    ap.add_argument("--sdpa", nargs="+", default=["default"], choices=SDPA_BACKENDS,
+                    help="attention backends to profile (each alpha with each)")
     args = ap.parse_args()
     from libortho.config import OrthoConfig
     from libortho.fuse import fuse_siblings
@@ -82,10 +101,17 @@ def main() -> None:
     with torch.no_grad():
         bank.install(bd._ortho_maker(cfg), "decompose", progress=False)
         fuse_siblings(model)
-        for alpha in (0.0, 1.0):
-            r = profile_alpha(model, prompts, alpha, args.steps)
+        for sdpa, alpha in [(b, a) for b in args.sdpa for a in args.alphas]:
+            set_sdpa_backend(sdpa)
+            torch._dynamo.reset()  # the backend is chosen when the step is traced; dynamo's guards do not see it
+            try:
+                r = dict(profile_alpha(model, prompts, alpha, args.steps), sdpa=sdpa)
+            except Exception as e:  # noqa: BLE001  (a backend that cannot run this case)
+                print(f"sdpa {sdpa} alpha {alpha:g}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+                rows.append({"sdpa": sdpa, "alpha": alpha, "error": f"{type(e).__name__}: {e}"})
+                continue
             rows.append(r)
-            print(f"alpha {alpha:g}: graph step {r['graph_step_ms']:.3f} ms, kernels {r['kernel_sum_ms']:.3f} ms "
+            print(f"sdpa {sdpa}, alpha {alpha:g}: graph step {r['graph_step_ms']:.3f} ms, kernels {r['kernel_sum_ms']:.3f} ms "
                   f"({r['kernels_per_step']:.0f} per step), launch gaps {r['launch_gap_ms']:.3f} ms", flush=True)
             for c, us in r["categories_us"].items():
                 print(f"  {c:50s} {us / 1e3:7.3f} ms  ({r['launches_per_step'][c]:.0f} kernels)", flush=True)
