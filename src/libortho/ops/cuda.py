@@ -13,9 +13,6 @@
 * v1's ortho stream at M >= 2 reads x transposed (one small transpose launch first) when
   nnz * M * max(M, 4) / 4 is at least a threshold: ``LIBORTHO_ORTHO_XT=auto`` (the default,
   ``ORTHO_XT_AUTO``), ``on``, ``off`` or a number.
-* ``LIBORTHO_V1_TWIN=on|off`` (default off, read when the extension loads): INT4 v1 calls without the ortho
-  stream (alpha = 0 or no entries) run their ring configuration's twin compiled without it (fewer registers);
-  :func:`set_v1_twin` from Python. Off until timed on a GPU.
 * M > 16 (prefill): one kernel dequantizes the base and merges alpha * S into a bf16/fp16 weight, then cuBLAS.
 
 The extension is built on first use with ``torch.utils.cpp_extension.load`` for the GPU present and
@@ -69,30 +66,6 @@ def parse_ortho_xt(value: str) -> int:
     if n < 0:
         raise ValueError(f"LIBORTHO_ORTHO_XT={value!r}; expected auto, on, off or a non-negative entry count")
     return n
-
-
-def parse_v1_twin(value: str) -> bool:
-    """$LIBORTHO_V1_TWIN -> whether alpha = 0 calls run the ring configurations' twins; ValueError names what is wrong."""
-    v = value.strip().lower()
-    if v in ("", "off", "0"):
-        return False
-    if v in ("on", "1"):
-        return True
-    raise ValueError(f"LIBORTHO_V1_TWIN={value!r}; expected on or off")
-
-
-def set_v1_twin(on: bool) -> None:
-    """Whether INT4 v1 calls without the ortho stream run the ring configurations' twins compiled without it."""
-    ext = extension()
-    if ext is None:
-        raise RuntimeError("libortho CUDA: the extension is not available")
-    ext.set_v1_twin(bool(on))
-
-
-def v1_twin() -> bool | None:
-    """Whether the twins are in use, or None without the extension."""
-    ext = extension()
-    return ext.v1_twin() if ext is not None else None
 
 
 def parse_v1_table(spec: str) -> dict[str, int]:
@@ -184,7 +157,6 @@ def build(verbose: bool = False):
         return False
     spec = parse_v1_table(os.environ.get("LIBORTHO_V1_CFG", ""))  # a bad value raises before the build
     xt_min = parse_ortho_xt(os.environ.get("LIBORTHO_ORTHO_XT", ""))
-    twin = parse_v1_twin(os.environ.get("LIBORTHO_V1_TWIN", ""))
     try:
         from torch.utils.cpp_extension import load
         _state["ext"] = load(name="libortho_cuda_v2", sources=[str(CSRC / "binding.cpp"), *map(str, sorted(CSRC.glob("*.cu")))],
@@ -198,7 +170,6 @@ def build(verbose: bool = False):
     if spec:
         _apply_v1_table(_state["ext"], spec)
     _state["ext"].set_ortho_xt_min(xt_min)
-    _state["ext"].set_v1_twin(twin)
     return True
 
 
