@@ -148,35 +148,6 @@ def test_every_v1_configuration(cfg, n, k, gs, sym, dtype):
             assert rel_err(y, ref) < TOL[dtype], (cfg, m, alpha)
 
 
-RING_CONFIGS = tuple(range(8, 17))  # the shared-memory ring configurations, which have alpha = 0 twins
-
-
-@pytest.mark.parametrize("m", [1, 4, 8, 16])
-def test_alpha0_twins_match_the_full_kernels_bit_for_bit(m):
-    """A ring configuration's twin compiled without the ortho stream (set_v1_twin) gives the full kernel's
-    alpha = 0 output bit for bit, and the twin switch leaves alpha != 0 calls alone."""
-    ext = cuda_backend.extension()
-    gen = torch.Generator(device="cuda").manual_seed(m)
-    layer = make_layer(1000, 2048, 4, 128, False, 0.02, torch.bfloat16, gen)
-    x = torch.randn(m, 2048, generator=gen, device="cuda").to(torch.bfloat16)
-    was = ext.v1_twin()
-
-    def run(cfg, alpha, twin):
-        ext.set_v1_twin(twin)
-        poison_allocator()
-        return cuda_backend._checked(ext.fused_small_m_cfg(
-            x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values, None, alpha,
-            4, 128, layer.out_features, layer.in_features, cfg), f"config {cfg}")
-    try:
-        for cfg in [c for c in RING_CONFIGS if m <= V1_CONFIG_MAX_M[c]]:
-            assert torch.equal(run(cfg, 0.0, True), run(cfg, 0.0, False)), cfg
-            assert torch.equal(run(cfg, 1.0, True), run(cfg, 1.0, False)), cfg
-            ref = reference64(layer, x, 0.0) - layer.bias.double()
-            assert rel_err(run(cfg, 0.0, True), ref) < TOL[torch.bfloat16], cfg
-    finally:
-        ext.set_v1_twin(was)
-
-
 def test_v1_table_set_get_and_refusal():
     """The v1 configuration table behind the default op: read back, refused entries change nothing, and with
     other configurations in every class the op still gives the reference result."""

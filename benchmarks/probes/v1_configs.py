@@ -91,13 +91,9 @@ def main() -> None:
     ap.add_argument("--replays", type=int, default=15)
     ap.add_argument("--configs", type=int, nargs="*", default=None, help="indices to time (default: all)")
     ap.add_argument("--density", type=float, default=0.01, help="ortho density of the alpha 1 calls")
-    ap.add_argument("--twin", choices=["on", "off"], default=None,
-                    help="alpha 0 calls of the ring configurations run their twins without the ortho stream (set_v1_twin)")
     args = ap.parse_args()
     assert cuda_ops.build(), cuda_ops._state["error"]
     ext = cuda_ops.extension()
-    if args.twin is not None:
-        ext.set_v1_twin(args.twin == "on")
     rows = []
     for n, k in SHAPES:
         w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)

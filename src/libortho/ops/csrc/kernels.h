@@ -44,11 +44,6 @@ constexpr int kV1Classes = 7;
 bool set_v1_table(const int (&table)[kV1Classes]);
 void get_v1_table(int (&table)[kV1Classes]);
 
-// Whether an INT4 v1 call without the ortho stream (alpha == 0 or no entries) runs its ring configuration's
-// twin compiled without it (fewer registers; v1.cuh launch_v1_ring). Off by default until timed.
-void set_v1_twin(bool on);
-bool v1_twin();
-
 // The same product by the v2 decode kernel (cp.async stages, cluster split-K on sm_90, nnz-balanced ortho
 // rows); a misaligned buffer falls back to launch_fused_small_m.
 cudaError_t launch_fused_small_m_v2(const Operands& op, const void* x, const void* bias, void* out, int M,

@@ -65,11 +65,4 @@ bool set_v1_table(const int (&table)[kV1Classes]) {
 
 void get_v1_table(int (&table)[kV1Classes]) { std::copy(g_v1_table, g_v1_table + kV1Classes, table); }
 
-namespace {
-bool g_v1_twin = false;  // off until timed on a GPU (built 2026-11-29, not yet run)
-}  // namespace
-
-void set_v1_twin(bool on) { g_v1_twin = on; }
-bool v1_twin() { return g_v1_twin; }
-
 }  // namespace libortho

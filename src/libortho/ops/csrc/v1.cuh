@@ -18,10 +18,8 @@ namespace {
 // kOrthoFirst (ring only): the warp runs its ortho entries right after requesting its first ring tiles,
 // straight from global memory, while those tiles are in flight, instead of after its sweep (where nothing
 // hides their latency and every block of a wave waits on it at once).
-// kBaseOnly: the ortho stream compiled out (the alpha = 0 twin, see launch_v1_ring): its code sets the
-// kernel's register count even where it never runs (configuration 16: 106 registers with it, 79 without).
 template <int kU_, bool kPrefetchX_, int kMinBlocks_, int kStages_ = 0, int kXRows_ = 0, int kRowTiles_ = 1,
-          bool kOrthoFirst_ = false, bool kBaseOnly_ = false>
+          bool kOrthoFirst_ = false>
 struct V1Cfg {
   static constexpr int kU = kU_;
   static constexpr bool kPrefetchX = kPrefetchX_;
@@ -30,8 +28,6 @@ struct V1Cfg {
   static constexpr int kXRows = kXRows_;
   static constexpr int kRowTiles = kRowTiles_;
   static constexpr bool kOrthoFirst = kOrthoFirst_;
-  static constexpr bool kBaseOnly = kBaseOnly_;
-  using BaseOnly = V1Cfg<kU_, kPrefetchX_, kMinBlocks_, kStages_, kXRows_, kRowTiles_, kOrthoFirst_, true>;
   static_assert(!kOrthoFirst_ || kStages_ > 0, "the ortho stream first needs the ring");
   static_assert(kRowTiles_ == 1 || (kRowTiles_ == 2 && kStages_ > 0), "two row tiles need the ring");
   // per warp and slot and row tile: 512 weight bytes, 64 bytes of scales and zeros; 128 bytes per row of x
@@ -226,7 +222,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   // first kStage of the block) are copied to shared memory by cp.async once both weight chunks are in
   // flight: no registers held through the main loop, no load left to wait for after it. Nothing before
   // that waits on a row pointer (the block's entry range is read inside the staging, see stage_ortho).
-  const bool ortho = !Cfg::kBaseOnly && op.alpha != 0.f && op.nnz > 0;
+  const bool ortho = op.alpha != 0.f && op.nnz > 0;
   int my_rp = 0, my_rp_end = 0;  // row pointers n0 + lane (lanes 0..R) and, for R = 32, n0 + 32 (lane 0)
   const bool csr_aligned = (reinterpret_cast<uintptr_t>(op.col_idx) | reinterpret_cast<uintptr_t>(op.values)) % 4 == 0;
   if (ortho && lane <= R) my_rp = op.row_ptr[min(n0 + lane, N)];  // each warp keeps its own copy
@@ -460,19 +456,6 @@ cudaError_t launch_v1_dyn(const Operands& op, const void* x, const void* bias, v
     allowed[dev] = true;
   }
   return launch_v1<T>(kernel, op, x, bias, out, M, s, Cfg::kRingBytes, 16 * Cfg::kRowTiles);
-}
-
-// Ring configuration Cfg (INT4), or its twin compiled without the ortho stream when the call does not run it.
-template <typename T, int NT, class Cfg>
-cudaError_t launch_v1_cfg(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
-  if constexpr (Cfg::kDynRing) return launch_v1_dyn<T, NT, Cfg>(op, x, bias, out, M, s);
-  else return launch_v1<T>(fused_small_m_kernel<T, 4, NT, Cfg>, op, x, bias, out, M, s, 0, 16 * Cfg::kRowTiles);
-}
-
-template <typename T, int NT, class Cfg>
-cudaError_t launch_v1_ring(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
-  if ((op.alpha != 0.f && op.nnz > 0) || !v1_twin()) return launch_v1_cfg<T, NT, Cfg>(op, x, bias, out, M, s);
-  return launch_v1_cfg<T, NT, typename Cfg::BaseOnly>(op, x, bias, out, M, s);
 }
 
 // The largest M of each v1 configuration below (cuda.py V1_CONFIG_MAX_M mirrors it).
