@@ -148,6 +148,34 @@ def test_every_v1_configuration(cfg, n, k, gs, sym, dtype):
             assert rel_err(y, ref) < TOL[dtype], (cfg, m, alpha)
 
 
+@pytest.mark.parametrize("m", [1, 3, 4, 8, 16])
+@pytest.mark.parametrize("n,k,gs", [(1000, 2048, 128), (300, 576, -1), (2100, 4096, 512), (130, 1024, 64)])
+def test_lean_ring_kernels_match_the_full_kernels_bit_for_bit(m, n, k, gs):
+    """A ring configuration's lean kernel (no fallback paths; set_v1_lean) gives the full kernel's output bit for
+    bit at alpha 0 and 1, and the float64 reference's within bf16 tolerance."""
+    ext = cuda_backend.extension()
+    gen = torch.Generator(device="cuda").manual_seed(m * 31 + n)
+    layer = make_layer(n, k, 4, gs, False, 0.02, torch.bfloat16, gen)
+    x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+    was = ext.v1_lean()
+
+    def run(cfg, alpha, lean):
+        ext.set_v1_lean(lean)
+        poison_allocator()
+        return cuda_backend._checked(ext.fused_small_m_cfg(
+            x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values, None, alpha,
+            4, quant.effective_group_size(layer.group_size, k), n, k, cfg), f"config {cfg}")
+    try:
+        for cfg in [c for c in X_RING_CONFIGS if m <= V1_CONFIG_MAX_M[c]]:
+            for alpha in (0.0, 1.0):
+                y = run(cfg, alpha, True)
+                assert torch.equal(y, run(cfg, alpha, False)), (cfg, alpha)
+                ref = reference64(layer, x, alpha) - layer.bias.double()
+                assert rel_err(y, ref) < TOL[torch.bfloat16], (cfg, alpha)
+    finally:
+        ext.set_v1_lean(was)
+
+
 def test_v1_table_set_get_and_refusal():
     """The v1 configuration table behind the default op: read back, refused entries change nothing, and with
     other configurations in every class the op still gives the reference result."""

@@ -29,11 +29,12 @@ def test_parse_v1_table_names_what_is_wrong(spec, words):
         cuda_backend.parse_v1_table(spec)
 
 
-def test_bad_env_raises_before_any_build(monkeypatch):
-    monkeypatch.setenv("LIBORTHO_V1_CFG", "tall_m4=10")
+@pytest.mark.parametrize("var,value", [("LIBORTHO_V1_CFG", "tall_m4=10"), ("LIBORTHO_V1_LEAN", "maybe")])
+def test_bad_env_raises_before_any_build(monkeypatch, var, value):
+    monkeypatch.setenv(var, value)
     monkeypatch.setitem(cuda_backend._state, "ext", None)
     monkeypatch.setitem(cuda_backend._state, "error", None)
-    with pytest.raises(ValueError, match="tall_m4=10"):
+    with pytest.raises(ValueError, match=value):
         cuda_backend.build()
     assert cuda_backend._state["ext"] is None and cuda_backend._state["error"] is None
 
@@ -114,3 +115,13 @@ def test_python_mirrors_of_the_kernel_tables_match_the_kernel_sources():
     assert _cu_int_array("kV1CfgMaxM") == cuda_backend.V1_CONFIG_MAX_M
     assert _cu_int_array("kClassMaxM") == tuple(cuda_backend._V1_CLASS_MAX_M[c] for c in cuda_backend.V1_CLASSES)
     assert len(probe.CONFIGS) == len(cuda_backend.V1_CONFIG_MAX_M)
+
+
+@pytest.mark.parametrize("value,expected", [("", True), ("on", True), (" OFF ", False), ("1", True), ("0", False)])
+def test_parse_v1_lean(value, expected):
+    assert cuda_backend.parse_v1_lean(value) is expected
+
+
+def test_parse_v1_lean_names_what_is_wrong():
+    with pytest.raises(ValueError, match="expected on or off"):
+        cuda_backend.parse_v1_lean("sometimes")

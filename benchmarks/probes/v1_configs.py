@@ -91,9 +91,13 @@ def main() -> None:
     ap.add_argument("--replays", type=int, default=15)
     ap.add_argument("--configs", type=int, nargs="*", default=None, help="indices to time (default: all)")
     ap.add_argument("--density", type=float, default=0.01, help="ortho density of the alpha 1 calls")
+    ap.add_argument("--lean", choices=["on", "off"], default=None,
+                    help="ring configurations run their lean kernels where the call allows (set_v1_lean; default: as built)")
     args = ap.parse_args()
     assert cuda_ops.build(), cuda_ops._state["error"]
     ext = cuda_ops.extension()
+    if args.lean is not None:
+        ext.set_v1_lean(args.lean == "on")
     rows = []
     for n, k in SHAPES:
         w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
@@ -132,7 +136,7 @@ def main() -> None:
     out = Path(args.out or f"benchmarks/results/v1-configs-{card_name()}.json")
     out.write_text(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__,
                                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                               "density": args.density, "configs": CONFIGS, "table_in_use": cuda_ops.v1_table(),
+                               "density": args.density, "configs": CONFIGS, "table_in_use": cuda_ops.v1_table(), "v1_lean": cuda_ops.v1_lean(),
                                "suggested": {"table": table, "spec": spec}, "rows": rows}, indent=1))
 
 

@@ -13,6 +13,9 @@
 * v1's ortho stream at M >= 2 reads x transposed (one small transpose launch first) when
   nnz * M * max(M, 4) / 4 is at least a threshold: ``LIBORTHO_ORTHO_XT=auto`` (the default,
   ``ORTHO_XT_AUTO``), ``on``, ``off`` or a number.
+* ``LIBORTHO_V1_LEAN=on|off`` (default on, read when the extension loads): INT4 v1 ring calls that the ring takes
+  whole (64-column tiles, groups of 64-512 or one per row, aligned x) run the configuration's lean kernel,
+  compiled without the fallback paths (a third to half of the code); :func:`set_v1_lean` from Python.
 * M > 16 (prefill): one kernel dequantizes the base and merges alpha * S into a bf16/fp16 weight, then cuBLAS.
 
 The extension is built on first use with ``torch.utils.cpp_extension.load`` for the GPU present and
@@ -66,6 +69,30 @@ def parse_ortho_xt(value: str) -> int:
     if n < 0:
         raise ValueError(f"LIBORTHO_ORTHO_XT={value!r}; expected auto, on, off or a non-negative entry count")
     return n
+
+
+def parse_v1_lean(value: str) -> bool:
+    """$LIBORTHO_V1_LEAN -> whether ring calls run the lean kernels; ValueError names what is wrong."""
+    v = value.strip().lower()
+    if v in ("", "on", "1"):
+        return True
+    if v in ("off", "0"):
+        return False
+    raise ValueError(f"LIBORTHO_V1_LEAN={value!r}; expected on or off")
+
+
+def set_v1_lean(on: bool) -> None:
+    """Whether INT4 v1 ring calls that the ring takes whole run the lean kernels (else the full ones)."""
+    ext = extension()
+    if ext is None:
+        raise RuntimeError("libortho CUDA: the extension is not available")
+    ext.set_v1_lean(bool(on))
+
+
+def v1_lean() -> bool | None:
+    """Whether the lean kernels are in use, or None without the extension."""
+    ext = extension()
+    return ext.v1_lean() if ext is not None else None
 
 
 def parse_v1_table(spec: str) -> dict[str, int]:
@@ -157,6 +184,7 @@ def build(verbose: bool = False):
         return False
     spec = parse_v1_table(os.environ.get("LIBORTHO_V1_CFG", ""))  # a bad value raises before the build
     xt_min = parse_ortho_xt(os.environ.get("LIBORTHO_ORTHO_XT", ""))
+    lean = parse_v1_lean(os.environ.get("LIBORTHO_V1_LEAN", ""))
     try:
         from torch.utils.cpp_extension import load
         _state["ext"] = load(name="libortho_cuda_v2", sources=[str(CSRC / "binding.cpp"), *map(str, sorted(CSRC.glob("*.cu")))],
@@ -170,6 +198,7 @@ def build(verbose: bool = False):
     if spec:
         _apply_v1_table(_state["ext"], spec)
     _state["ext"].set_ortho_xt_min(xt_min)
+    _state["ext"].set_v1_lean(lean)
     return True
 
 

@@ -44,6 +44,11 @@ constexpr int kV1Classes = 7;
 bool set_v1_table(const int (&table)[kV1Classes]);
 void get_v1_table(int (&table)[kV1Classes]);
 
+// Whether INT4 v1 ring calls that the ring takes whole run the configuration's lean form (v1.cuh kLean,
+// v1_lean_ok); off: always the full kernel (for the tests and the probe).
+void set_v1_lean(bool on);
+bool v1_lean();
+
 // The same product by the v2 decode kernel (cp.async stages, cluster split-K on sm_90, nnz-balanced ortho
 // rows); a misaligned buffer falls back to launch_fused_small_m.
 cudaError_t launch_fused_small_m_v2(const Operands& op, const void* x, const void* bias, void* out, int M,

@@ -65,4 +65,11 @@ bool set_v1_table(const int (&table)[kV1Classes]) {
 
 void get_v1_table(int (&table)[kV1Classes]) { std::copy(g_v1_table, g_v1_table + kV1Classes, table); }
 
+namespace {
+bool g_v1_lean = true;
+}  // namespace
+
+void set_v1_lean(bool on) { g_v1_lean = on; }
+bool v1_lean() { return g_v1_lean; }
+
 }  // namespace libortho

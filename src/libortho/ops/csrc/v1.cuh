@@ -18,8 +18,12 @@ namespace {
 // kOrthoFirst (ring only): the warp runs its ortho entries right after requesting its first ring tiles,
 // straight from global memory, while those tiles are in flight, instead of after its sweep (where nothing
 // hides their latency and every block of a wave waits on it at once).
+// kLean (ring only): the launcher has checked that the ring takes the whole call (v1_lean_ok), so the
+// kernel is compiled without the fallback sweep, the short last tile and, with kOrthoFirst, the ortho runs
+// after the sweep. ncu (4096-row strips, 11008x4096): the executed code was spread over 170 KB of SASS and
+// a third of the stall samples were instruction fetches at the jumps between its pieces.
 template <int kU_, bool kPrefetchX_, int kMinBlocks_, int kStages_ = 0, int kXRows_ = 0, int kRowTiles_ = 1,
-          bool kOrthoFirst_ = false>
+          bool kOrthoFirst_ = false, bool kLean_ = false>
 struct V1Cfg {
   static constexpr int kU = kU_;
   static constexpr bool kPrefetchX = kPrefetchX_;
@@ -28,6 +32,9 @@ struct V1Cfg {
   static constexpr int kXRows = kXRows_;
   static constexpr int kRowTiles = kRowTiles_;
   static constexpr bool kOrthoFirst = kOrthoFirst_;
+  static constexpr bool kLean = kLean_;
+  using Lean = V1Cfg<kU_, kPrefetchX_, kMinBlocks_, kStages_, kXRows_, kRowTiles_, kOrthoFirst_, true>;
+  static_assert(!kLean_ || kStages_ > 0, "only the ring has a lean form");
   static_assert(!kOrthoFirst_ || kStages_ > 0, "the ortho stream first needs the ring");
   static_assert(kRowTiles_ == 1 || (kRowTiles_ == 2 && kStages_ > 0), "two row tiles need the ring");
   // per warp and slot and row tile: 512 weight bytes, 64 bytes of scales and zeros; 128 bytes per row of x
@@ -331,7 +338,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     }
     const int pstep = ring_pstep(gi);
     const bool x_ok = XR == 0 || (M <= XR && K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0);
-    if (gi.same && pstep >= 0 && x_ok) {
+    if (Cfg::kLean || (gi.same && pstep >= 0 && x_ok)) {
       const int nt = warp < Tf ? (Tf - warp + kWarps - 1) / kWarps : 0;
       ring_sweep<S, XR, T, NT, kPrefetchX, RT>(acc, wring[warp], pring[warp], xring[warp], nt, warp, lane,
                                                qtile, rt_q, sc, zp, rt_p, xb, xo, x, M, K, gi, pstep, g, tig,
@@ -347,7 +354,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   }
   // Without the ring (or for a short last tile) a block's row tiles are swept one after the other.
 #pragma unroll
-  for (int rt = 0; rt < RT; ++rt) {
+  for (int rt = 0; rt < (Cfg::kLean ? 0 : RT); ++rt) {
     const int32_t* qt = qtile + rt * rt_q;
     const T* st = sc + rt * rt_p;
     const T* zt = zp ? zp + rt * rt_p : zp;
@@ -369,7 +376,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
 
   // C fragment: c0,c1 -> row g, batch columns 2*tig, 2*tig+1; c2,c3 -> row g+8. Added to the ortho sums
   // when they came first, else stored.
-  const bool base_adds = Cfg::kOrthoFirst && ortho_done;
+  const bool base_adds = Cfg::kOrthoFirst && (Cfg::kLean ? ortho : ortho_done);  // lean: the ring ran them
   auto put = [&](float& slot, float v) { slot = base_adds ? slot + v : v; };
 #pragma unroll
   for (int rt = 0; rt < RT; ++rt) {
@@ -381,7 +388,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
       put(red[warp][rt * 16 + g + 8][t * 8 + 2 * tig + 1], acc[rt][t][3]);
     }
   }
-  if (!staged) stage_ortho();  // a warp without K tiles
+  if (!Cfg::kLean && !staged) stage_ortho();  // a warp without K tiles (the ring stages them for every warp)
   if (ortho && !base_adds) {
     // The warp adds alpha times its threads' runs into its own red slot, as soon as its sweep is done.
     if (lane <= R) rpw[warp][lane] = my_rp;
@@ -456,6 +463,30 @@ cudaError_t launch_v1_dyn(const Operands& op, const void* x, const void* bias, v
     allowed[dev] = true;
   }
   return launch_v1<T>(kernel, op, x, bias, out, M, s, Cfg::kRingBytes, 16 * Cfg::kRowTiles);
+}
+
+// Whether a call meets what the ring needs for the whole of it (the kernel's own checks, on the host):
+// whole 64-column tiles, one group per tile and a fixed step of groups between a warp's tiles (ring_pstep),
+// and x in the ring's rows at 16-byte alignment.
+template <class Cfg>
+bool v1_lean_ok(const Operands& op, const void* x, int M) {
+  const int gs = op.group_size, K = op.K;
+  const bool groups = gs >= K || (gs % 64 == 0 && (gs & (gs - 1)) == 0 && gs <= kWarps * 64);
+  const bool x_ok = Cfg::kXRows == 0 || (M <= Cfg::kXRows && reinterpret_cast<uintptr_t>(x) % 16 == 0);
+  return op.bits == 4 && K % 64 == 0 && groups && x_ok;
+}
+
+// A ring configuration in its lean form where the call allows it (and v1_lean() is on), else in full.
+template <typename T, int NT, class Cfg>
+cudaError_t launch_v1_ring(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
+  const bool lean = v1_lean() && v1_lean_ok<Cfg>(op, x, M);
+  if constexpr (Cfg::kDynRing) {
+    return lean ? launch_v1_dyn<T, NT, typename Cfg::Lean>(op, x, bias, out, M, s)
+                : launch_v1_dyn<T, NT, Cfg>(op, x, bias, out, M, s);
+  } else {
+    return launch_v1<T>(lean ? fused_small_m_kernel<T, 4, NT, typename Cfg::Lean> : fused_small_m_kernel<T, 4, NT, Cfg>,
+                        op, x, bias, out, M, s, 0, 16 * Cfg::kRowTiles);
+  }
 }
 
 // The largest M of each v1 configuration below (cuda.py V1_CONFIG_MAX_M mirrors it).

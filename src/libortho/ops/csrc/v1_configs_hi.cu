@@ -10,14 +10,14 @@ cudaError_t fused_cfg_dispatch_hi(const Operands& op, const void* x, const void*
                                   cudaStream_t s) {
   switch (cfg) {
     // two row tiles (32 output rows) per block from one x ring: 70 / 77 KB of ring per block
-    case 11: return launch_v1_dyn<T, 1, V1Cfg<1, true, 2, 4, 8, 2>>(op, x, bias, out, M, s);
-    case 12: return launch_v1_dyn<T, 2, V1Cfg<1, true, 2, 3, 16, 2>>(op, x, bias, out, M, s);
+    case 11: return launch_v1_ring<T, 1, V1Cfg<1, true, 2, 4, 8, 2>>(op, x, bias, out, M, s);
+    case 12: return launch_v1_ring<T, 2, V1Cfg<1, true, 2, 3, 16, 2>>(op, x, bias, out, M, s);
     // the ortho stream first, while the ring's first tiles are in flight: configurations 8, 9 and 11 so (13-14: 14
     // bytes of spills at 80 registers)
-    case 13: return launch_v1<T>(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 3, 4, 4, 1, true>>, op, x, bias, out, M, s);
-    case 14: return launch_v1_dyn<T, 1, V1Cfg<1, true, 3, 4, 8, 1, true>>(op, x, bias, out, M, s);
-    case 15: return launch_v1_dyn<T, 1, V1Cfg<1, true, 2, 4, 8, 2, true>>(op, x, bias, out, M, s);
-    case 16: return launch_v1<T>(fused_small_m_kernel<T, 4, 1, V1Cfg<1, true, 2, 4, 4, 1, true>>, op, x, bias, out, M, s);  // 13 at 2 blocks per SM: no spills
+    case 13: return launch_v1_ring<T, 1, V1Cfg<1, true, 3, 4, 4, 1, true>>(op, x, bias, out, M, s);
+    case 14: return launch_v1_ring<T, 1, V1Cfg<1, true, 3, 4, 8, 1, true>>(op, x, bias, out, M, s);
+    case 15: return launch_v1_ring<T, 1, V1Cfg<1, true, 2, 4, 8, 2, true>>(op, x, bias, out, M, s);
+    case 16: return launch_v1_ring<T, 1, V1Cfg<1, true, 2, 4, 4, 1, true>>(op, x, bias, out, M, s);  // 13 at 2 blocks per SM: no spills
     default: return cudaErrorInvalidValue;
   }
 }
