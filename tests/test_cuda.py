@@ -149,7 +149,7 @@ def test_every_v1_configuration(cfg, n, k, gs, sym, dtype):
 
 
 @pytest.mark.parametrize("m", [1, 3, 4, 8, 16])
-@pytest.mark.parametrize("n,k,gs", [(1000, 2048, 128), (300, 576, -1), (2100, 4096, 512), (130, 1024, 64)])
+@pytest.mark.parametrize("n,k,gs", [(1000, 2048, 128), (300, 576, -1), (2100, 4096, 256), (130, 1024, 64)])
 def test_lean_ring_kernels_match_the_full_kernels_bit_for_bit(m, n, k, gs):
     """A ring configuration's lean kernel (no fallback paths; set_v1_lean) gives the full kernel's output bit for
     bit at alpha 0 and 1, and the float64 reference's within bf16 tolerance."""

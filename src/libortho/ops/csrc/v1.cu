@@ -8,10 +8,11 @@ namespace {
 // The INT4 v1 configuration for each class of call (kernels.h, set_v1_table), as the probe
 // (benchmarks/probes/v1_configs.py, results/v1-configs-H200*.json, 2026-11-29 11:03 and 13:08 UTC) suggested
 // it: the 4-slot ring carrying x's columns, its 4-row form at M <= 4, 8 rows at M 5-8, 16 rows at M 9-16;
-// on tall grids (and at M 9-16 from one row tile per SM) 32 output rows per block (11, 12, 15); on short
-// grids at M <= 8 the ortho stream first (14, 16; probe of 2026-11-29 14:02 UTC, 1 % ortho).
+// on tall grids at M <= 8 32 output rows per block (11); on short grids at M <= 8 the ortho stream first
+// (14, 16; probe of 2026-11-29 14:02 UTC, 1 % ortho); at M 9-16 the 16-row x ring (10). Tall grids and
+// M 9-16 moved from 15 and 12 to 11 and 10 once 8-12 ran lean (v1.cuh kLean; probe of 17:2x UTC).
 // cuda.py replaces entries for a tuning run ($LIBORTHO_V1_CFG).
-int g_v1_table[kV1Classes] = {16, 16, 14, 15, 11, 10, 12};
+int g_v1_table[kV1Classes] = {16, 16, 14, 11, 11, 10, 10};
 
 // From this many ortho entries (with alpha != 0) a grid counts as short: the tall classes' 32-row blocks
 // halve the blocks that share the ortho stream, and at 5 % ortho (2.25M entries on 11008x4096) that cost

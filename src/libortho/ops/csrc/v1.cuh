@@ -21,7 +21,9 @@ namespace {
 // kLean (ring only): the launcher has checked that the ring takes the whole call (v1_lean_ok), so the
 // kernel is compiled without the fallback sweep, the short last tile and, with kOrthoFirst, the ortho runs
 // after the sweep. ncu (4096-row strips, 11008x4096): the executed code was spread over 170 KB of SASS and
-// a third of the stall samples were instruction fetches at the jumps between its pieces.
+// a third of the stall samples were instruction fetches at the jumps between its pieces. Not for the
+// ortho-first configurations: their lean forms were 5-25 % slower at M 4-8 (H200 probe, 2026-11-29 17:2x
+// UTC, results/v1-configs-H200-lean-*.json), the others 2-12 % faster.
 template <int kU_, bool kPrefetchX_, int kMinBlocks_, int kStages_ = 0, int kXRows_ = 0, int kRowTiles_ = 1,
           bool kOrthoFirst_ = false, bool kLean_ = false>
 struct V1Cfg {
@@ -479,7 +481,7 @@ bool v1_lean_ok(const Operands& op, const void* x, int M) {
 // A ring configuration in its lean form where the call allows it (and v1_lean() is on), else in full.
 template <typename T, int NT, class Cfg>
 cudaError_t launch_v1_ring(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
-  const bool lean = v1_lean() && v1_lean_ok<Cfg>(op, x, M);
+  const bool lean = !Cfg::kOrthoFirst && v1_lean() && v1_lean_ok<Cfg>(op, x, M);
   if constexpr (Cfg::kDynRing) {
     return lean ? launch_v1_dyn<T, NT, typename Cfg::Lean>(op, x, bias, out, M, s)
                 : launch_v1_dyn<T, NT, Cfg>(op, x, bias, out, M, s);
