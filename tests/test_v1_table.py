@@ -46,7 +46,8 @@ def test_probe_classes_mirror_the_kernel_dispatch():
     assert probe.v1_class(1024, 4096, 8, sms) == "short_m8"
     assert probe.v1_class(11008, 4096, 2, sms) == "tall_m4"
     assert probe.v1_class(14336, 4096, 5, sms) == "tall_m8"
-    assert probe.v1_class(2096, 4096, 16, sms) == "m16" and probe.v1_class(2112, 4096, 9, sms) == "m16_tall"
+    assert probe.v1_class(6320, 4096, 16, sms) == "m16" and probe.v1_class(6336, 4096, 9, sms) == "m16_tall"
+    assert probe.v1_class(4096, 4096, 16, sms) == "m16"
     assert probe.v1_class(6336, 4096, 1, sms) == "tall_m4" and probe.v1_class(6320, 4096, 1, sms) == "short_m4"
     heavy = probe.HEAVY_ORTHO                   # from this many entries at alpha != 0 a tall grid counts as short
     assert probe.v1_class(11008, 4096, 1, sms, heavy) == "short_m4"

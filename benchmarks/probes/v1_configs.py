@@ -42,7 +42,7 @@ def v1_class(n: int, k: int, m: int, sms: int, ortho_nnz: int = 0) -> str:
     """The class of a call in v1.cu's table (v1_class there); ortho_nnz counts only at alpha != 0."""
     heavy = ortho_nnz >= HEAVY_ORTHO
     if m > 8:
-        return "m16_tall" if (n + 15) // 16 >= sms and not heavy else "m16"
+        return "m16_tall" if (n + 15) // 16 >= 3 * sms and not heavy else "m16"
     if (n + 15) // 16 >= 3 * sms and not heavy:
         return "tall_m4" if m <= 4 else "tall_m8"
     if m > 4:

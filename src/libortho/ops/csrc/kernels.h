@@ -36,7 +36,7 @@ cudaError_t launch_fused_small_m_cfg(const Operands& op, const void* x, const vo
 
 // The INT4 v1 configuration (an index of launch_fused_small_m_cfg) that launch_fused_small_m uses for each
 // class of call, in this order: short grids (< 3 blocks per SM) at M <= 4 with K >= 8192, at M <= 4 with
-// K < 8192, at M 5-8; tall grids at M <= 4, at M 5-8; M 9-16 below one row tile per SM, from one. A call
+// K < 8192, at M 5-8; tall grids at M <= 4, at M 5-8; M 9-16 below 3 row tiles per SM, from 3. A call
 // with alpha != 0 and at least 2^20 ortho entries counts as a short grid. set_v1_table changes nothing and returns
 // false when an index cannot serve its class (a configuration of the M <= 8 kernel reaching the class's
 // largest M, or of the M <= 16 kernel for M 9-16; v1.cuh kV1CfgMaxM).

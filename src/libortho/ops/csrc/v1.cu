@@ -9,10 +9,12 @@ namespace {
 // (benchmarks/probes/v1_configs.py, results/v1-configs-H200*.json, 2026-11-29 11:03 and 13:08 UTC) suggested
 // it: the 4-slot ring carrying x's columns, its 4-row form at M <= 4, 8 rows at M 5-8, 16 rows at M 9-16;
 // on tall grids at M <= 8 32 output rows per block (11); on short grids at M <= 8 the ortho stream first
-// (14, 16; probe of 2026-11-29 14:02 UTC, 1 % ortho); at M 9-16 the 16-row x ring (10). Tall grids and
-// M 9-16 moved from 15 and 12 to 11 and 10 once 8-12 ran lean (v1.cuh kLean; probe of 17:2x UTC).
+// (14, 16; probe of 2026-11-29 14:02 UTC, 1 % ortho); at M 9-16 the 16-row x ring (10), on tall grids with
+// 32 rows (12). Once 8-12 ran lean (v1.cuh kLean; probe of 17:2x UTC) the tall grids at M <= 4 moved from
+// 15 to 11, and M 9-16 on 256 row tiles (the 4096-row layers) from 12 to 10: that class now starts where
+// the M <= 8 tall classes do (3 row tiles per SM), as 10 lost to 12 only on 11008 and 14336 rows.
 // cuda.py replaces entries for a tuning run ($LIBORTHO_V1_CFG).
-int g_v1_table[kV1Classes] = {16, 16, 14, 11, 11, 10, 10};
+int g_v1_table[kV1Classes] = {16, 16, 14, 11, 11, 10, 12};
 
 // From this many ortho entries (with alpha != 0) a grid counts as short: the tall classes' 32-row blocks
 // halve the blocks that share the ortho stream, and at 5 % ortho (2.25M entries on 11008x4096) that cost
@@ -21,7 +23,7 @@ constexpr int64_t kHeavyOrtho = int64_t{1} << 20;
 
 inline int v1_class(const Operands& op, int M) {
   const bool heavy = op.alpha != 0.f && op.nnz >= kHeavyOrtho;
-  if (M > 8) return (op.N + 15) / 16 >= device_info().sms && !heavy ? 6 : 5;
+  if (M > 8) return (op.N + 15) / 16 >= 3 * device_info().sms && !heavy ? 6 : 5;
   if ((op.N + 15) / 16 >= 3 * device_info().sms && !heavy) return M <= 4 ? 3 : 4;
   if (M > 4) return 2;
   return op.K >= 8192 ? 0 : 1;
