@@ -88,6 +88,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--m", type=int, nargs="*", default=[1, 4, 8, 16])
+    ap.add_argument("--shapes", nargs="*", default=[f"{n}x{k}" for n, k in SHAPES],
+                    help="NxK (out x in); the decode's fused siblings are 12288x4096 (q/k/v) and 22016x4096 (gate/up)")
     ap.add_argument("--replays", type=int, default=15)
     ap.add_argument("--configs", type=int, nargs="*", default=None, help="indices to time (default: all)")
     ap.add_argument("--density", type=float, default=0.01, help="ortho density of the alpha 1 calls")
@@ -99,7 +101,7 @@ def main() -> None:
     if args.lean is not None:
         ext.set_v1_lean(args.lean == "on")
     rows = []
-    for n, k in SHAPES:
+    for n, k in (tuple(int(v) for v in s.lower().split("x")) for s in args.shapes):
         w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
         base = _ortho_layer(w, 4, 128, args.density)
         nq, nw = _copies(_layer_bytes(base, 1.0)), _copies(n * k * 2)
