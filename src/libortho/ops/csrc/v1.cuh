@@ -22,8 +22,8 @@ namespace {
 // kernel is compiled without the fallback sweep, the short last tile and, with kOrthoFirst, the ortho runs
 // after the sweep. ncu (4096-row strips, 11008x4096): the executed code was spread over 170 KB of SASS and
 // a third of the stall samples were instruction fetches at the jumps between its pieces. Not for the
-// ortho-first configurations: their lean forms were 5-25 % slower at M 4-8 (H200 probe, 2026-11-29 17:2x
-// UTC, results/v1-configs-H200-lean-*.json), the others 2-12 % faster.
+// ortho-first configurations: their lean forms were 11-34 % slower at M 4-8 (H200, 2026-11-29: probe
+// results/v1-configs-H200-lean-*.json, pairs results/logs/lean-ortho-first-H200.log), the others 2-12 % faster.
 template <int kU_, bool kPrefetchX_, int kMinBlocks_, int kStages_ = 0, int kXRows_ = 0, int kRowTiles_ = 1,
           bool kOrthoFirst_ = false, bool kLean_ = false>
 struct V1Cfg {
