@@ -152,7 +152,9 @@ def test_every_v1_configuration(cfg, n, k, gs, sym, dtype):
 @pytest.mark.parametrize("n,k,gs", [(1000, 2048, 128), (300, 576, -1), (2100, 4096, 256), (130, 1024, 64)])
 def test_lean_ring_kernels_match_the_full_kernels_bit_for_bit(m, n, k, gs):
     """A ring configuration's lean kernel (no fallback paths; set_v1_lean) gives the full kernel's output bit for
-    bit at alpha 0 and 1, and the float64 reference's within bf16 tolerance."""
+    bit at alpha 0 and 1, and the float64 reference's within bf16 tolerance. The ortho-first configurations
+    (13-16) run their full kernel either way for now (v1.cuh launch_v1_ring), so for them this checks only
+    the reference; the probe's lean on/off timings (results/v1-configs-H200-lean-*.json) show 8-12 switching."""
     ext = cuda_backend.extension()
     gen = torch.Generator(device="cuda").manual_seed(m * 31 + n)
     layer = make_layer(n, k, 4, gs, False, 0.02, torch.bfloat16, gen)
