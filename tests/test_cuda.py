@@ -178,59 +178,6 @@ def test_lean_ring_kernels_match_the_full_kernels_bit_for_bit(m, n, k, gs):
         ext.set_v1_lean(was)
 
 
-@pytest.mark.parametrize("n,k,gs,runs", [(11008, 4096, 128, True),   # 344 strips of 32 rows: two blocks per split strip
-                                         (64, 4096, 128, True),      # 2 strips, 16 blocks: 8 parts per strip
-                                         (3000, 1024, 64, True), (200, 576, -1, True),
-                                         (500, 1000, 128, False)])   # K % 64 != 0: the regular kernel
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_streamk_matches_the_reference_and_repeats_bit_for_bit(n, k, gs, runs, dtype):
-    """The stream-K kernel (set_v1_streamk) at alpha 0, M 1-8, against float64; a second call gives the same
-    bits (the per-strip counters reset themselves); alpha != 0 still runs the regular kernel."""
-    ext = cuda_backend.extension()
-    gen = torch.Generator(device="cuda").manual_seed(n + k)
-    layer = make_layer(n, k, 4, gs, False, 0.02, dtype, gen)
-    was = ext.v1_streamk()
-    try:
-        ext.set_v1_streamk(True)
-        for m in (1, 2, 5, 8):
-            x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
-            for alpha in (0.0, 1.0):
-                layer.alpha = alpha
-                before = ext.v1_streamk_launches()
-                poison_allocator()
-                y = layer(x)
-                torch.cuda.synchronize()
-                assert ext.v1_streamk_launches() - before == (1 if runs and alpha == 0.0 else 0), (m, alpha)
-                assert rel_err(y, reference64(layer, x, alpha)) < TOL[dtype], (m, alpha)
-                poison_allocator()
-                assert torch.equal(layer(x), y), (m, alpha)
-    finally:
-        ext.set_v1_streamk(was)
-
-
-def test_streamk_in_a_cuda_graph():
-    """Captured after an eager call (which sized the workspace), the stream-K kernel replays to the eager bits."""
-    ext = cuda_backend.extension()
-    gen = torch.Generator(device="cuda").manual_seed(7)
-    layer = make_layer(11008, 4096, 4, 128, False, 0.02, torch.bfloat16, gen)
-    layer.alpha = 0.0
-    x = torch.randn(1, 4096, generator=gen, device="cuda").to(torch.bfloat16)
-    was = ext.v1_streamk()
-    try:
-        ext.set_v1_streamk(True)
-        y0 = layer(x)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = layer(x)
-        for _ in range(3):
-            y.fill_(float("nan"))
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(y, y0)
-    finally:
-        ext.set_v1_streamk(was)
-
-
 def test_v1_table_set_get_and_refusal():
     """The v1 configuration table behind the default op: read back, refused entries change nothing, and with
     other configurations in every class the op still gives the reference result."""

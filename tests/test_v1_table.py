@@ -29,8 +29,7 @@ def test_parse_v1_table_names_what_is_wrong(spec, words):
         cuda_backend.parse_v1_table(spec)
 
 
-@pytest.mark.parametrize("var,value", [("LIBORTHO_V1_CFG", "tall_m4=10"), ("LIBORTHO_V1_LEAN", "maybe"),
-                                       ("LIBORTHO_V1_STREAMK", "perhaps")])
+@pytest.mark.parametrize("var,value", [("LIBORTHO_V1_CFG", "tall_m4=10"), ("LIBORTHO_V1_LEAN", "maybe")])
 def test_bad_env_raises_before_any_build(monkeypatch, var, value):
     monkeypatch.setenv(var, value)
     monkeypatch.setitem(cuda_backend._state, "ext", None)
@@ -127,13 +126,3 @@ def test_parse_v1_lean(value, expected):
 def test_parse_v1_lean_names_what_is_wrong():
     with pytest.raises(ValueError, match="expected on or off"):
         cuda_backend.parse_v1_lean("sometimes")
-
-
-@pytest.mark.parametrize("value,expected", [("", False), ("off", False), (" ON ", True), ("1", True), ("0", False)])
-def test_parse_v1_streamk(value, expected):
-    assert cuda_backend.parse_v1_streamk(value) is expected
-
-
-def test_parse_v1_streamk_names_what_is_wrong():
-    with pytest.raises(ValueError, match="expected on or off"):
-        cuda_backend.parse_v1_streamk("often")

@@ -982,7 +982,7 @@ def run(args):
     if device.type == "cuda":
         from ..ops import cuda as cuda_ops
         protocol["decode_kernel"], protocol["pdl"] = cuda_ops.decode_kernel(), cuda_ops.pdl_enabled()
-        protocol["v1_lean"], protocol["v1_streamk"] = cuda_ops.v1_lean(), cuda_ops.v1_streamk()
+        protocol["v1_lean"] = cuda_ops.v1_lean()
     result = {"card": card_name(device) if device.type == "cuda" else env["device"], "torch": torch.__version__,
               "cuda": torch.version.cuda, "transformers": env["transformers"], "date": env["date"],
               "command": env["command"], "protocol": protocol, "rows": [], "models": {}}

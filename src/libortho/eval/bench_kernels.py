@@ -239,7 +239,7 @@ def run(args):
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "copy_GBps": bw / 1e9, "pdl": ops.cuda.pdl_enabled(), "v1_table": ops.cuda.v1_table(),
               "ortho_xt_min": ops.cuda.extension().ortho_xt_min() if ops.cuda.extension() else None,
-              "v1_lean": ops.cuda.v1_lean(), "v1_streamk": ops.cuda.v1_streamk(),
+              "v1_lean": ops.cuda.v1_lean(),
               "method": __doc__.strip(), "rows": rows}
     out = Path(args.out or f"benchmarks/results/kernels-{card_name()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,9 +16,6 @@
 * ``LIBORTHO_V1_LEAN=on|off`` (default on, read when the extension loads): INT4 v1 ring calls that the ring takes
   whole (64-column tiles, groups of 64-512 or one per row, aligned x) run the configuration's lean kernel,
   compiled without the fallback paths (a third to half of the code); :func:`set_v1_lean` from Python.
-* ``LIBORTHO_V1_STREAMK=on|off`` (default off): INT4 calls at M <= 8 without the ortho stream run the
-  stream-K form of the ring (a grid of resident blocks sharing all row strips and K groups equally);
-  :func:`set_v1_streamk` from Python.
 * M > 16 (prefill): one kernel dequantizes the base and merges alpha * S into a bf16/fp16 weight, then cuBLAS.
 
 The extension is built on first use with ``torch.utils.cpp_extension.load`` for the GPU present and
@@ -96,30 +93,6 @@ def v1_lean() -> bool | None:
     """Whether the lean kernels are in use, or None without the extension."""
     ext = extension()
     return ext.v1_lean() if ext is not None else None
-
-
-def parse_v1_streamk(value: str) -> bool:
-    """$LIBORTHO_V1_STREAMK -> whether calls without the ortho stream run the stream-K kernel (default off)."""
-    v = value.strip().lower()
-    if v in ("", "off", "0"):
-        return False
-    if v in ("on", "1"):
-        return True
-    raise ValueError(f"LIBORTHO_V1_STREAMK={value!r}; expected on or off")
-
-
-def set_v1_streamk(on: bool) -> None:
-    """Whether INT4 v1 calls at M <= 8 without the ortho stream run the stream-K kernel."""
-    ext = extension()
-    if ext is None:
-        raise RuntimeError("libortho CUDA: the extension is not available")
-    ext.set_v1_streamk(bool(on))
-
-
-def v1_streamk() -> bool | None:
-    """Whether the stream-K kernel is in use, or None without the extension."""
-    ext = extension()
-    return ext.v1_streamk() if ext is not None else None
 
 
 def parse_v1_table(spec: str) -> dict[str, int]:
@@ -212,7 +185,6 @@ def build(verbose: bool = False):
     spec = parse_v1_table(os.environ.get("LIBORTHO_V1_CFG", ""))  # a bad value raises before the build
     xt_min = parse_ortho_xt(os.environ.get("LIBORTHO_ORTHO_XT", ""))
     lean = parse_v1_lean(os.environ.get("LIBORTHO_V1_LEAN", ""))
-    streamk = parse_v1_streamk(os.environ.get("LIBORTHO_V1_STREAMK", ""))
     try:
         from torch.utils.cpp_extension import load
         _state["ext"] = load(name="libortho_cuda_v2", sources=[str(CSRC / "binding.cpp"), *map(str, sorted(CSRC.glob("*.cu")))],
@@ -227,7 +199,6 @@ def build(verbose: bool = False):
         _apply_v1_table(_state["ext"], spec)
     _state["ext"].set_ortho_xt_min(xt_min)
     _state["ext"].set_v1_lean(lean)
-    _state["ext"].set_v1_streamk(streamk)
     return True
 
 

@@ -167,9 +167,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_ortho_xt_min", &set_ortho_xt_min, "set that threshold (negative: never)");
   m.def("v1_table", &v1_table, "the INT4 v1 configuration per class of call (kernels.h, cuda.V1_CLASSES)");
   m.def("set_v1_table", &set_v1_table, "replace that table; False (nothing changed) for an index its class cannot take");
-  m.def("v1_streamk", &libortho::v1_streamk, "whether INT4 v1 calls at M <= 8 without the ortho stream run the stream-K kernel");
-  m.def("set_v1_streamk", &libortho::set_v1_streamk, "turn the stream-K kernel on or off (off by default)");
-  m.def("v1_streamk_launches", &libortho::v1_streamk_launches, "stream-K launches so far (tests)");
   m.def("v1_lean", &libortho::v1_lean, "whether v1 ring calls the ring takes whole run the lean kernels");
   m.def("set_v1_lean", &libortho::set_v1_lean, "turn the lean kernels on or off");
   m.def("fused_small_m_cfg", &fused_cfg, "v1 with a tuning configuration (INT4, M <= 8 or 16; benchmarks/probes/v1_configs.py)");

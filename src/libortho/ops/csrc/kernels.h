@@ -44,14 +44,6 @@ constexpr int kV1Classes = 7;
 bool set_v1_table(const int (&table)[kV1Classes]);
 void get_v1_table(int (&table)[kV1Classes]);
 
-// The stream-K form of the v1 ring (v1_streamk.cu): INT4, M <= 8, without the ortho stream; `used` says
-// whether it ran (else the caller runs the regular kernel). Off by default (set_v1_streamk).
-cudaError_t launch_v1_streamk(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s,
-                              bool& used);
-void set_v1_streamk(bool on);
-bool v1_streamk();
-int64_t v1_streamk_launches();  // launches so far (tests)
-
 // Whether INT4 v1 ring calls that the ring takes whole run the configuration's lean form (v1.cuh kLean,
 // v1_lean_ok); off: always the full kernel (for the tests and the probe).
 void set_v1_lean(bool on);

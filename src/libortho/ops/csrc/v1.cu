@@ -32,12 +32,8 @@ inline int v1_class(const Operands& op, int M) {
 template <typename T, int BITS>
 cudaError_t fused_dispatch_nt(const Operands& op, const void* x, const void* bias, void* out, int M,
                               cudaStream_t s) {
-  if constexpr (BITS == 4) {
-    bool used = false;
-    const cudaError_t err = launch_v1_streamk(op, x, bias, out, M, s, used);
-    if (err != cudaSuccess || used) return err;
+  if constexpr (BITS == 4)
     if (M <= 16) return launch_fused_small_m_cfg(op, x, bias, out, M, g_v1_table[v1_class(op, M)], s);
-  }
   auto kernel = M <= 8 ? fused_small_m_kernel<T, BITS, 1> : M <= 16 ? fused_small_m_kernel<T, BITS, 2>
                : M <= 32 ? fused_small_m_kernel<T, BITS, 4> : fused_small_m_kernel<T, BITS, 8>;
   return launch_v1<T>(kernel, op, x, bias, out, M, s);
