@@ -52,7 +52,6 @@ __device__ inline void pdl_prologue(const void* strip, int bytes) {
 struct DeviceInfo {
   int sms = 0;
   bool cc90 = false;
-  int smem_per_sm = 0, smem_reserved = 0;  // shared memory per SM, and what each block costs beyond its own
 };
 
 // SM count and sm_90 flag of the current device, cached per device.
@@ -64,8 +63,6 @@ inline DeviceInfo device_info() {
     int sms = 0, major = 0;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cudaDeviceGetAttribute(&cache[dev].smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev);
-    cudaDeviceGetAttribute(&cache[dev].smem_reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev);
     cache[dev].cc90 = major >= 9;
     cache[dev].sms = sms > 0 ? sms : 132;
   }

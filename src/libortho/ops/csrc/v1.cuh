@@ -21,9 +21,9 @@ namespace {
 // kLean (ring only): the launcher has checked that the ring takes the whole call (v1_lean_ok), so the
 // kernel is compiled without the fallback sweep, the short last tile and, with kOrthoFirst, the ortho runs
 // after the sweep. ncu (4096-row strips, 11008x4096): the executed code was spread over 170 KB of SASS and
-// a third of the stall samples were instruction fetches at the jumps between its pieces. The ortho-first
-// configurations' lean forms were 11-34 % slower at M 4-8 with a third block per SM (2026-11-29), so they
-// run capped at kMinBlocks blocks per SM (launch_v1_lean_capped).
+// a third of the stall samples were instruction fetches at the jumps between its pieces. Not for the
+// ortho-first configurations: their lean forms were 11-34 % slower at M 4-8 (H200, 2026-11-29: probe
+// results/v1-configs-H200-lean-*.json, pairs results/logs/lean-ortho-first-H200.log), the others 2-12 % faster.
 template <int kU_, bool kPrefetchX_, int kMinBlocks_, int kStages_ = 0, int kXRows_ = 0, int kRowTiles_ = 1,
           bool kOrthoFirst_ = false, bool kLean_ = false>
 struct V1Cfg {
@@ -478,46 +478,10 @@ bool v1_lean_ok(const Operands& op, const void* x, int M) {
   return op.bits == 4 && K % 64 == 0 && groups && x_ok;
 }
 
-// Dynamic shared memory, at least `smem` bytes, such that no more than `blocks` blocks of `kernel` fit per SM.
-template <typename Kernel>
-int cap_blocks_smem(Kernel kernel, int smem, int blocks) {
-  cudaFuncAttributes a{};
-  const DeviceInfo d = device_info();
-  if (cudaFuncGetAttributes(&a, kernel) != cudaSuccess || d.smem_per_sm <= 0) return smem;
-  const int need = d.smem_per_sm / (blocks + 1) + 1 - d.smem_reserved - static_cast<int>(a.sharedSizeBytes);
-  return std::max(smem, need);
-}
-
-// The lean form of an ortho-first configuration at the full kernel's blocks per SM: with fewer registers a
-// third block fitted, and its ring tiles then arrived late at M >= 4 (ncu; README "Why the ortho-first
-// configurations lose when lean"), so dynamic shared memory that the kernel does not use keeps it out.
-template <typename T, int NT, class Cfg>
-cudaError_t launch_v1_lean_capped(const Operands& op, const void* x, const void* bias, void* out, int M,
-                                  cudaStream_t s) {
-  constexpr auto kernel = fused_small_m_kernel<T, 4, NT, typename Cfg::Lean>;
-  static int smem[64];
-  static bool set[64] = {};
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
-  if (!set[dev]) {
-    const int bytes = cap_blocks_smem(kernel, Cfg::kRingBytes, Cfg::kMinBlocks);
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-    if (err != cudaSuccess) return err;
-    smem[dev] = bytes;
-    set[dev] = true;
-  }
-  return launch_v1<T>(kernel, op, x, bias, out, M, s, smem[dev], 16 * Cfg::kRowTiles);
-}
-
 // A ring configuration in its lean form where the call allows it (and v1_lean() is on), else in full.
 template <typename T, int NT, class Cfg>
 cudaError_t launch_v1_ring(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
-  const bool lean = v1_lean() && v1_lean_ok<Cfg>(op, x, M);
-  if constexpr (Cfg::kOrthoFirst) {
-    if (lean) return launch_v1_lean_capped<T, NT, Cfg>(op, x, bias, out, M, s);
-  }
+  const bool lean = !Cfg::kOrthoFirst && v1_lean() && v1_lean_ok<Cfg>(op, x, M);
   if constexpr (Cfg::kDynRing) {
     return lean ? launch_v1_dyn<T, NT, typename Cfg::Lean>(op, x, bias, out, M, s)
                 : launch_v1_dyn<T, NT, Cfg>(op, x, bias, out, M, s);
