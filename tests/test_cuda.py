@@ -120,6 +120,7 @@ V1_CONFIG_MAX_M = cuda_backend.V1_CONFIG_MAX_M  # per v1_configs.cu fused_cfg_di
 V1_CONFIGS = len(V1_CONFIG_MAX_M)  # (benchmarks/probes/v1_configs.py names them)
 X_RING_CONFIGS = (8, 9, 10, 11, 12, 13, 14, 15, 16)  # x's columns through the shared-memory ring (M <= 4, 8, 16;
 # 11-12: 32 rows; 13-16: the ortho stream first)
+WARPS_CONFIGS = (17, 18, 19, 20, 21, 22)  # the x ring with 12 or 16 warps per block (lean only)
 
 
 @pytest.mark.parametrize("cfg", range(V1_CONFIGS))
@@ -137,7 +138,7 @@ def test_every_v1_configuration(cfg, n, k, gs, sym, dtype):
     ext = cuda_backend.extension()
     for m in [m for m in (1, 3, 4, 8, 9, 16) if m <= V1_CONFIG_MAX_M[cfg]]:
         x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
-        if cfg in X_RING_CONFIGS and m == 3:  # rows not 16-byte aligned: the x ring must step aside
+        if cfg in X_RING_CONFIGS + WARPS_CONFIGS and m == 3:  # rows not 16-byte aligned: the x ring must step aside
             x = torch.randn(m * k + 4, generator=gen, device="cuda").to(dtype)[4:].view(m, k)
         for alpha in (0.0, 1.0):
             poison_allocator()
@@ -154,7 +155,7 @@ def test_lean_ring_kernels_match_the_full_kernels_bit_for_bit(m, n, k, gs):
     """A ring configuration's lean kernel (no fallback paths; set_v1_lean) gives the full kernel's output bit for
     bit at alpha 0 and 1, and the float64 reference's within bf16 tolerance. The ortho-first configurations
     (13-16) run their full kernel either way for now (v1.cuh launch_v1_ring), so for them this checks only
-    the reference; the probe's lean on/off timings (results/v1-configs-H200-lean-*.json) show 8-12 switching."""
+    the reference and that no lean launch was counted; for 8-12 the lean launches are counted."""
     ext = cuda_backend.extension()
     gen = torch.Generator(device="cuda").manual_seed(m * 31 + n)
     layer = make_layer(n, k, 4, gs, False, 0.02, torch.bfloat16, gen)
@@ -170,10 +171,42 @@ def test_lean_ring_kernels_match_the_full_kernels_bit_for_bit(m, n, k, gs):
     try:
         for cfg in [c for c in X_RING_CONFIGS if m <= V1_CONFIG_MAX_M[c]]:
             for alpha in (0.0, 1.0):
+                before = ext.v1_lean_launches()
                 y = run(cfg, alpha, True)
+                assert ext.v1_lean_launches() - before == (0 if cfg >= 13 else 1), (cfg, alpha)
                 assert torch.equal(y, run(cfg, alpha, False)), (cfg, alpha)
                 ref = reference64(layer, x, alpha) - layer.bias.double()
                 assert rel_err(y, ref) < TOL[torch.bfloat16], (cfg, alpha)
+    finally:
+        ext.set_v1_lean(was)
+
+
+@pytest.mark.parametrize("n,k,gs", [(1000, 2048, 128), (4096, 4096, 128), (300, 576, -1), (2100, 4096, 256),
+                                    (130, 1000, 64), (70, 4096, 32)])
+def test_other_warp_counts_run_lean_or_as_eight_warps(n, k, gs):
+    """Configurations 17-22 (12 or 16 warps per block) run their lean kernel where the call allows it and
+    otherwise, like with the lean kernels off, the same configuration with 8 warps; the float64 reference
+    either way. K = 1000 (a short last tile) and two groups per tile (32) are not for the ring."""
+    ext = cuda_backend.extension()
+    gen = torch.Generator(device="cuda").manual_seed(n + gs)
+    layer = make_layer(n, k, 4, gs, False, 0.02, torch.bfloat16, gen)
+    was = ext.v1_lean()
+    try:
+        for cfg in WARPS_CONFIGS:
+            for m in (1, V1_CONFIG_MAX_M[cfg]):
+                x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+                for lean in (True, False):
+                    ext.set_v1_lean(lean)
+                    for alpha in (0.0, 1.0):
+                        poison_allocator()
+                        before = ext.v1_lean_launches()
+                        y = cuda_backend._checked(ext.fused_small_m_cfg(
+                            x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values,
+                            None, alpha, 4, quant.effective_group_size(layer.group_size, k), n, k, cfg), f"config {cfg}")
+                        expect_lean = lean and k % 64 == 0 and gs != 32
+                        assert ext.v1_lean_launches() - before == int(expect_lean), (cfg, m, lean, alpha)
+                        ref = reference64(layer, x, alpha) - layer.bias.double()
+                        assert rel_err(y, ref) < TOL[torch.bfloat16], (cfg, m, lean, alpha)
     finally:
         ext.set_v1_lean(was)
 
@@ -195,12 +228,14 @@ def test_v1_table_set_get_and_refusal():
     assert list(ext.v1_table()) == old
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     tall_n = 16 * 3 * sms + 16
-    cases = [(512, 8192, 2), (512, 1024, 3), (512, 1024, 7), (tall_n, 512, 4), (tall_n, 512, 8), (512, 1024, 12),
-             (16 * sms + 48, 1024, 16)]
+    short_n = 16 * sms + 48  # from one row tile per SM: not tiny
+    cases = [(short_n, 8192, 2), (short_n, 1024, 3), (short_n, 1024, 7), (tall_n, 512, 4), (tall_n, 512, 8),
+             (512, 1024, 12), (tall_n, 1024, 16), (512, 1024, 5), (512, 8192, 16)]  # one per class, in order
     gen = torch.Generator(device="cuda").manual_seed(5)
     try:
-        for table in ([3, 4, 5, 4, 3, 7, 6], [5, 3, 4, 0, 2, 6, 7], [8, 8, 2, 8, 1, 6, 10], [9, 8, 9, 9, 9, 10, 12],
-                      [11, 11, 11, 11, 11, 12, 12]):
+        for table in ([3, 4, 5, 4, 3, 7, 6, 2, 7], [5, 3, 4, 0, 2, 6, 7, 0, 6], [8, 8, 2, 8, 1, 6, 10, 9, 10],
+                      [9, 8, 9, 9, 9, 10, 12, 20, 22], [11, 11, 11, 11, 11, 12, 12, 18, 12],
+                      [20, 17, 21, 19, 18, 22, 22, 20, 22]):
             assert ext.set_v1_table(table) and list(ext.v1_table()) == table
             for n, k, m in cases:
                 layer = make_layer(n, k, 4, 128, False, 0.02, torch.bfloat16, gen)

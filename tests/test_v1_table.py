@@ -21,9 +21,9 @@ def test_parse_v1_table_accepts_classes_and_spaces():
 
 @pytest.mark.parametrize("spec,words", [("x=1", "not class=index"), ("tall_m4", "not class=index"),
                                         ("tall_m4=a", "must be an integer"), ("m16=3", "takes configurations 6, 7"),
-                                        ("short_m8=8", "takes configurations 0, 1, 2, 3, 4, 5, 9, 11, 14, 15$"),
-                                        ("m16=9", "takes configurations 6, 7, 10, 12$"),
-                                        ("short_m4=-1", "0, 1, 2, 3, 4, 5, 8, 9, 11, 13, 14, 15, 16$")])
+                                        ("short_m8=8", "takes configurations 0, 1, 2, 3, 4, 5, 9, 11, 14, 15, 18, 20, 21$"),
+                                        ("m16=9", "takes configurations 6, 7, 10, 12, 22$"),
+                                        ("short_m4=-1", "0, 1, 2, 3, 4, 5, 8, 9, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21$")])
 def test_parse_v1_table_names_what_is_wrong(spec, words):
     with pytest.raises(ValueError, match=words):
         cuda_backend.parse_v1_table(spec)
@@ -43,7 +43,9 @@ def test_probe_classes_mirror_the_kernel_dispatch():
     sms = 132                                   # H200: tall grids from ceil(N / 16) >= 396 blocks
     assert probe.v1_class(4096, 11008, 1, sms) == "short_long_k"
     assert probe.v1_class(4096, 4096, 4, sms) == "short_m4"
-    assert probe.v1_class(1024, 4096, 8, sms) == "short_m8"
+    assert probe.v1_class(2112, 4096, 8, sms) == "short_m8" and probe.v1_class(2096, 4096, 8, sms) == "tiny"
+    assert probe.v1_class(1024, 4096, 1, sms) == "tiny" and probe.v1_class(1024, 14336, 4, sms) == "tiny"
+    assert probe.v1_class(4096, 11008, 16, sms) == "m16_long_k" and probe.v1_class(1024, 8192, 9, sms) == "m16_long_k"
     assert probe.v1_class(11008, 4096, 2, sms) == "tall_m4"
     assert probe.v1_class(14336, 4096, 5, sms) == "tall_m8"
     assert probe.v1_class(6320, 4096, 16, sms) == "m16" and probe.v1_class(6336, 4096, 9, sms) == "m16_tall"
@@ -54,6 +56,9 @@ def test_probe_classes_mirror_the_kernel_dispatch():
     assert probe.v1_class(11008, 4096, 1, sms, heavy - 1) == "tall_m4"
     assert probe.v1_class(11008, 4096, 8, sms, heavy) == "short_m8"
     assert probe.v1_class(11008, 4096, 16, sms, heavy) == "m16"
+    assert probe.v1_class(4096, 11008, 4, sms, heavy) == "short_m4"
+    assert probe.v1_class(4096, 11008, 8, sms, heavy) == "short_m8"
+    assert probe.v1_class(4096, 11008, 16, sms, heavy) == "m16_long_k"
 
 
 def _row(n, k, m, times, wrong=()):
@@ -86,7 +91,7 @@ def test_suggest_table_counts_a_heavy_rows_calls_in_their_own_classes():
 
 
 def test_suggest_table_leaves_out_a_class_with_no_config_correct_on_all_rows():
-    rows = [_row(4096, 4096, 8, {0: 5.0, 2: 4.0}, wrong={2}), _row(1024, 4096, 8, {0: 3.0, 2: 2.0}, wrong={0})]
+    rows = [_row(4096, 4096, 8, {0: 5.0, 2: 4.0}, wrong={2}), _row(2112, 4096, 8, {0: 3.0, 2: 2.0}, wrong={0})]
     assert probe.suggest_table(rows, probe.CONFIGS, 132) == {}
 
 

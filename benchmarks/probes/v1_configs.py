@@ -29,7 +29,10 @@ CONFIGS = ["kU2 pfx min2 (short grids)", "kU1 pfx min3 (tall grids)", "kU1 pfx m
            "ring4 min3 x-ring8", "m16 ring4 min2 x-ring16",  # ... M <= 8 and 16 (dynamic shared memory)
            "ring4 min2 x-ring8 32 rows", "m16 ring3 min2 x-ring16 32 rows",  # two row tiles per block
            "ring4 min3 x-ring ortho-first", "ring4 min3 x-ring8 ortho-first",  # ortho stream during the ring's fill
-           "ring4 min2 x-ring8 32 rows ortho-first", "ring4 min2 x-ring ortho-first"]
+           "ring4 min2 x-ring8 32 rows ortho-first", "ring4 min2 x-ring ortho-first",
+           "w12 ring4 min2 x-ring", "w12 ring4 min2 x-ring8", "w12 ring4 min2 x-ring ortho-first",  # 12 warps
+           "w16 ring4 min1 x-ring8 32 rows", "w16 ring4 min1 x-ring8 32 rows ortho-first",  # 16 warps
+           "w16 m16 ring3 min1 x-ring16 32 rows"]
 MAX_M = list(cuda_ops.V1_CONFIG_MAX_M)
 assert len(MAX_M) == len(CONFIGS)
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (1024, 4096)]
@@ -42,12 +45,14 @@ def v1_class(n: int, k: int, m: int, sms: int, ortho_nnz: int = 0) -> str:
     """The class of a call in v1.cu's table (v1_class there); ortho_nnz counts only at alpha != 0."""
     heavy = ortho_nnz >= HEAVY_ORTHO
     if m > 8:
-        return "m16_tall" if (n + 15) // 16 >= 3 * sms and not heavy else "m16"
+        return "m16_tall" if (n + 15) // 16 >= 3 * sms and not heavy else "m16_long_k" if k >= 8192 else "m16"
     if (n + 15) // 16 >= 3 * sms and not heavy:
         return "tall_m4" if m <= 4 else "tall_m8"
+    if (n + 15) // 16 < sms:
+        return "tiny"
     if m > 4:
         return "short_m8"
-    return "short_long_k" if k >= 8192 else "short_m4"
+    return "short_long_k" if k >= 8192 and not heavy else "short_m4"
 
 
 def suggest_table(rows: list[dict], configs: list[str], sms: int) -> dict[str, int]:

@@ -36,11 +36,12 @@ cudaError_t launch_fused_small_m_cfg(const Operands& op, const void* x, const vo
 
 // The INT4 v1 configuration (an index of launch_fused_small_m_cfg) that launch_fused_small_m uses for each
 // class of call, in this order: short grids (< 3 blocks per SM) at M <= 4 with K >= 8192, at M <= 4 with
-// K < 8192, at M 5-8; tall grids at M <= 4, at M 5-8; M 9-16 below 3 row tiles per SM, from 3. A call
-// with alpha != 0 and at least 2^20 ortho entries counts as a short grid. set_v1_table changes nothing and returns
+// K < 8192, at M 5-8; tall grids at M <= 4, at M 5-8; M 9-16 below 3 row tiles per SM (K < 8192), from 3;
+// tiny grids (fewer row tiles than SMs) at M <= 8; M 9-16 below 3 row tiles per SM with K >= 8192. A call
+// with alpha != 0 and at least 2^20 ortho entries counts as a short grid, and at M <= 4 as one with K < 8192. set_v1_table changes nothing and returns
 // false when an index cannot serve its class (a configuration of the M <= 8 kernel reaching the class's
 // largest M, or of the M <= 16 kernel for M 9-16; v1.cuh kV1CfgMaxM).
-constexpr int kV1Classes = 7;
+constexpr int kV1Classes = 9;
 bool set_v1_table(const int (&table)[kV1Classes]);
 void get_v1_table(int (&table)[kV1Classes]);
 
@@ -48,6 +49,9 @@ void get_v1_table(int (&table)[kV1Classes]);
 // v1_lean_ok); off: always the full kernel (for the tests and the probe).
 void set_v1_lean(bool on);
 bool v1_lean();
+// Lean launches so far (the tests check that the lean path really runs); counted on the host.
+int64_t& v1_lean_launches_counter();
+int64_t v1_lean_launches();
 
 // The same product by the v2 decode kernel (cp.async stages, cluster split-K on sm_90, nnz-balanced ortho
 // rows); a misaligned buffer falls back to launch_fused_small_m.

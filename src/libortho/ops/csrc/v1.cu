@@ -13,8 +13,13 @@ namespace {
 // 32 rows (12). Once 8-12 ran lean (v1.cuh kLean; probe of 17:2x UTC) the tall grids at M <= 4 moved from
 // 15 to 11, and M 9-16 on 256 row tiles (the 4096-row layers) from 12 to 10: that class now starts where
 // the M <= 8 tall classes do (3 row tiles per SM), as 10 lost to 12 only on 11008 and 14336 rows.
+// With 16 warps per block (kBlockWarps; probe of 2026-11-29 18:3x UTC, results/v1-configs-H200-warps.json) the
+// short grids at M 5-8 and with K >= 8192 took 20 (32 rows, one block of 16 warps per SM) and M 9-16 with
+// K >= 8192 took 22 (a class of its own); grids of fewer row tiles than SMs (1024-row layers) got a class at
+// M <= 8 (18: 12 warps), as 32-row blocks leave most SMs idle there. A heavy ortho stream at M <= 4 on long K
+// takes short_m4's configuration: with 20 it was 8-14 % slower at 5 % (4096x11008 M = 4: 30.7 -> 35.1 us).
 // cuda.py replaces entries for a tuning run ($LIBORTHO_V1_CFG).
-int g_v1_table[kV1Classes] = {16, 16, 14, 11, 11, 10, 12};
+int g_v1_table[kV1Classes] = {20, 16, 20, 11, 11, 10, 12, 18, 22};
 
 // From this many ortho entries (with alpha != 0) a grid counts as short: the tall classes' 32-row blocks
 // halve the blocks that share the ortho stream, and at 5 % ortho (2.25M entries on 11008x4096) that cost
@@ -23,10 +28,12 @@ constexpr int64_t kHeavyOrtho = int64_t{1} << 20;
 
 inline int v1_class(const Operands& op, int M) {
   const bool heavy = op.alpha != 0.f && op.nnz >= kHeavyOrtho;
-  if (M > 8) return (op.N + 15) / 16 >= 3 * device_info().sms && !heavy ? 6 : 5;
-  if ((op.N + 15) / 16 >= 3 * device_info().sms && !heavy) return M <= 4 ? 3 : 4;
+  const int row_tiles = (op.N + 15) / 16, sms = device_info().sms;
+  if (M > 8) return row_tiles >= 3 * sms && !heavy ? 6 : op.K >= 8192 ? 8 : 5;
+  if (row_tiles >= 3 * sms && !heavy) return M <= 4 ? 3 : 4;
+  if (row_tiles < sms) return 7;
   if (M > 4) return 2;
-  return op.K >= 8192 ? 0 : 1;
+  return op.K >= 8192 && !heavy ? 0 : 1;  // a heavy stream on long K keeps 16-row blocks (short_m4)
 }
 
 template <typename T, int BITS>
@@ -56,7 +63,7 @@ cudaError_t launch_fused_small_m(const Operands& op, const void* x, const void* 
 
 bool set_v1_table(const int (&table)[kV1Classes]) {
   // A class takes the configurations of its kernel (M <= 8 or M <= 16) that reach its largest M.
-  constexpr int kClassMaxM[kV1Classes] = {4, 4, 8, 4, 8, 16, 16};
+  constexpr int kClassMaxM[kV1Classes] = {4, 4, 8, 4, 8, 16, 16, 8, 16};
   for (int c = 0; c < kV1Classes; ++c) {
     const int i = table[c];
     if (i < 0 || i >= kV1Cfgs || kV1CfgMaxM[i] < kClassMaxM[c] || (kV1CfgMaxM[i] == 16) != (kClassMaxM[c] == 16))
@@ -74,5 +81,10 @@ bool g_v1_lean = true;
 
 void set_v1_lean(bool on) { g_v1_lean = on; }
 bool v1_lean() { return g_v1_lean; }
+int64_t& v1_lean_launches_counter() {
+  static int64_t n = 0;
+  return n;
+}
+int64_t v1_lean_launches() { return v1_lean_launches_counter(); }
 
 }  // namespace libortho

@@ -24,8 +24,13 @@ namespace {
 // a third of the stall samples were instruction fetches at the jumps between its pieces. Not for the
 // ortho-first configurations: their lean forms were 11-34 % slower at M 4-8 (H200, 2026-11-29: probe
 // results/v1-configs-H200-lean-*.json, pairs results/logs/lean-ortho-first-H200.log), the others 2-12 % faster.
+// kBlockWarps (ring only, lean only): warps per block other than kWarps. On short grids (256 blocks of 8 warps
+// on 132 SMs) an SM holds 16 warps, each streaming a chain of 8 (K = 4096) to 22 tiles; 12-warp blocks put
+// 24 warps on an SM at 2 blocks (registers permitting), 16-warp blocks of 32 rows keep 16 warps on half as
+// many blocks with two row tiles per warp. Where a call is not lean (v1_lean_ok) it runs the same
+// configuration with kWarps (launch_v1_ring), so the fallback paths stay 8-warp code.
 template <int kU_, bool kPrefetchX_, int kMinBlocks_, int kStages_ = 0, int kXRows_ = 0, int kRowTiles_ = 1,
-          bool kOrthoFirst_ = false, bool kLean_ = false>
+          bool kOrthoFirst_ = false, bool kLean_ = false, int kBlockWarps_ = kWarps>
 struct V1Cfg {
   static constexpr int kU = kU_;
   static constexpr bool kPrefetchX = kPrefetchX_;
@@ -35,12 +40,15 @@ struct V1Cfg {
   static constexpr int kRowTiles = kRowTiles_;
   static constexpr bool kOrthoFirst = kOrthoFirst_;
   static constexpr bool kLean = kLean_;
-  using Lean = V1Cfg<kU_, kPrefetchX_, kMinBlocks_, kStages_, kXRows_, kRowTiles_, kOrthoFirst_, true>;
+  static constexpr int kBlockWarps = kBlockWarps_;
+  using Lean = V1Cfg<kU_, kPrefetchX_, kMinBlocks_, kStages_, kXRows_, kRowTiles_, kOrthoFirst_, true, kBlockWarps_>;
+  using Eight = V1Cfg<kU_, kPrefetchX_, kMinBlocks_, kStages_, kXRows_, kRowTiles_, kOrthoFirst_, false>;
   static_assert(!kLean_ || kStages_ > 0, "only the ring has a lean form");
   static_assert(!kOrthoFirst_ || kStages_ > 0, "the ortho stream first needs the ring");
   static_assert(kRowTiles_ == 1 || (kRowTiles_ == 2 && kStages_ > 0), "two row tiles need the ring");
+  static_assert(kBlockWarps_ == kWarps || kStages_ > 0, "other warp counts: the ring only");
   // per warp and slot and row tile: 512 weight bytes, 64 bytes of scales and zeros; 128 bytes per row of x
-  static constexpr int kRingSize = kWarps * kStages_ * (kRowTiles_ * (512 + 64) + kXRows_ * 128);
+  static constexpr int kRingSize = kBlockWarps_ * kStages_ * (kRowTiles_ * (512 + 64) + kXRows_ * 128);
   static constexpr bool kDynRing = kRingSize > 36 * 1024;
   static constexpr int kRingBytes = kDynRing ? kRingSize : 0;
 };
@@ -55,16 +63,17 @@ __device__ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
 #endif
 }
 
-// Elements between the scale rows of a warp's consecutive tiles (kWarps * 64 columns apart) for
+// Elements between the scale rows of a warp's consecutive tiles (W * 64 columns apart) for
 // ring_sweep: a fixed number of groups when the group size is a power of two dividing that span, 0 for one
 // group per row; -1 (other sizes): no ring.
+template <int W>
 __device__ inline int ring_pstep(const GroupIndex& gi) {
-  constexpr int kSpan = kWarps * 64;
+  constexpr int kSpan = W * 64;
   if (gi.shift == 31) return 0;
   return gi.shift >= 0 && ((kSpan >> gi.shift) << gi.shift) == kSpan ? (kSpan >> gi.shift) * 16 : -1;
 }
 
-// One warp's full INT4 tiles (warp, warp + kWarps, ...; nt of them) through a ring of S slots in shared
+// One warp's full INT4 tiles (warp, warp + W, ...; nt of them; W warps per block) through a ring of S slots in shared
 // memory: each slot holds the tile's 512 weight bytes (16 per lane) and the 16 scales and 16 zeros of its
 // group (tiles of one group only: the caller checks GroupIndex::same and ring_pstep). Tile j + S - 1 is
 // requested while tile j is computed, so S - 1 tiles are in flight with no registers held for them; x
@@ -77,7 +86,7 @@ __device__ inline int ring_pstep(const GroupIndex& gi) {
 // past M read row 0. The caller checks that x rows are 16-byte aligned (K % 8 == 0, x aligned).
 // RT = 2: each slot also holds a second row tile (weights rt_q int32 and scales / zeros rt_p elements after
 // the first's; 0 when the block has only one), computed with the same x fragments.
-template <int S, int XR, typename T, int NT, bool kPrefetchX, int RT, class OnFirst>
+template <int S, int XR, typename T, int NT, bool kPrefetchX, int RT, int W, class OnFirst>
 __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT * 32], uint32_t (&pring)[S][RT * 16],
                                   uint4 (*xring)[XR > 0 ? XR * 8 : 1], int nt, int warp, int lane,
                                   const int32_t* qtile, size_t rt_q, const T* sc, const T* zp, size_t rt_p,
@@ -113,9 +122,9 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
     }
     cp_commit();  // an empty group past the end keeps the count of pending groups uniform
     ++jn;
-    qn += kWarps * 32 * 4;
+    qn += W * 32 * 4;
     pbase += pstep;
-    if constexpr (XR > 0) xr += kWarps * 64;
+    if constexpr (XR > 0) xr += W * 64;
   };
   const uint32_t* xn[NT];  // this lane's pairs of x at the next tile to fetch, per batch block
 #pragma unroll
@@ -127,7 +136,7 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
 #pragma unroll
         for (int step = 0; step < 4; ++step)
           x_fragment<true>(c.xb[0][step][t][0], c.xb[0][step][t][1], xn[t], step, 0, tig, K);
-        xn[t] += kWarps * 32;
+        xn[t] += W * 32;
       }
     }
   };
@@ -164,7 +173,7 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
       }
     }
     if (j + 1 < nt) load_x(nxt);
-    const int kt = warp + j * kWarps;
+    const int kt = warp + j * W;
     compute_chunk<true>(acc[0], cur, kt, kt + 1, xb, xo, K, hz, true, tig);
 #pragma unroll
     for (int rt = 1; rt < RT; ++rt) {  // the same x fragments (copied registers, not reloads)
@@ -194,22 +203,24 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
 template <int NT> using V1Default = V1Cfg<NT == 1 ? 2 : 1, NT <= 2, 2>;
 
 template <typename T, int BITS, int NT, class Cfg = V1Default<NT>>
-__global__ void __launch_bounds__(kWarps * 32, Cfg::kMinBlocks)
+__global__ void __launch_bounds__(Cfg::kBlockWarps * 32, Cfg::kMinBlocks)
 fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ out,
                      int M) {
+  constexpr int W = Cfg::kBlockWarps;         // warps per block
+  static_assert(W == kWarps || Cfg::kLean, "other warp counts: lean kernels only (the fallback sweep steps by kWarps)");
   constexpr int MT = NT * 8;                 // batch columns handled (padded)
   constexpr bool kPrefetchX = Cfg::kPrefetchX;  // activation fragments travel with the chunk
   constexpr int kU = Cfg::kU;                // K tiles per chunk; two chunks in flight (double buffer)
   // ortho entries a block stages in shared memory (rest: global); half with the x ring (configuration 8:
   // the 48 KB static limit; 9-10: less shared memory per block)
   constexpr int kStage = NT >= 8 || Cfg::kXRows > 0 ? 1024 : 2048;
-  constexpr int kStageW = kStage / kWarps;  // per warp
+  constexpr int kStageW = kStage / W & ~1;  // per warp (even: values are staged in pairs)
   constexpr int RT = Cfg::kRowTiles, R = 16 * RT;  // row tiles and output rows of a block
-  __shared__ float red[kWarps][R][MT + 1];  // per-warp partial sums (base, then + alpha * ortho)
-  __shared__ int rpw[kWarps][R + 1];        // the block's row pointers, one copy per warp
-  __shared__ int wmeta[kWarps][3];           // the block's entry range and the warp's first staged entry
-  __shared__ uint32_t st_col[kWarps][kStageW];      // staged column indices (int16 pairs or int32)
-  __shared__ uint32_t st_val[kWarps][kStageW / 2];  // staged values (pairs)
+  __shared__ float red[W][R][MT + 1];  // per-warp partial sums (base, then + alpha * ortho)
+  __shared__ int rpw[W][R + 1];        // the block's row pointers, one copy per warp
+  __shared__ int wmeta[W][3];           // the block's entry range and the warp's first staged entry
+  __shared__ uint32_t st_col[W][kStageW];      // staged column indices (int16 pairs or int32)
+  __shared__ uint32_t st_val[W][kStageW / 2];  // staged values (pairs)
 
   const int tn = blockIdx.x * RT, n0 = tn * 16;  // the block's first row tile and row
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -243,7 +254,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     // weight load was issued (ncu: 40 stall samples there at alpha = 1).
     // What the ortho runs need after the sweep goes to shared memory, not registers held through it.
     const int e_lo = op.row_ptr[n0], e_hi = op.row_ptr[min(n0 + R, N)];
-    const int per = (e_hi - e_lo + kWarps * 32 - 1) / (kWarps * 32);
+    const int per = (e_hi - e_lo + W * 32 - 1) / (W * 32);
     // The warp's entries (its threads' runs), 4-byte copies from an even entry by its own lanes; the last
     // word of an odd-length array is read half.
     const int wb = min(e_lo + warp * 32 * per, e_hi), we = min(wb + 32 * per, e_hi);
@@ -290,7 +301,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     if (R > 16 && lane == 0) rpw[warp][R] = my_rp_end;
     __syncwarp();
     const int e_lo = rpw[warp][0], e_hi = rpw[warp][R];
-    const int per = (e_hi - e_lo + kWarps * 32 - 1) / (kWarps * 32);
+    const int per = (e_hi - e_lo + W * 32 - 1) / (W * 32);
     const int run_b = min(e_lo + static_cast<int>(threadIdx.x) * per, e_hi), run_e = min(run_b + per, e_hi);
     ortho_runs(run_b, run_e, [&](int e) { return col_at(op, e); },
                [&](int e) { return Num<T>::f(static_cast<const T*>(op.values)[e]); });
@@ -328,21 +339,21 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     if constexpr (Cfg::kDynRing) {  // kRingBytes of dynamic shared memory: x, weights, scales and zeros
       extern __shared__ __align__(16) uint4 v1_ring[];
       xring = reinterpret_cast<XSlots*>(v1_ring);
-      wring = reinterpret_cast<WSlots*>(v1_ring + kWarps * S * XR * 8);
-      pring = reinterpret_cast<PSlots*>(v1_ring + kWarps * S * (XR * 8 + RT * 32));
+      wring = reinterpret_cast<WSlots*>(v1_ring + W * S * XR * 8);
+      pring = reinterpret_cast<PSlots*>(v1_ring + W * S * (XR * 8 + RT * 32));
     } else {
-      __shared__ __align__(16) uint4 wring_s[kWarps][S][RT * 32];
-      __shared__ __align__(16) uint32_t pring_s[kWarps][S][RT * 16];
-      __shared__ __align__(16) uint4 xring_s[kWarps][S][XR > 0 ? XR * 8 : 1];
+      __shared__ __align__(16) uint4 wring_s[W][S][RT * 32];
+      __shared__ __align__(16) uint32_t pring_s[W][S][RT * 16];
+      __shared__ __align__(16) uint4 xring_s[W][S][XR > 0 ? XR * 8 : 1];
       wring = wring_s;
       pring = pring_s;
       xring = xring_s;
     }
-    const int pstep = ring_pstep(gi);
+    const int pstep = ring_pstep<W>(gi);
     const bool x_ok = XR == 0 || (M <= XR && K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0);
     if (Cfg::kLean || (gi.same && pstep >= 0 && x_ok)) {
-      const int nt = warp < Tf ? (Tf - warp + kWarps - 1) / kWarps : 0;
-      ring_sweep<S, XR, T, NT, kPrefetchX, RT>(acc, wring[warp], pring[warp], xring[warp], nt, warp, lane,
+      const int nt = warp < Tf ? (Tf - warp + W - 1) / W : 0;
+      ring_sweep<S, XR, T, NT, kPrefetchX, RT, W>(acc, wring[warp], pring[warp], xring[warp], nt, warp, lane,
                                                qtile, rt_q, sc, zp, rt_p, xb, xo, x, M, K, gi, pstep, g, tig,
                                                [&] {
                                                  if constexpr (Cfg::kOrthoFirst) {
@@ -398,7 +409,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     cp_wait<0>();
     __syncwarp();
     const int e_lo = wmeta[warp][0], e_hi = wmeta[warp][1], st_base = wmeta[warp][2];
-    const int per = (e_hi - e_lo + kWarps * 32 - 1) / (kWarps * 32);
+    const int per = (e_hi - e_lo + W * 32 - 1) / (W * 32);
     const int run_b = min(e_lo + static_cast<int>(threadIdx.x) * per, e_hi), run_e = min(run_b + per, e_hi);
     const int st_n = csr_aligned ? min(min(e_lo + (warp + 1) * 32 * per, e_hi) - st_base, kStageW) : 0;
     auto entry_col = [&](int e) {
@@ -419,7 +430,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     if (n >= N) continue;
     float y = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) y += red[w][r][m];
+    for (int w = 0; w < W; ++w) y += red[w][r][m];
     if (bias) y += Num<T>::f(bias[n]);
     out[static_cast<size_t>(m) * N + n] = Num<T>::from(y);
   }
@@ -427,8 +438,9 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
 
 template <typename T>
 cudaError_t launch_v1(void (*kernel)(Operands, const T*, const T*, T*, int), const Operands& op, const void* x,
-                      const void* bias, void* out, int M, cudaStream_t s, int smem = 0, int rows = 16) {
-  const dim3 grid((op.N + rows - 1) / rows), block(kWarps * 32);
+                      const void* bias, void* out, int M, cudaStream_t s, int smem = 0, int rows = 16,
+                      int warps = kWarps) {
+  const dim3 grid((op.N + rows - 1) / rows), block(warps * 32);
   auto xp = static_cast<const T*>(x);
   auto bp = static_cast<const T*>(bias);
   auto op_ = static_cast<T*>(out);
@@ -464,7 +476,7 @@ cudaError_t launch_v1_dyn(const Operands& op, const void* x, const void* bias, v
     if (err != cudaSuccess) return err;
     allowed[dev] = true;
   }
-  return launch_v1<T>(kernel, op, x, bias, out, M, s, Cfg::kRingBytes, 16 * Cfg::kRowTiles);
+  return launch_v1<T>(kernel, op, x, bias, out, M, s, Cfg::kRingBytes, 16 * Cfg::kRowTiles, Cfg::kBlockWarps);
 }
 
 // Whether a call meets what the ring needs for the whole of it (the kernel's own checks, on the host):
@@ -473,26 +485,31 @@ cudaError_t launch_v1_dyn(const Operands& op, const void* x, const void* bias, v
 template <class Cfg>
 bool v1_lean_ok(const Operands& op, const void* x, int M) {
   const int gs = op.group_size, K = op.K;
-  const bool groups = gs >= K || (gs % 64 == 0 && (gs & (gs - 1)) == 0 && gs <= kWarps * 64);
+  constexpr int kSpan = Cfg::kBlockWarps * 64;  // ring_pstep: the group size divides a warp's step
+  const bool groups = gs >= K || (gs % 64 == 0 && (gs & (gs - 1)) == 0 && kSpan % gs == 0);
   const bool x_ok = Cfg::kXRows == 0 || (M <= Cfg::kXRows && reinterpret_cast<uintptr_t>(x) % 16 == 0);
   return op.bits == 4 && K % 64 == 0 && groups && x_ok;
 }
 
-// A ring configuration in its lean form where the call allows it (and v1_lean() is on), else in full.
+template <typename T, int NT, class Cfg>
+cudaError_t launch_v1_one(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
+  if constexpr (Cfg::kDynRing) return launch_v1_dyn<T, NT, Cfg>(op, x, bias, out, M, s);
+  else return launch_v1<T>(fused_small_m_kernel<T, 4, NT, Cfg>, op, x, bias, out, M, s, 0, 16 * Cfg::kRowTiles, Cfg::kBlockWarps);
+}
+
+// A ring configuration in its lean form where the call allows it (and v1_lean() is on), else in full (with
+// other warp counts than kWarps: the same configuration with kWarps, in full).
 template <typename T, int NT, class Cfg>
 cudaError_t launch_v1_ring(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
-  const bool lean = !Cfg::kOrthoFirst && v1_lean() && v1_lean_ok<Cfg>(op, x, M);
-  if constexpr (Cfg::kDynRing) {
-    return lean ? launch_v1_dyn<T, NT, typename Cfg::Lean>(op, x, bias, out, M, s)
-                : launch_v1_dyn<T, NT, Cfg>(op, x, bias, out, M, s);
-  } else {
-    return launch_v1<T>(lean ? fused_small_m_kernel<T, 4, NT, typename Cfg::Lean> : fused_small_m_kernel<T, 4, NT, Cfg>,
-                        op, x, bias, out, M, s, 0, 16 * Cfg::kRowTiles);
-  }
+  constexpr bool kOwnWarps = Cfg::kBlockWarps != kWarps;
+  const bool lean = (kOwnWarps || !Cfg::kOrthoFirst) && v1_lean() && v1_lean_ok<Cfg>(op, x, M);
+  if (lean) ++v1_lean_launches_counter();
+  if (lean) return launch_v1_one<T, NT, typename Cfg::Lean>(op, x, bias, out, M, s);
+  return launch_v1_one<T, NT, typename Cfg::Eight>(op, x, bias, out, M, s);
 }
 
 // The largest M of each v1 configuration below (cuda.py V1_CONFIG_MAX_M mirrors it).
-constexpr int kV1CfgMaxM[] = {8, 8, 8, 8, 8, 8, 16, 16, 4, 8, 16, 8, 16, 4, 8, 8, 4};
+constexpr int kV1CfgMaxM[] = {8, 8, 8, 8, 8, 8, 16, 16, 4, 8, 16, 8, 16, 4, 8, 8, 4, 4, 8, 4, 8, 8, 16};
 constexpr int kV1Cfgs = sizeof(kV1CfgMaxM) / sizeof(kV1CfgMaxM[0]);
 
 }  // namespace

@@ -18,6 +18,14 @@ cudaError_t fused_cfg_dispatch_hi(const Operands& op, const void* x, const void*
     case 14: return launch_v1_ring<T, 1, V1Cfg<1, true, 3, 4, 8, 1, true>>(op, x, bias, out, M, s);
     case 15: return launch_v1_ring<T, 1, V1Cfg<1, true, 2, 4, 8, 2, true>>(op, x, bias, out, M, s);
     case 16: return launch_v1_ring<T, 1, V1Cfg<1, true, 2, 4, 4, 1, true>>(op, x, bias, out, M, s);  // 13 at 2 blocks per SM: no spills
+    // other warp counts (lean only; v1.cuh kBlockWarps): 12 warps at 2 blocks per SM (8, 9 and 16 so),
+    // 16 warps of 32 rows at 1 block per SM (11, 15 and 12 so)
+    case 17: return launch_v1_ring<T, 1, V1Cfg<1, true, 2, 4, 4, 1, false, false, 12>>(op, x, bias, out, M, s);
+    case 18: return launch_v1_ring<T, 1, V1Cfg<1, true, 2, 4, 8, 1, false, false, 12>>(op, x, bias, out, M, s);
+    case 19: return launch_v1_ring<T, 1, V1Cfg<1, true, 2, 4, 4, 1, true, false, 12>>(op, x, bias, out, M, s);
+    case 20: return launch_v1_ring<T, 1, V1Cfg<1, true, 1, 4, 8, 2, false, false, 16>>(op, x, bias, out, M, s);
+    case 21: return launch_v1_ring<T, 1, V1Cfg<1, true, 1, 4, 8, 2, true, false, 16>>(op, x, bias, out, M, s);
+    case 22: return launch_v1_ring<T, 2, V1Cfg<1, true, 1, 3, 16, 2, false, false, 16>>(op, x, bias, out, M, s);
     default: return cudaErrorInvalidValue;
   }
 }
