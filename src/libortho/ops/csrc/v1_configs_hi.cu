@@ -26,9 +26,6 @@ cudaError_t fused_cfg_dispatch_hi(const Operands& op, const void* x, const void*
     case 20: return launch_v1_ring<T, 1, V1Cfg<1, true, 1, 4, 8, 2, false, false, 16>>(op, x, bias, out, M, s);
     case 21: return launch_v1_ring<T, 1, V1Cfg<1, true, 1, 4, 8, 2, true, false, 16>>(op, x, bias, out, M, s);
     case 22: return launch_v1_ring<T, 2, V1Cfg<1, true, 1, 3, 16, 2, false, false, 16>>(op, x, bias, out, M, s);
-    // 10 warps of 32 rows at 2 blocks per SM (11 so: 20 warps on an SM for tall grids); 20 with a 5-slot ring
-    case 23: return launch_v1_ring<T, 1, V1Cfg<1, true, 2, 4, 8, 2, false, false, 10>>(op, x, bias, out, M, s);
-    case 24: return launch_v1_ring<T, 1, V1Cfg<1, true, 1, 5, 8, 2, false, false, 16>>(op, x, bias, out, M, s);
     default: return cudaErrorInvalidValue;
   }
 }
