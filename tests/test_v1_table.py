@@ -1,6 +1,7 @@
 """The v1 configuration table: $LIBORTHO_V1_CFG parsing (cuda.py) and the probe's suggestion
 (benchmarks/probes/v1_configs.py). No GPU needed; the kernels' side is in test_cuda.py."""
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -88,6 +89,20 @@ def test_suggest_table_counts_a_heavy_rows_calls_in_their_own_classes():
     for i, (a0, a1) in {1: (5.0, 30.0), 8: (6.0, 20.0)}.items():
         row[probe.CONFIGS[i]] = {"alpha0_us": a0, "alpha1_us": a1, "rel_err": 0.0, "ok": True}
     assert probe.suggest_table([row], probe.CONFIGS, 132) == {"tall_m4": 1, "short_m4": 8}
+
+
+def test_suggestion_report_ranks_each_class_offline(tmp_path, capsys, monkeypatch):
+    """--suggest-from: a saved probe's classes again without a GPU, best first, each with its ratio to the best."""
+    rows = [_row(4096, 4096, 1, {0: 7.0, 1: 6.0, 3: 6.5}), _row(4096, 4096, 4, {0: 8.0, 1: 9.0, 3: 7.0}),
+            _row(4096, 4096, 8, {0: 5.0, 2: 4.0}, wrong={2, 0})]
+    saved = tmp_path / "probe.json"
+    saved.write_text(json.dumps({"configs": probe.CONFIGS, "rows": rows}))
+    monkeypatch.setattr("sys.argv", ["v1_configs.py", "--suggest-from", str(saved)])
+    probe.main()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("short_m4: 3 ") and "27.00 us (1.000)" in lines[0]
+    assert "0 " + probe.CONFIGS[0] + " 30.00 us (1.111)" in lines[0]
+    assert lines[1] == "short_m8: no configuration correct on all its rows"
 
 
 def test_suggest_table_leaves_out_a_class_with_no_config_correct_on_all_rows():

@@ -7,7 +7,10 @@ weight copies beyond 4x L2, median per call), next to bf16 F.linear and torch's 
 
 It also suggests the table of configurations per class of call (cuda.V1_CLASSES, v1.cu g_v1_table):
 for each class, the configuration with the least alpha 0 + alpha 1 time summed over the class's rows, among
-those correct on all of them; the JSON's "suggested" holds it as a $LIBORTHO_V1_CFG value.
+those correct on all of them; the JSON's "suggested" holds it as a $LIBORTHO_V1_CFG value. Offline (no GPU), a
+saved probe's suggestion under this checkout's classes, with the runners-up per class:
+
+    PYTHONPATH=src python benchmarks/probes/v1_configs.py --suggest-from benchmarks/results/v1-configs-H200-warps.json
 """
 from __future__ import annotations
 
@@ -55,24 +58,45 @@ def v1_class(n: int, k: int, m: int, sms: int, ortho_nnz: int = 0) -> str:
     return "short_long_k" if k >= 8192 and not heavy else "short_m4"
 
 
-def suggest_table(rows: list[dict], configs: list[str], sms: int) -> dict[str, int]:
-    """{class: configuration index} for the classes the rows cover (see the module docstring). A row's alpha 0
-    and alpha 1 calls count in their own calls' classes (which differ for a heavy ortho stream on a tall grid)."""
+def class_costs(rows: list[dict], configs: list[str], sms: int) -> dict[str, dict[int, float]]:
+    """{class: {configuration index: alpha 0 + alpha 1 us summed over the class's calls}} for the configurations
+    that may serve the class and are correct on all of its rows. A row's alpha 0 and alpha 1 calls count in
+    their own calls' classes (which differ for a heavy ortho stream on a tall grid)."""
     allowed = cuda_ops._V1_CLASS_CONFIGS
     by_class: dict[str, list[tuple[dict, str]]] = {}
     for r in rows:
         for key, nnz in (("alpha0_us", 0), ("alpha1_us", r.get("ortho_nnz", 0))):
             by_class.setdefault(v1_class(r["N"], r["K"], r["M"], sms, nnz), []).append((r, key))
-    table = {}
+    costs = {}
     for cls, calls in by_class.items():
         cost = {}
         for i in allowed[cls]:
-            name = configs[i]
-            if all(name in r and r[name]["ok"] for r, _ in calls):
+            name = configs[i] if i < len(configs) else None
+            if name is not None and all(name in r and r[name]["ok"] for r, _ in calls):
                 cost[i] = sum(r[name][key] for r, key in calls)
-        if cost:
-            table[cls] = min(cost, key=cost.get)
-    return table
+        costs[cls] = cost
+    return costs
+
+
+def suggest_table(rows: list[dict], configs: list[str], sms: int) -> dict[str, int]:
+    """{class: configuration index} for the classes the rows cover (see the module docstring): the least summed
+    time of class_costs."""
+    return {cls: min(cost, key=cost.get) for cls, cost in class_costs(rows, configs, sms).items() if cost}
+
+
+def suggestion_report(result: dict, sms: int, top: int = 4) -> str:
+    """A saved probe's table again, offline (--suggest-from): per class the `top` configurations by summed
+    time, each with its ratio to the best, under the class rules of this checkout."""
+    lines = []
+    for cls, cost in sorted(class_costs(result["rows"], result["configs"], sms).items()):
+        if not cost:
+            lines.append(f"{cls}: no configuration correct on all its rows")
+            continue
+        best = min(cost.values())
+        ranked = sorted(cost, key=cost.get)[:top]
+        lines.append(f"{cls}: " + ", ".join(f"{i} {result['configs'][i]} {cost[i]:.2f} us ({cost[i] / best:.3f})"
+                                           for i in ranked))
+    return "\n".join(lines)
 
 
 def call(ext, layer, x, alpha, cfg):
@@ -100,7 +124,13 @@ def main() -> None:
     ap.add_argument("--density", type=float, default=0.01, help="ortho density of the alpha 1 calls")
     ap.add_argument("--lean", choices=["on", "off"], default=None,
                     help="ring configurations run their lean kernels where the call allows (set_v1_lean; default: as built)")
+    ap.add_argument("--suggest-from", default=None, metavar="JSON",
+                    help="no GPU: the table a saved probe suggests under this checkout's classes, with the runners-up")
+    ap.add_argument("--sms", type=int, default=132, help="SMs of the card of --suggest-from (H100/H200: 132)")
     args = ap.parse_args()
+    if args.suggest_from:
+        print(suggestion_report(json.loads(Path(args.suggest_from).read_text()), args.sms))
+        return
     assert cuda_ops.build(), cuda_ops._state["error"]
     ext = cuda_ops.extension()
     if args.lean is not None:
