@@ -39,8 +39,8 @@ cudaError_t launch_fused_small_m_cfg(const Operands& op, const void* x, const vo
 // K < 8192, at M 5-8; tall grids at M <= 4, at M 5-8; M 9-16 below 3 row tiles per SM (K < 8192), from 3;
 // tiny grids (fewer row tiles than SMs) at M <= 8; M 9-16 below 3 row tiles per SM with K >= 8192. A call
 // with alpha != 0 and at least 2^20 ortho entries counts as a short grid, and at M <= 4 as one with K < 8192.
-// set_v1_table changes nothing and returns false when an index cannot serve its class (a configuration of the M <= 8 kernel reaching the class's
-// largest M, or of the M <= 16 kernel for M 9-16; v1.cuh kV1CfgMaxM).
+// set_v1_table changes nothing and returns false when an index cannot serve its class (a configuration of the
+// M <= 8 kernel reaching the class's largest M, or of the M <= 16 kernel for M 9-16; v1.cuh kV1CfgMaxM).
 constexpr int kV1Classes = 9;
 bool set_v1_table(const int (&table)[kV1Classes]);
 void get_v1_table(int (&table)[kV1Classes]);
