@@ -14,7 +14,7 @@
   nnz * M * max(M, 4) / 4 is at least a threshold: ``LIBORTHO_ORTHO_XT=auto`` (the default,
   ``ORTHO_XT_AUTO``), ``on``, ``off`` or a number.
 * ``LIBORTHO_V1_LEAN=on|off`` (default on, read when the extension loads): INT4 v1 ring calls that the ring takes
-  whole (64-column tiles, groups of 64-512 or one per row, aligned x) run the configuration's lean kernel,
+  whole (64-column tiles, groups of 64-256 or one per row, aligned x) run the configuration's lean kernel,
   compiled without the fallback paths (a third to half of the code); :func:`set_v1_lean` from Python.
 * M > 16 (prefill): one kernel dequantizes the base and merges alpha * S into a bf16/fp16 weight, then cuBLAS.
 

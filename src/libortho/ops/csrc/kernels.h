@@ -49,9 +49,8 @@ void get_v1_table(int (&table)[kV1Classes]);
 // v1_lean_ok); off: always the full kernel (for the tests and the probe).
 void set_v1_lean(bool on);
 bool v1_lean();
-// Lean launches so far (the tests check that the lean path really runs); counted on the host.
-int64_t& v1_lean_launches_counter();
-int64_t v1_lean_launches();
+// Lean launches so far, counted on the host (the tests check that the lean path really runs).
+int64_t& v1_lean_launches();
 
 // The same product by the v2 decode kernel (cp.async stages, cluster split-K on sm_90, nnz-balanced ortho
 // rows); a misaligned buffer falls back to launch_fused_small_m.

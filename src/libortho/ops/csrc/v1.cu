@@ -81,10 +81,9 @@ bool g_v1_lean = true;
 
 void set_v1_lean(bool on) { g_v1_lean = on; }
 bool v1_lean() { return g_v1_lean; }
-int64_t& v1_lean_launches_counter() {
+int64_t& v1_lean_launches() {
   static int64_t n = 0;
   return n;
 }
-int64_t v1_lean_launches() { return v1_lean_launches_counter(); }
 
 }  // namespace libortho

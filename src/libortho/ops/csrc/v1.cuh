@@ -503,9 +503,9 @@ template <typename T, int NT, class Cfg>
 cudaError_t launch_v1_ring(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
   constexpr bool kOwnWarps = Cfg::kBlockWarps != kWarps;
   const bool lean = (kOwnWarps || !Cfg::kOrthoFirst) && v1_lean() && v1_lean_ok<Cfg>(op, x, M);
-  if (lean) ++v1_lean_launches_counter();
-  if (lean) return launch_v1_one<T, NT, typename Cfg::Lean>(op, x, bias, out, M, s);
-  return launch_v1_one<T, NT, typename Cfg::Eight>(op, x, bias, out, M, s);
+  if (!lean) return launch_v1_one<T, NT, typename Cfg::Eight>(op, x, bias, out, M, s);
+  ++v1_lean_launches();
+  return launch_v1_one<T, NT, typename Cfg::Lean>(op, x, bias, out, M, s);
 }
 
 // The largest M of each v1 configuration below (cuda.py V1_CONFIG_MAX_M mirrors it).
