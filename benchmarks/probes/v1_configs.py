@@ -35,7 +35,8 @@ CONFIGS = ["kU2 pfx min2 (short grids)", "kU1 pfx min3 (tall grids)", "kU1 pfx m
            "ring4 min2 x-ring8 32 rows ortho-first", "ring4 min2 x-ring ortho-first",
            "w12 ring4 min2 x-ring", "w12 ring4 min2 x-ring8", "w12 ring4 min2 x-ring ortho-first",  # 12 warps
            "w16 ring4 min1 x-ring8 32 rows", "w16 ring4 min1 x-ring8 32 rows ortho-first",  # 16 warps
-           "w16 m16 ring3 min1 x-ring16 32 rows"]
+           "w16 m16 ring3 min1 x-ring16 32 rows",
+           "ring4 min3 x-ring 32 rows", "ring3 min3 x-ring8 32 rows", "ring3 min3 x-ring 32 rows"]  # 3 blocks per SM
 MAX_M = list(cuda_ops.V1_CONFIG_MAX_M)
 assert len(MAX_M) == len(CONFIGS)
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (1024, 4096)]

@@ -26,6 +26,11 @@ cudaError_t fused_cfg_dispatch_hi(const Operands& op, const void* x, const void*
     case 20: return launch_v1_ring<T, 1, V1Cfg<1, true, 1, 4, 8, 2, false, false, 16>>(op, x, bias, out, M, s);
     case 21: return launch_v1_ring<T, 1, V1Cfg<1, true, 1, 4, 8, 2, true, false, 16>>(op, x, bias, out, M, s);
     case 22: return launch_v1_ring<T, 2, V1Cfg<1, true, 1, 3, 16, 2, false, false, 16>>(op, x, bias, out, M, s);
+    // 32 rows at 3 blocks per SM (tall grids: 344 blocks of 11008 rows in one wave of 396 slots instead of 1.3
+    // of 264): 80 registers, the lean forms spill 4-8 bytes outside the sweep; rings of 40-53 KB
+    case 23: return launch_v1_ring<T, 1, V1Cfg<1, true, 3, 4, 4, 2>>(op, x, bias, out, M, s);
+    case 24: return launch_v1_ring<T, 1, V1Cfg<1, true, 3, 3, 8, 2>>(op, x, bias, out, M, s);
+    case 25: return launch_v1_ring<T, 1, V1Cfg<1, true, 3, 3, 4, 2>>(op, x, bias, out, M, s);
     default: return cudaErrorInvalidValue;
   }
 }
