@@ -18,8 +18,11 @@ namespace {
 // K >= 8192 took 22 (a class of its own); grids of fewer row tiles than SMs (1024-row layers) got a class at
 // M <= 8 (18: 12 warps), as 32-row blocks leave most SMs idle there. A heavy ortho stream at M <= 4 on long K
 // takes short_m4's configuration: with 20 it was 8-14 % slower at 5 % (4096x11008 M = 4: 30.7 -> 35.1 us).
+// Tall grids then took 32-row blocks at 3 blocks per SM (25 at M <= 4, 24 at M 5-8; probe of 2026-11-29
+// 19:4x UTC, results/v1-configs-H200-3blk.json): one wave where 11 needed 1.3 (11008x4096 M = 1: 11.35 ->
+// 10.46 us at alpha 0, 17.21 -> 14.25 at 1 % ortho; the fused q/k/v 12288x4096 11.70 -> 10.53).
 // cuda.py replaces entries for a tuning run ($LIBORTHO_V1_CFG).
-int g_v1_table[kV1Classes] = {20, 16, 20, 11, 11, 10, 12, 18, 22};
+int g_v1_table[kV1Classes] = {20, 16, 20, 25, 24, 10, 12, 18, 22};
 
 // From this many ortho entries (with alpha != 0) a grid counts as short: the tall classes' 32-row blocks
 // halve the blocks that share the ortho stream, and at 5 % ortho (2.25M entries on 11008x4096) that cost
