@@ -17,8 +17,6 @@
   whole (64-column tiles, groups of 64-256 or one per row, aligned x) run the configuration's lean kernel,
   compiled without the fallback paths (a third to half of the code); :func:`set_v1_lean` from Python.
 * M > 16 (prefill): one kernel dequantizes the base and merges alpha * S into a bf16/fp16 weight, then cuBLAS.
-  ``LIBORTHO_DEQUANT_DEPTH=1|2|4`` (read when the extension loads; default 1): tiles each of its warps keeps in
-  flight; :func:`set_dequant_depth` from Python.
 
 The extension is built on first use with ``torch.utils.cpp_extension.load`` for the GPU present and
 cached in ``$LIBORTHO_BUILD_DIR`` (default ``~/.cache/libortho/build``). Set
@@ -96,35 +94,6 @@ def v1_lean() -> bool | None:
     """Whether the lean kernels are in use, or None without the extension."""
     ext = extension()
     return ext.v1_lean() if ext is not None else None
-
-
-DEQUANT_DEPTHS = (1, 2, 4)
-
-
-def parse_dequant_depth(value: str) -> int:
-    """$LIBORTHO_DEQUANT_DEPTH -> tiles in flight per warp of the dequantize kernel; ValueError names what is wrong."""
-    v = value.strip()
-    if v == "":
-        return 1
-    if v not in {str(d) for d in DEQUANT_DEPTHS}:
-        raise ValueError(f"LIBORTHO_DEQUANT_DEPTH={value!r}; expected one of {', '.join(map(str, DEQUANT_DEPTHS))}")
-    return int(v)
-
-
-def set_dequant_depth(depth: int) -> None:
-    """Tiles each warp of the dequantize kernel (the M > 16 path) keeps in flight: 1, 2 or 4."""
-    if depth not in DEQUANT_DEPTHS:
-        raise ValueError(f"dequantize depth {depth!r}; expected one of {', '.join(map(str, DEQUANT_DEPTHS))}")
-    ext = extension()
-    if ext is None:
-        raise RuntimeError("libortho CUDA: the extension is not available")
-    ext.set_dequant_depth(int(depth))
-
-
-def dequant_depth() -> int | None:
-    """The dequantize kernel's tiles in flight per warp, or None without the extension."""
-    ext = extension()
-    return ext.dequant_depth() if ext is not None else None
 
 
 def parse_v1_table(spec: str) -> dict[str, int]:
@@ -217,7 +186,6 @@ def build(verbose: bool = False):
     spec = parse_v1_table(os.environ.get("LIBORTHO_V1_CFG", ""))  # a bad value raises before the build
     xt_min = parse_ortho_xt(os.environ.get("LIBORTHO_ORTHO_XT", ""))
     lean = parse_v1_lean(os.environ.get("LIBORTHO_V1_LEAN", ""))
-    depth = parse_dequant_depth(os.environ.get("LIBORTHO_DEQUANT_DEPTH", ""))
     try:
         from torch.utils.cpp_extension import load
         _state["ext"] = load(name="libortho_cuda_v2", sources=[str(CSRC / "binding.cpp"), *map(str, sorted(CSRC.glob("*.cu")))],
@@ -232,7 +200,6 @@ def build(verbose: bool = False):
         _apply_v1_table(_state["ext"], spec)
     _state["ext"].set_ortho_xt_min(xt_min)
     _state["ext"].set_v1_lean(lean)
-    _state["ext"].set_dequant_depth(depth)
     return True
 
 
