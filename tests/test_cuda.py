@@ -403,30 +403,6 @@ def test_v3_binding_above_16_rows_runs_v1(m):
     assert torch.equal(cuda_backend._checked(ext.fused_small_m_v3(*args)), cuda_backend._checked(ext.fused_small_m(*args)))
 
 
-@pytest.mark.parametrize("limit", [32, 64])
-def test_fused_kernel_up_to_the_small_m_limit(limit):
-    """With set_small_m_max(32 | 64) the op runs the fused kernel (its M 17-64 forms) up to that M and the
-    dequantize + cuBLAS path above it: both match the float64 reference over bits, group sizes (one per row
-    too), K not divisible by 64, ortho densities and alpha, fp16 and bf16."""
-    gen = torch.Generator(device="cuda").manual_seed(limit)
-    r = random.Random(limit)
-    try:
-        cuda_backend.set_small_m_max(limit)
-        for _ in range(24):
-            (n, k), bits, gs = r.choice(SHAPES[:10]), r.choice([2, 3, 4, 8]), r.choice([64, 128, -1])
-            dtype, density = r.choice([torch.bfloat16, torch.float16]), r.choice([0.0, 0.01, 0.05])
-            alpha = r.choice([0.0, 0.5, 1.0])
-            layer = make_layer(n, k, bits, gs, r.random() < 0.5, density, dtype, gen)
-            layer.alpha = alpha
-            for m in (17, r.randint(18, limit), limit, limit + 1):
-                x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
-                poison_allocator()
-                y = layer(x)
-                assert y.shape == (m, n) and rel_err(y, reference64(layer, x, alpha)) < TOL[dtype], (n, k, bits, gs, m)
-    finally:
-        cuda_backend.set_small_m_max(None)
-
-
 def test_decode_kernel_switch(monkeypatch):
     for v in ("v1", "v2", "v3"):
         monkeypatch.setenv("LIBORTHO_DECODE_KERNEL", v)

@@ -146,28 +146,3 @@ def test_parse_v1_lean(value, expected):
 def test_parse_v1_lean_names_what_is_wrong():
     with pytest.raises(ValueError, match="expected on or off"):
         cuda_backend.parse_v1_lean("sometimes")
-
-
-@pytest.mark.parametrize("value,expected", [("", 16), ("16", 16), (" 32 ", 32), ("64", 64)])
-def test_parse_small_m_max(value, expected):
-    assert cuda_backend.parse_small_m_max(value) == expected
-
-
-@pytest.mark.parametrize("value", ["17", "65", "0", "all"])
-def test_parse_small_m_max_names_what_is_wrong(value):
-    with pytest.raises(ValueError, match="expected one of 16, 32, 64"):
-        cuda_backend.parse_small_m_max(value)
-
-
-def test_small_m_max_setter_env_and_default(monkeypatch):
-    monkeypatch.setitem(cuda_backend._state, "small_m", None)
-    monkeypatch.delenv("LIBORTHO_SMALL_M_MAX", raising=False)
-    assert cuda_backend.small_m_max() == cuda_backend.SMALL_M_MAX == 16
-    monkeypatch.setenv("LIBORTHO_SMALL_M_MAX", "32")
-    assert cuda_backend.small_m_max() == 32
-    cuda_backend.set_small_m_max(64)
-    assert cuda_backend.small_m_max() == 64
-    cuda_backend.set_small_m_max(None)
-    assert cuda_backend.small_m_max() == 32
-    with pytest.raises(ValueError, match="expected one of 16, 32, 64"):
-        cuda_backend.set_small_m_max(48)

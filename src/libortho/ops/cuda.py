@@ -17,8 +17,6 @@
   whole (64-column tiles, groups of 64-256 or one per row, aligned x) run the configuration's lean kernel,
   compiled without the fallback paths (a third to half of the code); :func:`set_v1_lean` from Python.
 * M > 16 (prefill): one kernel dequantizes the base and merges alpha * S into a bf16/fp16 weight, then cuBLAS.
-  ``LIBORTHO_SMALL_M_MAX=32|64`` (read at each call; :func:`set_small_m_max`) runs the fused kernel up to that M
-  instead (its untuned configurations for M 17-64: an experiment, not the default).
 
 The extension is built on first use with ``torch.utils.cpp_extension.load`` for the GPU present and
 cached in ``$LIBORTHO_BUILD_DIR`` (default ``~/.cache/libortho/build``). Set
@@ -39,11 +37,10 @@ from .registry import ortho_linear
 
 CSRC = Path(__file__).with_name("csrc")
 SMALL_M_MAX = 16  # measured: above this the dequantize + cuBLAS path is faster (see benchmarks)
-SMALL_M_LIMITS = (16, 32, 64)  # what $LIBORTHO_SMALL_M_MAX may be: the fused kernels take M <= 64
 DECODE_KERNELS = ("v1", "v2", "v3")
 DEFAULT_DECODE_KERNEL = "v1"  # H200, 2026-11-29: v3 wins at M = 1 on 5 of 6 Llama shapes but loses 2-6x from M = 2 on
 _FUSED = {"v1": "fused_small_m", "v2": "fused_small_m_v2", "v3": "fused_small_m_v3"}
-_state = {"ext": None, "error": None, "warned": set(), "decode": None, "small_m": None}
+_state = {"ext": None, "error": None, "warned": set(), "decode": None}
 # The classes of the v1 configuration table (kernels.h, in its order) and the configurations each can take.
 V1_CLASSES = ("short_long_k", "short_m4", "short_m8", "tall_m4", "tall_m8", "m16", "m16_tall", "tiny",
               "m16_long_k")
@@ -138,28 +135,6 @@ def decode_kernel() -> str:
     if v not in DECODE_KERNELS:
         raise ValueError(f"LIBORTHO_DECODE_KERNEL={v!r} is not a decode kernel; expected one of {DECODE_KERNELS}")
     return v
-
-
-def parse_small_m_max(value: str) -> int:
-    """$LIBORTHO_SMALL_M_MAX -> the largest M the fused kernel takes; ValueError names what is wrong."""
-    v = value.strip()
-    if v == "":
-        return SMALL_M_MAX
-    if v not in {str(m) for m in SMALL_M_LIMITS}:
-        raise ValueError(f"LIBORTHO_SMALL_M_MAX={value!r}; expected one of {', '.join(map(str, SMALL_M_LIMITS))}")
-    return int(v)
-
-
-def small_m_max() -> int:
-    """The largest M run by the fused kernel: set_small_m_max(), else $LIBORTHO_SMALL_M_MAX, else SMALL_M_MAX."""
-    return _state["small_m"] or parse_small_m_max(os.environ.get("LIBORTHO_SMALL_M_MAX", ""))
-
-
-def set_small_m_max(m: int | None) -> None:
-    """Run the fused kernel up to M = m (16, 32 or 64); None goes back to $LIBORTHO_SMALL_M_MAX."""
-    if m is not None and m not in SMALL_M_LIMITS:
-        raise ValueError(f"small-M limit {m!r}; expected one of {', '.join(map(str, SMALL_M_LIMITS))}")
-    _state["small_m"] = m
 
 
 def pdl_enabled() -> bool:
@@ -276,7 +251,7 @@ def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*x.shape[:-1], out_features)
-    if m <= small_m_max():
+    if m <= SMALL_M_MAX:
         fused = getattr(_state["ext"], _FUSED[decode_kernel()])
         y = _checked(fused(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
                            out_features, in_features, pdl_enabled()), "fused kernel")
