@@ -44,9 +44,8 @@ def plot(results: list[dict], out: Path) -> None:
         ax.set_xticks(xs, [VARIANTS[i][1] for i in xs], fontsize=8)
         ax.set_ylabel("tokens / s (whole batch)")
         ax.set_title(f"batch {batch}" + (" (black: the goal)" if batch == 1 else ""))
-    card = results[-1]["card"]
-    card = card if card.startswith("NVIDIA") else f"NVIDIA {card}"
-    fig.suptitle(f"{card}, {results[-1]['date'][:10]}: Llama-2-7B-shaped model, compiled decode step, same harness")
+    card = results[-1]["card"].replace("NVIDIA ", "")
+    fig.suptitle(f"NVIDIA {card}, {results[-1]['date'][:10]}: Llama-2-7B-shaped model, compiled decode step, same harness")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

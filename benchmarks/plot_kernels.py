@@ -48,7 +48,7 @@ def plot(result: dict, out: Path) -> None:
     axes[0].plot([], [], ls=":", color="gray", label="torch int4 (dotted)")
     axes[0].plot([], [], marker="_", ls="", ms=14, mew=2.5, color="black", label="goal (issue, H100)")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{result['card']}, {result['date'][:10]}: LibOrtho INT4 g128 against bf16, same run")
+    fig.suptitle(f"NVIDIA {result['card'].replace('NVIDIA ', '')}, {result['date'][:10]}: LibOrtho INT4 g128 against bf16, same run")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
