@@ -249,42 +249,6 @@ def test_v1_table_set_get_and_refusal():
         assert ext.set_v1_table(old)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_dequant_depths_write_the_same_weight(bits):
-    """The M > 16 path's dequantize kernel with 1, 2 or 4 tiles in flight per warp (set_dequant_depth) writes
-    the same W bit for bit: a K split over blocks, a K not divisible by 64 or by the group, ortho entries merged
-    at alpha 1 and none at 0, fp16 and bf16; the product matches the float64 reference. Refused depths change
-    nothing."""
-    ext = cuda_backend.extension()
-    was = ext.dequant_depth()
-    assert not ext.set_dequant_depth(3) and ext.dequant_depth() == was
-    gen = torch.Generator(device="cuda").manual_seed(11 + bits)
-    # ~512 blocks: 4096x4096 gives each warp 4 tiles, 2048x8200 5 (a short last tile, a short last block)
-    cases = [(4096, 4096, 128), (2048, 8200, 128), (1536, 4160, 64), (48, 576, 64), (300, 2000, 256)]
-    if bits == 4:
-        cases.append((11008, 4096, 128))  # 8 tiles per warp: the ring of 4 refilled twice
-    try:
-        for n, k, gs in cases:
-            for dtype in (torch.bfloat16, torch.float16):
-                layer = make_layer(n, k, bits, gs, False, 0.05, dtype, gen)
-                x = torch.randn(40, k, generator=gen, device="cuda").to(dtype)
-                for alpha in (0.0, 1.0):
-                    args = (x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values,
-                            alpha, bits, gs, n, k)
-                    ws = []
-                    for depth in cuda_backend.DEQUANT_DEPTHS:
-                        cuda_backend.set_dequant_depth(depth)
-                        poison_allocator()
-                        w, err = ext.dequant_merge(*args)
-                        assert err == 0 and torch.isfinite(w).all(), (n, k, depth)
-                        ws.append(w)
-                    assert all(torch.equal(ws[0], w) for w in ws[1:]), (n, k, gs, dtype, alpha)
-                    layer.alpha = alpha
-                    assert rel_err(layer(x), reference64(layer, x, alpha)) < TOL[dtype], (n, k, gs, dtype, alpha)
-    finally:
-        cuda_backend.set_dequant_depth(was)
-
-
 def test_heavy_ortho_on_a_tall_grid():
     """From 2^20 ortho entries (alpha != 0) a tall grid takes the short classes' configurations (v1.cu
     kHeavyOrtho); at alpha 0 the same layer keeps the tall ones. Both against the float64 reference."""
@@ -437,30 +401,6 @@ def test_v3_binding_above_16_rows_runs_v1(m):
     args = (x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values, layer.bias, 1.0,
             4, 128, 256, 576, False)
     assert torch.equal(cuda_backend._checked(ext.fused_small_m_v3(*args)), cuda_backend._checked(ext.fused_small_m(*args)))
-
-
-@pytest.mark.parametrize("limit", [32, 64])
-def test_fused_kernel_up_to_the_small_m_limit(limit):
-    """With set_small_m_max(32 | 64) the op runs the fused kernel (its M 17-64 forms) up to that M and the
-    dequantize + cuBLAS path above it: both match the float64 reference over bits, group sizes (one per row
-    too), K not divisible by 64, ortho densities and alpha, fp16 and bf16."""
-    gen = torch.Generator(device="cuda").manual_seed(limit)
-    r = random.Random(limit)
-    try:
-        cuda_backend.set_small_m_max(limit)
-        for _ in range(24):
-            (n, k), bits, gs = r.choice(SHAPES[:10]), r.choice([2, 3, 4, 8]), r.choice([64, 128, -1])
-            dtype, density = r.choice([torch.bfloat16, torch.float16]), r.choice([0.0, 0.01, 0.05])
-            alpha = r.choice([0.0, 0.5, 1.0])
-            layer = make_layer(n, k, bits, gs, r.random() < 0.5, density, dtype, gen)
-            layer.alpha = alpha
-            for m in (17, r.randint(18, limit), limit, limit + 1):
-                x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
-                poison_allocator()
-                y = layer(x)
-                assert y.shape == (m, n) and rel_err(y, reference64(layer, x, alpha)) < TOL[dtype], (n, k, bits, gs, m)
-    finally:
-        cuda_backend.set_small_m_max(None)
 
 
 def test_decode_kernel_switch(monkeypatch):

@@ -30,8 +30,7 @@ def test_parse_v1_table_names_what_is_wrong(spec, words):
         cuda_backend.parse_v1_table(spec)
 
 
-@pytest.mark.parametrize("var,value", [("LIBORTHO_V1_CFG", "tall_m4=10"), ("LIBORTHO_V1_LEAN", "maybe"),
-                                       ("LIBORTHO_DEQUANT_DEPTH", "3")])
+@pytest.mark.parametrize("var,value", [("LIBORTHO_V1_CFG", "tall_m4=10"), ("LIBORTHO_V1_LEAN", "maybe")])
 def test_bad_env_raises_before_any_build(monkeypatch, var, value):
     monkeypatch.setenv(var, value)
     monkeypatch.setitem(cuda_backend._state, "ext", None)
@@ -147,44 +146,3 @@ def test_parse_v1_lean(value, expected):
 def test_parse_v1_lean_names_what_is_wrong():
     with pytest.raises(ValueError, match="expected on or off"):
         cuda_backend.parse_v1_lean("sometimes")
-
-
-@pytest.mark.parametrize("value,expected", [("", 1), ("1", 1), (" 2 ", 2), ("4", 4)])
-def test_parse_dequant_depth(value, expected):
-    assert cuda_backend.parse_dequant_depth(value) == expected
-
-
-@pytest.mark.parametrize("value", ["3", "0", "8", "deep"])
-def test_parse_dequant_depth_names_what_is_wrong(value):
-    with pytest.raises(ValueError, match="expected one of 1, 2, 4"):
-        cuda_backend.parse_dequant_depth(value)
-
-
-def test_set_dequant_depth_refuses_other_depths():
-    with pytest.raises(ValueError, match="expected one of 1, 2, 4"):
-        cuda_backend.set_dequant_depth(3)
-
-
-@pytest.mark.parametrize("value,expected", [("", 16), ("16", 16), (" 32 ", 32), ("64", 64)])
-def test_parse_small_m_max(value, expected):
-    assert cuda_backend.parse_small_m_max(value) == expected
-
-
-@pytest.mark.parametrize("value", ["17", "65", "0", "all"])
-def test_parse_small_m_max_names_what_is_wrong(value):
-    with pytest.raises(ValueError, match="expected one of 16, 32, 64"):
-        cuda_backend.parse_small_m_max(value)
-
-
-def test_small_m_max_setter_env_and_default(monkeypatch):
-    monkeypatch.setitem(cuda_backend._state, "small_m", None)
-    monkeypatch.delenv("LIBORTHO_SMALL_M_MAX", raising=False)
-    assert cuda_backend.small_m_max() == cuda_backend.SMALL_M_MAX == 16
-    monkeypatch.setenv("LIBORTHO_SMALL_M_MAX", "32")
-    assert cuda_backend.small_m_max() == 32
-    cuda_backend.set_small_m_max(64)
-    assert cuda_backend.small_m_max() == 64
-    cuda_backend.set_small_m_max(None)
-    assert cuda_backend.small_m_max() == 32
-    with pytest.raises(ValueError, match="expected one of 16, 32, 64"):
-        cuda_backend.set_small_m_max(48)

@@ -196,7 +196,6 @@ def bench_shape(n, k, ms, densities, bits, group_size, replays):
             rows.append({"N": n, "K": k, "M": m, "density": d, "bits": bits, "group_size": group_size,
                          "bf16_us": bf16, "torch_int4_us": t_int4, "base_only_us": t_base[default],
                          "alpha0_us": t0, "alpha1_us": t1, "decode_kernel": default, **per_variant,
-                         "path": "fused" if m <= cuda_ops.small_m_max() else "dequantize + cuBLAS",
                          "ortho_nnz": lay.ortho_nnz,
                          "bf16_GBps": (2 * n * k + io) / bf16 / 1e3,
                          "alpha0_GBps": (_layer_bytes(lay, 0) + io) / t0 / 1e3,
@@ -240,7 +239,7 @@ def run(args):
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "copy_GBps": bw / 1e9, "pdl": ops.cuda.pdl_enabled(), "v1_table": ops.cuda.v1_table(),
               "ortho_xt_min": ops.cuda.extension().ortho_xt_min() if ops.cuda.extension() else None,
-              "v1_lean": ops.cuda.v1_lean(), "small_m_max": ops.cuda.small_m_max(),
+              "v1_lean": ops.cuda.v1_lean(),
               "method": __doc__.strip(), "rows": rows}
     out = Path(args.out or f"benchmarks/results/kernels-{card_name()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -17,10 +17,6 @@
   whole (64-column tiles, groups of 64-256 or one per row, aligned x) run the configuration's lean kernel,
   compiled without the fallback paths (a third to half of the code); :func:`set_v1_lean` from Python.
 * M > 16 (prefill): one kernel dequantizes the base and merges alpha * S into a bf16/fp16 weight, then cuBLAS.
-  ``LIBORTHO_DEQUANT_DEPTH=1|2|4`` (read when the extension loads; default 1): tiles each of its warps keeps in
-  flight; :func:`set_dequant_depth` from Python.
-  ``LIBORTHO_SMALL_M_MAX=32|64`` (read at each call; :func:`set_small_m_max`) runs the fused kernel up to that M
-  instead (its untuned configurations for M 17-64: an experiment, not the default).
 
 The extension is built on first use with ``torch.utils.cpp_extension.load`` for the GPU present and
 cached in ``$LIBORTHO_BUILD_DIR`` (default ``~/.cache/libortho/build``). Set
@@ -41,11 +37,10 @@ from .registry import ortho_linear
 
 CSRC = Path(__file__).with_name("csrc")
 SMALL_M_MAX = 16  # measured: above this the dequantize + cuBLAS path is faster (see benchmarks)
-SMALL_M_LIMITS = (16, 32, 64)  # what $LIBORTHO_SMALL_M_MAX may be: the fused kernels take M <= 64
 DECODE_KERNELS = ("v1", "v2", "v3")
 DEFAULT_DECODE_KERNEL = "v1"  # H200, 2026-11-29: v3 wins at M = 1 on 5 of 6 Llama shapes but loses 2-6x from M = 2 on
 _FUSED = {"v1": "fused_small_m", "v2": "fused_small_m_v2", "v3": "fused_small_m_v3"}
-_state = {"ext": None, "error": None, "warned": set(), "decode": None, "small_m": None}
+_state = {"ext": None, "error": None, "warned": set(), "decode": None}
 # The classes of the v1 configuration table (kernels.h, in its order) and the configurations each can take.
 V1_CLASSES = ("short_long_k", "short_m4", "short_m8", "tall_m4", "tall_m8", "m16", "m16_tall", "tiny",
               "m16_long_k")
@@ -101,35 +96,6 @@ def v1_lean() -> bool | None:
     return ext.v1_lean() if ext is not None else None
 
 
-DEQUANT_DEPTHS = (1, 2, 4)
-
-
-def parse_dequant_depth(value: str) -> int:
-    """$LIBORTHO_DEQUANT_DEPTH -> tiles in flight per warp of the dequantize kernel; ValueError names what is wrong."""
-    v = value.strip()
-    if v == "":
-        return 1
-    if v not in {str(d) for d in DEQUANT_DEPTHS}:
-        raise ValueError(f"LIBORTHO_DEQUANT_DEPTH={value!r}; expected one of {', '.join(map(str, DEQUANT_DEPTHS))}")
-    return int(v)
-
-
-def set_dequant_depth(depth: int) -> None:
-    """Tiles each warp of the dequantize kernel (the M > 16 path) keeps in flight: 1, 2 or 4."""
-    if depth not in DEQUANT_DEPTHS:
-        raise ValueError(f"dequantize depth {depth!r}; expected one of {', '.join(map(str, DEQUANT_DEPTHS))}")
-    ext = extension()
-    if ext is None:
-        raise RuntimeError("libortho CUDA: the extension is not available")
-    ext.set_dequant_depth(int(depth))
-
-
-def dequant_depth() -> int | None:
-    """The dequantize kernel's tiles in flight per warp, or None without the extension."""
-    ext = extension()
-    return ext.dequant_depth() if ext is not None else None
-
-
 def parse_v1_table(spec: str) -> dict[str, int]:
     """'class=index,...' (``$LIBORTHO_V1_CFG``) -> {class: configuration index}; ValueError names what is wrong."""
     out = {}
@@ -169,28 +135,6 @@ def decode_kernel() -> str:
     if v not in DECODE_KERNELS:
         raise ValueError(f"LIBORTHO_DECODE_KERNEL={v!r} is not a decode kernel; expected one of {DECODE_KERNELS}")
     return v
-
-
-def parse_small_m_max(value: str) -> int:
-    """$LIBORTHO_SMALL_M_MAX -> the largest M the fused kernel takes; ValueError names what is wrong."""
-    v = value.strip()
-    if v == "":
-        return SMALL_M_MAX
-    if v not in {str(m) for m in SMALL_M_LIMITS}:
-        raise ValueError(f"LIBORTHO_SMALL_M_MAX={value!r}; expected one of {', '.join(map(str, SMALL_M_LIMITS))}")
-    return int(v)
-
-
-def small_m_max() -> int:
-    """The largest M run by the fused kernel: set_small_m_max(), else $LIBORTHO_SMALL_M_MAX, else SMALL_M_MAX."""
-    return _state["small_m"] or parse_small_m_max(os.environ.get("LIBORTHO_SMALL_M_MAX", ""))
-
-
-def set_small_m_max(m: int | None) -> None:
-    """Run the fused kernel up to M = m (16, 32 or 64); None goes back to $LIBORTHO_SMALL_M_MAX."""
-    if m is not None and m not in SMALL_M_LIMITS:
-        raise ValueError(f"small-M limit {m!r}; expected one of {', '.join(map(str, SMALL_M_LIMITS))}")
-    _state["small_m"] = m
 
 
 def pdl_enabled() -> bool:
@@ -242,7 +186,6 @@ def build(verbose: bool = False):
     spec = parse_v1_table(os.environ.get("LIBORTHO_V1_CFG", ""))  # a bad value raises before the build
     xt_min = parse_ortho_xt(os.environ.get("LIBORTHO_ORTHO_XT", ""))
     lean = parse_v1_lean(os.environ.get("LIBORTHO_V1_LEAN", ""))
-    depth = parse_dequant_depth(os.environ.get("LIBORTHO_DEQUANT_DEPTH", ""))
     try:
         from torch.utils.cpp_extension import load
         _state["ext"] = load(name="libortho_cuda_v2", sources=[str(CSRC / "binding.cpp"), *map(str, sorted(CSRC.glob("*.cu")))],
@@ -257,7 +200,6 @@ def build(verbose: bool = False):
         _apply_v1_table(_state["ext"], spec)
     _state["ext"].set_ortho_xt_min(xt_min)
     _state["ext"].set_v1_lean(lean)
-    _state["ext"].set_dequant_depth(depth)
     return True
 
 
@@ -309,7 +251,7 @@ def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*x.shape[:-1], out_features)
-    if m <= small_m_max():
+    if m <= SMALL_M_MAX:
         fused = getattr(_state["ext"], _FUSED[decode_kernel()])
         y = _checked(fused(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
                            out_features, in_features, pdl_enabled()), "fused kernel")

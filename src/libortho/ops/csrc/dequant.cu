@@ -5,8 +5,6 @@
 namespace libortho {
 namespace {
 
-int g_dequant_depth = 1;  // tiles in flight per warp of the dequantize kernel (1, 2 or 4)
-
 // Large-M path: W (N, K) = deq(Q) + alpha * S in the activation dtype, for cuBLAS. A block owns a strip of
 // 16 rows and a range of K tiles; its 8 warps decode 8 consecutive 16x64 tiles into shared memory, add
 // the ortho entries that fall in those 512 columns there, then write the tiles out in 16-byte stores, so
@@ -21,7 +19,7 @@ __device__ inline int first_col_at_least(const Operands& op, int lo, int hi, int
   return lo;
 }
 
-template <typename T, int BITS, int kDepth>
+template <typename T, int BITS>
 __global__ void __launch_bounds__(kWarps * 32) dequant_merge_kernel(Operands op, T* __restrict__ wout,
                                                                     int tiles_per_block) {
   constexpr int kPitch = 64 + 8;  // keeps rows 16-byte aligned; pairs written by a warp hit 32 banks
@@ -41,78 +39,65 @@ __global__ void __launch_bounds__(kWarps * 32) dequant_merge_kernel(Operands op,
     const int n = tn * 16 + threadIdx.x;
     if (n < N) cursor[threadIdx.x] = first_col_at_least(op, op.row_ptr[n], op.row_ptr[n + 1], kt_begin * 64);
   }
-  // kDepth tiles in flight per warp (a register ring; set_dequant_depth): with one, each tile waits out a
-  // whole load latency after its predecessor's stores (the M = 512 path ran at ~72 % of the copy rate,
-  // 2026-11-29); deeper rings hold more registers, so fewer blocks share an SM.
-  uint32_t w[kDepth][BITS];
+  uint32_t w[BITS];
+  if (kt_begin + warp < kt_end) load_words<BITS>(w, qstrip + static_cast<size_t>(kt_begin + warp) * 32 * BITS);
+  for (int base = kt_begin; base < kt_end; base += kWarps) {
+    const int kt = base + warp;
+    if (kt < kt_end) {
 #pragma unroll
-  for (int d = 0; d < kDepth; ++d) {
-    const int kt = kt_begin + warp + d * kWarps;
-    if (kt < kt_end) load_words<BITS>(w[d], qstrip + static_cast<size_t>(kt) * 32 * BITS);
-  }
-  for (int base0 = kt_begin; base0 < kt_end; base0 += kDepth * kWarps) {
+      for (int step = 0; step < 4; ++step) {
+        const int grp = min(kt * 64 + step * 16, K - 1) / op.group_size;
+        const float z_lo = zp ? Num<T>::f(zp[grp * 16 + g]) : zdef, z_hi = zp ? Num<T>::f(zp[grp * 16 + g + 8]) : zdef;
+        uint32_t a[4];
+        dequant_step<T, BITS>(a, w, step, row_params<T, BITS>(sc[grp * 16 + g], sc[grp * 16 + g + 8], z_lo, z_hi));
 #pragma unroll
-    for (int d = 0; d < kDepth; ++d) {  // unrolled so that every ring slot is a fixed register set
-      const int base = base0 + d * kWarps;
-      if (base >= kt_end) break;  // block-uniform: the merge's barriers below stay matched
-      const int kt = base + warp;
-      if (kt < kt_end) {
-#pragma unroll
-        for (int step = 0; step < 4; ++step) {
-          const int grp = min(kt * 64 + step * 16, K - 1) / op.group_size;
-          const float z_lo = zp ? Num<T>::f(zp[grp * 16 + g]) : zdef, z_hi = zp ? Num<T>::f(zp[grp * 16 + g + 8]) : zdef;
-          uint32_t a[4];
-          dequant_step<T, BITS>(a, w[d], step, row_params<T, BITS>(sc[grp * 16 + g], sc[grp * 16 + g + 8], z_lo, z_hi));
-#pragma unroll
-          for (int i = 0; i < 4; ++i)
-            *reinterpret_cast<uint32_t*>(&tile[warp][g + 8 * (i & 1)][step * 16 + 2 * tig + 8 * (i >> 1)]) = a[i];
-        }
-        const int kt_next = kt + kDepth * kWarps;
-        if (kt_next < kt_end) load_words<BITS>(w[d], qstrip + static_cast<size_t>(kt_next) * 32 * BITS);
+        for (int i = 0; i < 4; ++i)
+          *reinterpret_cast<uint32_t*>(&tile[warp][g + 8 * (i & 1)][step * 16 + 2 * tig + 8 * (i >> 1)]) = a[i];
       }
-      if (ortho) {
-        __syncthreads();
-        const int c_hi = min(K, min(kt_end, base + kWarps) * 64);
-        for (int rr = warp; rr < 16; rr += kWarps) {
-          const int n = tn * 16 + rr;
-          if (n >= N) break;
-          const int end = op.row_ptr[n + 1];
-          int e0 = cursor[rr];
-          while (e0 < end) {  // entries below c_hi form a prefix of what is left of the row
-            const int e = e0 + lane;
-            const int c = e < end ? col_at(op, e) : K;
-            const bool mine = c < c_hi;
-            if (mine) {
-              T& t = tile[(c >> 6) - base][rr][c & 63];
-              t = Num<T>::from(Num<T>::f(t) + op.alpha * Num<T>::f(static_cast<const T*>(op.values)[e]));
-            }
-            const int taken = __popc(__ballot_sync(0xffffffffu, mine));
-            e0 += taken;
-            if (taken < 32) break;
+      if (kt + kWarps < kt_end) load_words<BITS>(w, qstrip + static_cast<size_t>(kt + kWarps) * 32 * BITS);
+    }
+    if (ortho) {
+      __syncthreads();
+      const int c_hi = min(K, min(kt_end, base + kWarps) * 64);
+      for (int rr = warp; rr < 16; rr += kWarps) {
+        const int n = tn * 16 + rr;
+        if (n >= N) break;
+        const int end = op.row_ptr[n + 1];
+        int e0 = cursor[rr];
+        while (e0 < end) {  // entries below c_hi form a prefix of what is left of the row
+          const int e = e0 + lane;
+          const int c = e < end ? col_at(op, e) : K;
+          const bool mine = c < c_hi;
+          if (mine) {
+            T& t = tile[(c >> 6) - base][rr][c & 63];
+            t = Num<T>::from(Num<T>::f(t) + op.alpha * Num<T>::f(static_cast<const T*>(op.values)[e]));
           }
-          if (lane == 0) cursor[rr] = e0;
+          const int taken = __popc(__ballot_sync(0xffffffffu, mine));
+          e0 += taken;
+          if (taken < 32) break;
         }
-        __syncthreads();
+        if (lane == 0) cursor[rr] = e0;
       }
-      if (kt < kt_end) {
-        if (vec) {
+      __syncthreads();
+    }
+    if (kt < kt_end) {
+      if (vec) {
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {  // 16 rows x 8 vectors of 8 values
-            const int v = i * 32 + lane, r = v >> 3, n = tn * 16 + r, k = kt * 64 + (v & 7) * 8;
-            if (n < N && k < K)
-              *reinterpret_cast<uint4*>(wout + static_cast<size_t>(n) * K + k) =
-                  *reinterpret_cast<const uint4*>(&tile[warp][r][(v & 7) * 8]);
-          }
-        } else {
-          for (int r = 0; r < 16; ++r) {
-            const int n = tn * 16 + r, k = kt * 64 + 2 * lane;
-            if (n < N && k < K)
-              *reinterpret_cast<uint32_t*>(wout + static_cast<size_t>(n) * K + k) =
-                  *reinterpret_cast<const uint32_t*>(&tile[warp][r][2 * lane]);
-          }
+        for (int i = 0; i < 4; ++i) {  // 16 rows x 8 vectors of 8 values
+          const int v = i * 32 + lane, r = v >> 3, n = tn * 16 + r, k = kt * 64 + (v & 7) * 8;
+          if (n < N && k < K)
+            *reinterpret_cast<uint4*>(wout + static_cast<size_t>(n) * K + k) =
+                *reinterpret_cast<const uint4*>(&tile[warp][r][(v & 7) * 8]);
         }
-        __syncwarp();  // the next chunk overwrites this warp's tile
+      } else {
+        for (int r = 0; r < 16; ++r) {
+          const int n = tn * 16 + r, k = kt * 64 + 2 * lane;
+          if (n < N && k < K)
+            *reinterpret_cast<uint32_t*>(wout + static_cast<size_t>(n) * K + k) =
+                *reinterpret_cast<const uint32_t*>(&tile[warp][r][2 * lane]);
+        }
       }
+      __syncwarp();  // the next chunk overwrites this warp's tile
     }
   }
 }
@@ -126,12 +111,7 @@ cudaError_t dequant_dispatch(const Operands& op, void* w, cudaStream_t s) {
   const dim3 grid((Tk + tpb - 1) / tpb, strips), block(kWarps * 32);
   T* wp = static_cast<T*>(w);
   return with_bits(op.bits, [&](auto b) {
-    constexpr int B = decltype(b)::value;
-    switch (g_dequant_depth) {
-      case 2: dequant_merge_kernel<T, B, 2><<<grid, block, 0, s>>>(op, wp, tpb); break;
-      case 4: dequant_merge_kernel<T, B, 4><<<grid, block, 0, s>>>(op, wp, tpb); break;
-      default: dequant_merge_kernel<T, B, 1><<<grid, block, 0, s>>>(op, wp, tpb); break;
-    }
+    dequant_merge_kernel<T, decltype(b)::value><<<grid, block, 0, s>>>(op, wp, tpb);
     return cudaGetLastError();
   });
 }
@@ -172,13 +152,6 @@ cudaError_t transpose_x(const void* x, void* xt, int M, int K, int ld, cudaStrea
 }
 
 }  // namespace
-
-bool set_dequant_depth(int depth) {
-  if (depth != 1 && depth != 2 && depth != 4) return false;
-  g_dequant_depth = depth;
-  return true;
-}
-int dequant_depth() { return g_dequant_depth; }
 
 cudaError_t launch_dequant_merge(const Operands& op, void* w, cudaStream_t stream) {
   if (op.K % 2 != 0) return cudaErrorInvalidValue;

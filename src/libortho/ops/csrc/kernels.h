@@ -64,9 +64,5 @@ cudaError_t launch_fused_small_m_v3(const Operands& op, const void* x, const voi
 
 // W (N, K) = deq(Q) + alpha * S, row-major in the activation dtype (the large-M path feeds it to cuBLAS).
 cudaError_t launch_dequant_merge(const Operands& op, void* w, cudaStream_t stream);
-// Tiles each warp of that kernel keeps in flight: 1 (default), 2 or 4; anything else changes nothing and
-// returns false.
-bool set_dequant_depth(int depth);
-int dequant_depth();
 
 }  // namespace libortho
