@@ -29,9 +29,6 @@
 #ifndef LIBORTHO_ORTHO_COAL
 #define LIBORTHO_ORTHO_COAL 0
 #endif
-#ifndef LIBORTHO_ORTHO_COAL_U
-#define LIBORTHO_ORTHO_COAL_U 8
-#endif
 // Diagnostic only (wrong results, for a timing A/B): x read at column c & 63, i.e. no scattered x loads.
 #ifndef LIBORTHO_ORTHO_FAKE_X
 #define LIBORTHO_ORTHO_FAKE_X 0
@@ -617,7 +614,6 @@ __device__ inline void ortho_warp1(float* out, int stride, const int* rp, int wb
                                    ColAt col_at, ValAt val_at) {
   if (wb >= we) return;  // warp-uniform
   constexpr unsigned kAll = 0xffffffffu;
-  constexpr int U = LIBORTHO_ORTHO_COAL_U;  // batches of 32 whose loads are in flight together
   const int lane = threadIdx.x & 31;
   const int e0 = min(wb + lane, we - 1);
   int row = 0;
@@ -627,51 +623,38 @@ __device__ inline void ortho_warp1(float* out, int stride, const int* rp, int wb
   int next_rp = rp[row + 1];
   int cr = __shfl_sync(kAll, row, 0);  // the row `part` sums
   float part = 0.f;
-  for (int b0 = wb; b0 < we; b0 += 32 * U) {
-    int c[U];
-    float v[U], xv[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int e = b0 + 32 * u + lane;
-      const bool ok = e < we;
-      c[u] = ok ? col_at(e) : 0;
-      v[u] = ok ? val_at(e) : 0.f;
+  for (int b = wb; b < we; b += 32) {
+    const int e = b + lane;
+    const bool ok = e < we;
+    float p = 0.f;
+    if (ok) {
+      const int c = col_at(e);
+      const float v = val_at(e);
+      while (e >= next_rp) next_rp = rp[++row + 1];
+      p = v * Num<T>::f(x[LIBORTHO_ORTHO_FAKE_X ? (c & 63) : c]);
     }
-#pragma unroll
-    for (int u = 0; u < U; ++u) xv[u] = Num<T>::f(x[LIBORTHO_ORTHO_FAKE_X ? (c[u] & 63) : c[u]]);
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (b0 + 32 * u >= we) break;  // warp-uniform
-      const int e = b0 + 32 * u + lane;
-      const bool ok = e < we;
-      float p = 0.f;
-      if (ok) {
-        while (e >= next_rp) next_rp = rp[++row + 1];
-        p = v[u] * xv[u];  // masked lanes add nothing (not 0 * x: x may hold an inf)
-      }
-      const int r = ok ? row : cr;
-      if (__all_sync(kAll, r == cr)) {
-        part += p;
-      } else {
-        if (r == cr) part += p, p = 0.f;
-        float sum = part;
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(kAll, sum, off);
-        if (lane == 0) out[cr * stride] += alpha * sum;
-        part = 0.f;
-        // The lanes past row cr: consecutive, rows sorted (masked lanes, only in the last batch, keep key -1).
-        const int key = r != cr ? r : -1;
-#pragma unroll
-        for (int off = 1; off < 32; off <<= 1) {
-          const float p2 = __shfl_up_sync(kAll, p, off);
-          const int k2 = __shfl_up_sync(kAll, key, off);
-          if (lane >= off && k2 == key) p += p2;
-        }
-        const int nk = __shfl_down_sync(kAll, key, 1);
-        if (key >= 0 && (lane == 31 || nk != key)) out[key * stride] += alpha * p;
-        cr = __shfl_sync(kAll, r, 31);  // the batch's last row (a last batch ends the loop)
-      }
+    const int r = ok ? row : cr;
+    if (__all_sync(kAll, r == cr)) {
+      part += p;
+      continue;
     }
+    if (r == cr) part += p, p = 0.f;
+    float sum = part;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(kAll, sum, off);
+    if (lane == 0) out[cr * stride] += alpha * sum;
+    part = 0.f;
+    // The lanes past row cr: consecutive, rows sorted (masked lanes, only in the last batch, keep key -1).
+    const int key = r != cr ? r : -1;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const float p2 = __shfl_up_sync(kAll, p, off);
+      const int k2 = __shfl_up_sync(kAll, key, off);
+      if (lane >= off && k2 == key) p += p2;
+    }
+    const int nk = __shfl_down_sync(kAll, key, 1);
+    if (key >= 0 && (lane == 31 || nk != key)) out[key * stride] += alpha * p;
+    cr = __shfl_sync(kAll, r, 31);  // the batch's last row (a last batch ends the loop)
   }
   float sum = part;
 #pragma unroll
