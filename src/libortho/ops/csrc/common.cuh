@@ -25,14 +25,6 @@
 #ifndef LIBORTHO_ORTHO_TAIL
 #define LIBORTHO_ORTHO_TAIL 0
 #endif
-// M = 1: the warp's entries 32 at a time across its lanes (ortho_warp1) instead of one run per thread.
-#ifndef LIBORTHO_ORTHO_COAL
-#define LIBORTHO_ORTHO_COAL 0
-#endif
-// Diagnostic only (wrong results, for a timing A/B): x read at column c & 63, i.e. no scattered x loads.
-#ifndef LIBORTHO_ORTHO_FAKE_X
-#define LIBORTHO_ORTHO_FAKE_X 0
-#endif
 
 namespace libortho {
 namespace {
@@ -601,65 +593,6 @@ __device__ inline void ortho_run(float* out, int stride, const int* rp, int run_
 #pragma unroll
     for (int m = 0; m < MR; ++m)
       if (m < M) out[key * stride + m] += alpha * part[m];
-}
-
-// M = 1: alpha * the warp's entries [wb, we) times x into out (rows of `stride` floats), 32 entries at a time,
-// lane l taking wb + 32 j + l. A warp's column and value loads are then contiguous; with one run per thread
-// (ortho_run) each load touched 32 places a run apart, and the ortho stream cost ~1 cycle per entry per SM
-// whatever the batching of loads (2026-11-29). Rows never decrease across lanes: while a batch stays in the
-// row being summed, each lane adds to its own partial; where rows change, that row is closed by a warp sum
-// and the batch's other rows by a segmented scan (their partials added to out; a row may get several).
-template <int kRows, typename T, class ColAt, class ValAt>
-__device__ inline void ortho_warp1(float* out, int stride, const int* rp, int wb, int we, const T* x, float alpha,
-                                   ColAt col_at, ValAt val_at) {
-  if (wb >= we) return;  // warp-uniform
-  constexpr unsigned kAll = 0xffffffffu;
-  const int lane = threadIdx.x & 31;
-  const int e0 = min(wb + lane, we - 1);
-  int row = 0;
-#pragma unroll
-  for (int step = kRows / 2; step > 0; step >>= 1)
-    if (rp[row + step] <= e0) row += step;
-  int next_rp = rp[row + 1];
-  int cr = __shfl_sync(kAll, row, 0);  // the row `part` sums
-  float part = 0.f;
-  for (int b = wb; b < we; b += 32) {
-    const int e = b + lane;
-    const bool ok = e < we;
-    float p = 0.f;
-    if (ok) {
-      const int c = col_at(e);
-      const float v = val_at(e);
-      while (e >= next_rp) next_rp = rp[++row + 1];
-      p = v * Num<T>::f(x[LIBORTHO_ORTHO_FAKE_X ? (c & 63) : c]);
-    }
-    const int r = ok ? row : cr;
-    if (__all_sync(kAll, r == cr)) {
-      part += p;
-      continue;
-    }
-    if (r == cr) part += p, p = 0.f;
-    float sum = part;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(kAll, sum, off);
-    if (lane == 0) out[cr * stride] += alpha * sum;
-    part = 0.f;
-    // The lanes past row cr: consecutive, rows sorted (masked lanes, only in the last batch, keep key -1).
-    const int key = r != cr ? r : -1;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const float p2 = __shfl_up_sync(kAll, p, off);
-      const int k2 = __shfl_up_sync(kAll, key, off);
-      if (lane >= off && k2 == key) p += p2;
-    }
-    const int nk = __shfl_down_sync(kAll, key, 1);
-    if (key >= 0 && (lane == 31 || nk != key)) out[key * stride] += alpha * p;
-    cr = __shfl_sync(kAll, r, 31);  // the batch's last row (a last batch ends the loop)
-  }
-  float sum = part;
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(kAll, sum, off);
-  if (lane == 0) out[cr * stride] += alpha * sum;
 }
 
 // Column of CSR entry e (int16 or int32 column indices).

@@ -278,13 +278,6 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   // sized to M (1, 2, 4, 8 within the kernel's MT): loops over all MT padded rows cost ~200 instructions per
   // entry at M = 1 (ncu, 4096x4096, 1 %).
   auto ortho_runs = [&](int run_b, int run_e, auto entry_col, auto entry_val) {
-#if LIBORTHO_ORTHO_COAL
-    if (M == 1) {  // the warp's entries across its lanes: the union of its threads' runs
-      const int wb = __shfl_sync(0xffffffffu, run_b, 0), we = __shfl_sync(0xffffffffu, run_e, 31);
-      ortho_warp1<R>(&red[warp][0][0], MT + 1, rpw[warp], wb, we, x, op.alpha, entry_col, entry_val);
-      return;
-    }
-#endif
     auto run = [&](auto mr) {
       constexpr int MR = decltype(mr)::value;
       // xt is laid out for this MR (the binding picks ld by the same rule) or not given
