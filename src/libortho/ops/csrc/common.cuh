@@ -14,18 +14,6 @@
 
 #include "kernels.h"
 
-// Ortho entries per batch of loads in ortho_run (MR <= 2, MR <= 8) and whether the last short batch is
-// one masked batch; build-time switches (LIBORTHO_NVCC_FLAGS=-D...) for the A/B runs.
-#ifndef LIBORTHO_ORTHO_KB1
-#define LIBORTHO_ORTHO_KB1 4
-#endif
-#ifndef LIBORTHO_ORTHO_KB8
-#define LIBORTHO_ORTHO_KB8 2
-#endif
-#ifndef LIBORTHO_ORTHO_TAIL
-#define LIBORTHO_ORTHO_TAIL 0
-#endif
-
 namespace libortho {
 namespace {
 
@@ -498,7 +486,7 @@ __device__ inline void ortho_run(float* out, int stride, const int* rp, int run_
   // kB entries at a time: all their loads (column, value, x) issue before the first add, so their
   // latencies overlap; one at a time, each entry's add waited on its own chain of three loads. Rows of
   // xv past M are zeros (their sums are never stored).
-  constexpr int kB = MR <= 2 ? LIBORTHO_ORTHO_KB1 : MR <= 8 ? LIBORTHO_ORTHO_KB8 : 1;
+  constexpr int kB = MR <= 2 ? 4 : MR <= 8 ? 2 : 1;
   int e = run_b;
   if constexpr (MR <= 8) {
     for (; e + kB <= run_e; e += kB) {
@@ -515,30 +503,6 @@ __device__ inline void ortho_run(float* out, int stride, const int* rp, int run_
         for (int m = 0; m < MR; ++m) part[m] += v[j] * xv[j][m];
       }
     }
-#if LIBORTHO_ORTHO_TAIL
-    // The short last batch as one masked batch (its loads overlap too); masked entries read column 0 and
-    // add nothing (not even 0 * x: x may hold an inf).
-    if (e < run_e) {
-      int c[kB];
-      float v[kB], xv[kB][MR];
-#pragma unroll
-      for (int j = 0; j < kB; ++j) {
-        const bool ok = e + j < run_e;
-        c[j] = ok ? col_at(e + j) : 0;
-        v[j] = ok ? val_at(e + j) : 0.f;
-      }
-#pragma unroll
-      for (int j = 0; j < kB; ++j) load_x(xv[j], c[j]);
-#pragma unroll
-      for (int j = 0; j < kB; ++j) {
-        if (e + j >= run_e) break;
-        flush(e + j);
-#pragma unroll
-        for (int m = 0; m < MR; ++m) part[m] += v[j] * xv[j][m];
-      }
-      e = run_e;
-    }
-#endif
   }
   for (; e < run_e; ++e) {
     const int c = col_at(e);
