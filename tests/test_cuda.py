@@ -250,8 +250,8 @@ def test_v1_table_set_get_and_refusal():
 
 
 def test_heavy_ortho_on_a_tall_grid():
-    """From 2^20 ortho entries (alpha != 0) a tall grid takes the short classes' configurations (v1.cu
-    kHeavyOrtho); at alpha 0 the same layer keeps the tall ones. Both against the float64 reference."""
+    """From 2^20 ortho entries (alpha != 0) a tall grid takes the short classes' configurations at M >= 2 (v1.cu
+    kHeavyOrtho); at alpha 0 and at M = 1 the same layer keeps the tall ones. All against the float64 reference."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     gen = torch.Generator(device="cuda").manual_seed(11)
     layer = make_layer(16 * 3 * sms + 16, 4096, 4, 128, False, 0.05, torch.bfloat16, gen)

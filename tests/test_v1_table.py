@@ -53,8 +53,9 @@ def test_probe_classes_mirror_the_kernel_dispatch():
     assert probe.v1_class(4096, 4096, 16, sms) == "m16"
     assert probe.v1_class(6336, 4096, 1, sms) == "tall_m4" and probe.v1_class(6320, 4096, 1, sms) == "short_m4"
     heavy = probe.HEAVY_ORTHO                   # from this many entries at alpha != 0 a tall grid counts as short
-    assert probe.v1_class(11008, 4096, 1, sms, heavy) == "short_m4"
-    assert probe.v1_class(11008, 4096, 1, sms, heavy - 1) == "tall_m4"
+    assert probe.v1_class(11008, 4096, 2, sms, heavy) == "short_m4"
+    assert probe.v1_class(11008, 4096, 2, sms, heavy - 1) == "tall_m4"
+    assert probe.v1_class(11008, 4096, 1, sms, heavy) == "tall_m4"  # at M = 1 a tall grid stays tall
     assert probe.v1_class(11008, 4096, 8, sms, heavy) == "short_m8"
     assert probe.v1_class(11008, 4096, 16, sms, heavy) == "m16"
     assert probe.v1_class(4096, 11008, 4, sms, heavy) == "short_m4"
@@ -85,7 +86,7 @@ def test_suggest_table_offers_the_x_ring_to_m4_classes_only():
 def test_suggest_table_counts_a_heavy_rows_calls_in_their_own_classes():
     """A heavy row on a tall grid: its alpha 0 time picks the tall class's configuration, its alpha 1 time
     the short class's (v1.cu kHeavyOrtho)."""
-    row = {"N": 11008, "K": 4096, "M": 1, "ortho_nnz": probe.HEAVY_ORTHO}
+    row = {"N": 11008, "K": 4096, "M": 2, "ortho_nnz": probe.HEAVY_ORTHO}
     for i, (a0, a1) in {1: (5.0, 30.0), 8: (6.0, 20.0)}.items():
         row[probe.CONFIGS[i]] = {"alpha0_us": a0, "alpha1_us": a1, "rel_err": 0.0, "ok": True}
     assert probe.suggest_table([row], probe.CONFIGS, 132) == {"tall_m4": 1, "short_m4": 8}

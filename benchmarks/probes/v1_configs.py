@@ -46,11 +46,12 @@ HEAVY_ORTHO = 1 << 20  # v1.cu kHeavyOrtho
 
 
 def v1_class(n: int, k: int, m: int, sms: int, ortho_nnz: int = 0) -> str:
-    """The class of a call in v1.cu's table (v1_class there); ortho_nnz counts only at alpha != 0."""
+    """The class of a call in v1.cu's table (v1_class there); ortho_nnz counts only at alpha != 0 (and, on a tall
+    grid, only at m >= 2)."""
     heavy = ortho_nnz >= HEAVY_ORTHO
     if m > 8:
         return "m16_tall" if (n + 15) // 16 >= 3 * sms and not heavy else "m16_long_k" if k >= 8192 else "m16"
-    if (n + 15) // 16 >= 3 * sms and not heavy:
+    if (n + 15) // 16 >= 3 * sms and not (heavy and m > 1):
         return "tall_m4" if m <= 4 else "tall_m8"
     if (n + 15) // 16 < sms:
         return "tiny"
