@@ -28,7 +28,7 @@ int g_v1_table[kV1Classes] = {20, 16, 20, 25, 24, 10, 12, 18, 22};
 // blocks halve the blocks that share the ortho stream, and at 5 % ortho (2.25M entries on 11008x4096) that cost
 // more than the halved x reads saved (configuration 11: M = 1 21.8 -> 27.1 us, M = 16 60.6 -> 71.9 us; at 1 %
 // they won). At M = 1 the tall class stays: configuration 25 (3 blocks per SM) beat 16 at 5 % (probe of
-// 2026-11-29 21:3x UTC, results/v1-configs-H200-5pct.json: 11008x4096 23.09 -> 19.57 us, 12288x4096 22.82 ->
+// 2026-11-29 21:26 UTC, results/v1-configs-H200-5pct.json: 11008x4096 23.09 -> 19.57 us, 12288x4096 22.82 ->
 // 20.14, 22016x4096 41.43 -> 35.17; 14336x4096 28.78 -> 29.58), while at M = 4 16 still won everywhere.
 constexpr int64_t kHeavyOrtho = int64_t{1} << 20;
 
