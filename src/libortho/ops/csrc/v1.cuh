@@ -272,15 +272,6 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
       cp_async4_part(&st_col[warp][w], cbase + 4 * w, op.col16 && 2 * w >= half ? 2 : 4);
     for (int w = lane; w < vw; w += 32) cp_async4_part(&st_val[warp][w], vbase + 4 * w, 2 * w >= half ? 2 : 4);
     cp_commit();
-#if LIBORTHO_ORTHO_L2PF
-    if (we > st_base + st_n) {  // the rest of the warp's entries, read from global memory after the sweep
-      const int first = st_base + st_n, cb = op.col16 ? 2 : 4;
-      prefetch_l2_warp(static_cast<const char*>(op.col_idx) + static_cast<size_t>(first) * cb,
-                       static_cast<long long>(we - first) * cb, lane);
-      prefetch_l2_warp(static_cast<const char*>(op.values) + static_cast<size_t>(first) * 2,
-                       static_cast<long long>(we - first) * 2, lane);
-    }
-#endif
     staged = true;
   };
   // alpha * this thread's run [run_b, run_e) of the block's entries into the warp's red slot. Per-row loops
