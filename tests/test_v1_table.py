@@ -92,6 +92,14 @@ def test_suggest_table_counts_a_heavy_rows_calls_in_their_own_classes():
     assert probe.suggest_table([row], probe.CONFIGS, 132) == {"tall_m4": 1, "short_m4": 8}
 
 
+def test_suggest_table_keeps_a_heavy_m1_row_in_the_tall_class():
+    """At M = 1 a heavy stream does not move a tall grid (v1.cu v1_class): both alphas' times count there."""
+    row = {"N": 11008, "K": 4096, "M": 1, "ortho_nnz": probe.HEAVY_ORTHO}
+    for i, (a0, a1) in {1: (5.0, 30.0), 8: (6.0, 20.0)}.items():
+        row[probe.CONFIGS[i]] = {"alpha0_us": a0, "alpha1_us": a1, "rel_err": 0.0, "ok": True}
+    assert probe.suggest_table([row], probe.CONFIGS, 132) == {"tall_m4": 8}
+
+
 def test_suggestion_report_ranks_each_class_offline(tmp_path, capsys, monkeypatch):
     """--suggest-from: a saved probe's classes again without a GPU, best first, each with its ratio to the best."""
     rows = [_row(4096, 4096, 1, {0: 7.0, 1: 6.0, 3: 6.5}), _row(4096, 4096, 4, {0: 8.0, 1: 9.0, 3: 7.0}),
