@@ -269,10 +269,18 @@ struct GroupIndex {
   int shift;  // log2(group size) for a power of two, 31 for one group per row, -1: divide
   int size, K;
   bool same;  // both halves of every tile in one group
-  __device__ GroupIndex(int group_size, int K_) : size(group_size), K(K_) {
+  // Host too: the launcher decides from the same conditions whether the ring takes a call (v1_lean_ok).
+  __host__ __device__ GroupIndex(int group_size, int K_) : size(group_size), K(K_) {
     const bool one = group_size >= K_, pow2 = (group_size & (group_size - 1)) == 0;
-    shift = one ? 31 : pow2 ? __ffs(group_size) - 1 : -1;
+    shift = one ? 31 : pow2 ? lowest_bit(group_size) : -1;
     same = one || group_size % 64 == 0;
+  }
+  __host__ __device__ static int lowest_bit(int v) {  // v > 0
+#ifdef __CUDA_ARCH__
+    return __ffs(v) - 1;
+#else
+    return v > 0 ? __builtin_ctz(static_cast<unsigned>(v)) : -1;
+#endif
   }
   __device__ int of(int col) const {
     col = min(col, K - 1);

@@ -67,7 +67,7 @@ __device__ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
 // ring_sweep: a fixed number of groups when the group size is a power of two dividing that span, 0 for one
 // group per row; -1 (other sizes): no ring.
 template <int W>
-__device__ inline int ring_pstep(const GroupIndex& gi) {
+__host__ __device__ inline int ring_pstep(const GroupIndex& gi) {
   constexpr int kSpan = W * 64;
   if (gi.shift == 31) return 0;
   return gi.shift >= 0 && ((kSpan >> gi.shift) << gi.shift) == kSpan ? (kSpan >> gi.shift) * 16 : -1;
@@ -479,16 +479,14 @@ cudaError_t launch_v1_dyn(const Operands& op, const void* x, const void* bias, v
   return launch_v1<T>(kernel, op, x, bias, out, M, s, Cfg::kRingBytes, 16 * Cfg::kRowTiles, Cfg::kBlockWarps);
 }
 
-// Whether a call meets what the ring needs for the whole of it (the kernel's own checks, on the host):
-// whole 64-column tiles, one group per tile and a fixed step of groups between a warp's tiles (ring_pstep),
-// and x in the ring's rows at 16-byte alignment.
+// Whether a call meets what the ring needs for the whole of it, on the host from the kernel's own checks
+// (GroupIndex::same, ring_pstep, x rows at 16-byte alignment), plus whole 64-column tiles.
 template <class Cfg>
 bool v1_lean_ok(const Operands& op, const void* x, int M) {
-  const int gs = op.group_size, K = op.K;
-  constexpr int kSpan = Cfg::kBlockWarps * 64;  // ring_pstep: the group size divides a warp's step
-  const bool groups = gs >= K || (gs % 64 == 0 && (gs & (gs - 1)) == 0 && kSpan % gs == 0);
+  const GroupIndex gi(op.group_size, op.K);
+  const bool groups = gi.same && ring_pstep<Cfg::kBlockWarps>(gi) >= 0;
   const bool x_ok = Cfg::kXRows == 0 || (M <= Cfg::kXRows && reinterpret_cast<uintptr_t>(x) % 16 == 0);
-  return op.bits == 4 && K % 64 == 0 && groups && x_ok;
+  return op.bits == 4 && op.K % 64 == 0 && groups && x_ok;
 }
 
 template <typename T, int NT, class Cfg>
