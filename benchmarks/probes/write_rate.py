@@ -72,7 +72,7 @@ def main() -> None:
         rows.append(row)
         print(f"{n}x{k}: " + ", ".join(f"{g} {row[g + '_us']:.2f} us ({row[g + '_GBps']:.0f} GB/s)" for g in groups),
               flush=True)
-        del lays, src, dst, quarter
+        del groups, lays, src, dst, quarter
         torch.cuda.empty_cache()
     out = Path(args.out or Path(__file__).resolve().parents[1] / "results" / f"write-rate-{card_name()}.json")
     out.write_text(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__,
