@@ -7,9 +7,10 @@ and 1 (benchmarks/probes/decode_profile.py).
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+
+from plot_common import RESULTS, card_arg, card_title, save
 
 PARTS = [("libortho op", "LibOrtho's linears"), ("attention", "attention"),
          ("triton (compiled elementwise / norms / rotary)", "norms, adds, SiLU (Triton)"),
@@ -58,20 +59,14 @@ def plot(floor: dict, profile: dict, out: Path) -> None:
     ax2.set_ylabel("ms per decode step (batch 1)")
     ax2.set_title("7B-shape decode step, compiled")
     ax2.legend(fontsize=8)
-    fig.suptitle(f"NVIDIA {floor['card'].replace('NVIDIA ', '')}, {floor['date'][:10]}")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save(fig, out, card_title(floor["card"], floor["date"]))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--card", default="H200")
-    args = ap.parse_args()
-    res = Path(__file__).resolve().parent / "results"
-    floor = json.loads((res / f"floor-{args.card}.json").read_text())
-    profile = json.loads((res / f"decode-profile-{args.card}.json").read_text())
-    out = res / f"bounds-{args.card}.png"
+    card = card_arg(__doc__)
+    floor = json.loads((RESULTS / f"floor-{card}.json").read_text())
+    profile = json.loads((RESULTS / f"decode-profile-{card}.json").read_text())
+    out = RESULTS / f"bounds-{card}.png"
     plot(floor, profile, out)
     print(f"wrote {out}")
 

@@ -6,9 +6,10 @@ run, and the goals at batch 1 (2.8x alpha 0, 2.5x alpha 1) as marks at that mult
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+
+from plot_common import RESULTS, card_arg, card_title, save
 
 SOURCES = ("decode-{card}-llama2-7b-shape-compile-3blk-b1.json", "decode-{card}-llama2-7b-shape-compile-3blk-b8.json")
 VARIANTS = (("bf16", "bf16"), ("alpha1", "LibOrtho alpha = 1 (1 %)"), ("alpha0", "LibOrtho alpha = 0"))
@@ -44,20 +45,14 @@ def plot(results: list[dict], out: Path) -> None:
         ax.set_xticks(xs, [VARIANTS[i][1] for i in xs], fontsize=8)
         ax.set_ylabel("tokens / s (whole batch)")
         ax.set_title(f"batch {batch}" + (" (black: the goal)" if batch == 1 else ""))
-    card = results[-1]["card"].replace("NVIDIA ", "")
-    fig.suptitle(f"NVIDIA {card}, {results[-1]['date'][:10]}: Llama-2-7B-shaped model, compiled decode step, same harness")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save(fig, out, card_title(results[-1]["card"], results[-1]["date"],
+                              "Llama-2-7B-shaped model, compiled decode step, same harness"))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--card", default="H200")
-    args = ap.parse_args()
-    res = Path(__file__).resolve().parent / "results"
-    results = [json.loads((res / s.format(card=args.card)).read_text()) for s in SOURCES]
-    out = res / f"decode-{args.card}.png"
+    card = card_arg(__doc__)
+    results = [json.loads((RESULTS / s.format(card=card)).read_text()) for s in SOURCES]
+    out = RESULTS / f"decode-{card}.png"
     plot(results, out)
     print(f"wrote {out}")
 

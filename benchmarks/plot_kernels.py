@@ -7,9 +7,10 @@ at most 1.5x the bf16 time, i.e. 0.67x).
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+
+from plot_common import RESULTS, card_arg, card_title, save
 
 # (title, time column, density, goals {M: speed-up})
 PANELS = [("alpha = 0", "alpha0_us", 0.0, {1: 3.0, 16: 2.5, 512: 1 / 1.5}),
@@ -48,19 +49,13 @@ def plot(result: dict, out: Path) -> None:
     axes[0].plot([], [], ls=":", color="gray", label="torch int4 (dotted)")
     axes[0].plot([], [], marker="_", ls="", ms=14, mew=2.5, color="black", label="goal (issue, H100)")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"NVIDIA {result['card'].replace('NVIDIA ', '')}, {result['date'][:10]}: LibOrtho INT4 g128 against bf16, same run")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save(fig, out, card_title(result["card"], result["date"], "LibOrtho INT4 g128 against bf16, same run"))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--card", default="H200")
-    args = ap.parse_args()
-    res = Path(__file__).resolve().parent / "results"
-    out = res / f"kernels-{args.card}.png"
-    plot(json.loads((res / f"kernels-{args.card}.json").read_text()), out)
+    card = card_arg(__doc__)
+    out = RESULTS / f"kernels-{card}.png"
+    plot(json.loads((RESULTS / f"kernels-{card}.json").read_text()), out)
     print(f"wrote {out}")
 
 

@@ -6,9 +6,10 @@ PDL) and bf16 F.linear, from the committed probe JSONs. CPU only.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+
+from plot_common import RESULTS, card_arg, save
 
 BARS = [("floor", "empty graph node"), ("stream", "read-only stream (ceiling)"), ("torch_int4", "torch int4"),
         ("libortho_v1_pdl", "LibOrtho v1 + PDL"), ("libortho_v1", "LibOrtho v1"), ("bf16", "bf16 F.linear")]
@@ -45,19 +46,15 @@ def plot(shapes: list[str], us: dict, card: str, out: Path) -> None:
     ax.set_xlabel("microseconds per call (M = 1, INT4 g128, CUDA graph, weights beyond L2)")
     ax.set_title(f"Where the decode time goes ({card})")
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out, dpi=130)
+    save(fig, out, dpi=130)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--card", default="H200")
-    args = ap.parse_args()
-    res = Path(__file__).parent / "results"
-    probe = json.loads((res / f"probe-{args.card}.json").read_text())
-    stream = json.loads((res / f"stream-{args.card}.json").read_text())
+    card = card_arg(__doc__)
+    probe = json.loads((RESULTS / f"probe-{card}.json").read_text())
+    stream = json.loads((RESULTS / f"stream-{card}.json").read_text())
     shapes, us = series(probe, stream)
-    out = res / f"probe-{args.card}.png"
+    out = RESULTS / f"probe-{card}.png"
     plot(shapes, us, probe["card"], out)
     print(f"wrote {out}")
 

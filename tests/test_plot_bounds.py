@@ -1,9 +1,11 @@
 """benchmarks/plot_bounds.py: the series it draws from the probe JSONs, and the committed results render."""
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the plot scripts import plot_common from beside them
 spec = importlib.util.spec_from_file_location("plot_bounds", ROOT / "benchmarks" / "plot_bounds.py")
 plot_bounds = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(plot_bounds)

@@ -1,9 +1,11 @@
 """benchmarks/plot_kernels.py: the speed-up series it draws from a kernel table, and the committed table renders."""
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the plot scripts import plot_common from beside them
 spec = importlib.util.spec_from_file_location("plot_kernels", ROOT / "benchmarks" / "plot_kernels.py")
 plot_kernels = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(plot_kernels)

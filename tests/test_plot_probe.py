@@ -2,9 +2,11 @@
 the same bytes, and the committed H200 results render."""
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the plot scripts import plot_common from beside them
 spec = importlib.util.spec_from_file_location("plot_probe", ROOT / "benchmarks" / "plot_probe.py")
 plot_probe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(plot_probe)
