@@ -248,13 +248,15 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   if (ortho && lane <= R) my_rp = op.row_ptr[min(n0 + lane, N)];  // each warp keeps its own copy
   if (R > 16 && ortho && lane == 0) my_rp_end = op.row_ptr[min(n0 + R, N)];
   bool staged = !ortho;
+  // The block's entries [e_lo, e_hi) cut into equal contiguous runs, one per thread: the run length.
+  auto run_len = [](int e_lo, int e_hi) { return (e_hi - e_lo + W * 32 - 1) / (W * 32); };
   auto stage_ortho = [&]() {
     // The block's entry range is read here, after the weight loads: loaded at the top, the block-uniform
     // values went to uniform registers right away (R2UR), and that move waited for the loads before any
     // weight load was issued (ncu: 40 stall samples there at alpha = 1).
     // What the ortho runs need after the sweep goes to shared memory, not registers held through it.
     const int e_lo = op.row_ptr[n0], e_hi = op.row_ptr[min(n0 + R, N)];
-    const int per = (e_hi - e_lo + W * 32 - 1) / (W * 32);
+    const int per = run_len(e_lo, e_hi);
     // The warp's entries (its threads' runs), 4-byte copies from an even entry by its own lanes; the last
     // word of an odd-length array is read half.
     const int wb = min(e_lo + warp * 32 * per, e_hi), we = min(wb + 32 * per, e_hi);
@@ -301,7 +303,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     if (R > 16 && lane == 0) rpw[warp][R] = my_rp_end;
     __syncwarp();
     const int e_lo = rpw[warp][0], e_hi = rpw[warp][R];
-    const int per = (e_hi - e_lo + W * 32 - 1) / (W * 32);
+    const int per = run_len(e_lo, e_hi);
     const int run_b = min(e_lo + static_cast<int>(threadIdx.x) * per, e_hi), run_e = min(run_b + per, e_hi);
     ortho_runs(run_b, run_e, [&](int e) { return col_at(op, e); },
                [&](int e) { return Num<T>::f(static_cast<const T*>(op.values)[e]); });
@@ -409,7 +411,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     cp_wait<0>();
     __syncwarp();
     const int e_lo = wmeta[warp][0], e_hi = wmeta[warp][1], st_base = wmeta[warp][2];
-    const int per = (e_hi - e_lo + W * 32 - 1) / (W * 32);
+    const int per = run_len(e_lo, e_hi);
     const int run_b = min(e_lo + static_cast<int>(threadIdx.x) * per, e_hi), run_e = min(run_b + per, e_hi);
     const int st_n = csr_aligned ? min(min(e_lo + (warp + 1) * 32 * per, e_hi) - st_base, kStageW) : 0;
     auto entry_col = [&](int e) {
