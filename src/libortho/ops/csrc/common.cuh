@@ -34,26 +34,6 @@ cudaError_t with_bits(int bits, F&& f) {
   }
 }
 
-// LIBORTHO_ORTHO_L2PF=1 (build switch, off by default; for an A/B): the warp's ortho entries past its staged
-// ones are prefetched into L2 when the staging is issued, so that the runs after the sweep find them there
-// (ncu at 5 %: the stream's cost is long-scoreboard waits on its first column loads, not their number).
-#ifndef LIBORTHO_ORTHO_L2PF
-#define LIBORTHO_ORTHO_L2PF 0
-#endif
-
-// L2 prefetch hints for bytes [p, p + bytes), one 128-byte line per lane and step (a warp's lanes together).
-__device__ inline void prefetch_l2_warp(const void* p, long long bytes, int lane) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const char* c = static_cast<const char*>(p);
-  for (long long off = static_cast<long long>(lane) * 128; off < bytes; off += 32 * 128)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(c + off));
-#endif
-}
-
-#ifndef LIBORTHO_ORTHO_STAGE
-#define LIBORTHO_ORTHO_STAGE 1024
-#endif
-
 // Programmatic dependent launch (Hopper; LIBORTHO_PDL=1, v1 only, off by default). A kernel launched with
 // it may start while the previous kernel in the stream drains. Before griddepcontrol.wait it only issues
 // L2 prefetches of its own weight strip (hints: no value read before the wait is ever used, so results

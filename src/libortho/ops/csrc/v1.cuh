@@ -211,21 +211,11 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   constexpr int MT = NT * 8;                 // batch columns handled (padded)
   constexpr bool kPrefetchX = Cfg::kPrefetchX;  // activation fragments travel with the chunk
   constexpr int kU = Cfg::kU;                // K tiles per chunk; two chunks in flight (double buffer)
-  constexpr int RT = Cfg::kRowTiles, R = 16 * RT;  // row tiles and output rows of a block
-  // Ortho entries a block stages in shared memory (rest: global); half with the x ring (configuration 8: the
-  // 48 KB static limit; 9-10: less shared memory per block). LIBORTHO_ORTHO_STAGE (build switch, default 1024):
-  // the count for rings in dynamic shared memory, capped by what fits beside red / rpw / wmeta under the 48 KB
-  // of static shared memory and by an SM's 228 KB (less 4 KB) over kMinBlocks blocks (6 bytes an entry). At
-  // 1 % a 32-row block at K = 4096 has ~1,300 entries, so with 1024 the last lanes' runs come from HBM after
-  // the sweep (ncu: the stream waits on such first loads).
-  constexpr int kStaticOther = 4 * W * (R * (MT + 1) + R + 1 + 3);
-  constexpr int kStageFit = (48 * 1024 - 1024 - kStaticOther) / 6;
-  constexpr int kStageSm = (224 * 1024 / Cfg::kMinBlocks - 1024 - Cfg::kRingBytes - kStaticOther) / 6;  // 4 KB spare
-  constexpr int kStageDyn = LIBORTHO_ORTHO_STAGE < kStageFit && LIBORTHO_ORTHO_STAGE < kStageSm ? LIBORTHO_ORTHO_STAGE
-                            : kStageFit < kStageSm ? kStageFit : kStageSm;
-  static_assert(!Cfg::kDynRing || LIBORTHO_ORTHO_STAGE != 1024 || kStageDyn == 1024, "the default stages 1024");
-  constexpr int kStage = NT >= 8 || Cfg::kXRows > 0 ? (Cfg::kDynRing ? kStageDyn : 1024) : 2048;
+  // ortho entries a block stages in shared memory (rest: global); half with the x ring (configuration 8:
+  // the 48 KB static limit; 9-10: less shared memory per block)
+  constexpr int kStage = NT >= 8 || Cfg::kXRows > 0 ? 1024 : 2048;
   constexpr int kStageW = kStage / W & ~1;  // per warp (even: values are staged in pairs)
+  constexpr int RT = Cfg::kRowTiles, R = 16 * RT;  // row tiles and output rows of a block
   __shared__ float red[W][R][MT + 1];  // per-warp partial sums (base, then + alpha * ortho)
   __shared__ int rpw[W][R + 1];        // the block's row pointers, one copy per warp
   __shared__ int wmeta[W][3];           // the block's entry range and the warp's first staged entry
@@ -284,15 +274,6 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
       cp_async4_part(&st_col[warp][w], cbase + 4 * w, op.col16 && 2 * w >= half ? 2 : 4);
     for (int w = lane; w < vw; w += 32) cp_async4_part(&st_val[warp][w], vbase + 4 * w, 2 * w >= half ? 2 : 4);
     cp_commit();
-#if LIBORTHO_ORTHO_L2PF
-    if (we > st_base + st_n) {  // the rest of the warp's entries, read from global memory after the sweep
-      const int first = st_base + st_n, cb = op.col16 ? 2 : 4;
-      prefetch_l2_warp(static_cast<const char*>(op.col_idx) + static_cast<size_t>(first) * cb,
-                       static_cast<long long>(we - first) * cb, lane);
-      prefetch_l2_warp(static_cast<const char*>(op.values) + static_cast<size_t>(first) * 2,
-                       static_cast<long long>(we - first) * 2, lane);
-    }
-#endif
     staged = true;
   };
   // alpha * this thread's run [run_b, run_e) of the block's entries into the warp's red slot. Per-row loops
