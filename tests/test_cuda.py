@@ -502,6 +502,51 @@ def test_ortho_reads_x_transposed(ortho_xt, mode, n, k, dtype):
         assert torch.equal(y, eager)
 
 
+def _merge_csr(n, k, density, dense_rows, gen, dtype):
+    """Random entries at `density`, plus full rows at `dense_rows` and a band of rows at 20 % right after the
+    first of them (more entries than a block of the large-M path stages), one row left empty."""
+    mask = torch.rand(n, k, generator=gen, device="cuda") < density
+    for r in dense_rows:
+        mask[r] = True
+        mask[r + 1:r + 17] |= torch.rand(min(16, n - r - 1), k, generator=gen, device="cuda") < 0.2
+    mask[n // 2] = False
+    idx = torch.nonzero(mask.reshape(-1)).reshape(-1)
+    from libortho.sieve import csr_from_indices
+    return csr_from_indices(torch.randn(n, k, generator=gen, device="cuda"), idx, dtype)
+
+
+@pytest.mark.parametrize("n,k,density,dense_rows", [
+    (1024, 4096, 0.01, []), (1024, 4096, 0.05, [3]), (4096, 4096, 0.01, []), (4096, 4096, 0.05, [40]),
+    (11008, 4096, 0.05, []), (11008, 4096, 0.2, []), (200, 576, 0.3, [7]), (37, 200, 0.5, []),
+    (48, 40000, 0.01, [0]), (300, 4100, 0.02, [290])])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dequant_merge_adds_every_entry_exactly_once(n, k, density, dense_rows, dtype):
+    """The large-M path's W at alpha equals its own alpha-0 W plus alpha * S entry by entry, bit for bit (alpha
+    a power of two, so the kernel's fused multiply-add rounds as torch's multiply then add): across K split
+    between blocks, rows past a block's staging capacity, empty and full rows, int16 and int32 columns."""
+    gen = torch.Generator(device="cuda").manual_seed(n * 7 + k)
+    csr = _merge_csr(n, k, density, dense_rows, gen, dtype)
+    layer = make_layer(n, k, 4, 128, False, 0.0, dtype, gen, bias=False, csr=csr)
+    ext = cuda_backend.extension()
+    like = torch.empty(1, k, device="cuda", dtype=dtype)
+
+    def w_at(alpha):
+        poison_allocator()
+        return cuda_backend._checked(ext.dequant_merge(like, layer.qweight, layer.scales, layer.zeros, layer.row_ptr,
+                                                       layer.col_idx, layer.values, alpha, 4, 128, n, k))
+
+    w0 = w_at(0.0)
+    rows = torch.repeat_interleave(torch.arange(n, device="cuda"), layer.row_ptr.diff().long())
+    cols = layer.col_idx.long()
+    for alpha in (1.0, 0.5, -2.0):
+        want = w0.clone()
+        want[rows, cols] = (w0[rows, cols].float() + alpha * layer.values.float()).to(dtype)
+        got = w_at(alpha)
+        assert torch.isfinite(got).all()
+        bad = (got != want).nonzero()
+        assert bad.numel() == 0, f"alpha {alpha}: {bad.shape[0]} elements differ, first at {bad[:3].tolist()}"
+
+
 def test_bad_calls_raise_python_errors():
     gen = torch.Generator(device="cuda").manual_seed(3)
     layer = make_layer(64, 128, 4, 128, True, 0.01, torch.bfloat16, gen)
