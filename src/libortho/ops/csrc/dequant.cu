@@ -8,19 +8,66 @@ namespace {
 // Large-M path: W (N, K) = deq(Q) + alpha * S in the activation dtype, for cuBLAS. A block owns a strip of
 // 16 rows and a range of K tiles; its 8 warps decode 8 consecutive 16x64 tiles into shared memory, add
 // the ortho entries that fall in those 512 columns there, then write the tiles out in 16-byte stores, so
-// W is written exactly once. The columns of a CSR row ascend (checked when a layer is packed or loaded),
-// so each row keeps a cursor that only moves forward: every entry is read once per block.
-// The first entry in [lo, hi) of an ascending CSR row whose column is >= c (hi if none).
-__device__ inline int first_col_at_least(const Operands& op, int lo, int hi, int c) {
-  while (lo < hi) {
-    const int mid = (lo + hi) >> 1;
-    if (col_at(op, mid) < c) lo = mid + 1; else hi = mid;
+// W is written exactly once. The columns of a CSR row ascend (checked when a layer is packed or loaded).
+// Warp w merges rows w and w + 8 of the strip. Under the weight stream a global load takes microseconds,
+// and the grid is about one wave, so every load a block waits on adds to the kernel's time: per row the
+// warp holds a window of the 32 entries from its cursor (lane l: entry cursor + l), and the entries a
+// merge consumed are replaced right after it, so their loads are in flight during the next chunk's
+// dequantization. alpha == 0 runs the kernel without any of this (ORTHO false).
+
+// The first entry in [lo, hi) of an ascending CSR row whose column is >= c (hi if none), found by the 16
+// lanes of `t` in rounds of 16 probes: log16 of the row's length dependent loads rather than log2.
+template <typename Half>
+__device__ inline int first_col_at_least(const Half& t, const Operands& op, int lo, int hi, int c) {
+  const int r = static_cast<int>(t.thread_rank());
+  while (hi - lo > 16) {  // the answer lies in [lo, hi]
+    const int step = (hi - lo + 15) >> 4, p = lo + r * step;
+    const int below = __popc(t.ballot(p < hi && col_at(op, p) < c));  // probes below c: a prefix
+    if (below == 0) return lo;
+    const int next_lo = lo + (below - 1) * step + 1;
+    hi = min(hi, lo + below * step);
+    lo = next_lo;
   }
-  return lo;
+  return lo + __popc(t.ballot(lo + r < hi && col_at(op, lo + r) < c));
 }
 
-template <typename T, int BITS>
-__global__ void __launch_bounds__(kWarps * 32) dequant_merge_kernel(Operands op, T* __restrict__ wout,
+// One row's window of entries: this lane's entry of the row (column K past the row's end) and its cursor.
+struct MergeWindow {
+  int cur = 0, end = 0, col = 0;
+  uint32_t val = 0;  // the value's bits
+
+  __device__ void load(const Operands& op, int lane) {
+    const int e = cur + lane;
+    col = e < end ? col_at(op, e) : op.K;
+    val = e < end ? static_cast<const uint16_t*>(op.values)[e] : 0u;
+  }
+  // Adds the window's entries below column c_hi to the chunk of tiles that starts at column c0, then
+  // moves past them.
+  template <typename T, typename Tile>
+  __device__ void merge(const Operands& op, Tile& tile, int rr, int c0, int c_hi, int lane) {
+    for (;;) {
+      const bool mine = col < c_hi;  // a prefix of the lanes: the columns ascend
+      if (mine) {
+        T& t = tile[(col - c0) >> 6][rr][col & 63];
+        t = Num<T>::from(Num<T>::f(t) + op.alpha * Num<T>::f(Num<T>::bits(val)));
+      }
+      const int taken = __popc(__ballot_sync(0xffffffffu, mine));
+      cur += taken;
+      if (taken < 32) {  // slide by `taken`; the last `taken` lanes load the entries after the window
+        const int c2 = __shfl_down_sync(0xffffffffu, col, taken);
+        const uint32_t v2 = __shfl_down_sync(0xffffffffu, val, taken);
+        if (lane + taken < 32) col = c2, val = v2;
+        else load(op, lane);
+        return;
+      }
+      load(op, lane);  // 32 or more entries of the row in this chunk: the next 32, waited on here
+    }
+  }
+};
+
+// With the merge, 6 blocks per SM: a 11008-row W's 688 blocks stay in one wave of 792 (8 per SM without it).
+template <typename T, int BITS, bool ORTHO>
+__global__ void __launch_bounds__(kWarps * 32, ORTHO ? 6 : 0) dequant_merge_kernel(Operands op, T* __restrict__ wout,
                                                                     int tiles_per_block) {
   constexpr int kPitch = 64 + 8;  // keeps rows 16-byte aligned; pairs written by a warp hit 32 banks
   __shared__ __align__(16) T tile[kWarps][16][kPitch];
@@ -28,19 +75,28 @@ __global__ void __launch_bounds__(kWarps * 32) dequant_merge_kernel(Operands op,
   const int g = lane >> 2, tig = lane & 3;
   const int K = op.K, N = op.N, G = (K + op.group_size - 1) / op.group_size, Tk = (K + 63) >> 6;
   const int tn = blockIdx.y, kt_begin = blockIdx.x * tiles_per_block, kt_end = min(Tk, kt_begin + tiles_per_block);
-  const bool ortho = op.alpha != 0.f && op.nnz > 0;
   const bool vec = (K & 7) == 0;  // 16-byte stores need 8-element aligned rows
   const int32_t* qstrip = op.qweight + static_cast<size_t>(tn) * Tk * 32 * BITS + lane * BITS;
   const T* sc = static_cast<const T*>(op.scales) + static_cast<size_t>(tn) * G * 16;
   const T* zp = op.zeros ? static_cast<const T*>(op.zeros) + static_cast<size_t>(tn) * G * 16 : nullptr;
   const float zdef = static_cast<float>(1 << (BITS - 1));
-  __shared__ int cursor[16];  // per row: the first CSR entry not yet merged
-  if (ortho && threadIdx.x < 16) {
-    const int n = tn * 16 + threadIdx.x;
-    if (n < N) cursor[threadIdx.x] = first_col_at_least(op, op.row_ptr[n], op.row_ptr[n + 1], kt_begin * 64);
-  }
   uint32_t w[BITS];
   if (kt_begin + warp < kt_end) load_words<BITS>(w, qstrip + static_cast<size_t>(kt_begin + warp) * 32 * BITS);
+  MergeWindow win[2];  // rows warp and warp + 8
+  if constexpr (ORTHO) {
+    const auto half = cg::tiled_partition<16>(cg::this_thread_block());
+    const int n = tn * 16 + warp + 8 * (lane >> 4);
+    int lo = 0, hi = 0;
+    if (n < N) {
+      lo = op.row_ptr[n], hi = op.row_ptr[n + 1];
+      if (kt_begin > 0) lo = first_col_at_least(half, op, lo, hi, kt_begin * 64);
+    }
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      win[q].cur = __shfl_sync(0xffffffffu, lo, 16 * q), win[q].end = __shfl_sync(0xffffffffu, hi, 16 * q);
+      win[q].load(op, lane);
+    }
+  }
   for (int base = kt_begin; base < kt_end; base += kWarps) {
     const int kt = base + warp;
     if (kt < kt_end) {
@@ -56,28 +112,12 @@ __global__ void __launch_bounds__(kWarps * 32) dequant_merge_kernel(Operands op,
       }
       if (kt + kWarps < kt_end) load_words<BITS>(w, qstrip + static_cast<size_t>(kt + kWarps) * 32 * BITS);
     }
-    if (ortho) {
+    if constexpr (ORTHO) {
       __syncthreads();
       const int c_hi = min(K, min(kt_end, base + kWarps) * 64);
-      for (int rr = warp; rr < 16; rr += kWarps) {
-        const int n = tn * 16 + rr;
-        if (n >= N) break;
-        const int end = op.row_ptr[n + 1];
-        int e0 = cursor[rr];
-        while (e0 < end) {  // entries below c_hi form a prefix of what is left of the row
-          const int e = e0 + lane;
-          const int c = e < end ? col_at(op, e) : K;
-          const bool mine = c < c_hi;
-          if (mine) {
-            T& t = tile[(c >> 6) - base][rr][c & 63];
-            t = Num<T>::from(Num<T>::f(t) + op.alpha * Num<T>::f(static_cast<const T*>(op.values)[e]));
-          }
-          const int taken = __popc(__ballot_sync(0xffffffffu, mine));
-          e0 += taken;
-          if (taken < 32) break;
-        }
-        if (lane == 0) cursor[rr] = e0;
-      }
+#pragma unroll
+      for (int q = 0; q < 2; ++q)
+        if (tn * 16 + warp + 8 * q < N) win[q].template merge<T>(op, tile, warp + 8 * q, base * 64, c_hi, lane);
       __syncthreads();
     }
     if (kt < kt_end) {
@@ -110,8 +150,11 @@ cudaError_t dequant_dispatch(const Operands& op, void* w, cudaStream_t s) {
   const int tpb = std::min(Tk, std::max(kWarps, (want + kWarps - 1) / kWarps * kWarps));
   const dim3 grid((Tk + tpb - 1) / tpb, strips), block(kWarps * 32);
   T* wp = static_cast<T*>(w);
+  const bool ortho = op.alpha != 0.f && op.nnz > 0;
   return with_bits(op.bits, [&](auto b) {
-    dequant_merge_kernel<T, decltype(b)::value><<<grid, block, 0, s>>>(op, wp, tpb);
+    constexpr int B = decltype(b)::value;
+    if (ortho) dequant_merge_kernel<T, B, true><<<grid, block, 0, s>>>(op, wp, tpb);
+    else dequant_merge_kernel<T, B, false><<<grid, block, 0, s>>>(op, wp, tpb);
     return cudaGetLastError();
   });
 }
