@@ -82,6 +82,7 @@ __global__ void __launch_bounds__(kWarps * 32, ORTHO ? 6 : 0) dequant_merge_kern
   const float zdef = static_cast<float>(1 << (BITS - 1));
   uint32_t w[BITS];
   if (kt_begin + warp < kt_end) load_words<BITS>(w, qstrip + static_cast<size_t>(kt_begin + warp) * 32 * BITS);
+  static_assert(kWarps == 8, "the merge gives each warp two of the strip's 16 rows");
   MergeWindow win[2];  // rows warp and warp + 8
   if constexpr (ORTHO) {
     const auto half = cg::tiled_partition<16>(cg::this_thread_block());
