@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime as dt
-import json
-from pathlib import Path
 
 import torch
 
 from libortho.eval import bench_decode as bd
+from libortho.eval.bench_kernels import write_probe_results
 
 
 SDPA_BACKENDS = ("default", "cudnn", "efficient", "flash", "math")
@@ -117,11 +115,8 @@ def main() -> None:
                 print(f"  {c:50s} {us / 1e3:7.3f} ms  ({r['launches_per_step'][c]:.0f} kernels)", flush=True)
             for k, us in list(r["top_kernels_us"].items())[:8]:
                 print(f"    {us:8.1f} us  {k}", flush=True)
-    out = Path(args.out or f"benchmarks/results/decode-profile-{bd.card_name(device)}.json")
-    out.write_text(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__,
-                               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                               "model": desc, "method": __doc__.strip(), "rows": rows}, indent=1))
-    print(f"wrote {out}")
+    write_probe_results(args.out or f"benchmarks/results/decode-profile-{bd.card_name(device)}.json", rows, __doc__,
+                        model=desc)
 
 
 if __name__ == "__main__":

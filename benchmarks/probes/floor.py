@@ -11,14 +11,12 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from libortho.eval.bench_kernels import _clone_layer, _copies, _layer_bytes, _ortho_layer, card_name, time_interleaved
+from libortho.eval.bench_kernels import (_clone_layer, _copies, _layer_bytes, _ortho_layer, card_name, time_interleaved,
+                                         write_probe_results)
 from libortho.layer import run_packed
 from libortho.ops import cuda as cuda_ops
 
@@ -60,12 +58,8 @@ def main() -> None:
                   f"{row['alpha0_warm_us']:.2f} us ({row['alpha0_cold_GBps']:.0f} GB/s cold); alpha1 cold "
                   f"{row['alpha1_cold_us']:.2f} warm {row['alpha1_warm_us']:.2f}; bf16 cold {row['bf16_cold_us']:.2f}",
                   flush=True)
-    out = Path(args.out or f"benchmarks/results/floor-{card_name()}.json")
-    out.write_text(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__,
-                               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                               "density": args.density, "v1_table": cuda_ops.v1_table(), "null_us": null,
-                               "method": __doc__.strip(), "rows": rows}, indent=1))
-    print(f"wrote {out}")
+    write_probe_results(args.out or f"benchmarks/results/floor-{card_name()}.json", rows, __doc__,
+                        density=args.density, v1_table=cuda_ops.v1_table(), null_us=null)
 
 
 if __name__ == "__main__":

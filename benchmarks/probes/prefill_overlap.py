@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
-import json
 from pathlib import Path
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (1024, 4096)]
@@ -54,7 +52,8 @@ def main() -> None:
     import torch.nn.functional as F
 
     from libortho import quant
-    from libortho.eval.bench_kernels import _clone_layer, _copies, _layer_bytes, _ortho_layer, card_name, time_interleaved
+    from libortho.eval.bench_kernels import (_clone_layer, _copies, _layer_bytes, _ortho_layer, card_name,
+                                             time_interleaved, write_probe_results)
     from libortho.ops import cuda as cuda_ops
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -129,11 +128,8 @@ def main() -> None:
                 + f"; max rel err {max(errs.values(), default=0):.1e}", flush=True)
         del lays, ws, full
         torch.cuda.empty_cache()
-    out = Path(args.out or Path(__file__).resolve().parents[1] / "results" / f"prefill-overlap-{card_name()}.json")
-    out.write_text(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__,
-                               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                               "method": __doc__, "rows": rows}, indent=1))
-    print(f"wrote {out}")
+    write_probe_results(args.out or Path(__file__).resolve().parents[1] / "results" / f"prefill-overlap-{card_name()}.json",
+                        rows, __doc__)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,18 @@ def card_name() -> str:
     return torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "-")
 
 
+def write_probe_results(out, rows: list, method: str, **extra) -> Path:
+    """A probe's JSON next to the benchmarks': card, torch version, UTC date, the probe's own fields, its method
+    (the script's docstring) and its rows. Returns the path written."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__,
+                               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                               **extra, "method": method.strip(), "rows": rows}, indent=1))
+    print(f"wrote {out}")
+    return out
+
+
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy, bytes read + written per second."""
     a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
