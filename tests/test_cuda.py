@@ -518,7 +518,8 @@ def _merge_csr(n, k, density, dense_rows, gen, dtype):
 @pytest.mark.parametrize("n,k,density,dense_rows", [
     (1024, 4096, 0.01, []), (1024, 4096, 0.05, [3]), (4096, 4096, 0.01, []), (4096, 4096, 0.05, [40]),
     (11008, 4096, 0.05, []), (11008, 4096, 0.2, []), (200, 576, 0.3, [7]), (37, 200, 0.5, []),
-    (48, 40000, 0.01, [0]), (300, 4100, 0.02, [290])])
+    (48, 40000, 0.01, [0]), (300, 4100, 0.02, [290]),
+    (14336, 4096, 0.02, [100])])  # 896 blocks: more than 6 per SM on a 132-SM card (the 7-block form)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_dequant_merge_adds_every_entry_exactly_once(n, k, density, dense_rows, dtype):
     """The large-M path's W at alpha equals its own alpha-0 W plus alpha * S entry by entry, bit for bit (alpha

@@ -65,9 +65,10 @@ struct MergeWindow {
   }
 };
 
-// With the merge, 6 blocks per SM: a 11008-row W's 688 blocks stay in one wave of 792 (8 per SM without it).
-template <typename T, int BITS, bool ORTHO>
-__global__ void __launch_bounds__(kWarps * 32, ORTHO ? 6 : 0) dequant_merge_kernel(Operands op, T* __restrict__ wout,
+// With the merge, 6 blocks per SM (40 registers): a 11008-row W's 688 blocks stay in one wave of 792 (8 per
+// SM without it). Larger grids take MINB = 7 (32 registers, a few spills) rather than a second wave.
+template <typename T, int BITS, bool ORTHO, int MINB = 6>
+__global__ void __launch_bounds__(kWarps * 32, ORTHO ? MINB : 0) dequant_merge_kernel(Operands op, T* __restrict__ wout,
                                                                     int tiles_per_block) {
   constexpr int kPitch = 64 + 8;  // keeps rows 16-byte aligned; pairs written by a warp hit 32 banks
   __shared__ __align__(16) T tile[kWarps][16][kPitch];
@@ -152,9 +153,11 @@ cudaError_t dequant_dispatch(const Operands& op, void* w, cudaStream_t s) {
   const dim3 grid((Tk + tpb - 1) / tpb, strips), block(kWarps * 32);
   T* wp = static_cast<T*>(w);
   const bool ortho = op.alpha != 0.f && op.nnz > 0;
+  const bool wide = static_cast<int64_t>(grid.x) * grid.y > 6 * device_info().sms;
   return with_bits(op.bits, [&](auto b) {
     constexpr int B = decltype(b)::value;
-    if (ortho) dequant_merge_kernel<T, B, true><<<grid, block, 0, s>>>(op, wp, tpb);
+    if (ortho && wide) dequant_merge_kernel<T, B, true, 7><<<grid, block, 0, s>>>(op, wp, tpb);
+    else if (ortho) dequant_merge_kernel<T, B, true><<<grid, block, 0, s>>>(op, wp, tpb);
     else dequant_merge_kernel<T, B, false><<<grid, block, 0, s>>>(op, wp, tpb);
     return cudaGetLastError();
   });
