@@ -620,3 +620,78 @@ def test_cuda_graph_capture_matches_eager(variant):
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+# The one-kernel large-M product (gemm_sm90.cu, LIBORTHO_PREFILL=gemm): INT4, K a multiple of 64.
+GEMM_SHAPES = [(128, 64), (200, 576), (37, 128), (1000, 1536), (4096, 4096), (11008, 4096), (300, 4160)]
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() != (9, 0),
+                    reason="the wgmma kernel is built for sm_90a only")
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("m", [1, 17, 64, 65, 130, 512])
+@pytest.mark.parametrize("gs,sym,dtype", [(128, True, torch.bfloat16), (64, False, torch.float16),
+                                          (-1, False, torch.bfloat16), (128, False, torch.float16)])
+def test_large_m_gemm_matches_float64_and_the_dequant_path(shape, m, gs, sym, dtype):
+    n, k = shape
+    gen = torch.Generator(device="cuda").manual_seed(n * 7 + m * 3 + k)
+    layer = make_layer(n, k, 4, gs, sym, 0.0, dtype, gen, bias=m % 2 == 0)
+    x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+    ext = cuda_backend.extension()
+    gsz = quant.effective_group_size(layer.group_size, k)  # what the layer passes the op (-1: one group per row)
+    args = (layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values, layer.bias, 0.0, 4,
+            gsz, n, k)
+    # the dequantize + cuBLAS path sums the same products (the same rounded weights) in another order
+    w = cuda_backend._checked(ext.dequant_merge(x, *args[:6], 0.0, 4, gsz, n, k))
+    want = torch.nn.functional.linear(x, w, layer.bias).double()
+    ref = reference64(layer, x, 0.0)
+    try:
+        for cfg in range(4):
+            assert ext.set_gemm_cfg(cfg)
+            poison_allocator()
+            y = cuda_backend._checked(ext.gemm_int4(x, *args), "gemm")
+            assert y.shape == (m, n) and y.dtype == dtype
+            err = rel_err(y, ref)
+            assert err < TOL[dtype], f"configuration {cfg}: rel err {err:.3g}"
+            close = rel_err(y, want)
+            assert close < (4e-3 if dtype == torch.bfloat16 else 1e-3), f"configuration {cfg}: vs dequant + cuBLAS {close:.3g}"
+    finally:
+        ext.set_gemm_cfg(0)
+    assert not ext.set_gemm_cfg(4) and ext.gemm_cfg() == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() != (9, 0),
+                    reason="the wgmma kernel is built for sm_90a only")
+@pytest.mark.parametrize("alpha,density", [(0.0, 0.0), (0.0, 0.02), (1.0, 0.02), (0.5, 0.0)])
+def test_prefill_switch_runs_the_gemm_where_it_can(alpha, density):
+    """LIBORTHO_PREFILL=gemm: the layer's output is the gemm kernel's bit for bit where it takes the call (no
+    ortho stream in play), the dequant path's otherwise; both match float64."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    layer = make_layer(1024, 1024, 4, 128, True, density, torch.bfloat16, gen)
+    layer.alpha = alpha
+    x = torch.randn(2, 100, 1024, generator=gen, device="cuda").to(torch.bfloat16)
+    ext = cuda_backend.extension()
+    x2 = x.reshape(-1, 1024)
+    direct = cuda_backend._checked(ext.gemm_int4(x2, layer.qweight, layer.scales, layer.zeros, layer.row_ptr,
+                                                 layer.col_idx, layer.values, layer.bias, 0.0, 4, 128, 1024, 1024))
+    try:
+        cuda_backend.set_prefill("gemm")
+        y = layer(x)
+    finally:
+        cuda_backend.set_prefill(None)
+    takes = alpha == 0 or layer.ortho_nnz == 0
+    assert torch.equal(y.reshape(-1, 1024), direct) == takes
+    assert rel_err(y.reshape(-1, 1024), reference64(layer, x2, alpha)) < TOL[torch.bfloat16]
+
+
+def test_gemm_refuses_what_it_cannot_run():
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    ext = cuda_backend.extension()
+    # INT3; K = 200 (not a multiple of 64; one group per row); groups of 32 columns; ortho entries at alpha 1
+    for bits, k, gs, density in [(3, 256, 128, 0.0), (4, 200, -1, 0.0), (4, 256, 32, 0.0), (4, 256, 128, 0.05)]:
+        layer = make_layer(64, k, bits, gs, True, density, torch.bfloat16, gen)
+        x = torch.randn(40, k, device="cuda", dtype=torch.bfloat16)
+        with pytest.raises(RuntimeError, match="cudaError 1"):  # cudaErrorInvalidValue from the launcher
+            cuda_backend._checked(ext.gemm_int4(x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr,
+                                                layer.col_idx, layer.values, None, 1.0, bits,
+                                                quant.effective_group_size(gs, k), 64, k))

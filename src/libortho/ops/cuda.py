@@ -17,6 +17,10 @@
   whole (64-column tiles, groups of 64-256 or one per row, aligned x) run the configuration's lean kernel,
   compiled without the fallback paths (a third to half of the code); :func:`set_v1_lean` from Python.
 * M > 16 (prefill): one kernel dequantizes the base and merges alpha * S into a bf16/fp16 weight, then cuBLAS.
+  ``LIBORTHO_PREFILL=gemm`` (read at each call; :func:`set_prefill` from Python) runs calls it can take (INT4,
+  in_features a multiple of 64, groups of a multiple of 64 columns or one per row, alpha 0 or no ortho entries,
+  an sm_90 GPU) through one kernel instead, which dequantizes the base in registers into Hopper's wgmma
+  (gemm_sm90.cu); ``dequant`` (the default) keeps dequantize + cuBLAS.
 
 The extension is built on first use with ``torch.utils.cpp_extension.load`` for the GPU present and
 cached in ``$LIBORTHO_BUILD_DIR`` (default ``~/.cache/libortho/build``). Set
@@ -40,7 +44,8 @@ SMALL_M_MAX = 16  # measured: above this the dequantize + cuBLAS path is faster 
 DECODE_KERNELS = ("v1", "v2", "v3")
 DEFAULT_DECODE_KERNEL = "v1"  # H200, 2026-11-29: v3 wins at M = 1 on 5 of 6 Llama shapes but loses 2-6x from M = 2 on
 _FUSED = {"v1": "fused_small_m", "v2": "fused_small_m_v2", "v3": "fused_small_m_v3"}
-_state = {"ext": None, "error": None, "warned": set(), "decode": None}
+_state = {"ext": None, "error": None, "warned": set(), "decode": None, "prefill": None}
+PREFILLS = ("dequant", "gemm")
 # The classes of the v1 configuration table (kernels.h, in its order) and the configurations each can take.
 V1_CLASSES = ("short_long_k", "short_m4", "short_m8", "tall_m4", "tall_m8", "m16", "m16_tall", "tiny",
               "m16_long_k")
@@ -137,6 +142,40 @@ def decode_kernel() -> str:
     return v
 
 
+def prefill() -> str:
+    """The large-M path in use: set_prefill(), else $LIBORTHO_PREFILL, else 'dequant'."""
+    v = _state["prefill"] or os.environ.get("LIBORTHO_PREFILL") or "dequant"
+    if v not in PREFILLS:
+        raise ValueError(f"LIBORTHO_PREFILL={v!r} is not a prefill path; expected one of {PREFILLS}")
+    return v
+
+
+def set_prefill(path: str | None) -> None:
+    """Force the large-M path ('dequant' or 'gemm'); None goes back to $LIBORTHO_PREFILL."""
+    if path is not None and path not in PREFILLS:
+        raise ValueError(f"prefill path {path!r} is not one of {PREFILLS}")
+    _state["prefill"] = path
+
+
+GEMM_CFGS = 4  # gemm_sm90.cu's block configurations (kernels.h kGemmCfgs)
+
+
+def parse_gemm_cfg(value: str) -> int:
+    """$LIBORTHO_GEMM_CFG: the large-M GEMM kernel's block configuration for a probe ('' = 0)."""
+    if value == "":
+        return 0
+    if not value.isdigit() or int(value) >= GEMM_CFGS:
+        raise ValueError(f"LIBORTHO_GEMM_CFG={value!r}: expected a configuration number 0-{GEMM_CFGS - 1}")
+    return int(value)
+
+
+def gemm_takes(x2, bits, group_size, in_features, alpha, values) -> bool:
+    """Whether the one-kernel large-M product (gemm_sm90.cu) can run this call (the C++ launcher checks the same)."""
+    return (bits == 4 and in_features % 64 == 0 and (group_size % 64 == 0 or group_size >= in_features)
+            and (alpha == 0 or values.numel() == 0) and x2.data_ptr() % 16 == 0
+            and torch.cuda.get_device_capability(x2.device) == (9, 0))
+
+
 def pdl_enabled() -> bool:
     """$LIBORTHO_PDL=1: the v1 decode kernel is launched with programmatic dependent launch (Hopper), so its
     blocks can prefetch their weight strip into L2 while the previous kernel drains (common.cuh). Off by
@@ -186,6 +225,7 @@ def build(verbose: bool = False):
     spec = parse_v1_table(os.environ.get("LIBORTHO_V1_CFG", ""))  # a bad value raises before the build
     xt_min = parse_ortho_xt(os.environ.get("LIBORTHO_ORTHO_XT", ""))
     lean = parse_v1_lean(os.environ.get("LIBORTHO_V1_LEAN", ""))
+    gemm_cfg = parse_gemm_cfg(os.environ.get("LIBORTHO_GEMM_CFG", ""))
     try:
         from torch.utils.cpp_extension import load
         _state["ext"] = load(name="libortho_cuda_v2", sources=[str(CSRC / "binding.cpp"), *map(str, sorted(CSRC.glob("*.cu")))],
@@ -200,6 +240,7 @@ def build(verbose: bool = False):
         _apply_v1_table(_state["ext"], spec)
     _state["ext"].set_ortho_xt_min(xt_min)
     _state["ext"].set_v1_lean(lean)
+    _state["ext"].set_gemm_cfg(gemm_cfg)
     return True
 
 
@@ -255,6 +296,9 @@ def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
         fused = getattr(_state["ext"], _FUSED[decode_kernel()])
         y = _checked(fused(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
                            out_features, in_features, pdl_enabled()), "fused kernel")
+    elif prefill() == "gemm" and gemm_takes(x2, bits, group_size, in_features, alpha, values):
+        y = _checked(_state["ext"].gemm_int4(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits,
+                                             group_size, out_features, in_features), "large-M GEMM kernel")
     else:
         w = _checked(_state["ext"].dequant_merge(x2, qweight, scales, zeros, row_ptr, col_idx, values, alpha,
                                                  bits, group_size, out_features, in_features), "dequant kernel")

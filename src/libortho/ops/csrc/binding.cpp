@@ -1,5 +1,5 @@
 // Thin binding of the LibOrtho CUDA kernels: checks, allocation, stream, error propagation.
-// A Python module (fused_small_m, fused_small_m_v2, fused_small_m_v3, dequant_merge) that libortho/ops/cuda.py
+// A Python module (fused_small_m, fused_small_m_v2, fused_small_m_v3, dequant_merge, gemm_int4) that libortho/ops/cuda.py
 // calls from the CUDA implementation of the public op torch.ops.libortho.ortho_linear.
 //
 // Errors come back as a code next to the result (0: ok, -1: invalid arguments, > 0: the cudaError_t of
@@ -11,6 +11,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -141,6 +142,15 @@ Result dequant_merge(const at::Tensor& like, const at::Tensor& qweight, const at
   return {w, static_cast<int64_t>(err)};
 }
 
+// The one-kernel large-M product (gemm_sm90.cu: INT4 base only, sm_90a); any M >= 1.
+Result gemm_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                 const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                 const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
+                 int64_t group_size, int64_t N, int64_t K) {
+  return small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, false,
+                 std::numeric_limits<int>::max(), false, &libortho::launch_gemm_int4);
+}
+
 int64_t ortho_xt_min() { return g_xt_min; }
 void set_ortho_xt_min(int64_t v) { g_xt_min = v < 0 ? -1 : v; }
 
@@ -172,4 +182,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("v1_lean_launches", [] { return libortho::v1_lean_launches(); }, "lean v1 launches so far (tests)");
   m.def("fused_small_m_cfg", &fused_cfg, "v1 with a tuning configuration (INT4, M <= 8 or 16; benchmarks/probes/v1_configs.py)");
   m.def("dequant_merge", &dequant_merge, "(W = deq(Q) + alpha S as a dense matrix, error code)");
+  m.def("set_gemm_cfg", [](int64_t c) { if (c < 0 || c >= libortho::kGemmCfgs) return false; libortho::set_gemm_cfg(static_cast<int>(c)); return true; },
+        "the large-M GEMM kernel's block configuration (0..3); False for another value");
+  m.def("gemm_cfg", [] { return static_cast<int64_t>(libortho::gemm_cfg()); }, "that configuration");
+  m.def("gemm_int4", &gemm_int4, "(x @ deq(Q)^T + bias, error code) in one kernel: INT4, alpha 0 or no ortho entries, sm_90a");
 }

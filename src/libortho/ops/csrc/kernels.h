@@ -65,4 +65,15 @@ cudaError_t launch_fused_small_m_v3(const Operands& op, const void* x, const voi
 // W (N, K) = deq(Q) + alpha * S, row-major in the activation dtype (the large-M path feeds it to cuBLAS).
 cudaError_t launch_dequant_merge(const Operands& op, void* w, cudaStream_t stream);
 
+// out (M, N) = x (M, K) @ deq(Q)^T + bias in one kernel (gemm_sm90.cu: INT4 dequantized in registers into
+// wgmma, sm_90a only). Takes calls gemm_int4_supported accepts (INT4, K a multiple of 64, whole groups of a
+// multiple of 64 columns, alpha 0 or no ortho entries, a 9.x device) with x 16-byte aligned; otherwise
+// cudaErrorInvalidValue, and cudaErrorNotSupported on a device the kernel was not built for.
+bool gemm_int4_supported(const Operands& op, int M);
+// Its block configuration (gemm_sm90.cu GemmCfg0..3; 0 by default), for probes.
+void set_gemm_cfg(int cfg);
+int gemm_cfg();
+constexpr int kGemmCfgs = 4;
+cudaError_t launch_gemm_int4(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t stream);
+
 }  // namespace libortho

@@ -1,0 +1,284 @@
+// Large-M product on Hopper in one kernel: y = x deq(Q)^T (+ bias), INT4 base only (alpha = 0 or no ortho
+// entries). The packed 16x64 tiles already hold each lane's tensor-core A fragments (common.cuh), so a warp
+// dequantizes its 16 weight rows in registers straight into wgmma's register A operand; a warpgroup (4 warps)
+// multiplies 64 weight rows by NT tokens of x, which stream through a cp.async ring in shared memory in
+// wgmma's 128-byte swizzled K-major layout. No bf16 W is ever written: the dequantize + cuBLAS path writes
+// and rereads 2 bytes per weight, this one reads the half byte. Needs sm_90a (wgmma); elsewhere the launcher
+// returns cudaErrorNotSupported and the caller keeps the dequantize + cuBLAS path.
+#include "common.cuh"
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define LIBORTHO_WGMMA 1
+#endif
+
+namespace libortho {
+namespace {
+
+// A block is WG warpgroups (each 64 weight rows) by NT tokens; each trip of its K loop takes CH 64-column
+// chunks (4 * CH wgmmas between two waits); x streams through a ring of STAGES chunks; MINB blocks per SM.
+template <int WG_, int NT_, int CH_, int STAGES_, int MINB_>
+struct GemmCfg {
+  static constexpr int WG = WG_, NT = NT_, CH = CH_, STAGES = STAGES_, MINB = MINB_;
+  static constexpr int kRows = 64 * WG, kThreads = 128 * WG, kTrips = STAGES / CH;  // trips held in the ring
+  static constexpr int kStageBytes = NT * 128;
+  static constexpr int kSmem = STAGES * kStageBytes + 1024;  // + room to align the ring to 1024 bytes
+  static_assert(STAGES % CH == 0 && kTrips >= 2, "the ring holds whole trips, at least two");
+};
+
+#define LIBORTHO_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), \
+                       "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define LIBORTHO_D32 LIBORTHO_D8(0), LIBORTHO_D8(8), LIBORTHO_D8(16), LIBORTHO_D8(24)
+#define LIBORTHO_D64 LIBORTHO_D32, LIBORTHO_D8(32), LIBORTHO_D8(40), LIBORTHO_D8(48), LIBORTHO_D8(56)
+#define LIBORTHO_REGS32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, " \
+                        "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define LIBORTHO_REGS64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, " \
+                        "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "  \
+                        "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, "  \
+                        "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+// d (64 x NT, fp32, this warpgroup's accumulators) += A (64 x 16, registers) * B (16 x NT, shared memory).
+// A0..A3: the operand numbers of a's registers, DESC the descriptor's, ONE a register holding 1: scale-d is
+// true, so d accumulates (it starts at 0).
+#define LIBORTHO_WGMMA_RS(NT, TY, REGS, A0, A1, A2, A3, DESC, ONE, DOPS)                                \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                      \
+               "wgmma.mma_async.sync.aligned.m64n" #NT "k16.f32." TY "." TY " " REGS ", "            \
+               "{%" #A0 ", %" #A1 ", %" #A2 ", %" #A3 "}, %" #DESC ", p, 1, 1, 0;\n}\n"               \
+               : DOPS : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc))
+
+template <typename T, int NT> struct Wgmma;
+template <> struct Wgmma<__nv_bfloat16, 64> {
+  __device__ static void run(float (&d)[32], const uint32_t (&a)[4], uint64_t desc) {
+    LIBORTHO_WGMMA_RS(64, "bf16", LIBORTHO_REGS32, 32, 33, 34, 35, 36, 37, LIBORTHO_D32);
+  }
+};
+template <> struct Wgmma<__half, 64> {
+  __device__ static void run(float (&d)[32], const uint32_t (&a)[4], uint64_t desc) {
+    LIBORTHO_WGMMA_RS(64, "f16", LIBORTHO_REGS32, 32, 33, 34, 35, 36, 37, LIBORTHO_D32);
+  }
+};
+template <> struct Wgmma<__nv_bfloat16, 128> {
+  __device__ static void run(float (&d)[64], const uint32_t (&a)[4], uint64_t desc) {
+    LIBORTHO_WGMMA_RS(128, "bf16", LIBORTHO_REGS64, 64, 65, 66, 67, 68, 69, LIBORTHO_D64);
+  }
+};
+template <> struct Wgmma<__half, 128> {
+  __device__ static void run(float (&d)[64], const uint32_t (&a)[4], uint64_t desc) {
+    LIBORTHO_WGMMA_RS(128, "f16", LIBORTHO_REGS64, 64, 65, 66, 67, 68, 69, LIBORTHO_D64);
+  }
+};
+
+__device__ inline void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ inline void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ inline void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+// cp.async wrote the ring through the generic proxy; wgmma reads it through the async proxy.
+__device__ inline void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Shared-memory matrix descriptor of an (NT x 64) K-major tile, 128-byte swizzle: rows of 128 bytes, 8-row
+// atoms of 1024 bytes (the stride byte offset); the leading byte offset is unused for this layout.
+__device__ inline uint64_t swizzled_desc(uint32_t saddr) {
+  return static_cast<uint64_t>((saddr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(16 >> 4) << 16) |
+         (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
+}
+
+// Stage `stage` of the ring <- x rows m0..m0+NT-1, columns kt*64..+63 (rows past M, or a chunk past K: zero).
+// Row r's 16-byte chunk c goes to chunk c ^ (r % 8) of its 128-byte row: the swizzle the descriptor declares.
+template <class C, typename T>
+__device__ inline void load_x_stage(uint8_t* ring, int stage, const T* __restrict__ x, int m0, int M, int K, int kt) {
+  uint8_t* base = ring + stage * C::kStageBytes;
+  const bool in_k = kt * 64 < K;
+#pragma unroll
+  for (int j = 0; j < C::NT * 8 / C::kThreads; ++j) {
+    const int i = j * C::kThreads + threadIdx.x, r = i >> 3, c = i & 7, m = m0 + r;
+    const bool ok = m < M && in_k;
+    const T* src = x + (ok ? static_cast<size_t>(m) * K + kt * 64 + c * 8 : 0);
+    cp_async16(base + r * 128 + ((c ^ (r & 7)) << 4), src, ok);
+  }
+}
+
+// One lane's operands of one chunk: the tile's words and its rows' scale / zero bit patterns.
+struct GemmChunk {
+  uint32_t w[4], s_lo, s_hi, z_lo, z_hi;
+};
+
+// A chunk past K (an odd chunk count's last trip) reads the last chunk again: x is zero there.
+__device__ inline void load_gemm_chunk(GemmChunk& c, const int32_t* qstrip, const uint16_t* sstrip,
+                                       const uint16_t* zstrip, const GroupIndex& gi, int kt, int Tk, int lane) {
+  kt = min(kt, Tk - 1);
+  load_words<4>(c.w, qstrip + static_cast<size_t>(kt) * 128 + lane * 4);
+  const int o = gi.of(kt * 64) * 16 + (lane >> 2);
+  c.s_lo = __ldg(sstrip + o);
+  c.s_hi = __ldg(sstrip + o + 8);
+  if (zstrip) {
+    c.z_lo = __ldg(zstrip + o);
+    c.z_hi = __ldg(zstrip + o + 8);
+  }
+}
+
+struct GemmStrip {
+  const int32_t* q;
+  const uint16_t* s;
+  const uint16_t* z;
+  GroupIndex gi;
+  int Tk;
+};
+
+// Trip t of the K loop: chunks t*CH .. t*CH+CH-1. Ring protocol: trip t's chunks sit in ring slot t % kTrips;
+// after the barrier every warpgroup has waited for trip t-1's wgmmas, so that slot takes trip t-1+kTrips.
+// A trip's products are waited for before the next trip's dequantization: ptxas serializes register-A wgmmas
+// whose next A fragments are written while they run, so the overlap comes from the other blocks on the SM.
+// c holds this trip's chunk operands on entry and trip t+2's on exit (the caller alternates two sets).
+template <class C, typename T>
+__device__ inline void gemm_trip(float (&acc)[C::NT / 2], GemmChunk (&c)[C::CH], int t, int trips, uint8_t* ring,
+                                 uint32_t ring_s, const T* __restrict__ x, int m0, int M, int K, const GemmStrip& st,
+                                 int lane) {
+  uint32_t a[C::CH * 4][4];
+#pragma unroll
+  for (int h = 0; h < C::CH; ++h) {
+    const RowParams<T> p = row_params4<T, true>(c[h].s_lo, c[h].s_hi, c[h].z_lo, c[h].z_hi, st.z != nullptr);
+#pragma unroll
+    for (int step = 0; step < 4; ++step) dequant_step<T, 4>(a[h * 4 + step], c[h].w, step, p);
+  }
+  if (t + 2 < trips)
+#pragma unroll
+    for (int h = 0; h < C::CH; ++h) load_gemm_chunk(c[h], st.q, st.s, st.z, st.gi, (t + 2) * C::CH + h, st.Tk, lane);
+  cp_wait<C::kTrips - 2>();
+  fence_proxy_async();
+  __syncthreads();
+  const int refill = t - 1 + C::kTrips;
+  if (refill < trips)
+#pragma unroll
+    for (int h = 0; h < C::CH; ++h)
+      load_x_stage<C>(ring, (refill % C::kTrips) * C::CH + h, x, m0, M, K, refill * C::CH + h);
+  cp_commit();
+  uint64_t desc[C::CH * 4];  // one per k16 step (+32 bytes each), all made before the fence: between the fence
+                             // and the commit only wgmmas may define their inputs, or ptxas serializes them
+#pragma unroll
+  for (int h = 0; h < C::CH; ++h)
+#pragma unroll
+    for (int step = 0; step < 4; ++step)
+      desc[h * 4 + step] = swizzled_desc(ring_s + ((t % C::kTrips) * C::CH + h) * C::kStageBytes + step * 32);
+  wgmma_fence();
+#pragma unroll
+  for (int i = 0; i < C::CH * 4; ++i) Wgmma<T, C::NT>::run(acc, a[i], desc[i]);
+  wgmma_commit();
+  wgmma_wait<0>();
+}
+
+template <class C, typename T>
+__global__ void __launch_bounds__(C::kThreads, C::MINB) gemm_int4_kernel(Operands op, const T* __restrict__ x,
+                                                                        const T* __restrict__ bias,
+                                                                        T* __restrict__ y, int M) {
+#ifdef LIBORTHO_WGMMA
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const uint32_t pad = (1024u - (raw_s & 1023u)) & 1023u;  // swizzle atoms must sit on 1024-byte boundaries
+  uint8_t* ring = smem_raw + pad;
+  const uint32_t ring_s = raw_s + pad;
+  const int K = op.K, N = op.N, Tk = K / 64, tn = (N + 15) / 16, trips = (Tk + C::CH - 1) / C::CH;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int row0 = blockIdx.x * C::kRows, m0 = blockIdx.y * C::NT;
+  // Warp w of the block is warp w % 4 of warpgroup w / 4: rows 16w..16w+15 of the block's. Strips past the
+  // layer's last read its last strip (valid memory); their rows are never stored.
+  const int strip = min(row0 / 16 + warp, tn - 1);
+  const int groups = (K + op.group_size - 1) / op.group_size;
+  const size_t sz = static_cast<size_t>(strip) * groups * 16;
+  const GemmStrip st{op.qweight + static_cast<size_t>(strip) * Tk * 128, static_cast<const uint16_t*>(op.scales) + sz,
+                     op.zeros ? static_cast<const uint16_t*>(op.zeros) + sz : nullptr, GroupIndex(op.group_size, K), Tk};
+
+#pragma unroll
+  for (int t = 0; t < C::kTrips - 1; ++t) {
+    if (t < trips)
+#pragma unroll
+      for (int h = 0; h < C::CH; ++h) load_x_stage<C>(ring, t * C::CH + h, x, m0, M, K, t * C::CH + h);
+    cp_commit();
+  }
+  float acc[C::NT / 2];
+#pragma unroll
+  for (int i = 0; i < C::NT / 2; ++i) acc[i] = 0.f;
+  GemmChunk c0[C::CH], c1[C::CH];
+#pragma unroll
+  for (int h = 0; h < C::CH; ++h) {
+    load_gemm_chunk(c0[h], st.q, st.s, st.z, st.gi, h, Tk, lane);
+    load_gemm_chunk(c1[h], st.q, st.s, st.z, st.gi, C::CH + h, Tk, lane);
+  }
+  for (int t = 0; t < trips; t += 2) {  // two trips per pass: the operand sets alternate at compile time
+    gemm_trip<C, T>(acc, c0, t, trips, ring, ring_s, x, m0, M, K, st, lane);
+    if (t + 1 < trips) gemm_trip<C, T>(acc, c1, t + 1, trips, ring, ring_s, x, m0, M, K, st, lane);
+  }
+
+  // Accumulator layout (per warp, as mma.m16n8's C per 8 tokens): acc[4j + {0,1}] = row g, tokens 8j + 2t + {0,1};
+  // acc[4j + {2,3}] = row g + 8, the same tokens.
+  const int g = lane >> 2, tg = lane & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = row0 + warp * 16 + g + 8 * h;
+    if (row >= N) continue;
+    const float b = bias ? Num<T>::f(bias[row]) : 0.f;
+#pragma unroll
+    for (int j = 0; j < C::NT / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int m = m0 + 8 * j + 2 * tg + e;
+        if (m < M) y[static_cast<size_t>(m) * N + row] = Num<T>::from(acc[4 * j + 2 * h + e] + b);
+      }
+  }
+#endif
+}
+
+template <class C, typename T>
+cudaError_t gemm_launch(const Operands& op, const void* x, const void* bias, void* y, int M, cudaStream_t s) {
+  static bool configured = false;  // per instance; the attribute belongs to the function, on every device
+  if (!configured) {
+    const cudaError_t e = cudaFuncSetAttribute(gemm_int4_kernel<C, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               C::kSmem);
+    if (e != cudaSuccess) return e;
+    configured = true;
+  }
+  const dim3 grid((op.N + C::kRows - 1) / C::kRows, (M + C::NT - 1) / C::NT);
+  gemm_int4_kernel<C, T><<<grid, C::kThreads, C::kSmem, s>>>(op, static_cast<const T*>(x),
+                                                             static_cast<const T*>(bias), static_cast<T*>(y), M);
+  return cudaGetLastError();
+}
+
+// Configurations (LIBORTHO_GEMM_CFG picks one for a probe; 0 is the default).
+using GemmCfg0 = GemmCfg<1, 128, 2, 6, 2>;  // 64 rows x 128 tokens, 128 columns per trip, 96 KB ring, 2 per SM
+using GemmCfg1 = GemmCfg<1, 128, 2, 4, 3>;  // the same with a 64 KB ring, 3 per SM
+using GemmCfg2 = GemmCfg<2, 128, 1, 4, 2>;  // 128 rows x 128 tokens, 64 columns per trip (the first form)
+using GemmCfg3 = GemmCfg<1, 64, 2, 6, 3>;   // 64 rows x 64 tokens, 48 KB ring
+
+template <typename T>
+cudaError_t gemm_dispatch(const Operands& op, const void* x, const void* bias, void* y, int M, int cfg, cudaStream_t s) {
+  switch (cfg) {
+    case 0: return gemm_launch<GemmCfg0, T>(op, x, bias, y, M, s);
+    case 1: return gemm_launch<GemmCfg1, T>(op, x, bias, y, M, s);
+    case 2: return gemm_launch<GemmCfg2, T>(op, x, bias, y, M, s);
+    case 3: return gemm_launch<GemmCfg3, T>(op, x, bias, y, M, s);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+int g_gemm_cfg = 0;
+
+}  // namespace
+
+void set_gemm_cfg(int cfg) { g_gemm_cfg = cfg; }
+int gemm_cfg() { return g_gemm_cfg; }
+
+bool gemm_int4_supported(const Operands& op, int M) {
+  const bool groups_whole = op.group_size % 64 == 0 || op.group_size >= op.K;
+  return op.bits == 4 && op.K % 64 == 0 && op.K > 0 && op.N > 0 && M > 0 && groups_whole &&
+         (op.alpha == 0.f || op.nnz == 0) && device_info().cc90;
+}
+
+cudaError_t launch_gemm_int4(const Operands& op, const void* x, const void* bias, void* y, int M, cudaStream_t stream) {
+  if (!gemm_int4_supported(op, M) || reinterpret_cast<uintptr_t>(x) % 16 != 0) return cudaErrorInvalidValue;
+  int major = 0, minor = 0, dev = 0;  // the kernel has a body only when built for sm_90a (cuda.py's flags on 9.0)
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  if (major != 9 || minor != 0) return cudaErrorNotSupported;
+  return op.bf16 ? gemm_dispatch<__nv_bfloat16>(op, x, bias, y, M, g_gemm_cfg, stream)
+                 : gemm_dispatch<__half>(op, x, bias, y, M, g_gemm_cfg, stream);
+}
+
+}  // namespace libortho

@@ -1,0 +1,36 @@
+"""The large-M path switch (LIBORTHO_PREFILL / set_prefill) of the CUDA backend; CPU-only checks."""
+import pytest
+
+from libortho.ops import cuda
+
+
+def test_prefill_default_env_and_override(monkeypatch):
+    monkeypatch.delenv("LIBORTHO_PREFILL", raising=False)
+    assert cuda.prefill() == "dequant"
+    monkeypatch.setenv("LIBORTHO_PREFILL", "gemm")
+    assert cuda.prefill() == "gemm"
+    try:
+        cuda.set_prefill("dequant")
+        assert cuda.prefill() == "dequant"
+    finally:
+        cuda.set_prefill(None)
+    assert cuda.prefill() == "gemm"
+
+
+def test_prefill_rejects_unknown_paths(monkeypatch):
+    monkeypatch.setenv("LIBORTHO_PREFILL", "cutlass")
+    with pytest.raises(ValueError, match="not a prefill path"):
+        cuda.prefill()
+    with pytest.raises(ValueError, match="not one of"):
+        cuda.set_prefill("fast")
+
+
+@pytest.mark.parametrize("value,want", [("", 0), ("0", 0), ("3", 3)])
+def test_gemm_cfg_parses(value, want):
+    assert cuda.parse_gemm_cfg(value) == want
+
+
+@pytest.mark.parametrize("value", ["4", "-1", "x", "1.5"])
+def test_gemm_cfg_rejects(value):
+    with pytest.raises(ValueError, match="LIBORTHO_GEMM_CFG"):
+        cuda.parse_gemm_cfg(value)
