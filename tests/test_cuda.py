@@ -646,7 +646,7 @@ def test_large_m_gemm_matches_float64_and_the_dequant_path(shape, m, gs, sym, dt
     want = torch.nn.functional.linear(x, w, layer.bias).double()
     ref = reference64(layer, x, 0.0)
     try:
-        for cfg in range(4):
+        for cfg in range(cuda_backend.GEMM_CFGS):
             assert ext.set_gemm_cfg(cfg)
             poison_allocator()
             y = cuda_backend._checked(ext.gemm_int4(x, *args), "gemm")
@@ -657,7 +657,7 @@ def test_large_m_gemm_matches_float64_and_the_dequant_path(shape, m, gs, sym, dt
             assert close < (4e-3 if dtype == torch.bfloat16 else 1e-3), f"configuration {cfg}: vs dequant + cuBLAS {close:.3g}"
     finally:
         ext.set_gemm_cfg(0)
-    assert not ext.set_gemm_cfg(4) and ext.gemm_cfg() == 0
+    assert not ext.set_gemm_cfg(cuda_backend.GEMM_CFGS) and ext.gemm_cfg() == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() != (9, 0),

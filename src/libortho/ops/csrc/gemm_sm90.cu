@@ -225,6 +225,143 @@ __global__ void __launch_bounds__(C::kThreads, C::MINB) gemm_int4_kernel(Operand
 #endif
 }
 
+// ---- Warp-specialized form: warp 8 of the block fills the x ring, the two consumer warpgroups (warps 0-7)
+// run their K loops independently, so one can dequantize while the other multiplies (within a warpgroup the
+// two cannot overlap, see gemm_trip). full[s]: the producer's 32 lanes arrive once their copies into stage s
+// landed (each fences its own writes for the async proxy first, as the lock-step form does); empty[s]: the 8
+// consumer warps arrive once their wgmmas reading stage s completed.
+__device__ inline void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ inline void mbar_arrive(uint32_t bar) {
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+__device__ inline void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done)
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+}
+
+template <int NT_, int STAGES_, int DEPTH_, int MINB_>
+struct GemmWsCfg {
+  static constexpr int NT = NT_, STAGES = STAGES_, DEPTH = DEPTH_, MINB = MINB_;  // DEPTH: chunks the producer
+  static constexpr int kRows = 128, kThreads = 288, kStageBytes = NT * 128;      // keeps in flight
+  static constexpr int kSmem = STAGES * kStageBytes + 1024 + 2 * STAGES * 8;
+  static_assert(DEPTH >= 1 && DEPTH < STAGES, "the producer waits for a stage only after releasing older ones");
+};
+
+template <class C, typename T>
+__global__ void __launch_bounds__(C::kThreads, C::MINB) gemm_ws_kernel(Operands op, const T* __restrict__ x,
+                                                                      const T* __restrict__ bias,
+                                                                      T* __restrict__ y, int M) {
+#ifdef LIBORTHO_WGMMA
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const uint32_t pad = (1024u - (raw_s & 1023u)) & 1023u;
+  uint8_t* ring = smem_raw + pad;
+  const uint32_t ring_s = raw_s + pad;
+  const uint32_t full_s = ring_s + C::STAGES * C::kStageBytes, empty_s = full_s + C::STAGES * 8;
+  const int K = op.K, N = op.N, Tk = K / 64, tn = (N + 15) / 16;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int row0 = blockIdx.x * C::kRows, m0 = blockIdx.y * C::NT;
+  if (threadIdx.x == 0)
+    for (int s = 0; s < C::STAGES; ++s) {
+      mbar_init(full_s + 8 * s, 32);
+      mbar_init(empty_s + 8 * s, 8);
+    }
+  __syncthreads();  // the last block-wide barrier: the producer warp leaves its loop early
+
+  if (warp == 8) {  // producer
+    for (int kt = 0; kt < Tk + C::DEPTH; ++kt) {
+      if (kt < Tk) {
+        const int s = kt % C::STAGES;
+        if (kt >= C::STAGES) mbar_wait(empty_s + 8 * s, ((kt / C::STAGES) & 1) ^ 1);
+        uint8_t* base = ring + s * C::kStageBytes;
+#pragma unroll 4
+        for (int j = 0; j < C::NT * 8 / 32; ++j) {
+          const int i = j * 32 + lane, r = i >> 3, c = i & 7, m = m0 + r;
+          const T* src = x + (m < M ? static_cast<size_t>(m) * K + kt * 64 + c * 8 : 0);
+          cp_async16(base + r * 128 + ((c ^ (r & 7)) << 4), src, m < M);
+        }
+      }
+      cp_commit();
+      const int done = kt - C::DEPTH;  // this lane's copies of chunk `done` have landed once DEPTH newer groups wait
+      if (done >= 0) {
+        cp_wait<C::DEPTH>();
+        fence_proxy_async();
+        mbar_arrive(full_s + 8 * (done % C::STAGES));
+      }
+    }
+    return;
+  }
+
+  const int strip = min(row0 / 16 + warp, tn - 1);
+  const int groups = (K + op.group_size - 1) / op.group_size;
+  const size_t sz = static_cast<size_t>(strip) * groups * 16;
+  const GemmStrip st{op.qweight + static_cast<size_t>(strip) * Tk * 128, static_cast<const uint16_t*>(op.scales) + sz,
+                     op.zeros ? static_cast<const uint16_t*>(op.zeros) + sz : nullptr, GroupIndex(op.group_size, K), Tk};
+  float acc[C::NT / 2];
+#pragma unroll
+  for (int i = 0; i < C::NT / 2; ++i) acc[i] = 0.f;
+  GemmChunk cc[2];
+  load_gemm_chunk(cc[0], st.q, st.s, st.z, st.gi, 0, Tk, lane);
+  load_gemm_chunk(cc[1], st.q, st.s, st.z, st.gi, 1, Tk, lane);
+  auto chunk = [&](GemmChunk& c, int kt) {
+    uint32_t a[4][4];
+    const RowParams<T> p = row_params4<T, true>(c.s_lo, c.s_hi, c.z_lo, c.z_hi, st.z != nullptr);
+#pragma unroll
+    for (int step = 0; step < 4; ++step) dequant_step<T, 4>(a[step], c.w, step, p);
+    if (kt + 2 < Tk) load_gemm_chunk(c, st.q, st.s, st.z, st.gi, kt + 2, Tk, lane);
+    const int s = kt % C::STAGES;
+    uint64_t desc[4];
+#pragma unroll
+    for (int step = 0; step < 4; ++step) desc[step] = swizzled_desc(ring_s + s * C::kStageBytes + step * 32);
+    mbar_wait(full_s + 8 * s, (kt / C::STAGES) & 1);
+    wgmma_fence();
+#pragma unroll
+    for (int step = 0; step < 4; ++step) Wgmma<T, C::NT>::run(acc, a[step], desc[step]);
+    wgmma_commit();
+    wgmma_wait<0>();
+    if (lane == 0) mbar_arrive(empty_s + 8 * s);
+  };
+  for (int kt = 0; kt < Tk; kt += 2) {
+    chunk(cc[0], kt);
+    if (kt + 1 < Tk) chunk(cc[1], kt + 1);
+  }
+
+  const int g = lane >> 2, tg = lane & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = row0 + warp * 16 + g + 8 * h;
+    if (row >= N) continue;
+    const float b = bias ? Num<T>::f(bias[row]) : 0.f;
+#pragma unroll
+    for (int j = 0; j < C::NT / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int m = m0 + 8 * j + 2 * tg + e;
+        if (m < M) y[static_cast<size_t>(m) * N + row] = Num<T>::from(acc[4 * j + 2 * h + e] + b);
+      }
+  }
+#endif
+}
+
+template <class C, typename T>
+cudaError_t gemm_ws_launch(const Operands& op, const void* x, const void* bias, void* y, int M, cudaStream_t s) {
+  static bool configured = false;
+  if (!configured) {
+    const cudaError_t e = cudaFuncSetAttribute(gemm_ws_kernel<C, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               C::kSmem);
+    if (e != cudaSuccess) return e;
+    configured = true;
+  }
+  const dim3 grid((op.N + C::kRows - 1) / C::kRows, (M + C::NT - 1) / C::NT);
+  gemm_ws_kernel<C, T><<<grid, C::kThreads, C::kSmem, s>>>(op, static_cast<const T*>(x),
+                                                           static_cast<const T*>(bias), static_cast<T*>(y), M);
+  return cudaGetLastError();
+}
+
 template <class C, typename T>
 cudaError_t gemm_launch(const Operands& op, const void* x, const void* bias, void* y, int M, cudaStream_t s) {
   static bool configured = false;  // per instance; the attribute belongs to the function, on every device
@@ -240,11 +377,13 @@ cudaError_t gemm_launch(const Operands& op, const void* x, const void* bias, voi
   return cudaGetLastError();
 }
 
-// Configurations (LIBORTHO_GEMM_CFG picks one for a probe; 0 is the default).
+// Configurations (LIBORTHO_GEMM_CFG picks one for a probe; 0 is the default): 0-3 lock-step, 4-5 warp-specialized.
 using GemmCfg0 = GemmCfg<1, 128, 2, 6, 2>;  // 64 rows x 128 tokens, 128 columns per trip, 96 KB ring, 2 per SM
 using GemmCfg1 = GemmCfg<1, 128, 2, 4, 3>;  // the same with a 64 KB ring, 3 per SM
 using GemmCfg2 = GemmCfg<2, 128, 1, 4, 2>;  // 128 rows x 128 tokens, 64 columns per trip (the first form)
 using GemmCfg3 = GemmCfg<1, 64, 2, 6, 3>;   // 64 rows x 64 tokens, 48 KB ring
+using GemmCfg4 = GemmWsCfg<128, 6, 3, 1>;    // warp-specialized, 128 rows x 128 tokens, 96 KB ring
+using GemmCfg5 = GemmWsCfg<64, 6, 3, 2>;     // warp-specialized, 128 rows x 64 tokens, 2 per SM
 
 template <typename T>
 cudaError_t gemm_dispatch(const Operands& op, const void* x, const void* bias, void* y, int M, int cfg, cudaStream_t s) {
@@ -253,6 +392,8 @@ cudaError_t gemm_dispatch(const Operands& op, const void* x, const void* bias, v
     case 1: return gemm_launch<GemmCfg1, T>(op, x, bias, y, M, s);
     case 2: return gemm_launch<GemmCfg2, T>(op, x, bias, y, M, s);
     case 3: return gemm_launch<GemmCfg3, T>(op, x, bias, y, M, s);
+    case 4: return gemm_ws_launch<GemmCfg4, T>(op, x, bias, y, M, s);
+    case 5: return gemm_ws_launch<GemmCfg5, T>(op, x, bias, y, M, s);
     default: return cudaErrorInvalidValue;
   }
 }
