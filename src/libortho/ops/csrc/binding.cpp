@@ -183,7 +183,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_small_m_cfg", &fused_cfg, "v1 with a tuning configuration (INT4, M <= 8 or 16; benchmarks/probes/v1_configs.py)");
   m.def("dequant_merge", &dequant_merge, "(W = deq(Q) + alpha S as a dense matrix, error code)");
   m.def("set_gemm_cfg", [](int64_t c) { if (c < 0 || c >= libortho::kGemmCfgs) return false; libortho::set_gemm_cfg(static_cast<int>(c)); return true; },
-        "the large-M GEMM kernel's block configuration (0..7); False for another value");
+        "the large-M GEMM kernel's block configuration (0..5); False for another value");
   m.def("gemm_cfg", [] { return static_cast<int64_t>(libortho::gemm_cfg()); }, "that configuration");
   m.def("gemm_int4", &gemm_int4, "(x @ deq(Q)^T + bias, error code) in one kernel: INT4, alpha 0 or no ortho entries, sm_90a");
 }

@@ -5,8 +5,6 @@
 // wgmma's 128-byte swizzled K-major layout. No bf16 W is ever written: the dequantize + cuBLAS path writes
 // and rereads 2 bytes per weight, this one reads the half byte. Needs sm_90a (wgmma); elsewhere the launcher
 // returns cudaErrorNotSupported and the caller keeps the dequantize + cuBLAS path.
-#include <cuda.h>  // CUtensorMap (the TMA form); the driver function is fetched at run time
-
 #include "common.cuh"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -238,15 +236,6 @@ __device__ inline void mbar_init(uint32_t bar, int count) {
 __device__ inline void mbar_arrive(uint32_t bar) {
   asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
 }
-__device__ inline void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar), "r"(bytes)
-               : "memory");
-}
-// Box (64 columns x NT rows) of x at column k0, row m0 into shared memory at dst; completes `bytes` on bar.
-__device__ inline void tma_load_x(uint32_t dst, const CUtensorMap* map, int k0, int m0, uint32_t bar) {
-  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
-               ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(k0), "r"(m0), "r"(bar) : "memory");
-}
 __device__ inline void mbar_wait(uint32_t bar, uint32_t parity) {
   uint32_t done = 0;
   while (!done)
@@ -254,13 +243,10 @@ __device__ inline void mbar_wait(uint32_t bar, uint32_t parity) {
                  : "=r"(done) : "r"(bar), "r"(parity) : "memory");
 }
 
-// TMA: the producer loads a stage with one cp.async.bulk.tensor (the 128-byte swizzle done by the copy engine,
-// rows past M zero-filled, the stage's bytes counted on full[s]) instead of its 32 lanes' cp.asyncs.
-template <int NT_, int STAGES_, int DEPTH_, int MINB_, bool TMA_ = false>
+template <int NT_, int STAGES_, int DEPTH_, int MINB_>
 struct GemmWsCfg {
   static constexpr int NT = NT_, STAGES = STAGES_, DEPTH = DEPTH_, MINB = MINB_;  // DEPTH: chunks the producer
-  static constexpr bool TMA = TMA_;                                               // keeps in flight (cp.async)
-  static constexpr int kRows = 128, kThreads = 288, kStageBytes = NT * 128;
+  static constexpr int kRows = 128, kThreads = 288, kStageBytes = NT * 128;      // keeps in flight
   static constexpr int kSmem = STAGES * kStageBytes + 1024 + 2 * STAGES * 8;
   static_assert(DEPTH >= 1 && DEPTH < STAGES, "the producer waits for a stage only after releasing older ones");
 };
@@ -268,8 +254,7 @@ struct GemmWsCfg {
 template <class C, typename T>
 __global__ void __launch_bounds__(C::kThreads, C::MINB) gemm_ws_kernel(Operands op, const T* __restrict__ x,
                                                                       const T* __restrict__ bias,
-                                                                      T* __restrict__ y, int M,
-                                                                      const __grid_constant__ CUtensorMap xmap) {
+                                                                      T* __restrict__ y, int M) {
 #ifdef LIBORTHO_WGMMA
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
@@ -282,22 +267,12 @@ __global__ void __launch_bounds__(C::kThreads, C::MINB) gemm_ws_kernel(Operands 
   const int row0 = blockIdx.x * C::kRows, m0 = blockIdx.y * C::NT;
   if (threadIdx.x == 0)
     for (int s = 0; s < C::STAGES; ++s) {
-      mbar_init(full_s + 8 * s, C::TMA ? 1 : 32);
+      mbar_init(full_s + 8 * s, 32);
       mbar_init(empty_s + 8 * s, 8);
     }
   __syncthreads();  // the last block-wide barrier: the producer warp leaves its loop early
 
-  if (warp == 8 && C::TMA) {  // producer, one thread
-    if (lane == 0)
-      for (int kt = 0; kt < Tk; ++kt) {
-        const int s = kt % C::STAGES;
-        if (kt >= C::STAGES) mbar_wait(empty_s + 8 * s, ((kt / C::STAGES) & 1) ^ 1);
-        mbar_arrive_expect_tx(full_s + 8 * s, C::kStageBytes);
-        tma_load_x(ring_s + s * C::kStageBytes, &xmap, kt * 64, m0, full_s + 8 * s);
-      }
-    return;
-  }
-  if (warp == 8) {  // producer, 32 lanes of cp.async
+  if (warp == 8) {  // producer
     for (int kt = 0; kt < Tk + C::DEPTH; ++kt) {
       if (kt < Tk) {
         const int s = kt % C::STAGES;
@@ -372,32 +347,8 @@ __global__ void __launch_bounds__(C::kThreads, C::MINB) gemm_ws_kernel(Operands 
 #endif
 }
 
-// x (M, K) as a TMA tensor map: boxes of 64 columns (128 bytes, the swizzle span) by NT rows, 128-byte swizzle,
-// rows past M read as zeros. cuTensorMapEncodeTiled is a driver function: fetched once through the runtime.
-bool x_tensor_map(CUtensorMap* map, const void* x, int M, int K, int NT, bool bf16) {
-  using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*, const cuuint64_t*,
-                              const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
-                              CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-  static Encode encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    const bool ok = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q) ==
-                        cudaSuccess && q == cudaDriverEntryPointSuccess;
-    return ok ? reinterpret_cast<Encode>(fn) : nullptr;
-  }();
-  if (!encode) return false;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(M)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(K) * 2};  // bytes, of every dimension but the first
-  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(NT)}, unit[2] = {1, 1};
-  return encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, const_cast<void*>(x),
-                dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
 template <class C, typename T>
 cudaError_t gemm_ws_launch(const Operands& op, const void* x, const void* bias, void* y, int M, cudaStream_t s) {
-  CUtensorMap xmap{};
-  if (C::TMA && !x_tensor_map(&xmap, x, M, op.K, C::NT, op.bf16)) return cudaErrorNotSupported;
   static bool configured = false;
   if (!configured) {
     const cudaError_t e = cudaFuncSetAttribute(gemm_ws_kernel<C, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -407,7 +358,7 @@ cudaError_t gemm_ws_launch(const Operands& op, const void* x, const void* bias, 
   }
   const dim3 grid((op.N + C::kRows - 1) / C::kRows, (M + C::NT - 1) / C::NT);
   gemm_ws_kernel<C, T><<<grid, C::kThreads, C::kSmem, s>>>(op, static_cast<const T*>(x),
-                                                           static_cast<const T*>(bias), static_cast<T*>(y), M, xmap);
+                                                           static_cast<const T*>(bias), static_cast<T*>(y), M);
   return cudaGetLastError();
 }
 
@@ -426,15 +377,13 @@ cudaError_t gemm_launch(const Operands& op, const void* x, const void* bias, voi
   return cudaGetLastError();
 }
 
-// Configurations (LIBORTHO_GEMM_CFG picks one for a probe; 0 is the default): 0-3 lock-step, 4-7 warp-specialized.
+// Configurations (LIBORTHO_GEMM_CFG picks one for a probe; 0 is the default): 0-3 lock-step, 4-5 warp-specialized.
 using GemmCfg0 = GemmCfg<1, 128, 2, 6, 2>;  // 64 rows x 128 tokens, 128 columns per trip, 96 KB ring, 2 per SM
 using GemmCfg1 = GemmCfg<1, 128, 2, 4, 3>;  // the same with a 64 KB ring, 3 per SM
 using GemmCfg2 = GemmCfg<2, 128, 1, 4, 2>;  // 128 rows x 128 tokens, 64 columns per trip (the first form)
 using GemmCfg3 = GemmCfg<1, 64, 2, 6, 3>;   // 64 rows x 64 tokens, 48 KB ring
 using GemmCfg4 = GemmWsCfg<128, 6, 3, 1>;    // warp-specialized, 128 rows x 128 tokens, 96 KB ring
 using GemmCfg5 = GemmWsCfg<64, 6, 3, 2>;     // warp-specialized, 128 rows x 64 tokens, 2 per SM
-using GemmCfg6 = GemmWsCfg<128, 6, 1, 1, true>;  // configuration 4 with a TMA producer
-using GemmCfg7 = GemmWsCfg<64, 6, 1, 2, true>;   // configuration 5 with a TMA producer
 
 template <typename T>
 cudaError_t gemm_dispatch(const Operands& op, const void* x, const void* bias, void* y, int M, int cfg, cudaStream_t s) {
@@ -445,8 +394,6 @@ cudaError_t gemm_dispatch(const Operands& op, const void* x, const void* bias, v
     case 3: return gemm_launch<GemmCfg3, T>(op, x, bias, y, M, s);
     case 4: return gemm_ws_launch<GemmCfg4, T>(op, x, bias, y, M, s);
     case 5: return gemm_ws_launch<GemmCfg5, T>(op, x, bias, y, M, s);
-    case 6: return gemm_ws_launch<GemmCfg6, T>(op, x, bias, y, M, s);
-    case 7: return gemm_ws_launch<GemmCfg7, T>(op, x, bias, y, M, s);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -70,10 +70,10 @@ cudaError_t launch_dequant_merge(const Operands& op, void* w, cudaStream_t strea
 // multiple of 64 columns, alpha 0 or no ortho entries, a 9.x device) with x 16-byte aligned; otherwise
 // cudaErrorInvalidValue, and cudaErrorNotSupported on a device the kernel was not built for.
 bool gemm_int4_supported(const Operands& op, int M);
-// Its block configuration (gemm_sm90.cu GemmCfg0..7; 0 by default), for probes.
+// Its block configuration (gemm_sm90.cu GemmCfg0..5; 0 by default), for probes.
 void set_gemm_cfg(int cfg);
 int gemm_cfg();
-constexpr int kGemmCfgs = 8;
+constexpr int kGemmCfgs = 6;
 cudaError_t launch_gemm_int4(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t stream);
 
 }  // namespace libortho
