@@ -49,3 +49,30 @@ def test_slices_of_a_layer_are_its_rows(parts, symmetric):
     assert torch.equal(torch.cat(parts_out, dim=1), full)
     assert sum(probe.slice_operands(lay, n0, n1)["values"].numel() for n0, n1 in probe.row_slices(n, parts)) \
         == lay.ortho_nnz > 0
+
+
+def test_rotating_copies_are_equal_separate_layers(monkeypatch):
+    """The setup both prefill probes share: W and its packed layer, copied as bench_kernels says, not aliased."""
+    from libortho.eval import bench_kernels
+    monkeypatch.setattr(bench_kernels, "_copies", lambda nbytes: 3)
+    torch.manual_seed(0)
+    ws, lays, gs = probe.rotating_copies(48, 320, device="cpu")
+    assert len(ws) == len(lays) == 3 and gs == 128
+    assert all(torch.equal(w, ws[0]) and w.data_ptr() != ws[0].data_ptr() for w in ws[1:])
+    assert all(torch.equal(a.qweight, lays[0].qweight) and a.qweight.data_ptr() != lays[0].qweight.data_ptr()
+               for a in lays[1:])
+    assert lays[0].ortho_nnz == 0 and lays[0].bits == 4
+
+
+def test_probe_parser_defaults():
+    args = probe.probe_parser("probe\nmore").parse_args([])
+    assert args.m == [512] and args.slices == [2, 4] and args.out is None
+    assert args.shapes == [f"{n}x{k}" for n, k in probe.SHAPES]
+
+
+def test_timed_row_names_each_group_and_prints_against_bf16(monkeypatch, capsys):
+    from libortho.eval import bench_kernels
+    monkeypatch.setattr(bench_kernels, "time_interleaved", lambda groups, replays, calls: [10.0, 15.0][:len(groups)])
+    row = probe.timed_row({"bf16": [None], "seq": [None]}, (64, 128, 512), {"split2": 1e-4}, 3, 4)
+    assert row == {"N": 64, "K": 128, "M": 512, "bf16_us": 10.0, "seq_us": 15.0, "rel_err_vs_seq": {"split2": 1e-4}}
+    assert "seq 15.00 (1.50x)" in capsys.readouterr().out

@@ -22,13 +22,12 @@ the op can take it for M >= 512 (the carveout is per cuBLASLt call, so the op wo
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prefill_overlap import SHAPES, row_slices, slice_operands  # noqa: E402
+from prefill_overlap import probe_parser, rotating_copies, row_slices, slice_operands, timed_row  # noqa: E402
 
 
 def column_cuts(k: int, group_size: int, parts: int) -> list[tuple[int, int]]:
@@ -85,18 +84,11 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from libortho import quant
-    from libortho.eval.bench_kernels import (_clone_layer, _copies, _layer_bytes, _ortho_layer, card_name,
-                                             time_interleaved, write_probe_results)
+    from libortho.eval.bench_kernels import card_name, write_probe_results
     from libortho.ops import cuda as cuda_ops
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--m", type=int, nargs="*", default=[512])
-    ap.add_argument("--slices", type=int, nargs="*", default=[2, 4])
+    ap = probe_parser(__doc__)
     ap.add_argument("--carveout", type=int, nargs="*", default=[16, 32])
-    ap.add_argument("--shapes", nargs="*", default=[f"{n}x{k}" for n, k in SHAPES])
-    ap.add_argument("--replays", type=int, default=15)
-    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     assert cuda_ops.build(), cuda_ops._state["error"]
     ext = cuda_ops.extension()
@@ -104,11 +96,7 @@ def main() -> None:
     rows = []
     for shape in args.shapes:
         n, k = (int(v) for v in shape.split("x"))
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        lay = _ortho_layer(w, 4, 128, 0.0)
-        gs = quant.effective_group_size(lay.group_size, k)
-        lays = [lay] + [_clone_layer(lay) for _ in range(_copies(_layer_bytes(lay, 0.0)) - 1)]
-        ws = [w] + [w.clone() for _ in range(_copies(n * k * 2) - 1)]
+        ws, lays, gs = rotating_copies(n, k)
         full = [slice_operands(a, 0, n) | {"K": k} for a in lays]
         for m in args.m:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -177,14 +165,7 @@ def main() -> None:
             ref = F.linear(x, deq(full[0])).float()
             errs = {name: float((fns[0]().float() - ref).norm() / ref.norm())
                     for name, fns in groups.items() if name.startswith(("kpipe", "npipe"))}
-            times = time_interleaved(list(groups.values()), args.replays, 2 * max(len(lays), len(ws)))
-            row = {"N": n, "K": k, "M": m, **{f"{g}_us": t for g, t in zip(groups, times)}, "rel_err_vs_seq": errs}
-            rows.append(row)
-            bf = row["bf16_us"]
-            best = min((g for g in groups if g.startswith(("kpipe", "npipe"))), key=lambda g: row[g + "_us"])
-            print(f"{n}x{k} M={m}: bf16 {bf:.2f} us; " + ", ".join(
-                f"{g} {row[g + '_us']:.2f} ({row[g + '_us'] / bf:.2f}x)" for g in groups if g != "bf16")
-                + f"; best {best}; max rel err {max(errs.values(), default=0):.1e}", flush=True)
+            rows.append(timed_row(groups, (n, k, m), errs, args.replays, 2 * max(len(lays), len(ws))))
         del lays, ws, full
         torch.cuda.empty_cache()
     write_probe_results(args.out or Path(__file__).resolve().parents[1] / "results" / f"prefill-carveout-{card_name()}.json",

@@ -47,33 +47,60 @@ def slice_operands(lay, n0: int, n1: int) -> dict:
             "values": lay.values[e0:e1], "N": n1 - n0}
 
 
-def main() -> None:
-    import torch
-    import torch.nn.functional as F
-
-    from libortho import quant
-    from libortho.eval.bench_kernels import (_clone_layer, _copies, _layer_bytes, _ortho_layer, card_name,
-                                             time_interleaved, write_probe_results)
-    from libortho.ops import cuda as cuda_ops
-
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def probe_parser(doc: str) -> argparse.ArgumentParser:
+    """The options both prefill probes take (prefill_carveout.py adds its own)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--m", type=int, nargs="*", default=[512])
     ap.add_argument("--slices", type=int, nargs="*", default=[2, 4])
     ap.add_argument("--shapes", nargs="*", default=[f"{n}x{k}" for n, k in SHAPES])
     ap.add_argument("--replays", type=int, default=15)
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    return ap
+
+
+def rotating_copies(n: int, k: int, device: str = "cuda"):
+    """A random bf16 W (n, k), its INT4 g128 OrthoLinear without ortho entries, the layer's effective group size,
+    and enough copies of each to rotate beyond 4x L2 (bench_kernels' rule): (ws, lays, group_size)."""
+    import torch
+
+    from libortho import quant
+    from libortho.eval import bench_kernels as bk
+    w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
+    lay = bk._ortho_layer(w, 4, 128, 0.0)
+    lays = [lay] + [bk._clone_layer(lay) for _ in range(bk._copies(bk._layer_bytes(lay, 0.0)) - 1)]
+    ws = [w] + [w.clone() for _ in range(bk._copies(n * k * 2) - 1)]
+    return ws, lays, quant.effective_group_size(lay.group_size, k)
+
+
+def timed_row(groups: dict, nkm: tuple, errs: dict, replays: int, calls: int, note: str = "") -> dict:
+    """Time every group of calls in one interleaved run, print the line against bf16 (the group "bf16") and return
+    the row: N, K, M, <group>_us, the errors of the sliced forms."""
+    from libortho.eval.bench_kernels import time_interleaved
+    times = time_interleaved(list(groups.values()), replays, calls)
+    n, k, m = nkm
+    row = {"N": n, "K": k, "M": m, **{f"{g}_us": t for g, t in zip(groups, times)}, "rel_err_vs_seq": errs}
+    bf = row["bf16_us"]
+    print(f"{n}x{k} M={m}: bf16 {bf:.2f} us; " + ", ".join(
+        f"{g} {row[g + '_us']:.2f} ({row[g + '_us'] / bf:.2f}x)" for g in groups if g != "bf16")
+        + note + f"; max rel err {max(errs.values(), default=0):.1e}", flush=True)
+    return row
+
+
+def main() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from libortho.eval.bench_kernels import card_name, write_probe_results
+    from libortho.ops import cuda as cuda_ops
+
+    args = probe_parser(__doc__).parse_args()
     assert cuda_ops.build(), cuda_ops._state["error"]
     ext = cuda_ops.extension()
     side = torch.cuda.Stream()
     rows = []
     for shape in args.shapes:
         n, k = (int(v) for v in shape.split("x"))
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        lay = _ortho_layer(w, 4, 128, 0.0)
-        gs = quant.effective_group_size(lay.group_size, k)
-        lays = [lay] + [_clone_layer(lay) for _ in range(_copies(_layer_bytes(lay, 0.0)) - 1)]
-        ws = [w] + [w.clone() for _ in range(_copies(n * k * 2) - 1)]
+        ws, lays, gs = rotating_copies(n, k)
         full = [slice_operands(a, 0, n) for a in lays]
         for m in args.m:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -118,14 +145,7 @@ def main() -> None:
                 if name.startswith(("split", "overlap")):
                     got = groups[name][0]().t().float()
                     errs[name] = float((got - ref).norm() / ref.norm())
-            times = time_interleaved(list(groups.values()), args.replays, 2 * max(len(lays), len(ws)))
-            row = {"N": n, "K": k, "M": m, **{f"{g}_us": t for g, t in zip(groups, times)},
-                   "rel_err_vs_seq": errs}
-            rows.append(row)
-            bf = row["bf16_us"]
-            print(f"{n}x{k} M={m}: bf16 {bf:.2f} us; " + ", ".join(
-                f"{g} {row[g + '_us']:.2f} ({row[g + '_us'] / bf:.2f}x)" for g in groups if g != "bf16")
-                + f"; max rel err {max(errs.values(), default=0):.1e}", flush=True)
+            rows.append(timed_row(groups, (n, k, m), errs, args.replays, 2 * max(len(lays), len(ws))))
         del lays, ws, full
         torch.cuda.empty_cache()
     write_probe_results(args.out or Path(__file__).resolve().parents[1] / "results" / f"prefill-overlap-{card_name()}.json",
