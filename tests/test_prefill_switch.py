@@ -25,12 +25,12 @@ def test_prefill_rejects_unknown_paths(monkeypatch):
         cuda.set_prefill("fast")
 
 
-@pytest.mark.parametrize("value,want", [("", 0), ("0", 0), ("5", 5)])
+@pytest.mark.parametrize("value,want", [("", 0), ("0", 0), ("7", 7)])
 def test_gemm_cfg_parses(value, want):
     assert cuda.parse_gemm_cfg(value) == want
 
 
-@pytest.mark.parametrize("value", ["6", "-1", "x", "1.5"])
+@pytest.mark.parametrize("value", ["8", "-1", "x", "1.5"])
 def test_gemm_cfg_rejects(value):
     with pytest.raises(ValueError, match="LIBORTHO_GEMM_CFG"):
         cuda.parse_gemm_cfg(value)

@@ -157,7 +157,7 @@ def set_prefill(path: str | None) -> None:
     _state["prefill"] = path
 
 
-GEMM_CFGS = 6  # gemm_sm90.cu's block configurations (kernels.h kGemmCfgs)
+GEMM_CFGS = 8  # gemm_sm90.cu's block configurations (kernels.h kGemmCfgs)
 
 
 def parse_gemm_cfg(value: str) -> int:

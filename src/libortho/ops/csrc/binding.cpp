@@ -142,13 +142,24 @@ Result dequant_merge(const at::Tensor& like, const at::Tensor& qweight, const at
   return {w, static_cast<int64_t>(err)};
 }
 
-// The one-kernel large-M product (gemm_sm90.cu: INT4 base only, sm_90a); any M >= 1.
+// The one-kernel large-M product (gemm_sm90.cu: INT4 base only, sm_90a); any M >= 1. A call the kernel splits
+// along K gets its fp32 workspace here (one (M, N) slice per split, from torch's allocator, stream-ordered).
 Result gemm_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                  const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                  const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
                  int64_t group_size, int64_t N, int64_t K) {
+  at::Tensor ws;  // alive until the launches are queued
   return small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, false,
-                 std::numeric_limits<int>::max(), false, &libortho::launch_gemm_int4);
+                 std::numeric_limits<int>::max(), false,
+                 [&ws, &x](const libortho::Operands& op, const void* xp, const void* bp, void* out, int M, cudaStream_t s) {
+                   libortho::Operands o = op;
+                   const int splits = libortho::gemm_int4_supported(op, M) ? libortho::gemm_int4_splits(op, M) : 1;
+                   if (splits > 1) {
+                     ws = at::empty({splits, M, op.N}, x.options().dtype(at::kFloat));
+                     o.gemm_ws = ws.data_ptr<float>();
+                   }
+                   return libortho::launch_gemm_int4(o, xp, bp, out, M, s);
+                 });
 }
 
 int64_t ortho_xt_min() { return g_xt_min; }
@@ -183,7 +194,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_small_m_cfg", &fused_cfg, "v1 with a tuning configuration (INT4, M <= 8 or 16; benchmarks/probes/v1_configs.py)");
   m.def("dequant_merge", &dequant_merge, "(W = deq(Q) + alpha S as a dense matrix, error code)");
   m.def("set_gemm_cfg", [](int64_t c) { if (c < 0 || c >= libortho::kGemmCfgs) return false; libortho::set_gemm_cfg(static_cast<int>(c)); return true; },
-        "the large-M GEMM kernel's block configuration (0..5); False for another value");
+        "the large-M GEMM kernel's block configuration (0..7); False for another value");
   m.def("gemm_cfg", [] { return static_cast<int64_t>(libortho::gemm_cfg()); }, "that configuration");
   m.def("gemm_int4", &gemm_int4, "(x @ deq(Q)^T + bias, error code) in one kernel: INT4, alpha 0 or no ortho entries, sm_90a");
 }

@@ -5,6 +5,8 @@
 // wgmma's 128-byte swizzled K-major layout. No bf16 W is ever written: the dequantize + cuBLAS path writes
 // and rereads 2 bytes per weight, this one reads the half byte. Needs sm_90a (wgmma); elsewhere the launcher
 // returns cudaErrorNotSupported and the caller keeps the dequantize + cuBLAS path.
+#include <cuda.h>  // CUtensorMap (the TMA form); the driver function is fetched at run time
+
 #include "common.cuh"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -114,6 +116,44 @@ __device__ inline void load_gemm_chunk(GemmChunk& c, const int32_t* qstrip, cons
   }
 }
 
+// A warp's accumulators (rows r16..r16+15, tokens m0..m0+NT-1) to y (+ bias), or without bias to its split-K
+// slice `part` (fp32, (M, N)). Layout (per warp, as mma.m16n8's C per 8 tokens): acc[4j + {0,1}] = row g,
+// tokens 8j + 2t + {0,1}; acc[4j + {2,3}] = row g + 8, the same tokens.
+template <int NT, typename T>
+__device__ inline void store_acc(const float (&acc)[NT / 2], T* __restrict__ y, float* __restrict__ part,
+                                 const T* __restrict__ bias, int r16, int m0, int M, int N, int lane) {
+  const int g = lane >> 2, tg = lane & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = r16 + g + 8 * h;
+    if (row >= N) continue;
+    const float b = bias && !part ? Num<T>::f(bias[row]) : 0.f;
+#pragma unroll
+    for (int j = 0; j < NT / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int m = m0 + 8 * j + 2 * tg + e;
+        if (m >= M) continue;
+        const size_t i = static_cast<size_t>(m) * N + row;
+        if (part) part[i] = acc[4 * j + 2 * h + e];
+        else y[i] = Num<T>::from(acc[4 * j + 2 * h + e] + b);
+      }
+  }
+}
+
+// y = sum of the split-K slices in slice order (deterministic) + bias.
+template <typename T>
+__global__ void gemm_finish_kernel(const float* __restrict__ parts, int splits, const T* __restrict__ bias,
+                                   T* __restrict__ y, int M, int N) {
+  const size_t total = static_cast<size_t>(M) * N;
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    float v = 0.f;
+    for (int z = 0; z < splits; ++z) v += parts[z * total + i];
+    y[i] = Num<T>::from(v + (bias ? Num<T>::f(bias[i % N]) : 0.f));
+  }
+}
+
 struct GemmStrip {
   const int32_t* q;
   const uint16_t* s;
@@ -128,9 +168,9 @@ struct GemmStrip {
 // whose next A fragments are written while they run, so the overlap comes from the other blocks on the SM.
 // c holds this trip's chunk operands on entry and trip t+2's on exit (the caller alternates two sets).
 template <class C, typename T>
-__device__ inline void gemm_trip(float (&acc)[C::NT / 2], GemmChunk (&c)[C::CH], int t, int trips, uint8_t* ring,
-                                 uint32_t ring_s, const T* __restrict__ x, int m0, int M, int K, const GemmStrip& st,
-                                 int lane) {
+__device__ inline void gemm_trip(float (&acc)[C::NT / 2], GemmChunk (&c)[C::CH], int t, int trips, int kbase,
+                                 uint8_t* ring, uint32_t ring_s, const T* __restrict__ x, int m0, int M, int K,
+                                 const GemmStrip& st, int lane) {
   uint32_t a[C::CH * 4][4];
 #pragma unroll
   for (int h = 0; h < C::CH; ++h) {
@@ -140,7 +180,8 @@ __device__ inline void gemm_trip(float (&acc)[C::NT / 2], GemmChunk (&c)[C::CH],
   }
   if (t + 2 < trips)
 #pragma unroll
-    for (int h = 0; h < C::CH; ++h) load_gemm_chunk(c[h], st.q, st.s, st.z, st.gi, (t + 2) * C::CH + h, st.Tk, lane);
+    for (int h = 0; h < C::CH; ++h)
+      load_gemm_chunk(c[h], st.q, st.s, st.z, st.gi, kbase + (t + 2) * C::CH + h, st.Tk, lane);
   cp_wait<C::kTrips - 2>();
   fence_proxy_async();
   __syncthreads();
@@ -148,7 +189,7 @@ __device__ inline void gemm_trip(float (&acc)[C::NT / 2], GemmChunk (&c)[C::CH],
   if (refill < trips)
 #pragma unroll
     for (int h = 0; h < C::CH; ++h)
-      load_x_stage<C>(ring, (refill % C::kTrips) * C::CH + h, x, m0, M, K, refill * C::CH + h);
+      load_x_stage<C>(ring, (refill % C::kTrips) * C::CH + h, x, m0, M, K, kbase + refill * C::CH + h);
   cp_commit();
   uint64_t desc[C::CH * 4];  // one per k16 step (+32 bytes each), all made before the fence: between the fence
                              // and the commit only wgmmas may define their inputs, or ptxas serializes them
@@ -167,14 +208,17 @@ __device__ inline void gemm_trip(float (&acc)[C::NT / 2], GemmChunk (&c)[C::CH],
 template <class C, typename T>
 __global__ void __launch_bounds__(C::kThreads, C::MINB) gemm_int4_kernel(Operands op, const T* __restrict__ x,
                                                                         const T* __restrict__ bias,
-                                                                        T* __restrict__ y, int M) {
+                                                                        T* __restrict__ y, int M, int per_split) {
 #ifdef LIBORTHO_WGMMA
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   const uint32_t pad = (1024u - (raw_s & 1023u)) & 1023u;  // swizzle atoms must sit on 1024-byte boundaries
   uint8_t* ring = smem_raw + pad;
   const uint32_t ring_s = raw_s + pad;
-  const int K = op.K, N = op.N, Tk = K / 64, tn = (N + 15) / 16, trips = (Tk + C::CH - 1) / C::CH;
+  // Split-K: slice blockIdx.z takes chunks [kbase, kbase + per_split) (per_split a multiple of CH, so a trip
+  // never reaches into the next slice; chunks past K read zero x).
+  const int K = op.K, N = op.N, Tk = K / 64, tn = (N + 15) / 16, kbase = blockIdx.z * per_split;
+  const int trips = (min(Tk, kbase + per_split) - kbase + C::CH - 1) / C::CH;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int row0 = blockIdx.x * C::kRows, m0 = blockIdx.y * C::NT;
   // Warp w of the block is warp w % 4 of warpgroup w / 4: rows 16w..16w+15 of the block's. Strips past the
@@ -189,7 +233,7 @@ __global__ void __launch_bounds__(C::kThreads, C::MINB) gemm_int4_kernel(Operand
   for (int t = 0; t < C::kTrips - 1; ++t) {
     if (t < trips)
 #pragma unroll
-      for (int h = 0; h < C::CH; ++h) load_x_stage<C>(ring, t * C::CH + h, x, m0, M, K, t * C::CH + h);
+      for (int h = 0; h < C::CH; ++h) load_x_stage<C>(ring, t * C::CH + h, x, m0, M, K, kbase + t * C::CH + h);
     cp_commit();
   }
   float acc[C::NT / 2];
@@ -198,30 +242,16 @@ __global__ void __launch_bounds__(C::kThreads, C::MINB) gemm_int4_kernel(Operand
   GemmChunk c0[C::CH], c1[C::CH];
 #pragma unroll
   for (int h = 0; h < C::CH; ++h) {
-    load_gemm_chunk(c0[h], st.q, st.s, st.z, st.gi, h, Tk, lane);
-    load_gemm_chunk(c1[h], st.q, st.s, st.z, st.gi, C::CH + h, Tk, lane);
+    load_gemm_chunk(c0[h], st.q, st.s, st.z, st.gi, kbase + h, Tk, lane);
+    load_gemm_chunk(c1[h], st.q, st.s, st.z, st.gi, kbase + C::CH + h, Tk, lane);
   }
   for (int t = 0; t < trips; t += 2) {  // two trips per pass: the operand sets alternate at compile time
-    gemm_trip<C, T>(acc, c0, t, trips, ring, ring_s, x, m0, M, K, st, lane);
-    if (t + 1 < trips) gemm_trip<C, T>(acc, c1, t + 1, trips, ring, ring_s, x, m0, M, K, st, lane);
+    gemm_trip<C, T>(acc, c0, t, trips, kbase, ring, ring_s, x, m0, M, K, st, lane);
+    if (t + 1 < trips) gemm_trip<C, T>(acc, c1, t + 1, trips, kbase, ring, ring_s, x, m0, M, K, st, lane);
   }
 
-  // Accumulator layout (per warp, as mma.m16n8's C per 8 tokens): acc[4j + {0,1}] = row g, tokens 8j + 2t + {0,1};
-  // acc[4j + {2,3}] = row g + 8, the same tokens.
-  const int g = lane >> 2, tg = lane & 3;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int row = row0 + warp * 16 + g + 8 * h;
-    if (row >= N) continue;
-    const float b = bias ? Num<T>::f(bias[row]) : 0.f;
-#pragma unroll
-    for (int j = 0; j < C::NT / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int m = m0 + 8 * j + 2 * tg + e;
-        if (m < M) y[static_cast<size_t>(m) * N + row] = Num<T>::from(acc[4 * j + 2 * h + e] + b);
-      }
-  }
+  float* part = op.gemm_ws ? op.gemm_ws + static_cast<size_t>(blockIdx.z) * M * N : nullptr;
+  store_acc<C::NT>(acc, y, part, bias, row0 + warp * 16, m0, M, N, lane);
 #endif
 }
 
@@ -236,6 +266,15 @@ __device__ inline void mbar_init(uint32_t bar, int count) {
 __device__ inline void mbar_arrive(uint32_t bar) {
   asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
 }
+__device__ inline void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+// Box (64 columns x NT rows) of x at column k0, row m0 into shared memory at dst; completes `bytes` on bar.
+__device__ inline void tma_load_x(uint32_t dst, const CUtensorMap* map, int k0, int m0, uint32_t bar) {
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+               ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(k0), "r"(m0), "r"(bar) : "memory");
+}
 __device__ inline void mbar_wait(uint32_t bar, uint32_t parity) {
   uint32_t done = 0;
   while (!done)
@@ -243,10 +282,13 @@ __device__ inline void mbar_wait(uint32_t bar, uint32_t parity) {
                  : "=r"(done) : "r"(bar), "r"(parity) : "memory");
 }
 
-template <int NT_, int STAGES_, int DEPTH_, int MINB_>
+// TMA: the producer loads a stage with one cp.async.bulk.tensor (the 128-byte swizzle done by the copy engine,
+// rows past M zero-filled, the stage's bytes counted on full[s]) instead of its 32 lanes' cp.asyncs.
+template <int NT_, int STAGES_, int DEPTH_, int MINB_, bool TMA_ = false>
 struct GemmWsCfg {
   static constexpr int NT = NT_, STAGES = STAGES_, DEPTH = DEPTH_, MINB = MINB_;  // DEPTH: chunks the producer
-  static constexpr int kRows = 128, kThreads = 288, kStageBytes = NT * 128;      // keeps in flight
+  static constexpr bool TMA = TMA_;                                               // keeps in flight (cp.async)
+  static constexpr int kRows = 128, kThreads = 288, kStageBytes = NT * 128;
   static constexpr int kSmem = STAGES * kStageBytes + 1024 + 2 * STAGES * 8;
   static_assert(DEPTH >= 1 && DEPTH < STAGES, "the producer waits for a stage only after releasing older ones");
 };
@@ -254,7 +296,8 @@ struct GemmWsCfg {
 template <class C, typename T>
 __global__ void __launch_bounds__(C::kThreads, C::MINB) gemm_ws_kernel(Operands op, const T* __restrict__ x,
                                                                       const T* __restrict__ bias,
-                                                                      T* __restrict__ y, int M) {
+                                                                      T* __restrict__ y, int M,
+                                                                      const __grid_constant__ CUtensorMap xmap) {
 #ifdef LIBORTHO_WGMMA
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
@@ -267,12 +310,22 @@ __global__ void __launch_bounds__(C::kThreads, C::MINB) gemm_ws_kernel(Operands 
   const int row0 = blockIdx.x * C::kRows, m0 = blockIdx.y * C::NT;
   if (threadIdx.x == 0)
     for (int s = 0; s < C::STAGES; ++s) {
-      mbar_init(full_s + 8 * s, 32);
+      mbar_init(full_s + 8 * s, C::TMA ? 1 : 32);
       mbar_init(empty_s + 8 * s, 8);
     }
   __syncthreads();  // the last block-wide barrier: the producer warp leaves its loop early
 
-  if (warp == 8) {  // producer
+  if (warp == 8 && C::TMA) {  // producer, one thread
+    if (lane == 0)
+      for (int kt = 0; kt < Tk; ++kt) {
+        const int s = kt % C::STAGES;
+        if (kt >= C::STAGES) mbar_wait(empty_s + 8 * s, ((kt / C::STAGES) & 1) ^ 1);
+        mbar_arrive_expect_tx(full_s + 8 * s, C::kStageBytes);
+        tma_load_x(ring_s + s * C::kStageBytes, &xmap, kt * 64, m0, full_s + 8 * s);
+      }
+    return;
+  }
+  if (warp == 8) {  // producer, 32 lanes of cp.async
     for (int kt = 0; kt < Tk + C::DEPTH; ++kt) {
       if (kt < Tk) {
         const int s = kt % C::STAGES;
@@ -330,25 +383,36 @@ __global__ void __launch_bounds__(C::kThreads, C::MINB) gemm_ws_kernel(Operands 
     if (kt + 1 < Tk) chunk(cc[1], kt + 1);
   }
 
-  const int g = lane >> 2, tg = lane & 3;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int row = row0 + warp * 16 + g + 8 * h;
-    if (row >= N) continue;
-    const float b = bias ? Num<T>::f(bias[row]) : 0.f;
-#pragma unroll
-    for (int j = 0; j < C::NT / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int m = m0 + 8 * j + 2 * tg + e;
-        if (m < M) y[static_cast<size_t>(m) * N + row] = Num<T>::from(acc[4 * j + 2 * h + e] + b);
-      }
-  }
+  store_acc<C::NT>(acc, y, static_cast<float*>(nullptr), bias, row0 + warp * 16, m0, M, N, lane);
 #endif
+}
+
+// x (M, K) as a TMA tensor map: boxes of 64 columns (128 bytes, the swizzle span) by NT rows, 128-byte swizzle,
+// rows past M read as zeros. cuTensorMapEncodeTiled is a driver function: fetched once through the runtime.
+bool x_tensor_map(CUtensorMap* map, const void* x, int M, int K, int NT, bool bf16) {
+  using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*, const cuuint64_t*,
+                              const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                              CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+  static Encode encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    const bool ok = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q) ==
+                        cudaSuccess && q == cudaDriverEntryPointSuccess;
+    return ok ? reinterpret_cast<Encode>(fn) : nullptr;
+  }();
+  if (!encode) return false;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(M)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(K) * 2};  // bytes, of every dimension but the first
+  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(NT)}, unit[2] = {1, 1};
+  return encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, const_cast<void*>(x),
+                dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 template <class C, typename T>
 cudaError_t gemm_ws_launch(const Operands& op, const void* x, const void* bias, void* y, int M, cudaStream_t s) {
+  CUtensorMap xmap{};
+  if (C::TMA && !x_tensor_map(&xmap, x, M, op.K, C::NT, op.bf16)) return cudaErrorNotSupported;
   static bool configured = false;
   if (!configured) {
     const cudaError_t e = cudaFuncSetAttribute(gemm_ws_kernel<C, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -358,8 +422,24 @@ cudaError_t gemm_ws_launch(const Operands& op, const void* x, const void* bias, 
   }
   const dim3 grid((op.N + C::kRows - 1) / C::kRows, (M + C::NT - 1) / C::NT);
   gemm_ws_kernel<C, T><<<grid, C::kThreads, C::kSmem, s>>>(op, static_cast<const T*>(x),
-                                                           static_cast<const T*>(bias), static_cast<T*>(y), M);
+                                                           static_cast<const T*>(bias), static_cast<T*>(y), M, xmap);
   return cudaGetLastError();
+}
+
+// Split-K for grids under half a wave (small M on short layers): slices of whole trips, at least two trips
+// each, enough of them to fill the SMs once.
+struct Split {
+  int count, chunks;  // slices, chunks per slice (a multiple of CH; the last slice may hold fewer)
+};
+
+template <class C>
+Split gemm_splits(const Operands& op, int M) {
+  const int blocks = ((op.N + C::kRows - 1) / C::kRows) * ((M + C::NT - 1) / C::NT);
+  const int slots = device_info().sms * C::MINB, trips = (op.K / 64 + C::CH - 1) / C::CH;
+  if (2 * blocks > slots || trips < 4) return {1, trips * C::CH};
+  const int want = std::min((slots + blocks - 1) / blocks, trips / 2);
+  const int per = (trips + want - 1) / want;  // trips per slice
+  return {(trips + per - 1) / per, per * C::CH};
 }
 
 template <class C, typename T>
@@ -371,19 +451,34 @@ cudaError_t gemm_launch(const Operands& op, const void* x, const void* bias, voi
     if (e != cudaSuccess) return e;
     configured = true;
   }
-  const dim3 grid((op.N + C::kRows - 1) / C::kRows, (M + C::NT - 1) / C::NT);
-  gemm_int4_kernel<C, T><<<grid, C::kThreads, C::kSmem, s>>>(op, static_cast<const T*>(x),
-                                                             static_cast<const T*>(bias), static_cast<T*>(y), M);
+  const Split sp = gemm_splits<C>(op, M);
+  const int splits = sp.count, per_split = sp.chunks;
+  if (splits > 1 && !op.gemm_ws) return cudaErrorInvalidValue;
+  const dim3 grid((op.N + C::kRows - 1) / C::kRows, (M + C::NT - 1) / C::NT, splits);
+  Operands o = op;
+  if (splits == 1) o.gemm_ws = nullptr;
+  gemm_int4_kernel<C, T><<<grid, C::kThreads, C::kSmem, s>>>(o, static_cast<const T*>(x), static_cast<const T*>(bias),
+                                                             static_cast<T*>(y), M, per_split);
+  if (splits > 1) {
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+    const int64_t total = static_cast<int64_t>(M) * op.N;
+    const int blocks = static_cast<int>(std::min<int64_t>((total + 255) / 256, 8 * device_info().sms));
+    gemm_finish_kernel<T><<<blocks, 256, 0, s>>>(op.gemm_ws, splits, static_cast<const T*>(bias), static_cast<T*>(y),
+                                                 M, op.N);
+  }
   return cudaGetLastError();
 }
 
-// Configurations (LIBORTHO_GEMM_CFG picks one for a probe; 0 is the default): 0-3 lock-step, 4-5 warp-specialized.
+// Configurations (LIBORTHO_GEMM_CFG picks one for a probe; 0 is the default): 0-3 lock-step, 4-7 warp-specialized.
 using GemmCfg0 = GemmCfg<1, 128, 2, 6, 2>;  // 64 rows x 128 tokens, 128 columns per trip, 96 KB ring, 2 per SM
 using GemmCfg1 = GemmCfg<1, 128, 2, 4, 3>;  // the same with a 64 KB ring, 3 per SM
 using GemmCfg2 = GemmCfg<2, 128, 1, 4, 2>;  // 128 rows x 128 tokens, 64 columns per trip (the first form)
 using GemmCfg3 = GemmCfg<1, 64, 2, 6, 3>;   // 64 rows x 64 tokens, 48 KB ring
 using GemmCfg4 = GemmWsCfg<128, 6, 3, 1>;    // warp-specialized, 128 rows x 128 tokens, 96 KB ring
 using GemmCfg5 = GemmWsCfg<64, 6, 3, 2>;     // warp-specialized, 128 rows x 64 tokens, 2 per SM
+using GemmCfg6 = GemmWsCfg<128, 6, 1, 1, true>;  // configuration 4 with a TMA producer
+using GemmCfg7 = GemmWsCfg<64, 6, 1, 2, true>;   // configuration 5 with a TMA producer
 
 template <typename T>
 cudaError_t gemm_dispatch(const Operands& op, const void* x, const void* bias, void* y, int M, int cfg, cudaStream_t s) {
@@ -394,6 +489,8 @@ cudaError_t gemm_dispatch(const Operands& op, const void* x, const void* bias, v
     case 3: return gemm_launch<GemmCfg3, T>(op, x, bias, y, M, s);
     case 4: return gemm_ws_launch<GemmCfg4, T>(op, x, bias, y, M, s);
     case 5: return gemm_ws_launch<GemmCfg5, T>(op, x, bias, y, M, s);
+    case 6: return gemm_ws_launch<GemmCfg6, T>(op, x, bias, y, M, s);
+    case 7: return gemm_ws_launch<GemmCfg7, T>(op, x, bias, y, M, s);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -404,6 +501,16 @@ int g_gemm_cfg = 0;
 
 void set_gemm_cfg(int cfg) { g_gemm_cfg = cfg; }
 int gemm_cfg() { return g_gemm_cfg; }
+
+int gemm_int4_splits(const Operands& op, int M) {
+  switch (g_gemm_cfg) {  // the warp-specialized forms (4-7) do not split
+    case 0: return gemm_splits<GemmCfg0>(op, M).count;
+    case 1: return gemm_splits<GemmCfg1>(op, M).count;
+    case 2: return gemm_splits<GemmCfg2>(op, M).count;
+    case 3: return gemm_splits<GemmCfg3>(op, M).count;
+    default: return 1;
+  }
+}
 
 bool gemm_int4_supported(const Operands& op, int M) {
   const bool groups_whole = op.group_size % 64 == 0 || op.group_size >= op.K;

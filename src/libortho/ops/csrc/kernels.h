@@ -20,6 +20,7 @@ struct Operands {
   bool pdl;                // v1 only: programmatic dependent launch (sm_90+), see common.cuh
   const void* xt;          // v1 only, or nullptr: x transposed, (K, xt_ld), rows padded with zeros
   int xt_ld;               // 2, 4, 8 or 16: the ortho stream's rows of x for one column in one load
+  float* gemm_ws;          // gemm_sm90.cu only, or nullptr: a zeroed fp32 (M, N) workspace for split-K
 };
 
 // xt (K, ld) = x (M, K) transposed, columns M..ld-1 zero (ld = 2, 4, 8, 16 >= M), for the v1 kernel's
@@ -70,10 +71,13 @@ cudaError_t launch_dequant_merge(const Operands& op, void* w, cudaStream_t strea
 // multiple of 64 columns, alpha 0 or no ortho entries, a 9.x device) with x 16-byte aligned; otherwise
 // cudaErrorInvalidValue, and cudaErrorNotSupported on a device the kernel was not built for.
 bool gemm_int4_supported(const Operands& op, int M);
-// Its block configuration (gemm_sm90.cu GemmCfg0..5; 0 by default), for probes.
+// How many K slices the large-M GEMM splits this call into (1: none). Above 1 the caller passes a zeroed fp32
+// (M, N) workspace in op.gemm_ws: the slices add their products there and a last kernel writes out (+ bias).
+int gemm_int4_splits(const Operands& op, int M);
+// Its block configuration (gemm_sm90.cu GemmCfg0..7; 0 by default), for probes.
 void set_gemm_cfg(int cfg);
 int gemm_cfg();
-constexpr int kGemmCfgs = 6;
+constexpr int kGemmCfgs = 8;
 cudaError_t launch_gemm_int4(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t stream);
 
 }  // namespace libortho
