@@ -296,7 +296,7 @@ def test_ortho_staging_edge_cases(case, m):
         assert rel_err(layer(x), reference64(layer, x, alpha)) < TOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("m", [1, 16, 200])
+@pytest.mark.parametrize("m", [1, 16, 40, 200])
 def test_alpha_zero_never_reads_ortho(m, variant):
     gen = torch.Generator(device="cuda").manual_seed(1)
     layer = make_layer(256, 512, 4, 128, True, 0.05, torch.bfloat16, gen)
@@ -646,7 +646,7 @@ def test_large_m_gemm_matches_float64_and_the_dequant_path(shape, m, gs, sym, dt
     want = torch.nn.functional.linear(x, w, layer.bias).double()
     ref = reference64(layer, x, 0.0)
     try:
-        for cfg in range(cuda_backend.GEMM_CFGS):
+        for cfg in (-1, *range(cuda_backend.GEMM_CFGS)):  # -1: chosen per call
             assert ext.set_gemm_cfg(cfg)
             poison_allocator()
             y = cuda_backend._checked(ext.gemm_int4(x, *args), "gemm")
@@ -658,8 +658,68 @@ def test_large_m_gemm_matches_float64_and_the_dequant_path(shape, m, gs, sym, dt
             # split-K slices are summed in a fixed order: the same call gives the same bits
             assert torch.equal(cuda_backend._checked(ext.gemm_int4(x, *args), "gemm"), y), f"configuration {cfg}"
     finally:
-        ext.set_gemm_cfg(0)
-    assert not ext.set_gemm_cfg(cuda_backend.GEMM_CFGS) and ext.gemm_cfg() == 0
+        ext.set_gemm_cfg(-1)
+    assert not ext.set_gemm_cfg(cuda_backend.GEMM_CFGS) and not ext.set_gemm_cfg(-2) and ext.gemm_cfg() == -1
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() != (9, 0),
+                    reason="the wgmma kernel is built for sm_90a only")
+@pytest.mark.parametrize("shape", [(128, 64), (200, 576), (1000, 1536), (4096, 4096), (300, 4160)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("m", [17, 32, 33, 64])
+@pytest.mark.parametrize("density,alpha,dtype", [(0.005, 1.0, torch.bfloat16), (0.05, 0.5, torch.float16),
+                                                 (0.05, -1.0, torch.bfloat16), (0.01, 1.0, torch.float16)])
+def test_gemm_ortho_add_matches_float64_and_the_dequant_path(shape, m, density, alpha, dtype):
+    """At M <= 64 the GEMM takes an ortho stream: the base in the wgmma kernel, alpha * x @ S^T added after it."""
+    n, k = shape
+    gen = torch.Generator(device="cuda").manual_seed(n + 13 * m + int(1000 * density))
+    layer = make_layer(n, k, 4, 128, m % 2 == 0, density, dtype, gen, bias=m != 17)
+    assert layer.ortho_nnz > 0
+    x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+    ext = cuda_backend.extension()
+    gsz = quant.effective_group_size(layer.group_size, k)
+    args = (layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values, layer.bias, alpha,
+            4, gsz, n, k)
+    w = cuda_backend._checked(ext.dequant_merge(x, *args[:6], alpha, 4, gsz, n, k))
+    want = torch.nn.functional.linear(x, w, layer.bias).double()
+    ref = reference64(layer, x, alpha)
+    base_only = cuda_backend._checked(ext.gemm_int4(x, *args[:7], 0.0, *args[8:]), "gemm")
+    try:
+        for cfg in (-1, 2, 7):
+            assert ext.set_gemm_cfg(cfg)
+            poison_allocator()
+            y = cuda_backend._checked(ext.gemm_int4(x, *args), "gemm")
+            assert y.shape == (m, n) and y.dtype == dtype
+            assert rel_err(y, ref) < TOL[dtype], f"configuration {cfg}"
+            assert rel_err(y, want) < (8e-3 if dtype == torch.bfloat16 else 2e-3), f"configuration {cfg}"
+            assert not torch.equal(y, base_only)  # the stream really was added
+            assert torch.equal(cuda_backend._checked(ext.gemm_int4(x, *args), "gemm"), y), f"configuration {cfg}"
+    finally:
+        ext.set_gemm_cfg(-1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() != (9, 0),
+                    reason="the wgmma kernel is built for sm_90a only")
+@pytest.mark.parametrize("m,alpha", [(17, 1.0), (40, 1.0), (64, 0.0), (65, 1.0), (65, 0.0), (300, 1.0)])
+def test_default_policy_runs_the_gemm_up_to_64_tokens(m, alpha, monkeypatch):
+    """The default (auto) policy: the GEMM (+ ortho add) bit for bit up to 64 tokens, dequantize + cuBLAS above."""
+    monkeypatch.delenv("LIBORTHO_PREFILL", raising=False)
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    layer = make_layer(1024, 2048, 4, 128, False, 0.02, torch.bfloat16, gen)
+    layer.alpha = alpha
+    x = torch.randn(m, 2048, generator=gen, device="cuda").to(torch.bfloat16)
+    ext = cuda_backend.extension()
+    args = (layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values)
+    gemm, code = ext.gemm_int4(x, *args, layer.bias, alpha, 4, 128, 1024, 2048)
+    assert code == (1 if m > 64 and alpha != 0 else 0)  # the ortho add stops at 64 tokens: cudaErrorInvalidValue
+    w = cuda_backend._checked(ext.dequant_merge(x, *args, alpha, 4, 128, 1024, 2048))
+    dequant = torch.nn.functional.linear(x, w, layer.bias)
+    assert cuda_backend.prefill() == "auto"
+    y = layer(x)
+    assert torch.equal(y, gemm if m <= cuda_backend.GEMM_M_MAX else dequant)
+    if code == 0:
+        assert not torch.equal(gemm, dequant)  # the two paths are told apart
+    assert rel_err(y, reference64(layer, x, alpha)) < TOL[torch.bfloat16]
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() != (9, 0),
@@ -692,7 +752,7 @@ def test_gemm_refuses_what_it_cannot_run():
     # INT3; K = 200 (not a multiple of 64; one group per row); groups of 32 columns; ortho entries at alpha 1
     for bits, k, gs, density in [(3, 256, 128, 0.0), (4, 200, -1, 0.0), (4, 256, 32, 0.0), (4, 256, 128, 0.05)]:
         layer = make_layer(64, k, bits, gs, True, density, torch.bfloat16, gen)
-        x = torch.randn(40, k, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(80, k, device="cuda", dtype=torch.bfloat16)  # ortho at alpha 1: only up to 64 tokens
         with pytest.raises(RuntimeError, match="cudaError 1"):  # cudaErrorInvalidValue from the launcher
             cuda_backend._checked(ext.gemm_int4(x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr,
                                                 layer.col_idx, layer.values, None, 1.0, bits,

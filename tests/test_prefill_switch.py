@@ -6,7 +6,7 @@ from libortho.ops import cuda
 
 def test_prefill_default_env_and_override(monkeypatch):
     monkeypatch.delenv("LIBORTHO_PREFILL", raising=False)
-    assert cuda.prefill() == "dequant"
+    assert cuda.prefill() == "auto"
     monkeypatch.setenv("LIBORTHO_PREFILL", "gemm")
     assert cuda.prefill() == "gemm"
     try:
@@ -25,7 +25,7 @@ def test_prefill_rejects_unknown_paths(monkeypatch):
         cuda.set_prefill("fast")
 
 
-@pytest.mark.parametrize("value,want", [("", 0), ("0", 0), ("7", 7)])
+@pytest.mark.parametrize("value,want", [("", -1), ("auto", -1), ("0", 0), ("7", 7)])
 def test_gemm_cfg_parses(value, want):
     assert cuda.parse_gemm_cfg(value) == want
 
@@ -34,3 +34,10 @@ def test_gemm_cfg_parses(value, want):
 def test_gemm_cfg_rejects(value):
     with pytest.raises(ValueError, match="LIBORTHO_GEMM_CFG"):
         cuda.parse_gemm_cfg(value)
+
+
+@pytest.mark.parametrize("policy,m,want", [("auto", 17, True), ("auto", 64, True), ("auto", 65, False),
+                                           ("auto", 512, False), ("gemm", 512, True), ("gemm", 17, True),
+                                           ("dequant", 17, False), ("dequant", 4096, False)])
+def test_which_calls_the_policy_sends_to_the_gemm(policy, m, want):
+    assert cuda.use_gemm(policy, m) is want

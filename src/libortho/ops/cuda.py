@@ -16,11 +16,13 @@
 * ``LIBORTHO_V1_LEAN=on|off`` (default on, read when the extension loads): INT4 v1 ring calls that the ring takes
   whole (64-column tiles, groups of 64-256 or one per row, aligned x) run the configuration's lean kernel,
   compiled without the fallback paths (a third to half of the code); :func:`set_v1_lean` from Python.
-* M > 16 (prefill): one kernel dequantizes the base and merges alpha * S into a bf16/fp16 weight, then cuBLAS.
-  ``LIBORTHO_PREFILL=gemm`` (read at each call; :func:`set_prefill` from Python) runs calls it can take (INT4,
-  in_features a multiple of 64, groups of a multiple of 64 columns or one per row, alpha 0 or no ortho entries,
-  an sm_90 GPU) through one kernel instead, which dequantizes the base in registers into Hopper's wgmma
-  (gemm_sm90.cu); ``dequant`` (the default) keeps dequantize + cuBLAS.
+* M > 16: ``LIBORTHO_PREFILL=auto`` (the default; read at each call, :func:`set_prefill` from Python) runs calls
+  of up to ``GEMM_M_MAX`` tokens that the one-kernel GEMM takes (INT4, in_features a multiple of 64, groups of a
+  multiple of 64 columns or one per row, an sm_90 GPU) through it (gemm_sm90.cu: the base dequantized in
+  registers into Hopper's wgmma, split along K on short grids; the ortho stream, if alpha != 0, added after it
+  by ortho_add.cu), and everything else through dequantize + cuBLAS: one kernel dequantizes the base and merges
+  alpha * S into a bf16/fp16 weight, then cuBLAS. ``gemm`` sends every call the GEMM takes to it (at any M;
+  above 64 tokens only alpha 0 or no ortho entries), ``dequant`` none.
 
 The extension is built on first use with ``torch.utils.cpp_extension.load`` for the GPU present and
 cached in ``$LIBORTHO_BUILD_DIR`` (default ``~/.cache/libortho/build``). Set
@@ -45,7 +47,10 @@ DECODE_KERNELS = ("v1", "v2", "v3")
 DEFAULT_DECODE_KERNEL = "v1"  # H200, 2026-11-29: v3 wins at M = 1 on 5 of 6 Llama shapes but loses 2-6x from M = 2 on
 _FUSED = {"v1": "fused_small_m", "v2": "fused_small_m_v2", "v3": "fused_small_m_v3"}
 _state = {"ext": None, "error": None, "warned": set(), "decode": None, "prefill": None}
-PREFILLS = ("dequant", "gemm")
+PREFILLS = ("auto", "dequant", "gemm")
+# auto: the GEMM up to here (H200, 2026-11-30: 0.88-1.45x bf16 time at M 32-64 against 1.4-2.5x for dequantize +
+# cuBLAS; from M = 512 the latter wins, 1.44-1.50x against 1.46-1.76x); also the GEMM's ortho add's limit.
+GEMM_M_MAX = 64
 # The classes of the v1 configuration table (kernels.h, in its order) and the configurations each can take.
 V1_CLASSES = ("short_long_k", "short_m4", "short_m8", "tall_m4", "tall_m8", "m16", "m16_tall", "tiny",
               "m16_long_k")
@@ -143,37 +148,43 @@ def decode_kernel() -> str:
 
 
 def prefill() -> str:
-    """The large-M path in use: set_prefill(), else $LIBORTHO_PREFILL, else 'dequant'."""
-    v = _state["prefill"] or os.environ.get("LIBORTHO_PREFILL") or "dequant"
+    """The M > 16 path policy in use: set_prefill(), else $LIBORTHO_PREFILL, else 'auto'."""
+    v = _state["prefill"] or os.environ.get("LIBORTHO_PREFILL") or "auto"
     if v not in PREFILLS:
         raise ValueError(f"LIBORTHO_PREFILL={v!r} is not a prefill path; expected one of {PREFILLS}")
     return v
 
 
 def set_prefill(path: str | None) -> None:
-    """Force the large-M path ('dequant' or 'gemm'); None goes back to $LIBORTHO_PREFILL."""
+    """Force the M > 16 policy ('auto', 'dequant' or 'gemm'); None goes back to $LIBORTHO_PREFILL."""
     if path is not None and path not in PREFILLS:
         raise ValueError(f"prefill path {path!r} is not one of {PREFILLS}")
     _state["prefill"] = path
 
 
-GEMM_CFGS = 8  # gemm_sm90.cu's block configurations (kernels.h kGemmCfgs)
+GEMM_CFGS = 8  # gemm_sm90.cu's block configurations (kernels.h kGemmCfgs); -1 = chosen per call (gemm_pick)
 
 
 def parse_gemm_cfg(value: str) -> int:
-    """$LIBORTHO_GEMM_CFG: the large-M GEMM kernel's block configuration for a probe ('' = 0)."""
-    if value == "":
-        return 0
+    """$LIBORTHO_GEMM_CFG: the large-M GEMM kernel's block configuration for a probe ('' or 'auto' = -1, per call)."""
+    if value in ("", "auto"):
+        return -1
     if not value.isdigit() or int(value) >= GEMM_CFGS:
-        raise ValueError(f"LIBORTHO_GEMM_CFG={value!r}: expected a configuration number 0-{GEMM_CFGS - 1}")
+        raise ValueError(f"LIBORTHO_GEMM_CFG={value!r}: expected 'auto' or a configuration number 0-{GEMM_CFGS - 1}")
     return int(value)
 
 
 def gemm_takes(x2, bits, group_size, in_features, alpha, values) -> bool:
-    """Whether the one-kernel large-M product (gemm_sm90.cu) can run this call (the C++ launcher checks the same)."""
+    """Whether the large-M GEMM (gemm_sm90.cu + ortho_add.cu) can run this call (the C++ launcher checks the same)."""
+    ortho = alpha != 0 and values.numel() > 0
     return (bits == 4 and in_features % 64 == 0 and (group_size % 64 == 0 or group_size >= in_features)
-            and (alpha == 0 or values.numel() == 0) and x2.data_ptr() % 16 == 0
+            and (not ortho or x2.shape[0] <= GEMM_M_MAX) and x2.data_ptr() % 16 == 0
             and torch.cuda.get_device_capability(x2.device) == (9, 0))
+
+
+def use_gemm(policy: str, m: int) -> bool:
+    """Whether a call of m > 16 tokens goes to the GEMM under this policy (when the GEMM takes it)."""
+    return policy == "gemm" or (policy == "auto" and m <= GEMM_M_MAX)
 
 
 def pdl_enabled() -> bool:
@@ -296,7 +307,7 @@ def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
         fused = getattr(_state["ext"], _FUSED[decode_kernel()])
         y = _checked(fused(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
                            out_features, in_features, pdl_enabled()), "fused kernel")
-    elif prefill() == "gemm" and gemm_takes(x2, bits, group_size, in_features, alpha, values):
+    elif use_gemm(prefill(), m) and gemm_takes(x2, bits, group_size, in_features, alpha, values):
         y = _checked(_state["ext"].gemm_int4(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits,
                                              group_size, out_features, in_features), "large-M GEMM kernel")
     else:

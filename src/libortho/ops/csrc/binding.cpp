@@ -142,21 +142,32 @@ Result dequant_merge(const at::Tensor& like, const at::Tensor& qweight, const at
   return {w, static_cast<int64_t>(err)};
 }
 
-// The one-kernel large-M product (gemm_sm90.cu: INT4 base only, sm_90a); any M >= 1. A call the kernel splits
-// along K gets its fp32 workspace here (one (M, N) slice per split, from torch's allocator, stream-ordered).
+// The one-kernel large-M product (gemm_sm90.cu: INT4 base, sm_90a; any M >= 1) and, at M <= 64 with an ortho
+// stream in play, the ortho add after it (ortho_add.cu, x transposed first). A call the kernel splits along K
+// gets its fp32 workspace here (one (M, N) slice per split); both buffers come from torch's allocator,
+// stream-ordered.
 Result gemm_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                  const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                  const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
                  int64_t group_size, int64_t N, int64_t K) {
-  at::Tensor ws;  // alive until the launches are queued
+  at::Tensor ws, xt;  // alive until the launches are queued
   return small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, false,
                  std::numeric_limits<int>::max(), false,
-                 [&ws, &x](const libortho::Operands& op, const void* xp, const void* bp, void* out, int M, cudaStream_t s) {
+                 [&ws, &xt, &x](const libortho::Operands& op, const void* xp, const void* bp, void* out, int M, cudaStream_t s) {
+                   if (!libortho::gemm_int4_supported(op, M)) return cudaErrorInvalidValue;
                    libortho::Operands o = op;
-                   const int splits = libortho::gemm_int4_supported(op, M) ? libortho::gemm_int4_splits(op, M) : 1;
+                   const int splits = libortho::gemm_int4_splits(op, M);
                    if (splits > 1) {
                      ws = at::empty({splits, M, op.N}, x.options().dtype(at::kFloat));
                      o.gemm_ws = ws.data_ptr<float>();
+                   }
+                   if (op.alpha != 0.f && op.nnz > 0) {
+                     const int ld = M <= 32 ? 32 : 64;
+                     xt = at::empty({op.K, ld}, x.options());
+                     const cudaError_t e = libortho::launch_transpose_x(xp, xt.data_ptr(), M, op.K, ld, op.bf16, s);
+                     if (e != cudaSuccess) return e;
+                     o.xt = xt.data_ptr();
+                     o.xt_ld = ld;
                    }
                    return libortho::launch_gemm_int4(o, xp, bp, out, M, s);
                  });
@@ -193,8 +204,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("v1_lean_launches", [] { return libortho::v1_lean_launches(); }, "lean v1 launches so far (tests)");
   m.def("fused_small_m_cfg", &fused_cfg, "v1 with a tuning configuration (INT4, M <= 8 or 16; benchmarks/probes/v1_configs.py)");
   m.def("dequant_merge", &dequant_merge, "(W = deq(Q) + alpha S as a dense matrix, error code)");
-  m.def("set_gemm_cfg", [](int64_t c) { if (c < 0 || c >= libortho::kGemmCfgs) return false; libortho::set_gemm_cfg(static_cast<int>(c)); return true; },
-        "the large-M GEMM kernel's block configuration (0..7); False for another value");
+  m.def("set_gemm_cfg", [](int64_t c) { return c >= -1 && c < libortho::kGemmCfgs && libortho::set_gemm_cfg(static_cast<int>(c)); },
+        "the large-M GEMM kernel's block configuration (0..7, -1: chosen per call); False for another value");
   m.def("gemm_cfg", [] { return static_cast<int64_t>(libortho::gemm_cfg()); }, "that configuration");
-  m.def("gemm_int4", &gemm_int4, "(x @ deq(Q)^T + bias, error code) in one kernel: INT4, alpha 0 or no ortho entries, sm_90a");
+  m.def("gemm_int4", &gemm_int4, "(x @ deq(Q)^T + alpha x @ S^T + bias, error code): INT4 base in one kernel (sm_90a), "
+        "the ortho stream (M <= 64 only) in a second");
 }

@@ -51,7 +51,8 @@ __device__ inline void pdl_prologue(const void* strip, int bytes) {
 
 struct DeviceInfo {
   int sms = 0;
-  bool cc90 = false;
+  bool cc90 = false;  // compute capability 9.0 or above
+  bool sm90a = false;  // exactly 9.0: what the wgmma kernels are built for (cuda.py's flags)
 };
 
 // SM count and sm_90 flag of the current device, cached per device.
@@ -60,10 +61,12 @@ inline DeviceInfo device_info() {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return DeviceInfo{132, false};
   if (cache[dev].sms == 0) {
-    int sms = 0, major = 0;
+    int sms = 0, major = 0, minor = 0;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
     cache[dev].cc90 = major >= 9;
+    cache[dev].sm90a = major == 9 && minor == 0;
     cache[dev].sms = sms > 0 ? sms : 132;
   }
   return cache[dev];

@@ -164,7 +164,7 @@ cudaError_t dequant_dispatch(const Operands& op, void* w, cudaStream_t s) {
 }
 
 // xt (K, LD) = x (M, K) transposed, columns M..LD-1 zero: thread c reads x's column c (coalesced across
-// threads) and writes its LD values as 16-byte stores (LD * 2 bytes, 4-32).
+// threads) and writes its LD values as 16-byte stores (LD * 2 bytes, 4-128).
 template <typename T, int LD>
 __global__ void transpose_x_kernel(const T* __restrict__ x, T* __restrict__ xt, int M, int K) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
@@ -193,6 +193,8 @@ cudaError_t transpose_x(const void* x, void* xt, int M, int K, int ld, cudaStrea
     case 4: transpose_x_kernel<T, 4><<<grid, block, 0, s>>>(xp, xtp, M, K); break;
     case 8: transpose_x_kernel<T, 8><<<grid, block, 0, s>>>(xp, xtp, M, K); break;
     case 16: transpose_x_kernel<T, 16><<<grid, block, 0, s>>>(xp, xtp, M, K); break;
+    case 32: transpose_x_kernel<T, 32><<<grid, block, 0, s>>>(xp, xtp, M, K); break;  // the GEMM's ortho add
+    case 64: transpose_x_kernel<T, 64><<<grid, block, 0, s>>>(xp, xtp, M, K); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();

@@ -495,15 +495,30 @@ cudaError_t gemm_dispatch(const Operands& op, const void* x, const void* bias, v
   }
 }
 
-int g_gemm_cfg = 0;
+int g_gemm_cfg = -1;
+
+// The configuration a call runs (H200, 2026-11-30, Llama shapes): up to 64 tokens the lock-step 64 x 64 form,
+// split along K when its grid is under half a wave (0.88-1.45x bf16 time at M 32-64 against 1.4-2.5x for
+// dequantize + cuBLAS), else the TMA form with 64-token blocks (1.05-1.08x on 14336x4096, where the former
+// does not split); above, the TMA form with 128-token blocks (the best GEMM at M 512-2048, still slower than
+// dequantize + cuBLAS there, so cuda.py's default sends those calls to the latter).
+int gemm_pick(const Operands& op, int M) {
+  if (g_gemm_cfg >= 0) return g_gemm_cfg;
+  if (M <= 64) return gemm_splits<GemmCfg3>(op, M).count > 1 ? 3 : 7;
+  return 6;
+}
 
 }  // namespace
 
-void set_gemm_cfg(int cfg) { g_gemm_cfg = cfg; }
+bool set_gemm_cfg(int cfg) {
+  if (cfg < -1 || cfg >= kGemmCfgs) return false;
+  g_gemm_cfg = cfg;
+  return true;
+}
 int gemm_cfg() { return g_gemm_cfg; }
 
 int gemm_int4_splits(const Operands& op, int M) {
-  switch (g_gemm_cfg) {  // the warp-specialized forms (4-7) do not split
+  switch (gemm_pick(op, M)) {  // the warp-specialized forms (4-7) do not split
     case 0: return gemm_splits<GemmCfg0>(op, M).count;
     case 1: return gemm_splits<GemmCfg1>(op, M).count;
     case 2: return gemm_splits<GemmCfg2>(op, M).count;
@@ -514,19 +529,23 @@ int gemm_int4_splits(const Operands& op, int M) {
 
 bool gemm_int4_supported(const Operands& op, int M) {
   const bool groups_whole = op.group_size % 64 == 0 || op.group_size >= op.K;
+  const bool ortho = op.alpha != 0.f && op.nnz > 0;
   return op.bits == 4 && op.K % 64 == 0 && op.K > 0 && op.N > 0 && M > 0 && groups_whole &&
-         (op.alpha == 0.f || op.nnz == 0) && device_info().cc90;
+         (!ortho || M <= kGemmOrthoMaxM) && device_info().cc90;
 }
 
 cudaError_t launch_gemm_int4(const Operands& op, const void* x, const void* bias, void* y, int M, cudaStream_t stream) {
   if (!gemm_int4_supported(op, M) || reinterpret_cast<uintptr_t>(x) % 16 != 0) return cudaErrorInvalidValue;
-  int major = 0, minor = 0, dev = 0;  // the kernel has a body only when built for sm_90a (cuda.py's flags on 9.0)
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-  if (major != 9 || minor != 0) return cudaErrorNotSupported;
-  return op.bf16 ? gemm_dispatch<__nv_bfloat16>(op, x, bias, y, M, g_gemm_cfg, stream)
-                 : gemm_dispatch<__half>(op, x, bias, y, M, g_gemm_cfg, stream);
+  const bool ortho = op.alpha != 0.f && op.nnz > 0;
+  if (ortho && (!op.xt || op.xt_ld < M)) return cudaErrorInvalidValue;
+  if (!device_info().sm90a) return cudaErrorNotSupported;  // the kernel has a body only when built for sm_90a
+  Operands base = op;
+  base.alpha = 0.f;  // the GEMM takes the base; the ortho stream is added after it
+  const int cfg = gemm_pick(op, M);
+  const cudaError_t e = op.bf16 ? gemm_dispatch<__nv_bfloat16>(base, x, bias, y, M, cfg, stream)
+                                : gemm_dispatch<__half>(base, x, bias, y, M, cfg, stream);
+  if (e != cudaSuccess || !ortho) return e;
+  return launch_ortho_add(op, y, M, stream);
 }
 
 }  // namespace libortho

@@ -18,13 +18,13 @@ struct Operands {
   int bits, group_size, N, K;
   bool bf16;               // activation dtype: bf16 (true) or fp16
   bool pdl;                // v1 only: programmatic dependent launch (sm_90+), see common.cuh
-  const void* xt;          // v1 only, or nullptr: x transposed, (K, xt_ld), rows padded with zeros
-  int xt_ld;               // 2, 4, 8 or 16: the ortho stream's rows of x for one column in one load
+  const void* xt;          // v1 and the GEMM's ortho add only, or nullptr: x transposed, (K, xt_ld), rows padded with zeros
+  int xt_ld;               // 2, 4, 8 or 16 (v1), 32 or 64 (ortho add): the ortho stream's rows of x for one column
   float* gemm_ws;          // gemm_sm90.cu only, or nullptr: a zeroed fp32 (M, N) workspace for split-K
 };
 
-// xt (K, ld) = x (M, K) transposed, columns M..ld-1 zero (ld = 2, 4, 8, 16 >= M), for the v1 kernel's
-// ortho stream: one column's M values are then one 4-32 byte load instead of M loads K apart.
+// xt (K, ld) = x (M, K) transposed, columns M..ld-1 zero (ld = 2, 4, 8, 16, 32, 64 >= M), for the ortho
+// streams of v1 and of the GEMM: one column's M values are then one 4-128 byte load instead of M loads K apart.
 cudaError_t launch_transpose_x(const void* x, void* xt, int M, int K, int ld, bool bf16, cudaStream_t stream);
 
 // out (M, N) = x (M, K) @ deq(Q)^T + alpha * x @ S^T + bias, for 1 <= M <= 64.
@@ -66,18 +66,25 @@ cudaError_t launch_fused_small_m_v3(const Operands& op, const void* x, const voi
 // W (N, K) = deq(Q) + alpha * S, row-major in the activation dtype (the large-M path feeds it to cuBLAS).
 cudaError_t launch_dequant_merge(const Operands& op, void* w, cudaStream_t stream);
 
-// out (M, N) = x (M, K) @ deq(Q)^T + bias in one kernel (gemm_sm90.cu: INT4 dequantized in registers into
-// wgmma, sm_90a only). Takes calls gemm_int4_supported accepts (INT4, K a multiple of 64, whole groups of a
-// multiple of 64 columns, alpha 0 or no ortho entries, a 9.x device) with x 16-byte aligned; otherwise
+// out (M, N) = x (M, K) @ deq(Q)^T + alpha * x @ S^T + bias: the base in one kernel (gemm_sm90.cu: INT4
+// dequantized in registers into wgmma, sm_90a only), then, for alpha != 0 with ortho entries (M <=
+// kGemmOrthoMaxM only), launch_ortho_add with x transposed in op.xt (ld 32 or 64). Takes calls
+// gemm_int4_supported accepts (INT4, K a multiple of 64, whole groups of a multiple of 64 columns, an ortho
+// stream in play only at M <= kGemmOrthoMaxM, a 9.x device) with x 16-byte aligned; otherwise
 // cudaErrorInvalidValue, and cudaErrorNotSupported on a device the kernel was not built for.
+constexpr int kGemmOrthoMaxM = 64;
 bool gemm_int4_supported(const Operands& op, int M);
 // How many K slices the large-M GEMM splits this call into (1: none). Above 1 the caller passes a zeroed fp32
 // (M, N) workspace in op.gemm_ws: the slices add their products there and a last kernel writes out (+ bias).
 int gemm_int4_splits(const Operands& op, int M);
-// Its block configuration (gemm_sm90.cu GemmCfg0..7; 0 by default), for probes.
-void set_gemm_cfg(int cfg);
+// Its block configuration (gemm_sm90.cu GemmCfg0..7) for probes; -1 (the default): chosen per call (gemm_pick).
+bool set_gemm_cfg(int cfg);  // false (nothing changed) outside -1..kGemmCfgs-1
 int gemm_cfg();
 constexpr int kGemmCfgs = 8;
 cudaError_t launch_gemm_int4(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t stream);
+
+// y (M, N) += alpha * x @ S^T, x transposed in op.xt (ld 32 or 64 >= M): ortho_add.cu. No launch at alpha 0 or
+// without entries.
+cudaError_t launch_ortho_add(const Operands& op, void* y, int M, cudaStream_t stream);
 
 }  // namespace libortho
