@@ -729,7 +729,8 @@ def test_default_policy_runs_the_gemm_up_to_64_tokens(m, alpha, monkeypatch):
     assert cuda_backend.prefill() == "auto"
     y = layer(x)
     monkeypatch.setitem(cuda_backend._state, "ext", ext)
-    takes_gemm = m <= cuda_backend.GEMM_M_MAX
+    takes_gemm = cuda_backend.use_gemm("auto", m, layer.ortho_nnz * m if alpha != 0 else 0) and code == 0
+    assert takes_gemm == (m <= 64 and (alpha == 0 or layer.ortho_nnz * m <= cuda_backend.GEMM_ORTHO_WORK_MAX))
     assert Spy.calls == (["gemm_int4"] if takes_gemm else ["dequant_merge"])
     assert torch.equal(y, gemm if takes_gemm else dequant)
     assert rel_err(y, reference64(layer, x, alpha)) < TOL[torch.bfloat16]

@@ -41,3 +41,9 @@ def test_gemm_cfg_rejects(value):
                                            ("dequant", 17, False), ("dequant", 4096, False)])
 def test_which_calls_the_policy_sends_to_the_gemm(policy, m, want):
     assert cuda.use_gemm(policy, m) is want
+
+
+def test_auto_keeps_heavy_ortho_streams_on_the_merge_path(monkeypatch):
+    monkeypatch.setattr(cuda, "GEMM_ORTHO_WORK_MAX", 1000)
+    assert cuda.use_gemm("auto", 32, 1000) and not cuda.use_gemm("auto", 32, 1001)
+    assert cuda.use_gemm("gemm", 32, 10**9) and cuda.use_gemm("auto", 32, 0)

@@ -182,9 +182,15 @@ def gemm_takes(x2, bits, group_size, in_features, alpha, values) -> bool:
             and torch.cuda.get_device_capability(x2.device) == (9, 0))
 
 
-def use_gemm(policy: str, m: int) -> bool:
-    """Whether a call of m > 16 tokens goes to the GEMM under this policy (when the GEMM takes it)."""
-    return policy == "gemm" or (policy == "auto" and m <= GEMM_M_MAX)
+# auto: the GEMM + ortho add only while nnz * M (the ortho add's work) is at most this; above, the merge into the
+# dequantized weight costs less (see GEMM_M_MAX's run).
+GEMM_ORTHO_WORK_MAX = float("inf")
+
+
+def use_gemm(policy: str, m: int, ortho_work: int = 0) -> bool:
+    """Whether a call of m > 16 tokens goes to the GEMM under this policy (when the GEMM takes it); ortho_work:
+    nnz * m when an ortho stream is in play (alpha != 0), else 0."""
+    return policy == "gemm" or (policy == "auto" and m <= GEMM_M_MAX and ortho_work <= GEMM_ORTHO_WORK_MAX)
 
 
 def pdl_enabled() -> bool:
@@ -307,7 +313,8 @@ def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
         fused = getattr(_state["ext"], _FUSED[decode_kernel()])
         y = _checked(fused(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
                            out_features, in_features, pdl_enabled()), "fused kernel")
-    elif use_gemm(prefill(), m) and gemm_takes(x2, bits, group_size, in_features, alpha, values):
+    elif (use_gemm(prefill(), m, values.numel() * m if alpha != 0 else 0)
+          and gemm_takes(x2, bits, group_size, in_features, alpha, values)):
         y = _checked(_state["ext"].gemm_int4(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits,
                                              group_size, out_features, in_features), "large-M GEMM kernel")
     else:

@@ -1,65 +1,78 @@
 // y (M, N) += alpha * x @ S^T for the CSR ortho stream S at M <= 64: the ortho half of a large-M GEMM call
 // (gemm_sm90.cu writes y = x deq(Q)^T + bias, then this adds the stream in place). x arrives transposed,
 // xt (K, LD) with LD = 32 or 64 (launch_transpose_x), so one entry's products for every token read one
-// contiguous LD * 2-byte row instead of M values K apart. One warp per output row: its lanes load 32 entries
-// at once (coalesced; the next 32 load while these are summed), then each group of LD / 2 lanes (two tokens a
-// lane) takes one entry per step, the 64 / LD groups different entries, all 32 entries' x loads in flight
-// together (a first form with the loads under `if (entry valid)` ran them one after another: 2.4 us per 32
-// entries, H200). Sums meet in a fixed order: deterministic.
+// contiguous LD * 2-byte row instead of M values K apart. One warp per output row, one entry per lane: a lane
+// loads its entry's whole xt row (4 or 8 16-byte loads, in flight together) and keeps LD per-token sums; the
+// warp then adds its lanes' sums by recursive halving (31 or 62 shuffles), which leaves each lane the totals of
+// LD / 32 tokens. The next 32 entries load while these are summed. Sums meet in a fixed order: deterministic.
+// (A first form, lanes over tokens and entries broadcast by shuffles, ran its loads one after another: ptxas
+// interleaved them with the shuffles; 3-4 us per 32 entries on the H200.)
 #include "common.cuh"
 
 namespace libortho {
 namespace {
 
-__device__ inline float2 f2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
-__device__ inline float2 f2(__half2 v) { return __half22float2(v); }
+// One step of the warp's recursive halving, then the next (W sums per lane, partner lane ^ O).
+template <int W, int O>
+__device__ inline void halve(float* acc, int lane) {
+  const bool upper = lane & O;
+#pragma unroll
+  for (int i = 0; i < W / 2; ++i) {
+    const float keep = upper ? acc[i + W / 2] : acc[i], give = upper ? acc[i] : acc[i + W / 2];
+    acc[i] = keep + __shfl_xor_sync(~0u, give, O);
+  }
+  if constexpr (O > 1) halve<W / 2, O / 2>(acc, lane);
+}
 
-// Entry s (0..31) of the chunk held one per lane: its column and value, broadcast (s < cnt), else column 0 and no
-// value (the load stays unconditional, so all of a chunk's loads are in flight together).
 template <typename T, int LD>
 __global__ void __launch_bounds__(256) ortho_add_kernel(Operands op, const T* __restrict__ xt, T* __restrict__ y,
                                                         int M) {
-  constexpr int P = LD / 2, E = 32 / P;  // lanes per entry, entries per step
-  using T2 = typename Num<T>::T2;
+  constexpr int V = LD / 8;  // 16-byte loads per xt row
   const int lane = threadIdx.x & 31, row = blockIdx.x * 8 + (threadIdx.x >> 5);
   if (row >= op.N) return;  // whole warps
-  const int grp = lane / P, pair = lane % P, m = 2 * pair;
-  // this lane's two outputs, read early (the GEMM wrote them: stream order) to hide the read behind the sums
-  T* y0 = y + static_cast<size_t>(m) * op.N + row;
-  const bool own0 = grp == 0 && m < M, own1 = grp == 0 && m + 1 < M;
-  const float old0 = own0 ? Num<T>::f(*y0) : 0.f, old1 = own1 ? Num<T>::f(y0[op.N]) : 0.f;
+  constexpr int kOut = LD / 32;  // tokens whose totals each lane ends with: lane * kOut ...
+  const int m0 = lane * kOut;
+  T* yo = y + static_cast<size_t>(m0) * op.N + row;
+  float old[kOut];  // this lane's outputs, read early (the GEMM wrote them: stream order)
+#pragma unroll
+  for (int i = 0; i < kOut; ++i) old[i] = m0 + i < M ? Num<T>::f(yo[static_cast<size_t>(i) * op.N]) : 0.f;
   const int b = op.row_ptr[row], e = op.row_ptr[row + 1];
   const T* vals = static_cast<const T*>(op.values);
-  const T2* xrow = reinterpret_cast<const T2*>(xt) + pair;
-  int c = b + lane < e ? col_at(op, b + lane) : 0;
-  float v = b + lane < e ? Num<T>::f(vals[b + lane]) : 0.f;
-  float a0 = 0.f, a1 = 0.f;
-  for (int j0 = b; j0 < e; j0 += 32) {
-    const int cnt = min(32, e - j0), jn = j0 + 32 + lane;  // the next chunk's entries load during this one
+  float acc[LD];
+#pragma unroll
+  for (int i = 0; i < LD; ++i) acc[i] = 0.f;
+  int j = b + lane;
+  int c = j < e ? col_at(op, j) : 0;
+  float v = j < e ? Num<T>::f(vals[j]) : 0.f;
+  for (; j - lane < e; j += 32) {
+    const bool mine = j < e;
+    const int jn = j + 32;  // the next entries load while these are summed
     const int cn = jn < e ? col_at(op, jn) : 0;
     const float vn = jn < e ? Num<T>::f(vals[jn]) : 0.f;
-    float2 xv[P];
+    if (mine) {
+      uint4 w[V];
+      const uint4* src = reinterpret_cast<const uint4*>(xt + static_cast<size_t>(c) * LD);
 #pragma unroll
-    for (int t = 0; t < P; ++t) xv[t] = f2(xrow[static_cast<size_t>(__shfl_sync(~0u, c, t * E + grp)) * P]);
+      for (int q = 0; q < V; ++q) w[q] = src[q];
 #pragma unroll
-    for (int t = 0; t < P; ++t) {
-      const int s = t * E + grp;
-      const float vs = __shfl_sync(~0u, v, s);
-      if (s < cnt) {  // a select: x may hold inf, and 0 * inf must not reach the sum
-        a0 = fmaf(vs, xv[t].x, a0);
-        a1 = fmaf(vs, xv[t].y, a1);
+      for (int q = 0; q < V; ++q) {
+        const uint32_t u[4] = {w[q].x, w[q].y, w[q].z, w[q].w};
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          acc[8 * q + 2 * h] = fmaf(v, Num<T>::f(Num<T>::bits(u[h] & 0xFFFFu)), acc[8 * q + 2 * h]);
+          acc[8 * q + 2 * h + 1] = fmaf(v, Num<T>::f(Num<T>::bits(u[h] >> 16)), acc[8 * q + 2 * h + 1]);
+        }
       }
     }
     c = cn;
     v = vn;
   }
+  // Recursive halving: at width w the lane keeps the half of its w sums its lane bit picks and adds its
+  // partner's copy of that half; after five steps lane l holds tokens l * kOut .. l * kOut + kOut - 1.
+  halve<LD, 16>(acc, lane);
 #pragma unroll
-  for (int o = P; o < 32; o <<= 1) {  // the groups' partial sums of one token pair
-    a0 += __shfl_xor_sync(~0u, a0, o);
-    a1 += __shfl_xor_sync(~0u, a1, o);
-  }
-  if (own0) *y0 = Num<T>::from(old0 + op.alpha * a0);
-  if (own1) y0[op.N] = Num<T>::from(old1 + op.alpha * a1);
+  for (int i = 0; i < kOut; ++i)
+    if (m0 + i < M) yo[static_cast<size_t>(i) * op.N] = Num<T>::from(old[i] + op.alpha * acc[i]);
 }
 
 template <typename T>
