@@ -700,20 +700,22 @@ def test_gemm_ortho_add_matches_float64_and_the_dequant_path(shape, m, density, 
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() != (9, 0),
                     reason="the wgmma kernel is built for sm_90a only")
-@pytest.mark.parametrize("m,alpha", [(17, 1.0), (40, 1.0), (64, 0.0), (65, 1.0), (65, 0.0), (300, 1.0)])
-def test_default_policy_runs_the_gemm_up_to_64_tokens(m, alpha, monkeypatch):
-    """The default (auto) policy: the GEMM (+ ortho add) up to 64 tokens, dequantize + cuBLAS above; the layer's
-    output is that path's bit for bit (the GEMM without split-K can equal cuBLAS's bits, so the calls are counted)."""
+@pytest.mark.parametrize("m,alpha,n,k", [(17, 1.0, 1024, 2048), (40, 1.0, 1024, 2048), (64, 0.0, 1024, 2048),
+                                         (65, 1.0, 1024, 2048), (65, 0.0, 1024, 2048), (300, 1.0, 1024, 2048),
+                                         (32, 1.0, 4096, 4096), (48, 1.0, 14336, 4096)])
+def test_default_policy_runs_the_gemm_up_to_64_tokens(m, alpha, n, k, monkeypatch):
+    """The default (auto) policy: the GEMM (+ ortho add where it measured faster) up to 64 tokens, dequantize +
+    cuBLAS above; the layer's output is that path's bit for bit (the GEMM without split-K can equal cuBLAS's bits, so the calls are counted)."""
     monkeypatch.delenv("LIBORTHO_PREFILL", raising=False)
     gen = torch.Generator(device="cuda").manual_seed(m)
-    layer = make_layer(1024, 2048, 4, 128, False, 0.02, torch.bfloat16, gen)
+    layer = make_layer(n, k, 4, 128, False, 0.01, torch.bfloat16, gen)
     layer.alpha = alpha
-    x = torch.randn(m, 2048, generator=gen, device="cuda").to(torch.bfloat16)
+    x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
     ext = cuda_backend.extension()
     args = (layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values)
-    gemm, code = ext.gemm_int4(x, *args, layer.bias, alpha, 4, 128, 1024, 2048)
+    gemm, code = ext.gemm_int4(x, *args, layer.bias, alpha, 4, 128, n, k)
     assert code == (1 if m > 64 and alpha != 0 else 0)  # the ortho add stops at 64 tokens: cudaErrorInvalidValue
-    w = cuda_backend._checked(ext.dequant_merge(x, *args, alpha, 4, 128, 1024, 2048))
+    w = cuda_backend._checked(ext.dequant_merge(x, *args, alpha, 4, 128, n, k))
     dequant = torch.nn.functional.linear(x, w, layer.bias)
 
     class Spy:  # the extension, counting which entry points the dispatch calls
@@ -729,8 +731,7 @@ def test_default_policy_runs_the_gemm_up_to_64_tokens(m, alpha, monkeypatch):
     assert cuda_backend.prefill() == "auto"
     y = layer(x)
     monkeypatch.setitem(cuda_backend._state, "ext", ext)
-    takes_gemm = cuda_backend.use_gemm("auto", m, layer.ortho_nnz * m if alpha != 0 else 0) and code == 0
-    assert takes_gemm == (m <= 64 and (alpha == 0 or layer.ortho_nnz * m <= cuda_backend.GEMM_ORTHO_WORK_MAX))
+    takes_gemm = cuda_backend.use_gemm("auto", m, layer.ortho_nnz * m if alpha != 0 else 0, n * k) and code == 0
     assert Spy.calls == (["gemm_int4"] if takes_gemm else ["dequant_merge"])
     assert torch.equal(y, gemm if takes_gemm else dequant)
     assert rel_err(y, reference64(layer, x, alpha)) < TOL[torch.bfloat16]

@@ -43,7 +43,11 @@ def test_which_calls_the_policy_sends_to_the_gemm(policy, m, want):
     assert cuda.use_gemm(policy, m) is want
 
 
-def test_auto_keeps_heavy_ortho_streams_on_the_merge_path(monkeypatch):
-    monkeypatch.setattr(cuda, "GEMM_ORTHO_WORK_MAX", 1000)
-    assert cuda.use_gemm("auto", 32, 1000) and not cuda.use_gemm("auto", 32, 1001)
-    assert cuda.use_gemm("gemm", 32, 10**9) and cuda.use_gemm("auto", 32, 0)
+@pytest.mark.parametrize("m,density,n,k,want", [
+    (32, 0.02, 4096, 4096, True), (32, 0.05, 4096, 4096, False), (32, 0.005, 1024, 4096, False),
+    (64, 0.01, 14336, 4096, True), (64, 0.02, 14336, 4096, False), (64, 0.005, 4096, 4096, False),
+    (17, 0.0, 1024, 4096, True)])
+def test_auto_sends_ortho_streams_to_the_gemm_only_where_it_measured_faster(m, density, n, k, want):
+    nnz = int(density * n * k)
+    assert cuda.use_gemm("auto", m, nnz * m, n * k) is want
+    assert cuda.use_gemm("gemm", m, nnz * m, n * k) and not cuda.use_gemm("dequant", m, nnz * m, n * k)

@@ -182,15 +182,26 @@ def gemm_takes(x2, bits, group_size, in_features, alpha, values) -> bool:
             and torch.cuda.get_device_capability(x2.device) == (9, 0))
 
 
-# auto: the GEMM + ortho add only while nnz * M (the ortho add's work) is at most this; above, the merge into the
-# dequantized weight costs less (see GEMM_M_MAX's run).
-GEMM_ORTHO_WORK_MAX = float("inf")
+# auto, alpha != 0 with ortho entries: the GEMM + ortho add (ortho_add.cu) only where it beat the merge into the
+# dequantized weight on the H200 (2026-11-30, benchmarks/results/kernels-H200-ortho-add-*.json): nnz * M at most
+# 0.64 weights (density <= 2 % at M = 32, 1 % at M = 64), and at M <= 32 a layer of at least 2^24 weights
+# (0.64-0.94x the merge path's time), at M 33-64 of at least 5e7 (0.78-0.92x; its 64-token form pays more per
+# entry). Elsewhere the merge path is as fast or faster.
+GEMM_ORTHO_WORK_PER_WEIGHT = 0.64
+GEMM_ORTHO_MIN_WEIGHTS = {32: 1 << 24, 64: 50_000_000}
 
 
-def use_gemm(policy: str, m: int, ortho_work: int = 0) -> bool:
-    """Whether a call of m > 16 tokens goes to the GEMM under this policy (when the GEMM takes it); ortho_work:
-    nnz * m when an ortho stream is in play (alpha != 0), else 0."""
-    return policy == "gemm" or (policy == "auto" and m <= GEMM_M_MAX and ortho_work <= GEMM_ORTHO_WORK_MAX)
+def use_gemm(policy: str, m: int, ortho_work: int = 0, weights: int = 0) -> bool:
+    """Whether a call of m > 16 tokens goes to the GEMM under this policy (when the GEMM takes it). ortho_work:
+    nnz * m when an ortho stream is in play (alpha != 0), else 0; weights: out_features * in_features."""
+    if policy != "auto":
+        return policy == "gemm"
+    if m > GEMM_M_MAX:
+        return False
+    if ortho_work == 0:
+        return True
+    min_weights = GEMM_ORTHO_MIN_WEIGHTS[32 if m <= 32 else 64]
+    return weights >= min_weights and ortho_work <= GEMM_ORTHO_WORK_PER_WEIGHT * weights
 
 
 def pdl_enabled() -> bool:
@@ -313,7 +324,7 @@ def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
         fused = getattr(_state["ext"], _FUSED[decode_kernel()])
         y = _checked(fused(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
                            out_features, in_features, pdl_enabled()), "fused kernel")
-    elif (use_gemm(prefill(), m, values.numel() * m if alpha != 0 else 0)
+    elif (use_gemm(prefill(), m, values.numel() * m if alpha != 0 else 0, out_features * in_features)
           and gemm_takes(x2, bits, group_size, in_features, alpha, values)):
         y = _checked(_state["ext"].gemm_int4(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits,
                                              group_size, out_features, in_features), "large-M GEMM kernel")
