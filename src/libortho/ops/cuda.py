@@ -183,10 +183,10 @@ def gemm_takes(x2, bits, group_size, in_features, alpha, values) -> bool:
 
 
 # auto, alpha != 0 with ortho entries: the GEMM + ortho add (ortho_add.cu) only where it beat the merge into the
-# dequantized weight on the H200 (2026-11-30, benchmarks/results/kernels-H200-ortho-add-*.json): nnz * M at most
-# 0.64 weights (density <= 2 % at M = 32, 1 % at M = 64), and at M <= 32 a layer of at least 2^24 weights
-# (0.64-0.94x the merge path's time), at M 33-64 of at least 5e7 (0.78-0.92x; its 64-token form pays more per
-# entry). Elsewhere the merge path is as fast or faster.
+# dequantized weight on the H200 (2026-11-30, benchmarks/results/kernels-H200-ortho-add-{gemm,dequant}.json):
+# nnz * M at most 0.64 weights (density up to about 2 % at M = 32, just under 1 % at M = 64), and at M <= 32 a
+# layer of at least 2^24 weights (0.61-0.94x the merge path's time), at M 33-64 of at least 5e7 (0.78-0.82x at
+# 0.5 %; its 64-token form pays more per entry). Elsewhere the merge path was as fast or faster.
 GEMM_ORTHO_WORK_PER_WEIGHT = 0.64
 GEMM_ORTHO_MIN_WEIGHTS = {32: 1 << 24, 64: 50_000_000}
 
