@@ -49,7 +49,7 @@ _FUSED = {"v1": "fused_small_m", "v2": "fused_small_m_v2", "v3": "fused_small_m_
 _state = {"ext": None, "error": None, "warned": set(), "decode": None, "prefill": None}
 PREFILLS = ("auto", "dequant", "gemm")
 # auto: the GEMM up to here (H200, 2026-11-30: 0.88-1.45x bf16 time at M 32-64 against 1.4-2.5x for dequantize +
-# cuBLAS; from M = 512 the latter wins, 1.44-1.50x against 1.46-1.76x); also the GEMM's ortho add's limit.
+# cuBLAS; from M = 512 the latter wins, 1.44-1.50x against 1.53-1.76x on the Llama shapes); also the ortho add's limit.
 GEMM_M_MAX = 64
 # The classes of the v1 configuration table (kernels.h, in its order) and the configurations each can take.
 V1_CLASSES = ("short_long_k", "short_m4", "short_m8", "tall_m4", "tall_m8", "m16", "m16_tall", "tiny",
