@@ -20,7 +20,7 @@ struct Operands {
   bool pdl;                // v1 only: programmatic dependent launch (sm_90+), see common.cuh
   const void* xt;          // v1 and the GEMM's ortho add only, or nullptr: x transposed, (K, xt_ld), rows padded with zeros
   int xt_ld;               // 2, 4, 8 or 16 (v1), 32 or 64 (ortho add): the ortho stream's rows of x for one column
-  float* gemm_ws;          // gemm_sm90.cu only, or nullptr: a zeroed fp32 (M, N) workspace for split-K
+  float* gemm_ws;          // gemm_sm90.cu only, or nullptr: split-K's fp32 (splits, M, N) workspace
 };
 
 // xt (K, ld) = x (M, K) transposed, columns M..ld-1 zero (ld = 2, 4, 8, 16, 32, 64 >= M), for the ortho
@@ -74,8 +74,9 @@ cudaError_t launch_dequant_merge(const Operands& op, void* w, cudaStream_t strea
 // cudaErrorInvalidValue, and cudaErrorNotSupported on a device the kernel was not built for.
 constexpr int kGemmOrthoMaxM = 64;
 bool gemm_int4_supported(const Operands& op, int M);
-// How many K slices the large-M GEMM splits this call into (1: none). Above 1 the caller passes a zeroed fp32
-// (M, N) workspace in op.gemm_ws: the slices add their products there and a last kernel writes out (+ bias).
+// How many K slices the large-M GEMM splits this call into (1: none). Above 1 the caller passes an fp32
+// (splits, M, N) workspace in op.gemm_ws (no need to zero it): each slice writes every element of its own (M, N)
+// part, and a last kernel sums the parts in slice order and writes out (+ bias).
 int gemm_int4_splits(const Operands& op, int M);
 // Its block configuration (gemm_sm90.cu GemmCfg0..7) for probes; -1 (the default): chosen per call (gemm_pick).
 bool set_gemm_cfg(int cfg);  // false (nothing changed) outside -1..kGemmCfgs-1
