@@ -1,10 +1,11 @@
 // y (M, N) += alpha * x @ S^T for the CSR ortho stream S at M <= 64: the ortho half of a large-M GEMM call
 // (gemm_sm90.cu writes y = x deq(Q)^T + bias, then this adds the stream in place). x arrives transposed,
 // xt (K, LD) with LD = 32 or 64 (launch_transpose_x), so one entry's products for every token read one
-// contiguous LD * 2-byte row instead of M values K apart. One warp per output row, one entry per lane: a lane
-// loads its entry's whole xt row (4 or 8 16-byte loads, in flight together) and keeps LD per-token sums; the
-// warp then adds its lanes' sums by recursive halving (31 or 62 shuffles), which leaves each lane the totals of
-// LD / 32 tokens. The next 32 entries load while these are summed. Sums meet in a fixed order: deterministic.
+// contiguous LD * 2-byte row instead of M values K apart. One warp per output row, one entry per lane, 32 tokens
+// per pass over the row (two passes at LD = 64): a lane loads its entry's 32 xt values (4 16-byte loads, in flight
+// together) and keeps 32 per-token sums; the warp then adds its lanes' sums by recursive halving (31 shuffles),
+// which leaves lane l the total of token l of the pass. The next 32 entries load while these are summed. Sums
+// meet in a fixed order: deterministic.
 // (A first form, lanes over tokens and entries broadcast by shuffles, ran its loads one after another: ptxas
 // interleaved them with the shuffles; 3-4 us per 32 entries on the H200.)
 #include "common.cuh"
@@ -24,23 +25,14 @@ __device__ inline void halve(float* acc, int lane) {
   if constexpr (O > 1) halve<W / 2, O / 2>(acc, lane);
 }
 
+// The sums of one row for tokens t0 .. t0 + 31 (xt columns), one pass over the row's entries: lane l ends with
+// token t0 + l's total.
 template <typename T, int LD>
-__global__ void __launch_bounds__(256) ortho_add_kernel(Operands op, const T* __restrict__ xt, T* __restrict__ y,
-                                                        int M) {
-  constexpr int V = LD / 8;  // 16-byte loads per xt row
-  const int lane = threadIdx.x & 31, row = blockIdx.x * 8 + (threadIdx.x >> 5);
-  if (row >= op.N) return;  // whole warps
-  constexpr int kOut = LD / 32;  // tokens whose totals each lane ends with: lane * kOut ...
-  const int m0 = lane * kOut;
-  T* yo = y + static_cast<size_t>(m0) * op.N + row;
-  float old[kOut];  // this lane's outputs, read early (the GEMM wrote them: stream order)
-#pragma unroll
-  for (int i = 0; i < kOut; ++i) old[i] = m0 + i < M ? Num<T>::f(yo[static_cast<size_t>(i) * op.N]) : 0.f;
-  const int b = op.row_ptr[row], e = op.row_ptr[row + 1];
+__device__ inline float row_half(const Operands& op, const T* __restrict__ xt, int b, int e, int t0, int lane) {
   const T* vals = static_cast<const T*>(op.values);
-  float acc[LD];
+  float acc[32];
 #pragma unroll
-  for (int i = 0; i < LD; ++i) acc[i] = 0.f;
+  for (int i = 0; i < 32; ++i) acc[i] = 0.f;
   int j = b + lane;
   int c = j < e ? col_at(op, j) : 0;
   float v = j < e ? Num<T>::f(vals[j]) : 0.f;
@@ -50,12 +42,12 @@ __global__ void __launch_bounds__(256) ortho_add_kernel(Operands op, const T* __
     const int cn = jn < e ? col_at(op, jn) : 0;
     const float vn = jn < e ? Num<T>::f(vals[jn]) : 0.f;
     if (mine) {
-      uint4 w[V];
-      const uint4* src = reinterpret_cast<const uint4*>(xt + static_cast<size_t>(c) * LD);
+      uint4 w[4];
+      const uint4* src = reinterpret_cast<const uint4*>(xt + static_cast<size_t>(c) * LD + t0);
 #pragma unroll
-      for (int q = 0; q < V; ++q) w[q] = src[q];
+      for (int q = 0; q < 4; ++q) w[q] = src[q];
 #pragma unroll
-      for (int q = 0; q < V; ++q) {
+      for (int q = 0; q < 4; ++q) {
         const uint32_t u[4] = {w[q].x, w[q].y, w[q].z, w[q].w};
 #pragma unroll
         for (int h = 0; h < 4; ++h) {
@@ -68,11 +60,32 @@ __global__ void __launch_bounds__(256) ortho_add_kernel(Operands op, const T* __
     v = vn;
   }
   // Recursive halving: at width w the lane keeps the half of its w sums its lane bit picks and adds its
-  // partner's copy of that half; after five steps lane l holds tokens l * kOut .. l * kOut + kOut - 1.
-  halve<LD, 16>(acc, lane);
+  // partner's copy of that half; after five steps lane l holds token t0 + l.
+  halve<32, 16>(acc, lane);
+  return acc[0];
+}
+
+template <typename T, int LD>
+__global__ void __launch_bounds__(256) ortho_add_kernel(Operands op, const T* __restrict__ xt, T* __restrict__ y,
+                                                        int M) {
+  const int lane = threadIdx.x & 31, row = blockIdx.x * 8 + (threadIdx.x >> 5);
+  if (row >= op.N) return;  // whole warps
+  constexpr int kHalves = LD / 32;  // passes over the row, 32 tokens each: lane l owns tokens l, 32 + l
+  static_assert(kHalves == 1 || kHalves == 2, "LD is 32 or 64");
+  float old[kHalves];  // this lane's outputs, read early (the GEMM wrote them: stream order)
 #pragma unroll
-  for (int i = 0; i < kOut; ++i)
-    if (m0 + i < M) yo[static_cast<size_t>(i) * op.N] = Num<T>::from(old[i] + op.alpha * acc[i]);
+  for (int h = 0; h < kHalves; ++h) {
+    const int m = 32 * h + lane;
+    old[h] = m < M ? Num<T>::f(y[static_cast<size_t>(m) * op.N + row]) : 0.f;
+  }
+  const int b = op.row_ptr[row], e = op.row_ptr[row + 1];
+#pragma unroll 1
+  for (int h = 0; h < kHalves; ++h) {  // one half at a time: 32 sums per lane (a 64-sum form held 98 registers)
+    const float sum = row_half<T, LD>(op, xt, b, e, 32 * h, lane);
+    const int m = 32 * h + lane;
+    const float prev = h == 0 ? old[0] : old[kHalves - 1];  // constant indices: old stays in registers
+    if (m < M) y[static_cast<size_t>(m) * op.N + row] = Num<T>::from(prev + op.alpha * sum);
+  }
 }
 
 template <typename T>
