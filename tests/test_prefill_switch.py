@@ -46,6 +46,7 @@ def test_which_calls_the_policy_sends_to_the_gemm(policy, m, want):
 @pytest.mark.parametrize("m,density,n,k,want", [
     (32, 0.02, 4096, 4096, True), (32, 0.05, 4096, 4096, False), (32, 0.005, 1024, 4096, False),
     (64, 0.01, 14336, 4096, True), (64, 0.02, 14336, 4096, False), (64, 0.005, 4096, 4096, False),
+    (48, 0.01, 4096, 11008, True), (48, 0.02, 4096, 11008, False), (64, 0.005, 11008, 4096, True),
     (17, 0.0, 1024, 4096, True)])
 def test_auto_sends_ortho_streams_to_the_gemm_only_where_it_measured_faster(m, density, n, k, want):
     nnz = int(density * n * k)

@@ -183,12 +183,14 @@ def gemm_takes(x2, bits, group_size, in_features, alpha, values) -> bool:
 
 
 # auto, alpha != 0 with ortho entries: the GEMM + ortho add (ortho_add.cu) only where it beat the merge into the
-# dequantized weight on the H200 (2026-11-30, benchmarks/results/kernels-H200-ortho-add-{gemm,dequant}.json):
-# nnz * M at most 0.64 weights (density up to about 2 % at M = 32, just under 1 % at M = 64), and at M <= 32 a
-# layer of at least 2^24 weights (0.61-0.94x the merge path's time), at M 33-64 of at least 5e7 (0.78-0.82x at
-# 0.5 %; its 64-token form pays more per entry). Elsewhere the merge path was as fast or faster.
+# dequantized weight on the H200 (2026-11-30, benchmarks/results/kernels-H200-ortho-add-{gemm,dequant}.json and,
+# for the add in passes of 32 tokens, kernels-H200-ortho-add-passes-{gemm,dequant}.json at M 32/48/64): nnz * M at
+# most 0.64 weights (density up to about 2 % at M = 32, 1 % at M = 64), and at M <= 32 a layer of at least 2^24
+# weights (0.60-0.96x the merge path's time), at M 33-64 of at least 4e7 (4096x11008: 0.73-0.86x up to 1 %,
+# 14336x4096 and 4096x14336 0.74-0.91x; 11008x4096 0.91-0.96x at 0.5 % but 1.02-1.05x at 1 %). Elsewhere the merge
+# path was as fast or faster.
 GEMM_ORTHO_WORK_PER_WEIGHT = 0.64
-GEMM_ORTHO_MIN_WEIGHTS = {32: 1 << 24, 64: 50_000_000}
+GEMM_ORTHO_MIN_WEIGHTS = {32: 1 << 24, 64: 40_000_000}
 
 
 def use_gemm(policy: str, m: int, ortho_work: int = 0, weights: int = 0) -> bool:
