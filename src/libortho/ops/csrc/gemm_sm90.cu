@@ -284,10 +284,12 @@ __device__ inline void mbar_wait(uint32_t bar, uint32_t parity) {
 
 // TMA: the producer loads a stage with one cp.async.bulk.tensor (the 128-byte swizzle done by the copy engine,
 // rows past M zero-filled, the stage's bytes counted on full[s]) instead of its 32 lanes' cp.asyncs.
-template <int NT_, int STAGES_, int DEPTH_, int MINB_, bool TMA_ = false>
+// WD: weight chunks each consumer warp holds in registers ahead of the one it dequantizes.
+template <int NT_, int STAGES_, int DEPTH_, int MINB_, bool TMA_ = false, int WD_ = 2>
 struct GemmWsCfg {
   static constexpr int NT = NT_, STAGES = STAGES_, DEPTH = DEPTH_, MINB = MINB_;  // DEPTH: chunks the producer
   static constexpr bool TMA = TMA_;                                               // keeps in flight (cp.async)
+  static constexpr int WD = WD_;
   static constexpr int kRows = 128, kThreads = 288, kStageBytes = NT * 128;
   static constexpr int kSmem = STAGES * kStageBytes + 1024 + 2 * STAGES * 8;
   static_assert(DEPTH >= 1 && DEPTH < STAGES, "the producer waits for a stage only after releasing older ones");
@@ -357,15 +359,15 @@ __global__ void __launch_bounds__(C::kThreads, C::MINB) gemm_ws_kernel(Operands 
   float acc[C::NT / 2];
 #pragma unroll
   for (int i = 0; i < C::NT / 2; ++i) acc[i] = 0.f;
-  GemmChunk cc[2];
-  load_gemm_chunk(cc[0], st.q, st.s, st.z, st.gi, 0, Tk, lane);
-  load_gemm_chunk(cc[1], st.q, st.s, st.z, st.gi, 1, Tk, lane);
+  GemmChunk cc[C::WD];
+#pragma unroll
+  for (int i = 0; i < C::WD; ++i) load_gemm_chunk(cc[i], st.q, st.s, st.z, st.gi, i, Tk, lane);
   auto chunk = [&](GemmChunk& c, int kt) {
     uint32_t a[4][4];
     const RowParams<T> p = row_params4<T, true>(c.s_lo, c.s_hi, c.z_lo, c.z_hi, st.z != nullptr);
 #pragma unroll
     for (int step = 0; step < 4; ++step) dequant_step<T, 4>(a[step], c.w, step, p);
-    if (kt + 2 < Tk) load_gemm_chunk(c, st.q, st.s, st.z, st.gi, kt + 2, Tk, lane);
+    if (kt + C::WD < Tk) load_gemm_chunk(c, st.q, st.s, st.z, st.gi, kt + C::WD, Tk, lane);
     const int s = kt % C::STAGES;
     uint64_t desc[4];
 #pragma unroll
@@ -378,10 +380,10 @@ __global__ void __launch_bounds__(C::kThreads, C::MINB) gemm_ws_kernel(Operands 
     wgmma_wait<0>();
     if (lane == 0) mbar_arrive(empty_s + 8 * s);
   };
-  for (int kt = 0; kt < Tk; kt += 2) {
-    chunk(cc[0], kt);
-    if (kt + 1 < Tk) chunk(cc[1], kt + 1);
-  }
+  for (int kt = 0; kt < Tk; kt += C::WD)  // the operand sets rotate at compile time
+#pragma unroll
+    for (int i = 0; i < C::WD; ++i)
+      if (kt + i < Tk) chunk(cc[i], kt + i);
 
   store_acc<C::NT>(acc, y, static_cast<float*>(nullptr), bias, row0 + warp * 16, m0, M, N, lane);
 #endif
@@ -708,8 +710,8 @@ cudaError_t gemm_launch(const Operands& op, const void* x, const void* bias, voi
   return cudaGetLastError();
 }
 
-// Configurations (LIBORTHO_GEMM_CFG picks one for a probe; gemm_pick otherwise): 0-3 lock-step, 4-7 warp-specialized,
-// 8-11 dequantize to shared memory.
+// Configurations (LIBORTHO_GEMM_CFG picks one for a probe; gemm_pick otherwise): 0-3 lock-step, 4-9 warp-specialized,
+// 10-11 dequantize to shared memory.
 using GemmCfg0 = GemmCfg<1, 128, 2, 6, 2>;  // 64 rows x 128 tokens, 128 columns per trip, 96 KB ring, 2 per SM
 using GemmCfg1 = GemmCfg<1, 128, 2, 4, 3>;  // the same with a 64 KB ring, 3 per SM
 using GemmCfg2 = GemmCfg<2, 128, 1, 4, 2>;  // 128 rows x 128 tokens, 64 columns per trip (the first form)
@@ -718,10 +720,10 @@ using GemmCfg4 = GemmWsCfg<128, 6, 3, 1>;    // warp-specialized, 128 rows x 128
 using GemmCfg5 = GemmWsCfg<64, 6, 3, 2>;     // warp-specialized, 128 rows x 64 tokens, 2 per SM
 using GemmCfg6 = GemmWsCfg<128, 6, 1, 1, true>;  // configuration 4 with a TMA producer
 using GemmCfg7 = GemmWsCfg<64, 6, 1, 2, true>;   // configuration 5 with a TMA producer
-using GemmCfg8 = GemmDqCfg<128, 4>;      // dequantize to shared memory, 128 rows x 128 tokens, 128 + 36 KB
-using GemmCfg9 = GemmDqCfg<64, 6>;       // the same with 64 tokens, 144 + 36 KB
-using GemmCfg10 = GemmDqCfg<128, 6, 4>;  // configuration 8 with 6 stages, 4 packed chunks ahead: 192 + 18 KB
-using GemmCfg11 = GemmDqCfg<64, 8, 4>;   // configuration 9 with 8 stages, 4 packed chunks ahead: 192 + 18 KB
+using GemmCfg8 = GemmWsCfg<128, 6, 1, 1, true, 4>;  // configuration 6, weights 4 chunks ahead
+using GemmCfg9 = GemmWsCfg<128, 6, 1, 1, true, 6>;  // configuration 6, weights 6 chunks ahead
+using GemmCfg10 = GemmDqCfg<128, 4>;  // dequantize to shared memory, 128 rows x 128 tokens, 160 + 36 KB
+using GemmCfg11 = GemmDqCfg<64, 6>;   // the same with 64 tokens, 144 + 36 KB
 
 template <typename T>
 cudaError_t gemm_dispatch(const Operands& op, const void* x, const void* bias, void* y, int M, int cfg, cudaStream_t s) {
@@ -734,8 +736,8 @@ cudaError_t gemm_dispatch(const Operands& op, const void* x, const void* bias, v
     case 5: return gemm_ws_launch<GemmCfg5, T>(op, x, bias, y, M, s);
     case 6: return gemm_ws_launch<GemmCfg6, T>(op, x, bias, y, M, s);
     case 7: return gemm_ws_launch<GemmCfg7, T>(op, x, bias, y, M, s);
-    case 8: return gemm_dq_launch<GemmCfg8, T>(op, x, bias, y, M, s);
-    case 9: return gemm_dq_launch<GemmCfg9, T>(op, x, bias, y, M, s);
+    case 8: return gemm_ws_launch<GemmCfg8, T>(op, x, bias, y, M, s);
+    case 9: return gemm_ws_launch<GemmCfg9, T>(op, x, bias, y, M, s);
     case 10: return gemm_dq_launch<GemmCfg10, T>(op, x, bias, y, M, s);
     case 11: return gemm_dq_launch<GemmCfg11, T>(op, x, bias, y, M, s);
     default: return cudaErrorInvalidValue;
