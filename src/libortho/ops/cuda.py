@@ -162,7 +162,7 @@ def set_prefill(path: str | None) -> None:
     _state["prefill"] = path
 
 
-GEMM_CFGS = 12  # gemm_sm90.cu's block configurations (kernels.h kGemmCfgs); -1 = chosen per call (gemm_pick)
+GEMM_CFGS = 8  # gemm_sm90.cu's block configurations (kernels.h kGemmCfgs); -1 = chosen per call (gemm_pick)
 
 
 def parse_gemm_cfg(value: str) -> int:

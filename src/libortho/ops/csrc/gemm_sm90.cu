@@ -270,8 +270,8 @@ __device__ inline void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar), "r"(bytes)
                : "memory");
 }
-// The box of a 2D tensor map at (column k0, row m0) into shared memory at dst; its bytes complete on bar.
-__device__ inline void tma_load_2d(uint32_t dst, const CUtensorMap* map, int k0, int m0, uint32_t bar) {
+// Box (64 columns x NT rows) of x at column k0, row m0 into shared memory at dst; completes `bytes` on bar.
+__device__ inline void tma_load_x(uint32_t dst, const CUtensorMap* map, int k0, int m0, uint32_t bar) {
   asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
                ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(k0), "r"(m0), "r"(bar) : "memory");
 }
@@ -321,7 +321,7 @@ __global__ void __launch_bounds__(C::kThreads, C::MINB) gemm_ws_kernel(Operands 
         const int s = kt % C::STAGES;
         if (kt >= C::STAGES) mbar_wait(empty_s + 8 * s, ((kt / C::STAGES) & 1) ^ 1);
         mbar_arrive_expect_tx(full_s + 8 * s, C::kStageBytes);
-        tma_load_2d(ring_s + s * C::kStageBytes, &xmap, kt * 64, m0, full_s + 8 * s);
+        tma_load_x(ring_s + s * C::kStageBytes, &xmap, kt * 64, m0, full_s + 8 * s);
       }
     return;
   }
@@ -387,221 +387,9 @@ __global__ void __launch_bounds__(C::kThreads, C::MINB) gemm_ws_kernel(Operands 
 #endif
 }
 
-// ---- Dequantize-to-shared form: the weights are dequantized by warps of their own into a bf16/fp16 tile in
-// shared memory, and the consumer warpgroups multiply two shared-memory operands. A register-A wgmma must be
-// waited for before its next A fragments are written (see gemm_trip), so configurations 4-7 hold every chunk's
-// products behind the consumer's own dequantization (ncu, 4096x4096 M = 512: tensor pipe 43 % busy, ~175
-// instructions per chunk per consumer warp at 6.2 cycles each). Here a consumer issues its wgmmas and goes on to
-// the next stage, waiting only for the group before (wait_group 1). Warps 0-7: consumers (two warpgroups, 64
-// weight rows each); warps 8-15: one 16-row strip each, its chunks dequantized as the packed tiles hold them (the
-// mma A fragments) and written with stmatrix into wgmma's 128-byte swizzled K-major layout; warp 16: the TMA
-// producer of x. Stage s: x (NT x 64) then W (128 x 64); xfull[s] counts the TMA's bytes, wfull[s] the 256
-// dequantizing threads (each fences its writes for the async proxy first), empty[s] the 8 consumer warps.
-// The packed chunks reach the dequantizing warps by TMA too: warp 17 (one thread) loads chunk j of the block's 8
-// strips (4 KB of words, the group's 8 x 16 scales and zeros) into slot j % PD of a ring of their own, three 2D
-// boxes per chunk (tensor maps over (strips, words) and (strips, groups x 16)). Loads a dequantizing warp issued
-// itself would be waited for at its proxy fence (MEMBAR.ALL.CTA in SASS), bulk copies included: ~0.7 us per chunk.
-// pfull[j]: the loader's bytes; pempty[j]: the 8 dequantizing warps have read the slot.
-template <int NT_, int STAGES_, int PD_ = 8>
-struct GemmDqCfg {
-  static constexpr int NT = NT_, STAGES = STAGES_, PD = PD_, MINB = 1;
-  static constexpr int kRows = 128, kThreads = 576, kXBytes = NT * 128, kWBytes = kRows * 128;
-  static constexpr int kStageBytes = kXBytes + kWBytes;
-  static constexpr int kSlot = 8 * 512 + 2 * 8 * 32;  // words, scales, zeros of 8 strips
-  static constexpr int kPackBytes = PD * kSlot;       // after the stages
-  static constexpr int kBars = 3 * STAGES + 2 * PD;
-  static constexpr int kSmem = STAGES * kStageBytes + kPackBytes + 1024 + kBars * 8;
-  static_assert(kSlot % 128 == 0, "TMA destinations sit on 128-byte boundaries");
-};
-
-// d (64 x NT, fp32) += A (64 x 16, shared memory) * B (16 x NT, shared memory); both K-major, 128-byte swizzle.
-#define LIBORTHO_WGMMA_SS(NT, TY, REGS, DA, DB, DOPS)                                                       \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                                   \
-               "wgmma.mma_async.sync.aligned.m64n" #NT "k16.f32." TY "." TY " " REGS ", %" #DA ", %" #DB    \
-               ", p, 1, 1, 0, 0;\n}\n"                                                                      \
-               : DOPS : "l"(da), "l"(db))
-
-template <typename T, int NT> struct WgmmaSS;
-template <> struct WgmmaSS<__nv_bfloat16, 128> {
-  __device__ static void run(float (&d)[64], uint64_t da, uint64_t db) {
-    LIBORTHO_WGMMA_SS(128, "bf16", LIBORTHO_REGS64, 64, 65, LIBORTHO_D64);
-  }
-};
-template <> struct WgmmaSS<__half, 128> {
-  __device__ static void run(float (&d)[64], uint64_t da, uint64_t db) {
-    LIBORTHO_WGMMA_SS(128, "f16", LIBORTHO_REGS64, 64, 65, LIBORTHO_D64);
-  }
-};
-template <> struct WgmmaSS<__nv_bfloat16, 64> {
-  __device__ static void run(float (&d)[32], uint64_t da, uint64_t db) {
-    LIBORTHO_WGMMA_SS(64, "bf16", LIBORTHO_REGS32, 32, 33, LIBORTHO_D32);
-  }
-};
-template <> struct WgmmaSS<__half, 64> {
-  __device__ static void run(float (&d)[32], uint64_t da, uint64_t db) {
-    LIBORTHO_WGMMA_SS(64, "f16", LIBORTHO_REGS32, 32, 33, LIBORTHO_D32);
-  }
-};
-
-// Four 8x8 matrices, lane l's register i = its mma-fragment pair of matrix i, to the rows lanes 8i..8i+7 name.
-__device__ inline void stmatrix4(uint32_t addr, const uint32_t (&a)[4]) {
-  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(a[0]), "r"(a[1]),
-               "r"(a[2]), "r"(a[3])
-               : "memory");
-}
-
-// Timing probes of the dequantize-to-shared forms (wrong results; a build-time switch for one GPU call):
-// 1 stores the raw words instead of dequantizing them, 2 also leaves out the proxy fence. What is left of the
-// time then belongs to the barriers and the tensor cores.
-#ifndef LIBORTHO_DQ_PROBE
-#define LIBORTHO_DQ_PROBE 0
-#endif
-
-// One dequantizing warp: its strip's chunk kt into the W tile at wtile (rows 16p..16p+15 of the 128). A fragment
-// register i of k16 step `step` is the 8x8 matrix of rows 8 (i % 2).., columns 16 step + 8 (i / 2)..: lane l
-// names row (l % 8) + 8 ((l / 8) % 2) of matrix l / 8, whose 16 bytes are chunk 2 step + l / 16 of that row.
-template <typename T>
-__device__ inline void dequant_to_smem(const GemmChunk& c, bool hz, uint32_t wtile, int p, int lane) {
-  const RowParams<T> rp = row_params4<T, true>(c.s_lo, c.s_hi, c.z_lo, c.z_hi, hz);
-  const int r = 16 * p + (lane & 7) + 8 * ((lane >> 3) & 1);
-  const uint32_t row = wtile + r * 128;
-#pragma unroll
-  for (int step = 0; step < 4; ++step) {
-    uint32_t a[4];
-    if (LIBORTHO_DQ_PROBE >= 1) a[0] = a[1] = a[2] = a[3] = c.w[step];
-    else dequant_step<T, 4>(a, c.w, step, rp);
-    stmatrix4(row + (((2 * step + (lane >> 4)) ^ (lane & 7)) << 4), a);
-  }
-}
-
-template <class C, typename T>
-__global__ void __launch_bounds__(C::kThreads, C::MINB) gemm_dq_kernel(Operands op, const T* __restrict__ bias,
-                                                                 T* __restrict__ y, int M,
-                                                                 const __grid_constant__ CUtensorMap xmap,
-                                                                 const __grid_constant__ CUtensorMap qmap,
-                                                                 const __grid_constant__ CUtensorMap smap,
-                                                                 const __grid_constant__ CUtensorMap zmap) {
-#ifdef LIBORTHO_WGMMA
-  extern __shared__ uint8_t smem_raw[];
-  const uint32_t raw_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
-  const uint32_t ring_s = raw_s + ((1024u - (raw_s & 1023u)) & 1023u);
-  const uint8_t* ring = smem_raw + (ring_s - raw_s);
-  const uint32_t pack_s = ring_s + C::STAGES * C::kStageBytes, xfull = pack_s + C::kPackBytes,
-                 wfull = xfull + 8 * C::STAGES, empty = wfull + 8 * C::STAGES, pfull = empty + 8 * C::STAGES,
-                 pempty = pfull + 8 * C::PD;
-  const int K = op.K, N = op.N, Tk = K / 64;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int row0 = blockIdx.x * C::kRows, m0 = blockIdx.y * C::NT;
-  const bool hz = op.zeros != nullptr;
-  auto xst = [&](int s) { return ring_s + s * C::kStageBytes; };
-  auto wst = [&](int s) { return ring_s + s * C::kStageBytes + C::kXBytes; };
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < C::STAGES; ++s) {
-      mbar_init(xfull + 8 * s, 1);
-      mbar_init(wfull + 8 * s, 256);
-      mbar_init(empty + 8 * s, 8);
-    }
-    for (int j = 0; j < C::PD; ++j) {
-      mbar_init(pfull + 8 * j, 1);
-      mbar_init(pempty + 8 * j, 8);
-    }
-  }
-  __syncthreads();  // the last block-wide barrier: the producers leave their loops early
-
-  if (warp == 16) {  // x loader, one thread
-    if (lane == 0)
-      for (int kt = 0; kt < Tk; ++kt) {
-        const int s = kt % C::STAGES;
-        if (kt >= C::STAGES) mbar_wait(empty + 8 * s, ((kt / C::STAGES) & 1) ^ 1);
-        mbar_arrive_expect_tx(xfull + 8 * s, C::kXBytes);
-        tma_load_2d(xst(s), &xmap, kt * 64, m0, xfull + 8 * s);
-      }
-    return;
-  }
-  if (warp == 17) {  // packed-weight loader, one thread; strips past the layer's last read as zeros (never stored)
-    if (lane == 0) {
-      const GroupIndex gi(op.group_size, K);
-      const int strip0 = row0 / 16;
-      for (int j = 0; j < Tk; ++j) {
-        const int slot = j % C::PD, g = gi.of(j * 64);
-        const uint32_t dst = pack_s + slot * C::kSlot, bar = pfull + 8 * slot;
-        if (j >= C::PD) mbar_wait(pempty + 8 * slot, ((j / C::PD) & 1) ^ 1);
-        mbar_arrive_expect_tx(bar, 8 * 512 + (hz ? 2 : 1) * 8 * 32);
-        tma_load_2d(dst, &qmap, j * 128, strip0, bar);
-        tma_load_2d(dst + 4096, &smap, g * 16, strip0, bar);
-        if (hz) tma_load_2d(dst + 4096 + 256, &zmap, g * 16, strip0, bar);
-      }
-    }
-    return;
-  }
-  if (warp >= 8) {  // dequantizing warps: strip p of the block's 8, two chunks per pass (one proxy fence)
-    const int p = warp - 8;
-    auto read = [&](GemmChunk& c, int j) {
-      const int slot = j % C::PD;
-      mbar_wait(pfull + 8 * slot, (j / C::PD) & 1);
-      const uint8_t* src = ring + (pack_s - ring_s) + slot * C::kSlot;
-      const uint4 w = *reinterpret_cast<const uint4*>(src + p * 512 + lane * 16);
-      const uint16_t* sc = reinterpret_cast<const uint16_t*>(src + 4096) + p * 16 + (lane >> 2);
-      const uint16_t* zc = reinterpret_cast<const uint16_t*>(src + 4096 + 256) + p * 16 + (lane >> 2);
-      c.w[0] = w.x, c.w[1] = w.y, c.w[2] = w.z, c.w[3] = w.w;
-      c.s_lo = sc[0], c.s_hi = sc[8];
-      if (hz) c.z_lo = zc[0], c.z_hi = zc[8];
-    };
-    for (int kt = 0; kt < Tk; kt += 2) {
-      const bool two = kt + 1 < Tk;
-      const int s0 = kt % C::STAGES, s1 = (kt + 1) % C::STAGES;
-      GemmChunk c0{}, c1{};
-      read(c0, kt);
-      if (two) read(c1, kt + 1);
-      if (kt >= C::STAGES) mbar_wait(empty + 8 * s0, ((kt / C::STAGES) & 1) ^ 1);
-      dequant_to_smem<T>(c0, hz, wst(s0), p, lane);
-      if (two) {
-        if (kt + 1 >= C::STAGES) mbar_wait(empty + 8 * s1, (((kt + 1) / C::STAGES) & 1) ^ 1);
-        dequant_to_smem<T>(c1, hz, wst(s1), p, lane);
-      }
-      __syncwarp();  // every lane has used its operands: the slots may be refilled
-      if (lane == 0) {
-        mbar_arrive(pempty + 8 * (kt % C::PD));
-        if (two) mbar_arrive(pempty + 8 * ((kt + 1) % C::PD));
-      }
-      if (LIBORTHO_DQ_PROBE < 2) fence_proxy_async();
-      mbar_arrive(wfull + 8 * s0);
-      if (two) mbar_arrive(wfull + 8 * s1);
-    }
-    return;
-  }
-
-  float acc[C::NT / 2];
-#pragma unroll
-  for (int i = 0; i < C::NT / 2; ++i) acc[i] = 0.f;
-  const uint32_t wg_off = (warp >> 2) * 64 * 128;  // this warpgroup's 64 rows of the W tile
-  for (int kt = 0; kt < Tk; ++kt) {
-    const int s = kt % C::STAGES;
-    const uint32_t ph = (kt / C::STAGES) & 1;
-    uint64_t da[4], db[4];
-#pragma unroll
-    for (int step = 0; step < 4; ++step) {
-      da[step] = swizzled_desc(wst(s) + wg_off + step * 32);
-      db[step] = swizzled_desc(xst(s) + step * 32);
-    }
-    mbar_wait(xfull + 8 * s, ph);
-    mbar_wait(wfull + 8 * s, ph);
-    wgmma_fence();
-#pragma unroll
-    for (int step = 0; step < 4; ++step) WgmmaSS<T, C::NT>::run(acc, da[step], db[step]);
-    wgmma_commit();
-    wgmma_wait<1>();  // the previous stage's products are done: release it
-    if (kt > 0 && lane == 0) mbar_arrive(empty + 8 * ((kt - 1) % C::STAGES));
-  }
-  wgmma_wait<0>();
-  store_acc<C::NT>(acc, y, static_cast<float*>(nullptr), bias, row0 + warp * 16, m0, M, N, lane);
-#endif
-}
-
-// A 2D tensor map (rows of `cols` elements, `row_bytes` apart) read in boxes of box_cols x box_rows; rows or
-// columns past the ends read as zeros. cuTensorMapEncodeTiled is a driver function: fetched once through the runtime.
-bool tensor_map_2d(CUtensorMap* map, CUtensorMapDataType type, const void* base, int64_t cols, int64_t rows,
-                   int64_t row_bytes, int box_cols, int box_rows, CUtensorMapSwizzle swizzle) {
+// x (M, K) as a TMA tensor map: boxes of 64 columns (128 bytes, the swizzle span) by NT rows, 128-byte swizzle,
+// rows past M read as zeros. cuTensorMapEncodeTiled is a driver function: fetched once through the runtime.
+bool x_tensor_map(CUtensorMap* map, const void* x, int M, int K, int NT, bool bf16) {
   using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*, const cuuint64_t*,
                               const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
                               CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
@@ -613,17 +401,12 @@ bool tensor_map_2d(CUtensorMap* map, CUtensorMapDataType type, const void* base,
     return ok ? reinterpret_cast<Encode>(fn) : nullptr;
   }();
   if (!encode) return false;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(row_bytes)};  // bytes, of every dimension but the first
-  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows)}, unit[2] = {1, 1};
-  return encode(map, type, 2, const_cast<void*>(base), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(M)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(K) * 2};  // bytes, of every dimension but the first
+  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(NT)}, unit[2] = {1, 1};
+  return encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, const_cast<void*>(x),
+                dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
-// x (M, K): boxes of 64 columns (128 bytes, the swizzle span) by NT rows, 128-byte swizzle.
-bool x_tensor_map(CUtensorMap* map, const void* x, int M, int K, int NT, bool bf16) {
-  return tensor_map_2d(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, x, K, M,
-                       static_cast<int64_t>(K) * 2, 64, NT, CU_TENSOR_MAP_SWIZZLE_128B);
 }
 
 template <class C, typename T>
@@ -640,35 +423,6 @@ cudaError_t gemm_ws_launch(const Operands& op, const void* x, const void* bias, 
   const dim3 grid((op.N + C::kRows - 1) / C::kRows, (M + C::NT - 1) / C::NT);
   gemm_ws_kernel<C, T><<<grid, C::kThreads, C::kSmem, s>>>(op, static_cast<const T*>(x),
                                                            static_cast<const T*>(bias), static_cast<T*>(y), M, xmap);
-  return cudaGetLastError();
-}
-
-// The packed weights as (strips, Tk x 128 words) and the scales / zeros as (strips, groups x 16), in boxes of 8 strips.
-bool weight_tensor_maps(CUtensorMap* q, CUtensorMap* sc, CUtensorMap* z, const Operands& op) {
-  const int64_t tn = (op.N + 15) / 16, words = static_cast<int64_t>(op.K / 64) * 128;
-  const int64_t g16 = static_cast<int64_t>((op.K + op.group_size - 1) / op.group_size) * 16;
-  const auto u16 = CU_TENSOR_MAP_DATA_TYPE_UINT16;
-  return tensor_map_2d(q, CU_TENSOR_MAP_DATA_TYPE_INT32, op.qweight, words, tn, words * 4, 128, 8,
-                       CU_TENSOR_MAP_SWIZZLE_NONE) &&
-         tensor_map_2d(sc, u16, op.scales, g16, tn, g16 * 2, 16, 8, CU_TENSOR_MAP_SWIZZLE_NONE) &&
-         (!op.zeros || tensor_map_2d(z, u16, op.zeros, g16, tn, g16 * 2, 16, 8, CU_TENSOR_MAP_SWIZZLE_NONE));
-}
-
-template <class C, typename T>
-cudaError_t gemm_dq_launch(const Operands& op, const void* x, const void* bias, void* y, int M, cudaStream_t s) {
-  CUtensorMap xmap{}, qmap{}, smap{}, zmap{};
-  if (!x_tensor_map(&xmap, x, M, op.K, C::NT, op.bf16) || !weight_tensor_maps(&qmap, &smap, &zmap, op))
-    return cudaErrorNotSupported;  // e.g. a base address the TMA cannot take (not 16-byte aligned)
-  static bool configured = false;
-  if (!configured) {
-    const cudaError_t e = cudaFuncSetAttribute(gemm_dq_kernel<C, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               C::kSmem);
-    if (e != cudaSuccess) return e;
-    configured = true;
-  }
-  const dim3 grid((op.N + C::kRows - 1) / C::kRows, (M + C::NT - 1) / C::NT);
-  gemm_dq_kernel<C, T><<<grid, C::kThreads, C::kSmem, s>>>(op, static_cast<const T*>(bias), static_cast<T*>(y), M,
-                                                           xmap, qmap, smap, zmap);
   return cudaGetLastError();
 }
 
@@ -716,8 +470,7 @@ cudaError_t gemm_launch(const Operands& op, const void* x, const void* bias, voi
   return cudaGetLastError();
 }
 
-// Configurations (LIBORTHO_GEMM_CFG picks one for a probe; gemm_pick otherwise): 0-3 lock-step, 4-7 warp-specialized,
-// 8-11 dequantize to shared memory.
+// Configurations (LIBORTHO_GEMM_CFG picks one for a probe; 0 is the default): 0-3 lock-step, 4-7 warp-specialized.
 using GemmCfg0 = GemmCfg<1, 128, 2, 6, 2>;  // 64 rows x 128 tokens, 128 columns per trip, 96 KB ring, 2 per SM
 using GemmCfg1 = GemmCfg<1, 128, 2, 4, 3>;  // the same with a 64 KB ring, 3 per SM
 using GemmCfg2 = GemmCfg<2, 128, 1, 4, 2>;  // 128 rows x 128 tokens, 64 columns per trip (the first form)
@@ -726,10 +479,6 @@ using GemmCfg4 = GemmWsCfg<128, 6, 3, 1>;    // warp-specialized, 128 rows x 128
 using GemmCfg5 = GemmWsCfg<64, 6, 3, 2>;     // warp-specialized, 128 rows x 64 tokens, 2 per SM
 using GemmCfg6 = GemmWsCfg<128, 6, 1, 1, true>;  // configuration 4 with a TMA producer
 using GemmCfg7 = GemmWsCfg<64, 6, 1, 2, true>;   // configuration 5 with a TMA producer
-using GemmCfg8 = GemmDqCfg<128, 4>;      // dequantize to shared memory, 128 rows x 128 tokens, 128 + 36 KB
-using GemmCfg9 = GemmDqCfg<64, 6>;       // the same with 64 tokens, 144 + 36 KB
-using GemmCfg10 = GemmDqCfg<128, 6, 4>;  // configuration 8 with 6 stages, 4 packed chunks ahead: 192 + 18 KB
-using GemmCfg11 = GemmDqCfg<64, 8, 4>;   // configuration 9 with 8 stages, 4 packed chunks ahead: 192 + 18 KB
 
 template <typename T>
 cudaError_t gemm_dispatch(const Operands& op, const void* x, const void* bias, void* y, int M, int cfg, cudaStream_t s) {
@@ -742,10 +491,6 @@ cudaError_t gemm_dispatch(const Operands& op, const void* x, const void* bias, v
     case 5: return gemm_ws_launch<GemmCfg5, T>(op, x, bias, y, M, s);
     case 6: return gemm_ws_launch<GemmCfg6, T>(op, x, bias, y, M, s);
     case 7: return gemm_ws_launch<GemmCfg7, T>(op, x, bias, y, M, s);
-    case 8: return gemm_dq_launch<GemmCfg8, T>(op, x, bias, y, M, s);
-    case 9: return gemm_dq_launch<GemmCfg9, T>(op, x, bias, y, M, s);
-    case 10: return gemm_dq_launch<GemmCfg10, T>(op, x, bias, y, M, s);
-    case 11: return gemm_dq_launch<GemmCfg11, T>(op, x, bias, y, M, s);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -773,7 +518,7 @@ bool set_gemm_cfg(int cfg) {
 int gemm_cfg() { return g_gemm_cfg; }
 
 int gemm_int4_splits(const Operands& op, int M) {
-  switch (gemm_pick(op, M)) {  // the warp-specialized forms (4-11) do not split
+  switch (gemm_pick(op, M)) {  // the warp-specialized forms (4-7) do not split
     case 0: return gemm_splits<GemmCfg0>(op, M).count;
     case 1: return gemm_splits<GemmCfg1>(op, M).count;
     case 2: return gemm_splits<GemmCfg2>(op, M).count;

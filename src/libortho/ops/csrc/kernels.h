@@ -81,7 +81,7 @@ int gemm_int4_splits(const Operands& op, int M);
 // Its block configuration (gemm_sm90.cu GemmCfg0..7) for probes; -1 (the default): chosen per call (gemm_pick).
 bool set_gemm_cfg(int cfg);  // false (nothing changed) outside -1..kGemmCfgs-1
 int gemm_cfg();
-constexpr int kGemmCfgs = 12;
+constexpr int kGemmCfgs = 8;
 cudaError_t launch_gemm_int4(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t stream);
 
 // y (M, N) += alpha * x @ S^T, x transposed in op.xt (ld 32 or 64 >= M): ortho_add.cu. No launch at alpha 0 or
