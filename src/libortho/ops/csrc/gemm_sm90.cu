@@ -162,6 +162,14 @@ struct GemmStrip {
   int Tk;
 };
 
+// The packed words, scales and zeros of 16-row strip `strip` (Tk 64-column chunks per row).
+__device__ inline GemmStrip gemm_strip(const Operands& op, int strip, int Tk) {
+  const int groups = (op.K + op.group_size - 1) / op.group_size;
+  const size_t sz = static_cast<size_t>(strip) * groups * 16;
+  return {op.qweight + static_cast<size_t>(strip) * Tk * 128, static_cast<const uint16_t*>(op.scales) + sz,
+          op.zeros ? static_cast<const uint16_t*>(op.zeros) + sz : nullptr, GroupIndex(op.group_size, op.K), Tk};
+}
+
 // Trip t of the K loop: chunks t*CH .. t*CH+CH-1. Ring protocol: trip t's chunks sit in ring slot t % kTrips;
 // after the barrier every warpgroup has waited for trip t-1's wgmmas, so that slot takes trip t-1+kTrips.
 // A trip's products are waited for before the next trip's dequantization: ptxas serializes register-A wgmmas
@@ -223,11 +231,7 @@ __global__ void __launch_bounds__(C::kThreads, C::MINB) gemm_int4_kernel(Operand
   const int row0 = blockIdx.x * C::kRows, m0 = blockIdx.y * C::NT;
   // Warp w of the block is warp w % 4 of warpgroup w / 4: rows 16w..16w+15 of the block's. Strips past the
   // layer's last read its last strip (valid memory); their rows are never stored.
-  const int strip = min(row0 / 16 + warp, tn - 1);
-  const int groups = (K + op.group_size - 1) / op.group_size;
-  const size_t sz = static_cast<size_t>(strip) * groups * 16;
-  const GemmStrip st{op.qweight + static_cast<size_t>(strip) * Tk * 128, static_cast<const uint16_t*>(op.scales) + sz,
-                     op.zeros ? static_cast<const uint16_t*>(op.zeros) + sz : nullptr, GroupIndex(op.group_size, K), Tk};
+  const GemmStrip st = gemm_strip(op, min(row0 / 16 + warp, tn - 1), Tk);
 
 #pragma unroll
   for (int t = 0; t < C::kTrips - 1; ++t) {
@@ -349,11 +353,7 @@ __global__ void __launch_bounds__(C::kThreads, C::MINB) gemm_ws_kernel(Operands 
     return;
   }
 
-  const int strip = min(row0 / 16 + warp, tn - 1);
-  const int groups = (K + op.group_size - 1) / op.group_size;
-  const size_t sz = static_cast<size_t>(strip) * groups * 16;
-  const GemmStrip st{op.qweight + static_cast<size_t>(strip) * Tk * 128, static_cast<const uint16_t*>(op.scales) + sz,
-                     op.zeros ? static_cast<const uint16_t*>(op.zeros) + sz : nullptr, GroupIndex(op.group_size, K), Tk};
+  const GemmStrip st = gemm_strip(op, min(row0 / 16 + warp, tn - 1), Tk);
   float acc[C::NT / 2];
 #pragma unroll
   for (int i = 0; i < C::NT / 2; ++i) acc[i] = 0.f;
