@@ -149,8 +149,8 @@ cudaError_t dequant_dispatch(const Operands& op, void* w, cudaStream_t s) {
   // With the merge: whole rows per block when there are enough 16-row strips, else K split so ~512 blocks fill
   // the SMs (a block's merge starts with a search of its rows, so fewer, longer blocks). Without it: one round
   // of 8 tiles per block, many short blocks that the block scheduler spreads evenly; ~one wave of whole rows
-  // left SMs with one block more than others (H200, M = 512: 2-7 % faster in two calls; a persistent grid of
-  // warps taking tiles round-robin gained only 1-2 %).
+  // left SMs with one block more than others (H200, M = 512: 3.5-5.5 % faster in a same-machine A/B; a
+  // persistent grid of warps taking tiles round-robin gained only 1-2 %; benchmarks/NOTES-kernels.md).
   const int Tk = (op.K + 63) / 64, strips = (op.N + 15) / 16;
   const bool ortho = op.alpha != 0.f && op.nnz > 0;
   const int want = static_cast<int>((static_cast<int64_t>(Tk) * strips + 511) / 512);
