@@ -65,10 +65,6 @@ struct MergeWindow {
   }
 };
 
-#ifndef LIBORTHO_DQ_SCATTER
-#define LIBORTHO_DQ_SCATTER 0  // build-time switch (draft): alpha * S added by a second kernel, not merged
-#endif
-
 // With the merge, 6 blocks per SM (40 registers): a 11008-row W's 688 blocks stay in one wave of 792 (8 per
 // SM without it). Larger grids take MINB = 7 (32 registers, a few spills) rather than a second wave.
 template <typename T, int BITS, bool ORTHO, int MINB = 6>
@@ -148,26 +144,6 @@ __global__ void __launch_bounds__(kWarps * 32, ORTHO ? MINB : 0) dequant_merge_k
   }
 }
 
-#if LIBORTHO_DQ_SCATTER
-// alpha * S added into W in place after the alpha-0 kernel wrote it (draft): a warp per row, a lane per entry.
-// The columns of a row are distinct, so no two lanes touch one element, and each sum is rounded as the merge
-// rounds it (W's rounded value + alpha v), so W is the same bit for bit. No search, no block barriers: the
-// dependent loads of all rows are in flight at once instead of inside each block's sweep.
-template <typename T>
-__global__ void __launch_bounds__(256) add_ortho_kernel(Operands op, T* __restrict__ w) {
-  const int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-  if (row >= op.N) return;
-  const int lo = op.row_ptr[row], hi = op.row_ptr[row + 1];
-  T* wr = w + static_cast<size_t>(row) * op.K;
-  const uint16_t* vals = static_cast<const uint16_t*>(op.values);
-#pragma unroll 4
-  for (int e = lo + lane; e < hi; e += 32) {
-    T& t = wr[col_at(op, e)];
-    t = Num<T>::from(Num<T>::f(t) + op.alpha * Num<T>::f(Num<T>::bits(vals[e])));
-  }
-}
-#endif
-
 template <typename T>
 cudaError_t dequant_dispatch(const Operands& op, void* w, cudaStream_t s) {
   // With the merge: whole rows per block when there are enough 16-row strips, else K split so ~512 blocks fill
@@ -176,16 +152,6 @@ cudaError_t dequant_dispatch(const Operands& op, void* w, cudaStream_t s) {
   // left SMs with one block more than others (H200, M = 512: 3.5-5.5 % faster in a same-machine A/B; a
   // persistent grid of warps taking tiles round-robin gained only 1-2 %; benchmarks/NOTES-kernels.md).
   const int Tk = (op.K + 63) / 64, strips = (op.N + 15) / 16;
-#if LIBORTHO_DQ_SCATTER
-  if (op.alpha != 0.f && op.nnz > 0) {  // the alpha-0 step, then the entries added in place
-    Operands base = op;
-    base.alpha = 0.f;
-    const cudaError_t err = dequant_dispatch<T>(base, w, s);
-    if (err != cudaSuccess) return err;
-    add_ortho_kernel<T><<<(op.N + 7) / 8, 256, 0, s>>>(op, static_cast<T*>(w));
-    return cudaGetLastError();
-  }
-#endif
   const bool ortho = op.alpha != 0.f && op.nnz > 0;
   const int want = static_cast<int>((static_cast<int64_t>(Tk) * strips + 511) / 512);
   const int tpb = std::min(Tk, ortho ? std::max(kWarps, (want + kWarps - 1) / kWarps * kWarps) : kWarps);
