@@ -18,6 +18,11 @@ using namespace cute;
 using ValueShuffle = Layout<Shape<_2, _4>, Stride<_4, _1>>;
 using AtomOurs = decltype(cutlass::compute_memory_reordering_atom<cutlass::bfloat16_t, Layout<Shape<_1, _4>>, ValueShuffle>());
 
+// The same atom written out as gemm_cutlass.cu writes it (pack()'s rule as a CuTe layout): the types must agree.
+using PackedTile = Layout<Shape<Shape<Shape<_8, _2>, _1>, Shape<Shape<_2, _4, _2>, _4>>,
+                          Stride<Stride<Stride<_128, _1>, _0>, Stride<Stride<_4, _32, _2>, _8>>>;
+static_assert(std::is_same_v<PackedTile, AtomOurs>, "gemm_cutlass.cu's PackedTile is not CUTLASS's atom");
+
 long pack_offset(int n, int k, int K) {
   const int r = n % 16, c = k % 64, tk = K / 64;
   const int lane = (r % 8) * 4 + (c % 8) / 2, step = c / 16, slot = (c % 2) * 4 + r / 8 + 2 * ((c % 16) / 8);
