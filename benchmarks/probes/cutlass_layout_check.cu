@@ -5,8 +5,10 @@
 // pack()'s rule, as decoded here (checked against quant.pack in Python): tile (n/16, k/64) of 1024 nibbles; lane
 // (r%8)*4 + (c%8)/2 owns nibbles 32 lane .. 32 lane + 31; step c/16 is its word; in the word, nibble
 // (c%2)*4 + r/8 + 2 ((c%16)/8)   (r = n % 16, c = k % 64).
-// Build and run: nvcc -std=c++17 --expt-relaxed-constexpr -I$C/include -I$C/tools/util/include \
-//                     benchmarks/probes/cutlass_layout_check.cu -o /tmp/clc && /tmp/clc
+// Build and run (C = the nvidia-cutlass wheel's cutlass_library/source; CUTLASS's utility header pulls in
+// curand_kernel.h, which a toolkit without cuRAND lacks: the nvidia-curand wheel's nvidia/cu13/include has it):
+//   nvcc -std=c++17 --expt-relaxed-constexpr -I$C/include -I$C/tools/util/include [-I$CURAND/include] \
+//        benchmarks/probes/cutlass_layout_check.cu -o /tmp/clc && /tmp/clc
 #include <cstdio>
 
 #include "cute/tensor.hpp"
