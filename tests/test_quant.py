@@ -70,6 +70,22 @@ def test_bad_group_size(gs):
         quant.quantize(torch.randn(4, 64), group_size=gs)
 
 
+def test_int4_nibble_offsets_follow_the_cute_layout():
+    """The INT4 tiles as one flat nibble layout, the rule a CUTLASS mixed-input GEMM would be given for them
+    (benchmarks/probes/cutlass_layout_check.cu: CUTLASS's reordered register-A layout with four k16 atoms per thread,
+    tiles K-innermost, is this rule): nibble ((n/16) Tk + k/64) 1024 + 32 lane + 8 (c/16) + slot, with
+    r = n % 16, c = k % 64, lane = (r%8)*4 + (c%8)/2 and slot = (c%2)*4 + r/8 + 2 ((c%16)/8)."""
+    n, k = 48, 320
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    words = quant.pack(q, 4).reshape(-1).to(torch.int64) & 0xFFFFFFFF
+    tk = quant.padded_shape(n, k)[1] // 64
+    rows, cols = torch.meshgrid(torch.arange(n), torch.arange(k), indexing="ij")
+    r, c = rows % 16, cols % 64
+    lane, slot = (r % 8) * 4 + (c % 8) // 2, (c % 2) * 4 + r // 8 + 2 * ((c % 16) // 8)
+    nibble = ((rows // 16) * tk + cols // 64) * 1024 + 32 * lane + 8 * (c // 16) + slot
+    assert torch.equal((words[nibble // 8] >> (4 * (nibble % 8))) & 0xF, q.to(torch.int64))
+
+
 def test_pack_rejects_codes_too_wide():
     with pytest.raises(ValueError, match="exceed"):
         quant.pack(torch.full((4, 8), 9, dtype=torch.uint8), 3)
