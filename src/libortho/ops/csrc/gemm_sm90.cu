@@ -39,34 +39,26 @@ struct GemmCfg {
                         "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
 // d (64 x NT, fp32, this warpgroup's accumulators) += A (64 x 16, registers) * B (16 x NT, shared memory).
 // A0..A3: the operand numbers of a's registers, DESC the descriptor's, ONE a register holding 1: scale-d is
-// true, so d accumulates (it starts at 0).
-#define LIBORTHO_WGMMA_RS(NT, TY, REGS, A0, A1, A2, A3, DESC, ONE, DOPS)                                \
+// true, so d accumulates (it starts at 0). The trailing arguments are d's operands (LIBORTHO_D32 / D64).
+#define LIBORTHO_WGMMA_RS(NT, TY, REGS, A0, A1, A2, A3, DESC, ONE, ...)                                 \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                      \
                "wgmma.mma_async.sync.aligned.m64n" #NT "k16.f32." TY "." TY " " REGS ", "            \
                "{%" #A0 ", %" #A1 ", %" #A2 ", %" #A3 "}, %" #DESC ", p, 1, 1, 0;\n}\n"               \
-               : DOPS : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc))
+               : __VA_ARGS__ : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc))
 
 template <typename T, int NT> struct Wgmma;
-template <> struct Wgmma<__nv_bfloat16, 64> {
-  __device__ static void run(float (&d)[32], const uint32_t (&a)[4], uint64_t desc) {
-    LIBORTHO_WGMMA_RS(64, "bf16", LIBORTHO_REGS32, 32, 33, 34, 35, 36, 37, LIBORTHO_D32);
-  }
-};
-template <> struct Wgmma<__half, 64> {
-  __device__ static void run(float (&d)[32], const uint32_t (&a)[4], uint64_t desc) {
-    LIBORTHO_WGMMA_RS(64, "f16", LIBORTHO_REGS32, 32, 33, 34, 35, 36, 37, LIBORTHO_D32);
-  }
-};
-template <> struct Wgmma<__nv_bfloat16, 128> {
-  __device__ static void run(float (&d)[64], const uint32_t (&a)[4], uint64_t desc) {
-    LIBORTHO_WGMMA_RS(128, "bf16", LIBORTHO_REGS64, 64, 65, 66, 67, 68, 69, LIBORTHO_D64);
-  }
-};
-template <> struct Wgmma<__half, 128> {
-  __device__ static void run(float (&d)[64], const uint32_t (&a)[4], uint64_t desc) {
-    LIBORTHO_WGMMA_RS(128, "f16", LIBORTHO_REGS64, 64, 65, 66, 67, 68, 69, LIBORTHO_D64);
-  }
-};
+// One specialization per activation type and token count: the PTX type and the operand numbers must be literals
+// in the asm string. D: accumulators per thread; A0..ONE as in LIBORTHO_WGMMA_RS.
+#define LIBORTHO_WGMMA_SPEC(T, TY, NT, D, REGS, DOPS, A0, A1, A2, A3, DESC, ONE)              \
+  template <> struct Wgmma<T, NT> {                                                           \
+    __device__ static void run(float (&d)[D], const uint32_t (&a)[4], uint64_t desc) {        \
+      LIBORTHO_WGMMA_RS(NT, TY, REGS, A0, A1, A2, A3, DESC, ONE, DOPS);                       \
+    }                                                                                         \
+  };
+LIBORTHO_WGMMA_SPEC(__nv_bfloat16, "bf16", 64, 32, LIBORTHO_REGS32, LIBORTHO_D32, 32, 33, 34, 35, 36, 37)
+LIBORTHO_WGMMA_SPEC(__half, "f16", 64, 32, LIBORTHO_REGS32, LIBORTHO_D32, 32, 33, 34, 35, 36, 37)
+LIBORTHO_WGMMA_SPEC(__nv_bfloat16, "bf16", 128, 64, LIBORTHO_REGS64, LIBORTHO_D64, 64, 65, 66, 67, 68, 69)
+LIBORTHO_WGMMA_SPEC(__half, "f16", 128, 64, LIBORTHO_REGS64, LIBORTHO_D64, 64, 65, 66, 67, 68, 69)
 
 __device__ inline void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ inline void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
