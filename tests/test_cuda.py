@@ -772,3 +772,73 @@ def test_gemm_refuses_what_it_cannot_run():
             cuda_backend._checked(ext.gemm_int4(x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr,
                                                 layer.col_idx, layer.values, None, 1.0, bits,
                                                 quant.effective_group_size(gs, k), 64, k))
+
+
+# CUTLASS's mixed-input GEMM on the packed tiles (gemm_cutlass.cu, LIBORTHO_PREFILL=cutlass; a build with CUTLASS).
+CUTLASS_SHAPES = [(128, 64), (1008, 1536), (4096, 4096), (11008, 4096), (256, 4160)]
+
+
+def cutlass_built() -> bool:
+    ext = cuda_backend.extension()
+    return ext is not None and ext.gemm_cutlass_built()
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() != (9, 0),
+                    reason="CUTLASS's mixed-input GEMM is built for sm_90a only")
+@pytest.mark.parametrize("shape", CUTLASS_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("m", [1, 17, 64, 130, 512])
+@pytest.mark.parametrize("gs,sym,dtype", [(128, True, torch.bfloat16), (64, False, torch.float16),
+                                          (-1, False, torch.bfloat16), (128, False, torch.float16)])
+def test_cutlass_gemm_matches_float64_and_the_dequant_path(shape, m, gs, sym, dtype):
+    if not cutlass_built():
+        pytest.skip("built without CUTLASS (see ops/cuda.py cutlass_include)")
+    n, k = shape
+    gen = torch.Generator(device="cuda").manual_seed(n * 5 + m * 11 + k)
+    layer = make_layer(n, k, 4, gs, sym, 0.0, dtype, gen, bias=m % 2 == 0)
+    x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+    ext = cuda_backend.extension()
+    gsz = quant.effective_group_size(layer.group_size, k)
+    args = (layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values, layer.bias, 0.0, 4,
+            gsz, n, k)
+    w = cuda_backend._checked(ext.dequant_merge(x, *args[:6], 0.0, 4, gsz, n, k))
+    want = torch.nn.functional.linear(x, w, layer.bias).double()
+    poison_allocator()
+    y = cuda_backend._checked(ext.gemm_cutlass(x, *args), "CUTLASS GEMM")
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert rel_err(y, reference64(layer, x, 0.0)) < TOL[dtype]
+    # CUTLASS rounds s q and then s q + z' (the dequantize step rounds (q - z) s once): a little looser than the
+    # wgmma kernel's bound against the same path
+    close = rel_err(y, want)
+    assert close < (6e-3 if dtype == torch.bfloat16 else 1.5e-3), f"vs dequant + cuBLAS {close:.3g}"
+    assert torch.equal(cuda_backend._checked(ext.gemm_cutlass(x, *args), "CUTLASS GEMM"), y)  # no split: same bits
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() != (9, 0),
+                    reason="CUTLASS's mixed-input GEMM is built for sm_90a only")
+def test_cutlass_switch_and_refusals():
+    """LIBORTHO_PREFILL=cutlass: CUTLASS's output bit for bit where it takes the call, the dequant path's where it
+    cannot (an ortho stream in play, N not a multiple of 16, K not of 64, groups of 32, INT3), all against float64."""
+    if not cutlass_built():
+        pytest.skip("built without CUTLASS (see ops/cuda.py cutlass_include)")
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    ext = cuda_backend.extension()
+    cases = [(1024, 1024, 4, 128, 0.0, 0.0, True), (1024, 1024, 4, 128, 0.02, 1.0, False),
+             (1024, 1024, 4, 128, 0.02, 0.0, True), (1000, 1024, 4, 128, 0.0, 0.0, False),
+             (1024, 1000, 4, -1, 0.0, 0.0, False), (1024, 1024, 4, 32, 0.0, 0.0, False),
+             (1024, 1024, 3, 128, 0.0, 0.0, False)]
+    for n, k, bits, gs, density, alpha, takes in cases:
+        layer = make_layer(n, k, bits, gs, True, density, torch.bfloat16, gen)
+        layer.alpha = alpha
+        x = torch.randn(200, k, generator=gen, device="cuda").to(torch.bfloat16)
+        gsz = quant.effective_group_size(gs, k)
+        direct, code = ext.gemm_cutlass(x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx,
+                                        layer.values, layer.bias, alpha, bits, gsz, n, k)
+        assert (code == 0) == takes, (n, k, bits, gs, density, alpha, code)  # -1: refused by the binding
+        try:
+            cuda_backend.set_prefill("cutlass")
+            y = layer(x)
+        finally:
+            cuda_backend.set_prefill(None)
+        if takes:
+            assert torch.equal(y, direct)
+        assert rel_err(y, reference64(layer, x, alpha)) < TOL[torch.bfloat16]

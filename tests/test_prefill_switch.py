@@ -18,7 +18,7 @@ def test_prefill_default_env_and_override(monkeypatch):
 
 
 def test_prefill_rejects_unknown_paths(monkeypatch):
-    monkeypatch.setenv("LIBORTHO_PREFILL", "cutlass")
+    monkeypatch.setenv("LIBORTHO_PREFILL", "cublas")
     with pytest.raises(ValueError, match="not a prefill path"):
         cuda.prefill()
     with pytest.raises(ValueError, match="not one of"):
@@ -52,3 +52,24 @@ def test_auto_sends_ortho_streams_to_the_gemm_only_where_it_measured_faster(m, d
     nnz = int(density * n * k)
     assert cuda.use_gemm("auto", m, nnz * m, n * k) is want
     assert cuda.use_gemm("gemm", m, nnz * m, n * k) and not cuda.use_gemm("dequant", m, nnz * m, n * k)
+
+
+def test_cutlass_is_an_opt_in_path(monkeypatch):
+    monkeypatch.setenv("LIBORTHO_PREFILL", "cutlass")
+    assert cuda.prefill() == "cutlass"
+    assert not cuda.use_gemm("cutlass", 512) and not cuda.use_gemm("cutlass", 17)  # its fallback is dequantize + cuBLAS
+
+
+def test_cutlass_include_sources(monkeypatch, tmp_path):
+    monkeypatch.setenv("LIBORTHO_CUTLASS", "0")
+    assert cuda.cutlass_include() is None
+    monkeypatch.delenv("LIBORTHO_CUTLASS")
+    monkeypatch.setenv("LIBORTHO_CUTLASS_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match="no include/cutlass/cutlass.h"):
+        cuda.cutlass_include()
+    (tmp_path / "include" / "cutlass").mkdir(parents=True)
+    (tmp_path / "include" / "cutlass" / "cutlass.h").write_text("// stand-in\n")
+    assert cuda.cutlass_include() == tmp_path / "include"
+    monkeypatch.delenv("LIBORTHO_CUTLASS_DIR")
+    found = cuda.cutlass_include()  # the nvidia-cutlass wheel's, when it is installed
+    assert found is None or (found / "cutlass" / "cutlass.h").is_file()

@@ -22,7 +22,10 @@
   registers into Hopper's wgmma, split along K on short grids; the ortho stream, if alpha != 0, added after it
   by ortho_add.cu), and everything else through dequantize + cuBLAS: one kernel dequantizes the base and merges
   alpha * S into a bf16/fp16 weight, then cuBLAS. ``gemm`` sends every call the GEMM takes to it (at any M;
-  above 64 tokens only alpha 0 or no ortho entries), ``dequant`` none.
+  above 64 tokens only alpha 0 or no ortho entries), ``dequant`` none. ``cutlass`` (opt-in, a build that found
+  CUTLASS's headers, see :func:`cutlass_include`) sends every call CUTLASS's mixed-input GEMM takes to it
+  (gemm_cutlass.cu: the packed tiles read as they are; INT4, N % 16 == 0, K % 64 == 0, no ortho stream in play),
+  the rest to dequantize + cuBLAS.
 
 The extension is built on first use with ``torch.utils.cpp_extension.load`` for the GPU present and
 cached in ``$LIBORTHO_BUILD_DIR`` (default ``~/.cache/libortho/build``). Set
@@ -47,7 +50,7 @@ DECODE_KERNELS = ("v1", "v2", "v3")
 DEFAULT_DECODE_KERNEL = "v1"  # H200, 2026-11-29: v3 wins at M = 1 on 5 of 6 Llama shapes but loses 2-6x from M = 2 on
 _FUSED = {"v1": "fused_small_m", "v2": "fused_small_m_v2", "v3": "fused_small_m_v3"}
 _state = {"ext": None, "error": None, "warned": set(), "decode": None, "prefill": None}
-PREFILLS = ("auto", "dequant", "gemm")
+PREFILLS = ("auto", "dequant", "gemm", "cutlass")  # cutlass: opt-in (a build with CUTLASS, gemm_cutlass.cu)
 # auto: the GEMM up to here (H200, 2026-11-30: 0.88-1.45x bf16 time at M 32-64 against 1.4-2.5x for dequantize +
 # cuBLAS; from M = 512 the latter wins, 1.44-1.50x against 1.53-1.76x on the Llama shapes); also the ortho add's limit.
 GEMM_M_MAX = 64
@@ -174,6 +177,14 @@ def parse_gemm_cfg(value: str) -> int:
     return int(value)
 
 
+def cutlass_takes(x2, bits, group_size, out_features, in_features, alpha, values) -> bool:
+    """Whether CUTLASS's mixed-input GEMM (gemm_cutlass.cu) can run this call (the C++ side checks the same)."""
+    ext = _state["ext"]
+    return (ext is not None and ext.gemm_cutlass_built() and bits == 4 and out_features % 16 == 0
+            and in_features % 64 == 0 and (group_size % 64 == 0 or group_size >= in_features)
+            and (alpha == 0 or values.numel() == 0) and x2.data_ptr() % 16 == 0)
+
+
 def gemm_takes(x2, bits, group_size, in_features, alpha, values) -> bool:
     """Whether the large-M GEMM (gemm_sm90.cu + ortho_add.cu) can run this call (the C++ launcher checks the same)."""
     ortho = alpha != 0 and values.numel() > 0
@@ -241,6 +252,35 @@ def _arch_flags() -> list[str]:
     return [f"-gencode=arch=compute_{cc}{suffix},code=sm_{cc}{suffix}"]
 
 
+def cutlass_include() -> Path | None:
+    """CUTLASS's include folder for gemm_cutlass.cu: $LIBORTHO_CUTLASS_DIR/include (a CUTLASS source tree), else the
+    nvidia-cutlass wheel's (``pip install --no-deps nvidia-cutlass``), else None (built without it).
+    $LIBORTHO_CUTLASS=0 leaves it out."""
+    if os.environ.get("LIBORTHO_CUTLASS") == "0":
+        return None
+    root = os.environ.get("LIBORTHO_CUTLASS_DIR")
+    if root:
+        inc = Path(root) / "include"
+        if not (inc / "cutlass" / "cutlass.h").is_file():
+            raise ValueError(f"LIBORTHO_CUTLASS_DIR={root!r} has no include/cutlass/cutlass.h")
+        return inc
+    import importlib.util
+    spec = importlib.util.find_spec("cutlass_library")  # found without importing it (its deps may be missing)
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        inc = Path(loc) / "source" / "include"
+        if (inc / "cutlass" / "cutlass.h").is_file():
+            return inc
+    return None
+
+
+def _cutlass_flags() -> tuple[list[str], list[str]]:
+    """(include paths, nvcc flags) that build gemm_cutlass.cu with CUTLASS: sm_90 only, where CUTLASS is found."""
+    inc = cutlass_include()
+    if inc is None or torch.cuda.get_device_capability() != (9, 0):
+        return [], []
+    return [str(inc)], ["-DLIBORTHO_WITH_CUTLASS=1", "--expt-relaxed-constexpr"]
+
+
 def _extra_flags() -> list[str]:
     """More nvcc flags from $LIBORTHO_NVCC_FLAGS (e.g. -lineinfo for a source-level profile)."""
     return os.environ.get("LIBORTHO_NVCC_FLAGS", "").split()
@@ -258,8 +298,10 @@ def build(verbose: bool = False):
     gemm_cfg = parse_gemm_cfg(os.environ.get("LIBORTHO_GEMM_CFG", ""))
     try:
         from torch.utils.cpp_extension import load
+        cutlass_inc, cutlass_flags = _cutlass_flags()
         _state["ext"] = load(name="libortho_cuda_v2", sources=[str(CSRC / "binding.cpp"), *map(str, sorted(CSRC.glob("*.cu")))],
-                             extra_cflags=["-O3"], extra_cuda_cflags=["-O3", *_arch_flags(), *_extra_flags()],
+                             extra_cflags=["-O3"], extra_include_paths=cutlass_inc,
+                             extra_cuda_cflags=["-O3", *_arch_flags(), *cutlass_flags, *_extra_flags()],
                              build_directory=str(build_dir()), verbose=verbose)
     except Exception as e:  # compiler missing, unsupported GPU, ...
         _state["error"] = e
@@ -326,6 +368,9 @@ def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
         fused = getattr(_state["ext"], _FUSED[decode_kernel()])
         y = _checked(fused(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
                            out_features, in_features, pdl_enabled()), "fused kernel")
+    elif prefill() == "cutlass" and cutlass_takes(x2, bits, group_size, out_features, in_features, alpha, values):
+        y = _checked(_state["ext"].gemm_cutlass(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha,
+                                                bits, group_size, out_features, in_features), "CUTLASS GEMM")
     elif (use_gemm(prefill(), m, values.numel() * m if alpha != 0 else 0, out_features * in_features)
           and gemm_takes(x2, bits, group_size, in_features, alpha, values)):
         y = _checked(_state["ext"].gemm_int4(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits,

@@ -123,6 +123,7 @@ __global__ void __launch_bounds__(kWarps * 32, ORTHO ? MINB : 0) dequant_merge_k
       __syncthreads();
     }
     if (kt < kt_end) {
+      if constexpr (!ORTHO) __syncwarp();  // the tile's values come from all lanes (the merge's barrier does it there)
       if (vec) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {  // 16 rows x 8 vectors of 8 values
