@@ -6,6 +6,7 @@
 // its B: out^T (N, M) = W x^T, written column-major, i.e. out (M, N) row-major. Scales and zeros go in CUTLASS's
 // (G, N) form, zeros additive (w = s q + z', z' = -z s), built per call by a small kernel into the caller's
 // workspace. CUTLASS rounds s q, then s q + z' (two roundings where the dequantize step rounds (q - z) s once).
+#include "common.cuh"
 #include "kernels.h"
 
 #if LIBORTHO_WITH_CUTLASS
@@ -83,9 +84,9 @@ __global__ void cutlass_params_kernel(const T* __restrict__ sc, const T* __restr
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int g = static_cast<int>(i / N), n = static_cast<int>(i % N);
     const int64_t src = (static_cast<int64_t>(n / 16) * G + g) * 16 + n % 16;
-    const float s = static_cast<float>(sc[src]), z = zp ? static_cast<float>(zp[src]) : zdef;
-    s2[i] = static_cast<T>(s);
-    z2[i] = static_cast<T>(-z * s);
+    const float s = Num<T>::f(sc[src]), z = zp ? Num<T>::f(zp[src]) : zdef;  // torch builds without implicit conversions
+    s2[i] = Num<T>::from(s);
+    z2[i] = Num<T>::from(-z * s);
   }
 }
 
