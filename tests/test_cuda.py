@@ -842,3 +842,47 @@ def test_cutlass_switch_and_refusals():
         if takes:
             assert torch.equal(y, direct)
         assert rel_err(y, reference64(layer, x, alpha)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() != (9, 0),
+                    reason="CUTLASS's mixed-input GEMM is built for sm_90a only")
+@pytest.mark.parametrize("m,wave_rows,alpha,density", [(128, True, 0.0, 0.0), (128, False, 0.0, 0.0),
+                                                        (600, True, 0.0, 0.0), (128, True, 1.0, 0.01),
+                                                        (128, True, 1.0, 0.0), (300, True, 0.0, 0.01)])
+def test_default_policy_runs_cutlass_where_its_tiles_fill_the_waves(m, wave_rows, alpha, density, monkeypatch):
+    """auto: CUTLASS's GEMM for 65-512 tokens with no ortho stream in play when its 128x128 tiles fill the SMs'
+    waves (out_features = 128 per SM: one full wave at 128 tokens), dequantize + cuBLAS otherwise; the output is the
+    chosen path's bit for bit (the calls are counted) and matches float64."""
+    monkeypatch.delenv("LIBORTHO_PREFILL", raising=False)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    n, k = (128 * sms if wave_rows else 1024), 256
+    gen = torch.Generator(device="cuda").manual_seed(m + n)
+    layer = make_layer(n, k, 4, 128, False, density, torch.bfloat16, gen)
+    layer.alpha = alpha
+    x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+    ext = cuda_backend.extension()
+    args = (layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values)
+    w = cuda_backend._checked(ext.dequant_merge(x, *args, alpha, 4, 128, n, k))
+    dequant = torch.nn.functional.linear(x, w, layer.bias)
+    calls = []
+
+    class Spy:  # the extension, counting which entry points the dispatch calls
+        def __getattr__(self, name):
+            def call(*a):
+                calls.append(name)
+                return getattr(ext, name)(*a)
+            return call
+
+    monkeypatch.setitem(cuda_backend._state, "ext", Spy())
+    y = layer(x)
+    monkeypatch.setitem(cuda_backend._state, "ext", ext)
+    ortho = alpha != 0 and layer.ortho_nnz > 0
+    consulted = wave_rows and m <= 512  # the policy's window: then whether CUTLASS can take the call
+    expect = consulted and cutlass_built() and not ortho
+    assert calls == ["gemm_cutlass_built"] * consulted + (["gemm_cutlass"] if expect else ["dequant_merge"])
+    if expect:
+        direct = cuda_backend._checked(ext.gemm_cutlass(x, *args, layer.bias, alpha, 4, 128, n, k))
+        assert torch.equal(y, direct)
+    else:
+        assert torch.equal(y, dequant)
+    assert rel_err(y, reference64(layer, x, alpha)) < TOL[torch.bfloat16]

@@ -54,10 +54,24 @@ def test_auto_sends_ortho_streams_to_the_gemm_only_where_it_measured_faster(m, d
     assert cuda.use_gemm("gemm", m, nnz * m, n * k) and not cuda.use_gemm("dequant", m, nnz * m, n * k)
 
 
-def test_cutlass_is_an_opt_in_path(monkeypatch):
+def test_cutlass_policy_switch(monkeypatch):
     monkeypatch.setenv("LIBORTHO_PREFILL", "cutlass")
     assert cuda.prefill() == "cutlass"
     assert not cuda.use_gemm("cutlass", 512) and not cuda.use_gemm("cutlass", 17)  # its fallback is dequantize + cuBLAS
+    assert cuda.use_cutlass("cutlass", 17, 64, 132) and cuda.use_cutlass("cutlass", 4096, 64, 132)
+    assert not cuda.use_cutlass("dequant", 512, 4096, 132) and not cuda.use_cutlass("gemm", 512, 4096, 132)
+
+
+# (m, out_features, SMs): the H200's 132 SMs on the Llama shapes measured (cutlass-vs-dequant-H200.json), then the
+# wave arithmetic on other SM counts: 128x128 tiles, CUTLASS only when they fill >= 0.6 of their waves' slots
+@pytest.mark.parametrize("m,n,sms,want", [
+    (128, 14336, 132, True), (128, 11008, 132, True), (128, 4096, 132, False), (256, 4096, 132, False),
+    (256, 11008, 132, True), (512, 4096, 132, True), (512, 14336, 132, True), (512, 1024, 132, False),
+    (1024, 4096, 132, False), (2048, 14336, 132, False), (64, 14336, 132, False), (65, 14336, 132, True),
+    (512, 4096, 114, False), (512, 4096, 128, True), (128, 10112, 132, False), (128, 10240, 132, True), (384, 5632, 132, True),
+    (384, 5760, 132, False)])
+def test_auto_gives_cutlass_the_calls_whose_tiles_fill_the_waves(m, n, sms, want):
+    assert cuda.use_cutlass("auto", m, n, sms) is want
 
 
 def test_cutlass_include_sources(monkeypatch, tmp_path):

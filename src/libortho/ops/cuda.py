@@ -22,10 +22,11 @@
   registers into Hopper's wgmma, split along K on short grids; the ortho stream, if alpha != 0, added after it
   by ortho_add.cu), and everything else through dequantize + cuBLAS: one kernel dequantizes the base and merges
   alpha * S into a bf16/fp16 weight, then cuBLAS. ``gemm`` sends every call the GEMM takes to it (at any M;
-  above 64 tokens only alpha 0 or no ortho entries), ``dequant`` none. ``cutlass`` (opt-in, a build that found
-  CUTLASS's headers, see :func:`cutlass_include`) sends every call CUTLASS's mixed-input GEMM takes to it
-  (gemm_cutlass.cu: the packed tiles read as they are; INT4, N % 16 == 0, K % 64 == 0, no ortho stream in play),
-  the rest to dequantize + cuBLAS.
+  above 64 tokens only alpha 0 or no ortho entries), ``dequant`` none. A build that found CUTLASS's headers (see
+  :func:`cutlass_include`) has CUTLASS's mixed-input GEMM too (gemm_cutlass.cu: the packed tiles read as they are;
+  INT4, N % 16 == 0, K % 64 == 0, no ortho stream in play): ``auto`` gives it the calls of 65-512 tokens whose
+  128x128 tiles fill the GPU's waves (:func:`use_cutlass`), ``cutlass`` every call it takes; the rest go to
+  dequantize + cuBLAS.
 
 The extension is built on first use with ``torch.utils.cpp_extension.load`` for the GPU present and
 cached in ``$LIBORTHO_BUILD_DIR`` (default ``~/.cache/libortho/build``). Set
@@ -50,7 +51,7 @@ DECODE_KERNELS = ("v1", "v2", "v3")
 DEFAULT_DECODE_KERNEL = "v1"  # H200, 2026-11-29: v3 wins at M = 1 on 5 of 6 Llama shapes but loses 2-6x from M = 2 on
 _FUSED = {"v1": "fused_small_m", "v2": "fused_small_m_v2", "v3": "fused_small_m_v3"}
 _state = {"ext": None, "error": None, "warned": set(), "decode": None, "prefill": None}
-PREFILLS = ("auto", "dequant", "gemm", "cutlass")  # cutlass: opt-in (a build with CUTLASS, gemm_cutlass.cu)
+PREFILLS = ("auto", "dequant", "gemm", "cutlass")  # cutlass: a build with CUTLASS (gemm_cutlass.cu)
 # auto: the GEMM up to here (H200, 2026-11-30: 0.88-1.45x bf16 time at M 32-64 against 1.4-2.5x for dequantize +
 # cuBLAS; from M = 512 the latter wins, 1.44-1.50x against 1.53-1.76x on the Llama shapes); also the ortho add's limit.
 GEMM_M_MAX = 64
@@ -202,6 +203,39 @@ def gemm_takes(x2, bits, group_size, in_features, alpha, values) -> bool:
 # path was as fast or faster.
 GEMM_ORTHO_WORK_PER_WEIGHT = 0.64
 GEMM_ORTHO_MIN_WEIGHTS = {32: 1 << 24, 64: 40_000_000}
+
+
+# auto, M > GEMM_M_MAX with no ortho stream in play: CUTLASS's mixed-input GEMM (128x128 tiles over out_features x
+# tokens) where its tiles fill the SMs' waves and M <= 512. Its time is about (waves) x (one tile's pass over K:
+# 28 us at K = 4096 on the H200), so it wins when the waves are full and few, and loses on short grids and at large
+# M to dequantize + cuBLAS (H200, 2026-11-30, benchmarks/results/cutlass-vs-dequant-H200.json): at M 128-512 with
+# tiles >= 0.6 of the waves' slots 0.42-0.93x the dequant path's time (14336x4096 at M = 128: 30.9 against 74.2 us;
+# 4096x14336 at M = 512: 91.7 against 113.9 us); emptier waves (1024x4096 at M = 512: 28.1 against 15.1 us) and
+# M = 1024-2048 (0.93-1.11x, 11 of 12 slower or within 1 %) stay with dequantize + cuBLAS. Two calls it leaves were
+# 2-4 % faster on CUTLASS (4096x11008 and 4096x14336 at M = 256, half-full waves).
+CUTLASS_M_MAX = 512
+CUTLASS_TILE = 128
+CUTLASS_MIN_FILL = 0.6
+
+
+def use_cutlass(policy: str, m: int, out_features: int, sms: int) -> bool:
+    """Whether a call of m tokens with no ortho stream in play goes to CUTLASS's GEMM under this policy (when it
+    takes the call); sms: the GPU's multiprocessor count."""
+    if policy != "auto":
+        return policy == "cutlass"
+    if m <= GEMM_M_MAX or m > CUTLASS_M_MAX:
+        return False
+    tiles = -(-out_features // CUTLASS_TILE) * -(-m // CUTLASS_TILE)
+    waves = -(-tiles // sms)
+    return tiles >= CUTLASS_MIN_FILL * waves * sms
+
+
+def _sms(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    cache = _state.setdefault("sms", {})
+    if idx not in cache:
+        cache[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return cache[idx]
 
 
 def use_gemm(policy: str, m: int, ortho_work: int = 0, weights: int = 0) -> bool:
@@ -368,7 +402,8 @@ def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
         fused = getattr(_state["ext"], _FUSED[decode_kernel()])
         y = _checked(fused(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
                            out_features, in_features, pdl_enabled()), "fused kernel")
-    elif prefill() == "cutlass" and cutlass_takes(x2, bits, group_size, out_features, in_features, alpha, values):
+    elif (use_cutlass(prefill(), m, out_features, _sms(x2.device))
+          and cutlass_takes(x2, bits, group_size, out_features, in_features, alpha, values)):
         y = _checked(_state["ext"].gemm_cutlass(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha,
                                                 bits, group_size, out_features, in_features), "CUTLASS GEMM")
     elif (use_gemm(prefill(), m, values.numel() * m if alpha != 0 else 0, out_features * in_features)
