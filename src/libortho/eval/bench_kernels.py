@@ -266,8 +266,8 @@ def run(args):
 
 def summary(result) -> str:
     variants = [v for v in ("v1", "v2", "v3") if any(r.get(f"alpha0_{v}_us") is not None for r in result["rows"])]
-    lines = ["| N x K | M | bf16 us | torch int4 | alpha=0 | alpha=1 @1% | alpha=1 @5% | base only | "
-             + " | ".join(f"{v} alpha=0 | {v} alpha=1 @1%" for v in variants) + " |",
+    lines = ["| N x K | M | bf16 us | torch int4 | alpha=0 | alpha=1 @1% | alpha=1 @5% | base only |"
+             + "".join(f" {v} alpha=0 | {v} alpha=1 @1% |" for v in variants),
              "|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (2 * len(variants))]
     by = {}
     for r in result["rows"]:
@@ -278,8 +278,8 @@ def summary(result) -> str:
         a0 = d.get(0.01, r0)
         pv = " | ".join(f"{f(a0, f'alpha0_{v}_us')} | {f(d.get(0.01), f'alpha1_{v}_us')}" for v in variants)
         lines.append(f"| {n}x{k} | {m} | {r0['bf16_us']:.1f} | {f(r0, 'torch_int4_us')} | {f(a0, 'alpha0_us')} | "
-                     f"{f(d.get(0.01), 'alpha1_us')} | {f(d.get(0.05), 'alpha1_us')} | {f(r0, 'base_only_us')} | "
-                     f"{pv} |")
+                     f"{f(d.get(0.01), 'alpha1_us')} | {f(d.get(0.05), 'alpha1_us')} | {f(r0, 'base_only_us')} |"
+                     + (f" {pv} |" if variants else ""))
     return "\n".join(lines)
 
 
