@@ -38,21 +38,36 @@ using StrideW = cutlass::detail::TagToStrideA_t<cutlass::layout::RowMajor>;
 using PackedTile = Layout<Shape<Shape<Shape<_8, _2>, _1>, Shape<Shape<_2, _4, _2>, _4>>,
                           Stride<Stride<Stride<_128, _1>, _0>, Stride<Stride<_4, _32, _2>, _8>>>;
 
+// Tile (weight rows x tokens) and schedule. Build-time switch for measurements: LIBORTHO_CUTLASS_CFG=1 runs ping-pong
+// 64x128 tiles (two consumer warpgroups on two tiles, twice the tiles of the default cooperative 128x128).
+#ifndef LIBORTHO_CUTLASS_CFG
+#define LIBORTHO_CUTLASS_CFG 0
+#endif
+#if LIBORTHO_CUTLASS_CFG == 1
+using CutlassTile = Shape<_64, _128, Int<kTileK>>;
+using CutlassSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+using CutlassEpiSchedule = cutlass::epilogue::TmaWarpSpecialized;
+#else
+using CutlassTile = Shape<_128, _128, Int<kTileK>>;
+using CutlassSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+using CutlassEpiSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+#endif
+
 template <class Act>
 struct CutlassGemm {
   using Atom = PackedTile;
   using LayoutW = decltype(tile_to_shape(Atom{}, Layout<Shape<int, int, int>, StrideW>{}, Step<_2, _1, _3>{}));
-  using Tile = Shape<_128, _128, Int<kTileK>>;
+  using Tile = CutlassTile;
   using Cluster = Shape<_1, _1, _1>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::ColumnMajor, 8, Act,
-      cutlass::layout::ColumnMajor, 8, cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
+      cutlass::layout::ColumnMajor, 8, CutlassEpiSchedule>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cute::tuple<cutlass::uint4b_t, Act, Act>, LayoutW, 32, Act,
       cutlass::layout::ColumnMajor, 8, float, Tile, Cluster,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+      CutlassSchedule>::CollectiveOp;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
