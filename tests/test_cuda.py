@@ -43,6 +43,25 @@ def make_layer(n, k, bits, gs, sym, density, dtype, gen, bias=True, csr=None):
     return OrthoLinear.pack(codes, grid, csr, b, dtype)
 
 
+def with_counted_calls(monkeypatch, ext, fn):
+    """fn() with the extension wrapped so that the dispatch's calls of its entry points are recorded, in order:
+    (fn's result, the entry points' names)."""
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            def call(*a):
+                calls.append(name)
+                return getattr(ext, name)(*a)
+            return call
+
+    monkeypatch.setitem(cuda_backend._state, "ext", Spy())
+    try:
+        return fn(), calls
+    finally:
+        monkeypatch.setitem(cuda_backend._state, "ext", ext)
+
+
 def reference64(layer, x, alpha):
     w = layer.base_weight().double()
     if alpha != 0 and layer.ortho_nnz:
@@ -717,22 +736,10 @@ def test_default_policy_runs_the_gemm_up_to_64_tokens(m, alpha, n, k, monkeypatc
     assert code == (1 if m > 64 and alpha != 0 else 0)  # the ortho add stops at 64 tokens: cudaErrorInvalidValue
     w = cuda_backend._checked(ext.dequant_merge(x, *args, alpha, 4, 128, n, k))
     dequant = torch.nn.functional.linear(x, w, layer.bias)
-
-    class Spy:  # the extension, counting which entry points the dispatch calls
-        calls = []
-
-        def __getattr__(self, name):
-            def call(*a):
-                Spy.calls.append(name)
-                return getattr(ext, name)(*a)
-            return call
-
-    monkeypatch.setitem(cuda_backend._state, "ext", Spy())
     assert cuda_backend.prefill() == "auto"
-    y = layer(x)
-    monkeypatch.setitem(cuda_backend._state, "ext", ext)
+    y, calls = with_counted_calls(monkeypatch, ext, lambda: layer(x))
     takes_gemm = cuda_backend.use_gemm("auto", m, layer.ortho_nnz * m if alpha != 0 else 0, n * k) and code == 0
-    assert Spy.calls == (["gemm_int4"] if takes_gemm else ["dequant_merge"])
+    assert calls == (["gemm_int4"] if takes_gemm else ["dequant_merge"])
     assert torch.equal(y, gemm if takes_gemm else dequant)
     assert rel_err(y, reference64(layer, x, alpha)) < TOL[torch.bfloat16]
 
@@ -864,18 +871,7 @@ def test_default_policy_runs_cutlass_where_its_tiles_fill_the_waves(m, wave_rows
     args = (layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values)
     w = cuda_backend._checked(ext.dequant_merge(x, *args, alpha, 4, 128, n, k))
     dequant = torch.nn.functional.linear(x, w, layer.bias)
-    calls = []
-
-    class Spy:  # the extension, counting which entry points the dispatch calls
-        def __getattr__(self, name):
-            def call(*a):
-                calls.append(name)
-                return getattr(ext, name)(*a)
-            return call
-
-    monkeypatch.setitem(cuda_backend._state, "ext", Spy())
-    y = layer(x)
-    monkeypatch.setitem(cuda_backend._state, "ext", ext)
+    y, calls = with_counted_calls(monkeypatch, ext, lambda: layer(x))
     ortho = alpha != 0 and layer.ortho_nnz > 0
     consulted = wave_rows and m <= 512  # the policy's window: then whether CUTLASS can take the call
     expect = consulted and cutlass_built() and not ortho
