@@ -796,7 +796,8 @@ def cutlass_built() -> bool:
 @pytest.mark.parametrize("m", [1, 17, 64, 130, 512])
 @pytest.mark.parametrize("gs,sym,dtype", [(128, True, torch.bfloat16), (64, False, torch.float16),
                                           (-1, False, torch.bfloat16), (128, False, torch.float16)])
-def test_cutlass_gemm_matches_float64_and_the_dequant_path(shape, m, gs, sym, dtype):
+@pytest.mark.parametrize("form", [0, 1], ids=["coop128", "ping64"])
+def test_cutlass_gemm_matches_float64_and_the_dequant_path(shape, m, gs, sym, dtype, form):
     if not cutlass_built():
         pytest.skip("built without CUTLASS (see ops/cuda.py cutlass_include)")
     n, k = shape
@@ -806,7 +807,7 @@ def test_cutlass_gemm_matches_float64_and_the_dequant_path(shape, m, gs, sym, dt
     ext = cuda_backend.extension()
     gsz = quant.effective_group_size(layer.group_size, k)
     args = (layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values, layer.bias, 0.0, 4,
-            gsz, n, k)
+            gsz, n, k, form)
     w = cuda_backend._checked(ext.dequant_merge(x, *args[:6], 0.0, 4, gsz, n, k))
     want = torch.nn.functional.linear(x, w, layer.bias).double()
     poison_allocator()
@@ -838,9 +839,12 @@ def test_cutlass_switch_and_refusals():
         layer.alpha = alpha
         x = torch.randn(200, k, generator=gen, device="cuda").to(torch.bfloat16)
         gsz = quant.effective_group_size(gs, k)
-        direct, code = ext.gemm_cutlass(x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx,
-                                        layer.values, layer.bias, alpha, bits, gsz, n, k)
+        args = (layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values, layer.bias,
+                alpha, bits, gsz, n, k)
+        direct, code = ext.gemm_cutlass(x, *args, 0)  # the form the switch picks for these small layers
         assert (code == 0) == takes, (n, k, bits, gs, density, alpha, code)  # -1: refused by the binding
+        assert cuda_backend.cutlass_form("cutlass", 200, n, k, 132) == 0
+        assert all(ext.gemm_cutlass(x, *args, f)[1] == -1 for f in (-1, 2))  # no such form
         try:
             cuda_backend.set_prefill("cutlass")
             y = layer(x)
@@ -853,16 +857,22 @@ def test_cutlass_switch_and_refusals():
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() != (9, 0),
                     reason="CUTLASS's mixed-input GEMM is built for sm_90a only")
-@pytest.mark.parametrize("m,wave_rows,alpha,density", [(128, True, 0.0, 0.0), (128, False, 0.0, 0.0),
-                                                        (600, True, 0.0, 0.0), (128, True, 1.0, 0.01),
-                                                        (128, True, 1.0, 0.0), (300, True, 0.0, 0.01)])
-def test_default_policy_runs_cutlass_where_its_tiles_fill_the_waves(m, wave_rows, alpha, density, monkeypatch):
-    """auto: CUTLASS's GEMM for 65-512 tokens with no ortho stream in play when its 128x128 tiles fill the SMs'
-    waves (out_features = 128 per SM: one full wave at 128 tokens), dequantize + cuBLAS otherwise; the output is the
-    chosen path's bit for bit (the calls are counted) and matches float64."""
+@pytest.mark.parametrize("m,rows,alpha,density", [(128, "wave", 0.0, 0.0), (128, "small", 0.0, 0.0),
+                                                  (600, "wave", 0.0, 0.0), (128, "wave", 1.0, 0.01),
+                                                  (128, "wave", 1.0, 0.0), (300, "wave", 0.0, 0.01),
+                                                  (128, "ping", 0.0, 0.0), (128, "ping", 1.0, 0.01)])
+def test_default_policy_runs_cutlass_where_its_tiles_fill_the_waves(m, rows, alpha, density, monkeypatch):
+    """auto: CUTLASS's GEMM for 65-512 tokens with no ortho stream in play where its tiles fill the SMs' waves, in the
+    form cutlass_form picks: wave = 128 rows per SM (cooperative 128x128 tiles, one full wave at 128 tokens), ping =
+    64 rows per two SMs on a layer of 2^24+ weights (a quarter wave of those, ping-pong 64x128 tiles fill half a wave
+    at 128 tokens), small = 1024 rows (dequantize + cuBLAS); the output is the chosen path's bit for bit (the calls
+    are counted) and matches float64."""
     monkeypatch.delenv("LIBORTHO_PREFILL", raising=False)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    n, k = (128 * sms if wave_rows else 1024), 256
+    n = {"wave": 128 * sms, "ping": 64 * -(-sms // 2), "small": 1024}[rows]
+    k = 256 if rows != "ping" else -(-(1 << 24) // (n * 64)) * 64
+    form = cuda_backend.cutlass_form("auto", m, n, k, sms)
+    assert form == {"wave": 0 if m <= 512 else None, "ping": 1, "small": None}[rows]
     gen = torch.Generator(device="cuda").manual_seed(m + n)
     layer = make_layer(n, k, 4, 128, False, density, torch.bfloat16, gen)
     layer.alpha = alpha
@@ -873,11 +883,11 @@ def test_default_policy_runs_cutlass_where_its_tiles_fill_the_waves(m, wave_rows
     dequant = torch.nn.functional.linear(x, w, layer.bias)
     y, calls = with_counted_calls(monkeypatch, ext, lambda: layer(x))
     ortho = alpha != 0 and layer.ortho_nnz > 0
-    consulted = wave_rows and m <= 512  # the policy's window: then whether CUTLASS can take the call
+    consulted = form is not None  # the policy's window: then whether CUTLASS can take the call
     expect = consulted and cutlass_built() and not ortho
     assert calls == ["gemm_cutlass_built"] * consulted + (["gemm_cutlass"] if expect else ["dequant_merge"])
     if expect:
-        direct = cuda_backend._checked(ext.gemm_cutlass(x, *args, layer.bias, alpha, 4, 128, n, k))
+        direct = cuda_backend._checked(ext.gemm_cutlass(x, *args, layer.bias, alpha, 4, 128, n, k, form))
         assert torch.equal(y, direct)
     else:
         assert torch.equal(y, dequant)

@@ -58,20 +58,28 @@ def test_cutlass_policy_switch(monkeypatch):
     monkeypatch.setenv("LIBORTHO_PREFILL", "cutlass")
     assert cuda.prefill() == "cutlass"
     assert not cuda.use_gemm("cutlass", 512) and not cuda.use_gemm("cutlass", 17)  # its fallback is dequantize + cuBLAS
-    assert cuda.use_cutlass("cutlass", 17, 64, 132) and cuda.use_cutlass("cutlass", 4096, 64, 132)
-    assert not cuda.use_cutlass("dequant", 512, 4096, 132) and not cuda.use_cutlass("gemm", 512, 4096, 132)
+    # cutlass: every call CUTLASS takes, in the form auto would pick, else the cooperative one
+    assert cuda.cutlass_form("cutlass", 17, 64, 64, 132) == 0 and cuda.cutlass_form("cutlass", 4096, 4096, 4096, 132) == 0
+    assert cuda.cutlass_form("cutlass", 128, 4096, 4096, 132) == 1
+    assert cuda.cutlass_form("dequant", 512, 4096, 4096, 132) is None
+    assert cuda.cutlass_form("gemm", 512, 4096, 4096, 132) is None
 
 
-# (m, out_features, SMs): the H200's 132 SMs on the Llama shapes measured (cutlass-vs-dequant-H200.json), then the
-# wave arithmetic on other SM counts: 128x128 tiles, CUTLASS only when they fill >= 0.6 of their waves' slots
-@pytest.mark.parametrize("m,n,sms,want", [
-    (128, 14336, 132, True), (128, 11008, 132, True), (128, 4096, 132, False), (256, 4096, 132, False),
-    (256, 11008, 132, True), (512, 4096, 132, True), (512, 14336, 132, True), (512, 1024, 132, False),
-    (1024, 4096, 132, False), (2048, 14336, 132, False), (64, 14336, 132, False), (65, 14336, 132, True),
-    (512, 4096, 114, False), (512, 4096, 128, True), (128, 10112, 132, False), (128, 10240, 132, True), (384, 5632, 132, True),
-    (384, 5760, 132, False)])
-def test_auto_gives_cutlass_the_calls_whose_tiles_fill_the_waves(m, n, sms, want):
-    assert cuda.use_cutlass("auto", m, n, sms) is want
+# (m, out_features, in_features, SMs, form): the H200's 132 SMs on the Llama shapes measured (cutlass-vs-dequant-H200.json,
+# cutlass-tiles-H200.json), then the wave arithmetic on other shapes and SM counts: cooperative 128x128 tiles (0) where
+# they fill >= 0.6 of their waves' slots, ping-pong 64x128 (1) where those fill < 0.6 of one wave and its own tiles fill
+# 0.45-1 of one wave on layers of 2^24+ weights, else None (dequantize + cuBLAS)
+@pytest.mark.parametrize("m,n,k,sms,form", [
+    (128, 14336, 4096, 132, 0), (128, 11008, 4096, 132, 0), (128, 4096, 4096, 132, 1), (256, 4096, 4096, 132, 1),
+    (256, 4096, 14336, 132, 1), (128, 4096, 11008, 132, 1), (256, 11008, 4096, 132, 0), (512, 4096, 4096, 132, 0),
+    (512, 14336, 4096, 132, 0), (512, 4096, 14336, 132, 0), (512, 1024, 4096, 132, None), (128, 1024, 4096, 132, None),
+    (1024, 4096, 4096, 132, None), (2048, 14336, 4096, 132, None), (64, 14336, 4096, 132, None),
+    (65, 14336, 4096, 132, 0), (512, 4096, 4096, 114, None), (512, 4096, 4096, 128, 0), (128, 10240, 4096, 132, 0),
+    (128, 10112, 4096, 132, None), (384, 5632, 4096, 132, 0), (384, 5760, 4096, 132, None),
+    (128, 4096, 4032, 132, None), (128, 3712, 8192, 132, None), (128, 3840, 8192, 132, 1), (256, 4224, 4096, 132, 1), (256, 4352, 4096, 132, None)])
+def test_auto_picks_the_cutlass_form_whose_tiles_fill_the_waves(m, n, k, sms, form):
+    assert cuda.cutlass_form("auto", m, n, k, sms) == form
+    assert cuda.cutlass_form("dequant", m, n, k, sms) is None
 
 
 def test_cutlass_include_sources(monkeypatch, tmp_path):

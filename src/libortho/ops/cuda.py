@@ -25,8 +25,8 @@
   above 64 tokens only alpha 0 or no ortho entries), ``dequant`` none. A build that found CUTLASS's headers (see
   :func:`cutlass_include`) has CUTLASS's mixed-input GEMM too (gemm_cutlass.cu: the packed tiles read as they are;
   INT4, N % 16 == 0, K % 64 == 0, no ortho stream in play): ``auto`` gives it the calls of 65-512 tokens whose
-  128x128 tiles fill the GPU's waves (:func:`use_cutlass`), ``cutlass`` every call it takes; the rest go to
-  dequantize + cuBLAS.
+  tiles fill the GPU's waves, in cooperative 128x128 or ping-pong 64x128 form (:func:`cutlass_form`), ``cutlass``
+  every call it takes; the rest go to dequantize + cuBLAS.
 
 The extension is built on first use with ``torch.utils.cpp_extension.load`` for the GPU present and
 cached in ``$LIBORTHO_BUILD_DIR`` (default ``~/.cache/libortho/build``). Set
@@ -205,29 +205,43 @@ GEMM_ORTHO_WORK_PER_WEIGHT = 0.64
 GEMM_ORTHO_MIN_WEIGHTS = {32: 1 << 24, 64: 40_000_000}
 
 
-# auto, M > GEMM_M_MAX with no ortho stream in play: CUTLASS's mixed-input GEMM (128x128 tiles over out_features x
-# tokens) where its tiles fill the SMs' waves and M <= 512. Its time is about (waves) x (one tile's pass over K:
-# 28 us at K = 4096 on the H200), so it wins when the waves are full and few, and loses on short grids and at large
-# M to dequantize + cuBLAS (H200, 2026-11-30, benchmarks/results/cutlass-vs-dequant-H200.json): at M 128-512 with
-# tiles >= 0.6 of the waves' slots 0.42-0.93x the dequant path's time (14336x4096 at M = 128: 30.9 against 74.2 us;
-# 4096x14336 at M = 512: 91.7 against 113.9 us); emptier waves (1024x4096 at M = 512: 28.1 against 15.1 us) and
-# M = 1024-2048 (0.93-1.11x, 11 of 12 slower or within 1 %) stay with dequantize + cuBLAS. Two calls it leaves were
-# 2-4 % faster on CUTLASS (4096x11008 and 4096x14336 at M = 256, half-full waves).
+# auto, M > GEMM_M_MAX with no ortho stream in play: CUTLASS's mixed-input GEMM for M <= 512 in one of two forms
+# (gemm_cutlass.cu), where it measured faster than dequantize + cuBLAS on the H200 (2026-11-30). Its time is about
+# (waves of tiles) x (one tile's pass over K). Cooperative 128x128 tiles (form 0, ~28 us a wave at K = 4096) where
+# they fill >= 0.6 of their waves' slots: 0.42-0.93x the dequant path's time at M 128-512 (14336x4096 at M = 128:
+# 30.9 against 74.2 us; 4096x14336 at M = 512: 91.7 against 113.9; results/cutlass-vs-dequant-H200.json). Ping-pong
+# 64x128 tiles (form 1, ~21.5 us a wave, half the work) where the cooperative ones fill < 0.6 of one wave, its own
+# fill 0.45-1 of one wave (its gain is a shorter single wave), and the layer has at least 2^24 weights: 0.75-0.90x the dequant path on the 4096-row Llama
+# shapes at M 128-256 (4096x14336 at M = 256: 65.3 against 87.6 us; results/cutlass-tiles-H200.json). Smaller
+# layers on short grids (1024x4096: 21.5 against 12.5-15.1 us) and M >= 1024 (0.93-1.11x, 11 of 12 slower or within
+# 1 %) stay with dequantize + cuBLAS.
 CUTLASS_M_MAX = 512
-CUTLASS_TILE = 128
 CUTLASS_MIN_FILL = 0.6
+CUTLASS_PING_MIN_FILL = 0.45
+CUTLASS_PING_MIN_WEIGHTS = 1 << 24
+CUTLASS_FORMS = {0: (128, 128), 1: (64, 128)}  # form: (weight rows, tokens) per tile
 
 
-def use_cutlass(policy: str, m: int, out_features: int, sms: int) -> bool:
-    """Whether a call of m tokens with no ortho stream in play goes to CUTLASS's GEMM under this policy (when it
-    takes the call); sms: the GPU's multiprocessor count."""
-    if policy != "auto":
-        return policy == "cutlass"
-    if m <= GEMM_M_MAX or m > CUTLASS_M_MAX:
-        return False
-    tiles = -(-out_features // CUTLASS_TILE) * -(-m // CUTLASS_TILE)
-    waves = -(-tiles // sms)
-    return tiles >= CUTLASS_MIN_FILL * waves * sms
+def _tiles(form: int, m: int, out_features: int) -> int:
+    rows, tokens = CUTLASS_FORMS[form]
+    return -(-out_features // rows) * -(-m // tokens)
+
+
+def cutlass_form(policy: str, m: int, out_features: int, in_features: int, sms: int) -> int | None:
+    """The CUTLASS form (0 cooperative 128x128, 1 ping-pong 64x128) a call of m tokens with no ortho stream in play
+    runs under this policy, or None for another path (when CUTLASS can take it); sms: the GPU's multiprocessor count."""
+    if policy not in ("auto", "cutlass"):
+        return None
+    coop = _tiles(0, m, out_features)
+    waves = -(-coop // sms)
+    if policy == "auto" and (m <= GEMM_M_MAX or m > CUTLASS_M_MAX):
+        return None
+    if coop >= CUTLASS_MIN_FILL * waves * sms:
+        return 0
+    if (coop < CUTLASS_MIN_FILL * sms and CUTLASS_PING_MIN_FILL * sms <= _tiles(1, m, out_features) <= sms
+            and out_features * in_features >= CUTLASS_PING_MIN_WEIGHTS):
+        return 1
+    return 0 if policy == "cutlass" else None
 
 
 def _sms(device: torch.device) -> int:
@@ -402,10 +416,10 @@ def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
         fused = getattr(_state["ext"], _FUSED[decode_kernel()])
         y = _checked(fused(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
                            out_features, in_features, pdl_enabled()), "fused kernel")
-    elif (use_cutlass(prefill(), m, out_features, _sms(x2.device))
+    elif ((form := cutlass_form(prefill(), m, out_features, in_features, _sms(x2.device))) is not None
           and cutlass_takes(x2, bits, group_size, out_features, in_features, alpha, values)):
         y = _checked(_state["ext"].gemm_cutlass(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha,
-                                                bits, group_size, out_features, in_features), "CUTLASS GEMM")
+                                                bits, group_size, out_features, in_features, form), "CUTLASS GEMM")
     elif (use_gemm(prefill(), m, values.numel() * m if alpha != 0 else 0, out_features * in_features)
           and gemm_takes(x2, bits, group_size, in_features, alpha, values)):
         y = _checked(_state["ext"].gemm_int4(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits,

@@ -179,9 +179,11 @@ Result gemm_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
 Result gemm_cutlass(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                     const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                     const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
-                    int64_t group_size, int64_t N, int64_t K) {
+                    int64_t group_size, int64_t N, int64_t K, int64_t form) {
   const at::Tensor none = at::empty({0}, x.options());
-  if (!x.is_cuda() || x.dim() != 2 || x.size(1) != K || !x.is_contiguous() || x.size(0) < 1) return {none, kBadArgs};
+  if (!x.is_cuda() || x.dim() != 2 || x.size(1) != K || !x.is_contiguous() || x.size(0) < 1 || form < 0 ||
+      form >= libortho::kCutlassForms)
+    return {none, kBadArgs};
   const int64_t M = x.size(0);
   libortho::Operands op{};
   if (!operands(op, x, qweight, scales, zeros, row_ptr, col_idx, values, alpha, bits, group_size, N, K) ||
@@ -191,11 +193,12 @@ Result gemm_cutlass(const at::Tensor& x, const at::Tensor& qweight, const at::Te
     return {none, kBadArgs};
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const auto bytes = static_cast<int64_t>(libortho::gemm_cutlass_workspace(op, static_cast<int>(M)));
+  const int f = static_cast<int>(form);
+  const auto bytes = static_cast<int64_t>(libortho::gemm_cutlass_workspace(op, static_cast<int>(M), f));
   auto ws = at::empty({bytes}, x.options().dtype(at::kByte));  // 512-byte aligned by the caching allocator
   auto out = at::empty({M, N}, x.options());
   const cudaError_t err = libortho::launch_gemm_cutlass(op, x.data_ptr(), out.data_ptr(), static_cast<int>(M),
-                                                        ws.data_ptr(), stream);
+                                                        ws.data_ptr(), stream, f);
   if (err == cudaSuccess && bias) out.add_(*bias);
   return {out, static_cast<int64_t>(err)};
 }
@@ -235,7 +238,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the large-M GEMM kernel's block configuration (0..7, -1: chosen per call); False for another value");
   m.def("gemm_cfg", [] { return static_cast<int64_t>(libortho::gemm_cfg()); }, "that configuration");
   m.def("gemm_cutlass", &gemm_cutlass, "(x @ deq(Q)^T + bias, error code) by CUTLASS's mixed-input GEMM on the packed "
-        "tiles (INT4, N % 16 == 0, K % 64 == 0, no ortho stream in play; a build with CUTLASS only)");
+        "tiles (INT4, N % 16 == 0, K % 64 == 0, no ortho stream in play; a build with CUTLASS only); last argument the "
+        "form: 0 cooperative 128x128 tiles, 1 ping-pong 64x128");
   m.def("gemm_cutlass_built", &libortho::gemm_cutlass_built, "whether this build has the CUTLASS GEMM");
   m.def("gemm_int4", &gemm_int4, "(x @ deq(Q)^T + alpha x @ S^T + bias, error code): INT4 base in one kernel (sm_90a), "
         "the ortho stream (M <= 64 only) in a second");

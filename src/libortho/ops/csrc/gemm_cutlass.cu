@@ -38,36 +38,35 @@ using StrideW = cutlass::detail::TagToStrideA_t<cutlass::layout::RowMajor>;
 using PackedTile = Layout<Shape<Shape<Shape<_8, _2>, _1>, Shape<Shape<_2, _4, _2>, _4>>,
                           Stride<Stride<Stride<_128, _1>, _0>, Stride<Stride<_4, _32, _2>, _8>>>;
 
-// Tile (weight rows x tokens) and schedule. Build-time switch for measurements: LIBORTHO_CUTLASS_CFG=1 runs ping-pong
-// 64x128 tiles (two consumer warpgroups on two tiles, twice the tiles of the default cooperative 128x128).
-#ifndef LIBORTHO_CUTLASS_CFG
-#define LIBORTHO_CUTLASS_CFG 0
-#endif
-#if LIBORTHO_CUTLASS_CFG == 1
-using CutlassTile = Shape<_64, _128, Int<kTileK>>;
-using CutlassSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
-using CutlassEpiSchedule = cutlass::epilogue::TmaWarpSpecialized;
-#else
-using CutlassTile = Shape<_128, _128, Int<kTileK>>;
-using CutlassSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
-using CutlassEpiSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
-#endif
+// The two forms (tile = weight rows x tokens), chosen per call (kernels.h kCutlassForms): cooperative 128x128 tiles,
+// the faster one where its tiles fill the SMs' waves, and ping-pong 64x128 (two consumer warpgroups on two tiles:
+// twice the tiles, a shorter pass per wave), the faster one on short grids (H200: results/cutlass-tiles-H200.json).
+struct Coop128 {
+  using Tile = Shape<_128, _128, Int<kTileK>>;
+  using Schedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+  using EpiSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+};
+struct Ping64 {
+  using Tile = Shape<_64, _128, Int<kTileK>>;
+  using Schedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+  using EpiSchedule = cutlass::epilogue::TmaWarpSpecialized;
+};
 
-template <class Act>
+template <class Act, class Form>
 struct CutlassGemm {
   using Atom = PackedTile;
   using LayoutW = decltype(tile_to_shape(Atom{}, Layout<Shape<int, int, int>, StrideW>{}, Step<_2, _1, _3>{}));
-  using Tile = CutlassTile;
+  using Tile = typename Form::Tile;
   using Cluster = Shape<_1, _1, _1>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, cutlass::layout::ColumnMajor, 8, Act,
-      cutlass::layout::ColumnMajor, 8, CutlassEpiSchedule>::CollectiveOp;
+      cutlass::layout::ColumnMajor, 8, typename Form::EpiSchedule>::CollectiveOp;
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cute::tuple<cutlass::uint4b_t, Act, Act>, LayoutW, 32, Act,
       cutlass::layout::ColumnMajor, 8, float, Tile, Cluster,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      CutlassSchedule>::CollectiveOp;
+      typename Form::Schedule>::CollectiveOp;
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
@@ -111,9 +110,9 @@ size_t params_bytes(const Operands& op) {
   return 2 * round_up(static_cast<size_t>(op.N) * ((op.K + op.group_size - 1) / op.group_size) * 2);
 }
 
-template <class Act, typename T>
+template <class Act, typename T, class Form>
 cudaError_t run(const Operands& op, const void* x, void* out, int M, void* ws, cudaStream_t stream) {
-  using G = CutlassGemm<Act>;
+  using G = CutlassGemm<Act, Form>;
   const int groups = (op.K + op.group_size - 1) / op.group_size;
   const size_t half = params_bytes(op) / 2;
   auto* s2 = static_cast<T*>(ws);
@@ -133,10 +132,20 @@ cudaError_t run(const Operands& op, const void* x, void* out, int M, void* ws, c
   return cudaGetLastError();
 }
 
-template <class Act>
+template <class Act, class Form>
 size_t gemm_workspace(const Operands& op, int M) {
-  using G = CutlassGemm<Act>;
+  using G = CutlassGemm<Act, Form>;
   return G::Gemm::get_workspace_size(G::arguments(op, nullptr, nullptr, M, nullptr, nullptr));
+}
+
+template <class Act>
+size_t gemm_workspace(const Operands& op, int M, int form) {
+  return form == 1 ? gemm_workspace<Act, Ping64>(op, M) : gemm_workspace<Act, Coop128>(op, M);
+}
+
+template <class Act, typename T>
+cudaError_t run(const Operands& op, const void* x, void* out, int M, void* ws, cudaStream_t stream, int form) {
+  return form == 1 ? run<Act, T, Ping64>(op, x, out, M, ws, stream) : run<Act, T, Coop128>(op, x, out, M, ws, stream);
 }
 
 }  // namespace
@@ -148,15 +157,18 @@ bool gemm_cutlass_supported(const Operands& op, int M) {
          (op.group_size % kTileK == 0 || op.group_size == op.K) && (op.alpha == 0.f || op.nnz == 0);
 }
 
-size_t gemm_cutlass_workspace(const Operands& op, int M) {
-  return params_bytes(op) + (op.bf16 ? gemm_workspace<cutlass::bfloat16_t>(op, M) : gemm_workspace<cutlass::half_t>(op, M));
+size_t gemm_cutlass_workspace(const Operands& op, int M, int form) {
+  return params_bytes(op) + (op.bf16 ? gemm_workspace<cutlass::bfloat16_t>(op, M, form)
+                                     : gemm_workspace<cutlass::half_t>(op, M, form));
 }
 
-cudaError_t launch_gemm_cutlass(const Operands& op, const void* x, void* out, int M, void* ws, cudaStream_t stream) {
-  if (!gemm_cutlass_supported(op, M) || reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(ws) % kAlign)
+cudaError_t launch_gemm_cutlass(const Operands& op, const void* x, void* out, int M, void* ws, cudaStream_t stream,
+                                int form) {
+  if (!gemm_cutlass_supported(op, M) || form < 0 || form >= kCutlassForms || reinterpret_cast<uintptr_t>(x) % 16 ||
+      reinterpret_cast<uintptr_t>(ws) % kAlign)
     return cudaErrorInvalidValue;
-  return op.bf16 ? run<cutlass::bfloat16_t, __nv_bfloat16>(op, x, out, M, ws, stream)
-                 : run<cutlass::half_t, __half>(op, x, out, M, ws, stream);
+  return op.bf16 ? run<cutlass::bfloat16_t, __nv_bfloat16>(op, x, out, M, ws, stream, form)
+                 : run<cutlass::half_t, __half>(op, x, out, M, ws, stream, form);
 }
 
 }  // namespace libortho
@@ -166,8 +178,8 @@ cudaError_t launch_gemm_cutlass(const Operands& op, const void* x, void* out, in
 namespace libortho {
 bool gemm_cutlass_built() { return false; }
 bool gemm_cutlass_supported(const Operands&, int) { return false; }
-size_t gemm_cutlass_workspace(const Operands&, int) { return 0; }
-cudaError_t launch_gemm_cutlass(const Operands&, const void*, void*, int, void*, cudaStream_t) {
+size_t gemm_cutlass_workspace(const Operands&, int, int) { return 0; }
+cudaError_t launch_gemm_cutlass(const Operands&, const void*, void*, int, void*, cudaStream_t, int) {
   return cudaErrorNotSupported;
 }
 }  // namespace libortho

@@ -88,11 +88,14 @@ cudaError_t launch_gemm_int4(const Operands& op, const void* x, const void* bias
 // a build with LIBORTHO_WITH_CUTLASS, else gemm_cutlass_built() is false and every call cudaErrorNotSupported).
 // Takes INT4, N a multiple of 16, K of 64, groups of whole 64-column tiles (or one per row), no ortho stream in
 // play, x 16-byte aligned; ws: gemm_cutlass_workspace(op, M) bytes, 256-byte aligned (scales and zeros in CUTLASS's
-// form, then CUTLASS's own workspace). No bias: the caller adds it.
+// form, then CUTLASS's own workspace). No bias: the caller adds it. form: 0 = cooperative 128x128 tiles, 1 =
+// ping-pong 64x128 (the caller picks; ops/cuda.py cutlass_form).
+constexpr int kCutlassForms = 2;
 bool gemm_cutlass_built();
 bool gemm_cutlass_supported(const Operands& op, int M);
-size_t gemm_cutlass_workspace(const Operands& op, int M);
-cudaError_t launch_gemm_cutlass(const Operands& op, const void* x, void* out, int M, void* ws, cudaStream_t stream);
+size_t gemm_cutlass_workspace(const Operands& op, int M, int form);
+cudaError_t launch_gemm_cutlass(const Operands& op, const void* x, void* out, int M, void* ws, cudaStream_t stream,
+                                int form);
 
 // y (M, N) += alpha * x @ S^T, x transposed in op.xt (ld 32 or 64 >= M): ortho_add.cu. No launch at alpha 0 or
 // without entries.
