@@ -137,8 +137,8 @@ def test_tall_grid_configuration(n, m, gs, sym, dtype):
 
 V1_CONFIG_MAX_M = cuda_backend.V1_CONFIG_MAX_M  # per v1_configs.cu fused_cfg_dispatch index
 V1_CONFIGS = len(V1_CONFIG_MAX_M)  # (benchmarks/probes/v1_configs.py names them)
-X_RING_CONFIGS = (8, 9, 10, 11, 12, 13, 14, 15, 16, 23, 24, 25)  # x's columns through the shared-memory ring (M <= 4,
-# 8, 16; 11-12, 23-25: 32 rows; 13-16: the ortho stream first)
+X_RING_CONFIGS = (8, 9, 10, 11, 12, 13, 14, 15, 16, 23, 24, 25, 26, 27, 28, 29, 30)  # x's columns through the
+# shared-memory ring (M <= 4, 8, 16, 32, 64; 11-12, 23-25, 27: 32 rows; 13-16: the ortho stream first)
 ORTHO_FIRST_CONFIGS = (13, 14, 15, 16)
 WARPS_CONFIGS = (17, 18, 19, 20, 21, 22)  # the x ring with 12 or 16 warps per block (lean only)
 
@@ -152,11 +152,12 @@ WARPS_CONFIGS = (17, 18, 19, 20, 21, 22)  # the x ring with 12 or 16 warps per b
                                               (150, 1002, 128, False, torch.bfloat16),   # K % 8 != 0: no x ring
                                               (4096, 4096, 128, False, torch.bfloat16)])
 def test_every_v1_configuration(cfg, n, k, gs, sym, dtype):
-    """Each v1 tuning configuration (register chunks or the shared-memory ring) against float64, M 1..8 (16)."""
+    """Each v1 tuning configuration (register chunks or the shared-memory ring) against float64, M 1 up to its
+    largest (8, 16, 32 or 64)."""
     gen = torch.Generator(device="cuda").manual_seed(cfg * 7 + n)
     layer = make_layer(n, k, 4, gs, sym, 0.02, dtype, gen)
     ext = cuda_backend.extension()
-    for m in [m for m in (1, 3, 4, 8, 9, 16) if m <= V1_CONFIG_MAX_M[cfg]]:
+    for m in [m for m in (1, 3, 4, 8, 9, 16, 17, 32, 33, 64) if m <= V1_CONFIG_MAX_M[cfg]]:
         x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
         if cfg in X_RING_CONFIGS + WARPS_CONFIGS and m == 3:  # rows not 16-byte aligned: the x ring must step aside
             x = torch.randn(m * k + 4, generator=gen, device="cuda").to(dtype)[4:].view(m, k)
@@ -169,7 +170,7 @@ def test_every_v1_configuration(cfg, n, k, gs, sym, dtype):
             assert rel_err(y, ref) < TOL[dtype], (cfg, m, alpha)
 
 
-@pytest.mark.parametrize("m", [1, 3, 4, 8, 16])
+@pytest.mark.parametrize("m", [1, 3, 4, 8, 16, 24, 64])
 @pytest.mark.parametrize("n,k,gs", [(1000, 2048, 128), (300, 576, -1), (2100, 4096, 256), (130, 1024, 64)])
 def test_lean_ring_kernels_match_the_full_kernels_bit_for_bit(m, n, k, gs):
     """A ring configuration's lean kernel (no fallback paths; set_v1_lean) gives the full kernel's output bit for
@@ -237,25 +238,29 @@ def test_v1_table_set_get_and_refusal():
     ext = cuda_backend.extension()
     old = list(ext.v1_table())
     assert len(old) == len(cuda_backend.V1_CLASSES)
-    assert not ext.set_v1_table(old[:-1] + [5])      # M 9-16 needs configuration 6 or 7
+    assert not ext.set_v1_table(old[:8] + [5] + old[9:])      # M 9-16 needs configuration 6 or 7
     assert not ext.set_v1_table([6] + old[1:])       # M <= 8 classes take 0-5
     assert not ext.set_v1_table(old[:2] + [8] + old[3:])  # 8 (x ring) serves M <= 4 only
-    assert not ext.set_v1_table(old[:-1] + [9])      # 9 (x ring, M <= 8) is not the M <= 16 kernel
+    assert not ext.set_v1_table(old[:8] + [9] + old[9:])      # 9 (x ring, M <= 8) is not the M <= 16 kernel
     assert not ext.set_v1_table([10] + old[1:])      # 10 (x ring, M <= 16) is not the M <= 8 kernel
-    assert not ext.set_v1_table(old[:-1] + [11])     # 11 (32 rows, M <= 8) is not the M <= 16 kernel
+    assert not ext.set_v1_table(old[:8] + [11] + old[9:])     # 11 (32 rows, M <= 8) is not the M <= 16 kernel
     assert not ext.set_v1_table(old[:-1] + [len(V1_CONFIG_MAX_M)])  # no such configuration
+    assert not ext.set_v1_table(old[:5] + [26] + old[6:])  # 26 (M <= 32) is not the M <= 16 kernel
+    assert not ext.set_v1_table(old[:-1] + [10])     # 10 (M <= 16) cannot serve M 17-32
+    assert not ext.set_v1_table(old[:-1] + [30])     # 30 is the M <= 64 kernel
     assert not ext.set_v1_table(old[:-1])            # wrong length
     assert list(ext.v1_table()) == old
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     tall_n = 16 * 3 * sms + 16
     short_n = 16 * sms + 48  # from one row tile per SM: not tiny
     cases = [(short_n, 8192, 2), (short_n, 1024, 3), (short_n, 1024, 7), (tall_n, 512, 4), (tall_n, 512, 8),
-             (512, 1024, 12), (tall_n, 1024, 16), (512, 1024, 5), (512, 8192, 16)]  # one per class, in order
+             (512, 1024, 12), (tall_n, 1024, 16), (512, 1024, 5), (512, 8192, 16),
+             (short_n, 1024, 24), (512, 1024, 32)]  # one per class, in order (M 17-32: at alpha 0 only)
     gen = torch.Generator(device="cuda").manual_seed(5)
     try:
-        for table in ([3, 4, 5, 4, 3, 7, 6, 2, 7], [5, 3, 4, 0, 2, 6, 7, 0, 6], [8, 8, 2, 8, 1, 6, 10, 9, 10],
-                      [9, 8, 9, 9, 9, 10, 12, 20, 22], [11, 11, 11, 11, 11, 12, 12, 18, 12],
-                      [20, 17, 21, 19, 18, 22, 22, 20, 22]):
+        for table in ([3, 4, 5, 4, 3, 7, 6, 2, 7, 26, 27], [5, 3, 4, 0, 2, 6, 7, 0, 6, 28, 29],
+                      [8, 8, 2, 8, 1, 6, 10, 9, 10, 29, 28], [9, 8, 9, 9, 9, 10, 12, 20, 22, 27, 26],
+                      [11, 11, 11, 11, 11, 12, 12, 18, 12, 26, 26], [20, 17, 21, 19, 18, 22, 22, 20, 22, 27, 27]):
             assert ext.set_v1_table(table) and list(ext.v1_table()) == table
             for n, k, m in cases:
                 layer = make_layer(n, k, 4, 128, False, 0.02, torch.bfloat16, gen)
@@ -681,6 +686,50 @@ def test_large_m_gemm_matches_float64_and_the_dequant_path(shape, m, gs, sym, dt
     assert not ext.set_gemm_cfg(cuda_backend.GEMM_CFGS) and not ext.set_gemm_cfg(-2) and ext.gemm_cfg() == -1
 
 
+@pytest.mark.parametrize("shape", [(128, 64), (200, 576), (1000, 1536), (4096, 4096), (300, 4160), (150, 1000)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("m", [17, 24, 32])
+@pytest.mark.parametrize("density,alpha,dtype", [(0.005, 1.0, torch.bfloat16), (0.05, 0.5, torch.float16),
+                                                 (0.0, 1.0, torch.bfloat16), (0.01, -1.0, torch.float16)])
+def test_v1_at_17_to_32_tokens_matches_float64(shape, m, density, alpha, dtype):
+    """v1 at M 17-32 (fused_small_m): the base by the table's M <= 32 configuration (lean where the ring takes the
+    call: K = 1000 does not), an ortho stream in play added after it by the ortho add; against float64, outputs
+    poisoned, and the stream really added (alpha 0 differs where there are entries)."""
+    n, k = shape
+    gen = torch.Generator(device="cuda").manual_seed(n + 7 * m + int(1000 * density))
+    layer = make_layer(n, k, 4, 128, m % 2 == 0, density, dtype, gen, bias=m != 17)
+    x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+    ext = cuda_backend.extension()
+    args = (layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values, layer.bias)
+    gsz = quant.effective_group_size(layer.group_size, k)
+    poison_allocator()
+    y = cuda_backend._checked(ext.fused_small_m(x, *args, alpha, 4, gsz, n, k, False))
+    assert rel_err(y, reference64(layer, x, alpha)) < TOL[dtype]
+    base = cuda_backend._checked(ext.fused_small_m(x, *args, 0.0, 4, gsz, n, k, False))
+    assert rel_err(base, reference64(layer, x, 0.0)) < TOL[dtype]
+    assert torch.equal(y, base) == (layer.ortho_nnz == 0)
+
+
+@pytest.mark.parametrize("m", [17, 32])
+def test_v1_at_17_to_32_tokens_with_empty_rows_and_one_very_dense_row(m):
+    n, k, dtype = 4096, 1024, torch.bfloat16
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    dense = torch.zeros(n, k, device="cuda")
+    dense[7] = torch.randn(k, generator=gen, device="cuda")              # a full row
+    dense[3000, ::3] = torch.randn(342, generator=gen, device="cuda")    # a dense-ish row; the rest empty
+    from libortho.sieve import csr_from_indices
+    layer = make_layer(n, k, 4, 128, True, 0.0, dtype, gen,
+                       csr=csr_from_indices(dense, torch.nonzero(dense.reshape(-1)).reshape(-1), dtype))
+    x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+    ext = cuda_backend.extension()
+    for alpha in (0.0, 0.5, 1.0):
+        poison_allocator()
+        y = cuda_backend._checked(ext.fused_small_m(x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr,
+                                                    layer.col_idx, layer.values, layer.bias, alpha, 4, 128, n, k,
+                                                    False))
+        assert rel_err(y, reference64(layer, x, alpha)) < TOL[dtype], alpha
+
+
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() != (9, 0),
                     reason="the wgmma kernel is built for sm_90a only")
 @pytest.mark.parametrize("shape", [(128, 64), (200, 576), (1000, 1536), (4096, 4096), (300, 4160)],
@@ -721,10 +770,12 @@ def test_gemm_ortho_add_matches_float64_and_the_dequant_path(shape, m, density, 
                     reason="the wgmma kernel is built for sm_90a only")
 @pytest.mark.parametrize("m,alpha,n,k", [(17, 1.0, 1024, 2048), (40, 1.0, 1024, 2048), (64, 0.0, 1024, 2048),
                                          (65, 1.0, 1024, 2048), (65, 0.0, 1024, 2048), (300, 1.0, 1024, 2048),
-                                         (32, 1.0, 4096, 4096), (48, 1.0, 14336, 4096)])
+                                         (32, 1.0, 4096, 4096), (48, 1.0, 14336, 4096), (17, 0.0, 1024, 2048),
+                                         (32, 0.0, 4096, 4096), (24, 0.0, 14336, 4096), (33, 0.0, 1024, 2048)])
 def test_default_policy_runs_the_gemm_up_to_64_tokens(m, alpha, n, k, monkeypatch):
-    """The default (auto) policy: the GEMM (+ ortho add where it measured faster) up to 64 tokens, dequantize +
-    cuBLAS above; the layer's output is that path's bit for bit (the GEMM without split-K can equal cuBLAS's bits, so the calls are counted)."""
+    """The default (auto) policy: v1's ring at 17-32 tokens (+ the ortho add where the GEMM would take it), the
+    GEMM (+ ortho add where it measured faster) up to 64 tokens, dequantize + cuBLAS above; the layer's output is that path's bit for
+    bit (the GEMM without split-K can equal cuBLAS's bits, so the calls are counted)."""
     monkeypatch.delenv("LIBORTHO_PREFILL", raising=False)
     gen = torch.Generator(device="cuda").manual_seed(m)
     layer = make_layer(n, k, 4, 128, False, 0.01, torch.bfloat16, gen)
@@ -737,10 +788,14 @@ def test_default_policy_runs_the_gemm_up_to_64_tokens(m, alpha, n, k, monkeypatc
     w = cuda_backend._checked(ext.dequant_merge(x, *args, alpha, 4, 128, n, k))
     dequant = torch.nn.functional.linear(x, w, layer.bias)
     assert cuda_backend.prefill() == "auto"
+    v1 = cuda_backend._checked(ext.fused_small_m(x, *args, layer.bias, alpha, 4, 128, n, k, False)) if m <= 64 else None
     y, calls = with_counted_calls(monkeypatch, ext, lambda: layer(x))
-    takes_gemm = cuda_backend.use_gemm("auto", m, layer.ortho_nnz * m if alpha != 0 else 0, n * k) and code == 0
-    assert calls == (["gemm_int4"] if takes_gemm else ["dequant_merge"])
-    assert torch.equal(y, gemm if takes_gemm else dequant)
+    work = layer.ortho_nnz * m if alpha != 0 else 0
+    takes_v1 = cuda_backend.use_v1_wide("auto", m, work, n * k)
+    takes_gemm = cuda_backend.use_gemm("auto", m, work, n * k) and code == 0
+    assert takes_v1 == (17 <= m <= 32 and (alpha == 0 or (n, k) == (4096, 4096)))  # 1 % on 2^24 weights: the add
+    assert calls == (["fused_small_m"] if takes_v1 else ["gemm_int4"] if takes_gemm else ["dequant_merge"])
+    assert torch.equal(y, v1 if takes_v1 else gemm if takes_gemm else dequant)
     assert rel_err(y, reference64(layer, x, alpha)) < TOL[torch.bfloat16]
 
 

@@ -95,3 +95,28 @@ def test_cutlass_include_sources(monkeypatch, tmp_path):
     monkeypatch.delenv("LIBORTHO_CUTLASS_DIR")
     found = cuda.cutlass_include()  # the nvidia-cutlass wheel's, when it is installed
     assert found is None or (found / "cutlass" / "cutlass.h").is_file()
+
+
+@pytest.mark.parametrize("policy,m,want", [("auto", 16, False), ("auto", 17, True), ("auto", 32, True),
+                                           ("auto", 33, False), ("gemm", 24, False), ("dequant", 24, False),
+                                           ("cutlass", 24, False)])
+def test_which_calls_the_policy_sends_to_v1_above_16_tokens(policy, m, want):
+    assert cuda.use_v1_wide(policy, m) is want
+
+
+@pytest.mark.parametrize("m,density,n,k", [(32, 0.02, 4096, 4096), (32, 0.05, 4096, 4096), (24, 0.005, 1024, 4096),
+                                           (17, 0.01, 14336, 4096), (32, 0.03, 14336, 4096)])
+def test_v1_above_16_tokens_takes_an_ortho_stream_where_the_gemm_add_would(m, density, n, k):
+    nnz = int(density * n * k)
+    assert cuda.use_v1_wide("auto", m, nnz * m, n * k) is cuda.use_gemm("auto", m, nnz * m, n * k)
+
+
+@pytest.mark.parametrize("bits,gs,k,offset,want", [
+    (4, 128, 4096, 0, True), (4, 4096, 4096, 0, True), (4, 64, 4096, 0, True), (4, 512, 4096, 0, True),
+    (3, 128, 4096, 0, False), (4, 32, 4096, 0, False), (4, 192, 4608, 0, False), (4, 1024, 4096, 0, False),
+    (4, 128, 4160, 0, True), (4, 128, 1000, 0, False),
+    (4, 128, 4096, 4, False)])  # x rows not 16-byte aligned
+def test_what_v1_takes_above_16_tokens(bits, gs, k, offset, want):
+    import torch
+    x2 = torch.zeros(24 * k + 8, dtype=torch.bfloat16)[offset:offset + 24 * k].view(24, k)
+    assert cuda.v1_wide_takes(x2, bits, gs, k) is want

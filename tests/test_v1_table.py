@@ -51,6 +51,8 @@ def test_probe_classes_mirror_the_kernel_dispatch():
     assert probe.v1_class(14336, 4096, 5, sms) == "tall_m8"
     assert probe.v1_class(6320, 4096, 16, sms) == "m16" and probe.v1_class(6336, 4096, 9, sms) == "m16_tall"
     assert probe.v1_class(4096, 4096, 16, sms) == "m16"
+    assert probe.v1_class(4096, 4096, 17, sms) == "m32" and probe.v1_class(2112, 4096, 32, sms) == "m32"
+    assert probe.v1_class(2096, 4096, 24, sms) == "m32_tiny" and probe.v1_class(1024, 4096, 32, sms) == "m32_tiny"
     assert probe.v1_class(6336, 4096, 1, sms) == "tall_m4" and probe.v1_class(6320, 4096, 1, sms) == "short_m4"
     heavy = probe.HEAVY_ORTHO                   # from this many entries at alpha != 0 a tall grid counts as short
     assert probe.v1_class(11008, 4096, 2, sms, heavy) == "short_m4"
@@ -98,6 +100,14 @@ def test_suggest_table_keeps_a_heavy_m1_row_in_the_tall_class():
     for i, (a0, a1) in {1: (5.0, 30.0), 8: (6.0, 20.0)}.items():
         row[probe.CONFIGS[i]] = {"alpha0_us": a0, "alpha1_us": a1, "rel_err": 0.0, "ok": True}
     assert probe.suggest_table([row], probe.CONFIGS, 132) == {"tall_m4": 8}
+
+
+def test_suggest_table_counts_only_alpha0_above_16_tokens():
+    """M 17-32 takes the table only with no ortho stream in play (v1.cu), so there only alpha 0 times count."""
+    row = {"N": 4096, "K": 4096, "M": 32, "ortho_nnz": 1000}
+    for i, (a0, a1) in {26: (10.0, 50.0), 27: (9.0, 90.0)}.items():
+        row[probe.CONFIGS[i]] = {"alpha0_us": a0, "alpha1_us": a1, "rel_err": 0.0, "ok": True}
+    assert probe.suggest_table([row], probe.CONFIGS, 132) == {"m32": 27}
 
 
 def test_suggestion_report_ranks_each_class_offline(tmp_path, capsys, monkeypatch):

@@ -36,7 +36,9 @@ CONFIGS = ["kU2 pfx min2 (short grids)", "kU1 pfx min3 (tall grids)", "kU1 pfx m
            "w12 ring4 min2 x-ring", "w12 ring4 min2 x-ring8", "w12 ring4 min2 x-ring ortho-first",  # 12 warps
            "w16 ring4 min1 x-ring8 32 rows", "w16 ring4 min1 x-ring8 32 rows ortho-first",  # 16 warps
            "w16 m16 ring3 min1 x-ring16 32 rows",
-           "ring4 min3 x-ring 32 rows", "ring3 min3 x-ring8 32 rows", "ring3 min3 x-ring 32 rows"]  # 3 blocks per SM
+           "ring4 min3 x-ring 32 rows", "ring3 min3 x-ring8 32 rows", "ring3 min3 x-ring 32 rows",  # 3 blocks per SM
+           "m32 ring4 min1 x-ring32", "m32 ring3 min1 x-ring32 32 rows", "m32 ring2 min2 x-ring32",  # M <= 32
+           "m32 ring3 min1 x-ring32", "m64 ring2 min1 x-ring64"]  # M <= 64
 MAX_M = list(cuda_ops.V1_CONFIG_MAX_M)
 assert len(MAX_M) == len(CONFIGS)
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (1024, 4096)]
@@ -49,6 +51,8 @@ def v1_class(n: int, k: int, m: int, sms: int, ortho_nnz: int = 0) -> str:
     """The class of a call in v1.cu's table (v1_class there); ortho_nnz counts only at alpha != 0 (and, on a tall
     grid, only at m >= 2)."""
     heavy = ortho_nnz >= HEAVY_ORTHO
+    if m > 16:  # only calls with no ortho stream in play reach the table there
+        return "m32_tiny" if (n + 15) // 16 < sms else "m32"
     if m > 8:
         return "m16_tall" if (n + 15) // 16 >= 3 * sms and not heavy else "m16_long_k" if k >= 8192 else "m16"
     if (n + 15) // 16 >= 3 * sms and not (heavy and m > 1):
@@ -63,11 +67,12 @@ def v1_class(n: int, k: int, m: int, sms: int, ortho_nnz: int = 0) -> str:
 def class_costs(rows: list[dict], configs: list[str], sms: int) -> dict[str, dict[int, float]]:
     """{class: {configuration index: alpha 0 + alpha 1 us summed over the class's calls}} for the configurations
     that may serve the class and are correct on all of its rows. A row's alpha 0 and alpha 1 calls count in
-    their own calls' classes (which differ for a heavy ortho stream on a tall grid)."""
+    their own calls' classes (which differ for a heavy ortho stream on a tall grid); above M = 16 only alpha 0
+    (calls with an ortho stream in play do not take the table there)."""
     allowed = cuda_ops._V1_CLASS_CONFIGS
     by_class: dict[str, list[tuple[dict, str]]] = {}
     for r in rows:
-        for key, nnz in (("alpha0_us", 0), ("alpha1_us", r.get("ortho_nnz", 0))):
+        for key, nnz in (("alpha0_us", 0), ("alpha1_us", r.get("ortho_nnz", 0)))[:1 if r["M"] > 16 else 2]:
             by_class.setdefault(v1_class(r["N"], r["K"], r["M"], sms, nnz), []).append((r, key))
     costs = {}
     for cls, calls in by_class.items():

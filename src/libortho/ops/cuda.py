@@ -17,7 +17,8 @@
   whole (64-column tiles, groups of 64-256 or one per row, aligned x) run the configuration's lean kernel,
   compiled without the fallback paths (a third to half of the code); :func:`set_v1_lean` from Python.
 * M > 16: ``LIBORTHO_PREFILL=auto`` (the default; read at each call, :func:`set_prefill` from Python) runs calls
-  of up to ``GEMM_M_MAX`` tokens that the one-kernel GEMM takes (INT4, in_features a multiple of 64, groups of a
+  of 17-32 tokens that v1's ring takes whole through v1 (its table's M <= 32 classes; an ortho stream in play only
+  where the GEMM's ortho add would run, and then by that add after v1: :func:`use_v1_wide`), other calls of up to ``GEMM_M_MAX`` tokens that the one-kernel GEMM takes (INT4, in_features a multiple of 64, groups of a
   multiple of 64 columns or one per row, an sm_90 GPU) through it (gemm_sm90.cu: the base dequantized in
   registers into Hopper's wgmma, split along K on short grids; the ortho stream, if alpha != 0, added after it
   by ortho_add.cu), and everything else through dequantize + cuBLAS: one kernel dequantizes the base and merges
@@ -57,13 +58,13 @@ PREFILLS = ("auto", "dequant", "gemm", "cutlass")  # cutlass: a build with CUTLA
 GEMM_M_MAX = 64
 # The classes of the v1 configuration table (kernels.h, in its order) and the configurations each can take.
 V1_CLASSES = ("short_long_k", "short_m4", "short_m8", "tall_m4", "tall_m8", "m16", "m16_tall", "tiny",
-              "m16_long_k")
+              "m16_long_k", "m32", "m32_tiny")
 # The largest M of each v1 tuning configuration (v1.cuh kV1CfgMaxM, v1_configs.cu fused_cfg_dispatch, in its order) and of each
 # class: a class takes the configurations of its kernel (M <= 8 or M <= 16) that reach its largest M.
-V1_CONFIG_MAX_M = (8,) * 6 + (16,) * 2 + (4, 8, 16) + (8, 16) + (4, 8, 8, 4) + (4, 8, 4, 8, 8, 16) + (4, 8, 4)
+V1_CONFIG_MAX_M = (8,) * 6 + (16,) * 2 + (4, 8, 16) + (8, 16) + (4, 8, 8, 4) + (4, 8, 4, 8, 8, 16) + (4, 8, 4) + (32,) * 4 + (64,)
 _V1_CLASS_MAX_M = {"short_long_k": 4, "short_m4": 4, "short_m8": 8, "tall_m4": 4, "tall_m8": 8, "m16": 16,
-                   "m16_tall": 16, "tiny": 8, "m16_long_k": 16}
-_V1_CLASS_CONFIGS = {c: tuple(i for i, mm in enumerate(V1_CONFIG_MAX_M) if mm >= cm and (mm == 16) == (cm == 16))
+                   "m16_tall": 16, "tiny": 8, "m16_long_k": 16, "m32": 32, "m32_tiny": 32}
+_V1_CLASS_CONFIGS = {c: tuple(i for i, mm in enumerate(V1_CONFIG_MAX_M) if mm >= cm and -(-mm // 8) == -(-cm // 8))
                      for c, cm in _V1_CLASS_MAX_M.items()}
 
 
@@ -252,6 +253,30 @@ def _sms(device: torch.device) -> int:
     return cache[idx]
 
 
+# auto, M 17-32: v1's x ring with 4 n8 column blocks (v1.cu's table, classes m32 and m32_tiny) where the ring takes
+# the whole call. H200 probe of 2026-11-30 05:2x UTC (results/v1-configs-H200-m32.json against the GEMM in
+# kernels-H200-m17-64-gemm.json), alpha 0: 0.55-0.93x the GEMM's time at M 17-32 on the six Llama shapes (4096x14336
+# M = 32: 24.5 against 44.5 us; 14336x4096 32.3 against 34.5); at M 48-64 its 8-block form lost (4096x4096 M = 64:
+# 19.1 against 16.3 us), so the GEMM keeps those. With an ortho stream in play, where the GEMM + ortho add would run
+# (use_gemm), v1 runs the base and the same add follows; elsewhere the merge path stays.
+V1_WIDE_M_MAX = 32
+
+
+def use_v1_wide(policy: str, m: int, ortho_work: int = 0, weights: int = 0) -> bool:
+    """Whether a call of m > 16 tokens goes to v1 under this policy (when v1_wide_takes); ortho_work and weights as
+    for use_gemm."""
+    if policy != "auto" or not SMALL_M_MAX < m <= V1_WIDE_M_MAX:
+        return False
+    return ortho_work == 0 or use_gemm(policy, m, ortho_work, weights)
+
+
+def v1_wide_takes(x2, bits, group_size, in_features) -> bool:
+    """Whether v1's ring takes a call of 17-32 tokens whole (v1.cuh v1_lean_ok: INT4, whole 64-column tiles, groups
+    of 64-512 columns (a power of two) or one per row, x rows 16-byte aligned)."""
+    groups = group_size >= in_features or group_size in (64, 128, 256, 512)
+    return bits == 4 and in_features % 64 == 0 and groups and x2.data_ptr() % 16 == 0
+
+
 def use_gemm(policy: str, m: int, ortho_work: int = 0, weights: int = 0) -> bool:
     """Whether a call of m > 16 tokens goes to the GEMM under this policy (when the GEMM takes it). ortho_work:
     nnz * m when an ortho stream is in play (alpha != 0), else 0; weights: out_features * in_features."""
@@ -416,6 +441,10 @@ def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
         fused = getattr(_state["ext"], _FUSED[decode_kernel()])
         y = _checked(fused(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
                            out_features, in_features, pdl_enabled()), "fused kernel")
+    elif (use_v1_wide(prefill(), m, values.numel() * m if alpha != 0 else 0, out_features * in_features)
+          and v1_wide_takes(x2, bits, group_size, in_features)):
+        y = _checked(_state["ext"].fused_small_m(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits,
+                                                 group_size, out_features, in_features, pdl_enabled()), "fused kernel")
     elif ((form := cutlass_form(prefill(), m, out_features, in_features, _sms(x2.device))) is not None
           and cutlass_takes(x2, bits, group_size, out_features, in_features, alpha, values)):
         y = _checked(_state["ext"].gemm_cutlass(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha,

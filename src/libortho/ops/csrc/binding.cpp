@@ -68,16 +68,19 @@ using Launch = cudaError_t (*)(const libortho::Operands&, const void*, const voi
 
 // v1's ortho stream reads x transposed (one load per column for all M rows instead of M loads K apart)
 // when M >= 2 and nnz * M * max(M, 4) / 4 >= g_xt_min (-1: never); it costs one small transpose launch per
-// call. Above M = 4 the x ring leaves the ortho stream's strided loads as the bottleneck, so the gain grows
+// call. At M 17-32 v1 runs the base and then the ortho add, which always reads xt. Above M = 4 the x ring leaves the ortho stream's strided loads as the bottleneck, so the gain grows
 // faster than nnz * M (H200, 12:36 UTC 2026-11-29). cuda.py sets it ($LIBORTHO_ORTHO_XT).
 int64_t g_xt_min = int64_t{1} << 21;
 
 // Checks the operands of a small-M product (1 <= M <= max_m) and runs launch(op, x, bias, out, M, stream).
+// x transposed for v1's ortho stream: xt_small, at M 2-16 by the g_xt_min rule (v1's own stream); xt_wide, always
+// at M 17-32 for INT4 (v1's base + ortho add; v2 and v3 hand those calls to v1).
 template <class F>
 Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
-               int64_t group_size, int64_t N, int64_t K, bool pdl, int64_t max_m, bool v1, F&& launch) {
+               int64_t group_size, int64_t N, int64_t K, bool pdl, int64_t max_m, bool xt_small, bool xt_wide,
+               F&& launch) {
   const at::Tensor none = at::empty({0}, x.options());
   if (!x.is_cuda() || x.dim() != 2 || x.size(1) != K || !x.is_contiguous())
     return {none, kBadArgs};
@@ -92,9 +95,11 @@ Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   at::Tensor xt;  // alive until the launch is queued; the allocator reuses it in stream order
-  if (v1 && op.alpha != 0.f && op.nnz > 0 && M >= 2 && M <= 16 && g_xt_min >= 0 &&
-      op.nnz * M * std::max<int64_t>(M, 4) >= 4 * g_xt_min) {
-    const int ld = M <= 2 ? 2 : M <= 4 ? 4 : M <= 8 ? 8 : 16;  // the kernel's rows per ortho entry (MR)
+  const bool wide = xt_wide && op.bits == 4 && M > 16 && M <= 32;
+  const bool small = xt_small && M >= 2 && M <= 16 && g_xt_min >= 0 &&
+                     op.nnz * M * std::max<int64_t>(M, 4) >= 4 * g_xt_min;
+  if (op.alpha != 0.f && op.nnz > 0 && (wide || small)) {
+    const int ld = M <= 2 ? 2 : M <= 4 ? 4 : M <= 8 ? 8 : M <= 16 ? 16 : 32;  // rows per ortho entry (MR; the add: 32)
     xt = at::empty({K, ld}, x.options());
     const cudaError_t err = libortho::launch_transpose_x(x.data_ptr(), xt.data_ptr(), static_cast<int>(M),
                                                          static_cast<int>(K), ld, op.bf16, stream);
@@ -116,7 +121,7 @@ Result fused(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& s
              const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
              int64_t group_size, int64_t N, int64_t K, bool pdl) {
   return small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, pdl, 64,
-                 launch == &libortho::launch_fused_small_m, launch);
+                 launch == &libortho::launch_fused_small_m, true, launch);
 }
 
 // v1 with tuning configuration `cfg` (benchmarks/probes/v1_configs.py), plain launches.
@@ -124,8 +129,8 @@ Result fused_cfg(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
                  const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                  const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
                  int64_t group_size, int64_t N, int64_t K, int64_t cfg) {
-  return small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, false, 16,
-                 true, [cfg](const libortho::Operands& op, const void* xp, const void* bp, void* out, int M, cudaStream_t s) {
+  return small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, false, 64,
+                 true, false, [cfg](const libortho::Operands& op, const void* xp, const void* bp, void* out, int M, cudaStream_t s) {
                    return libortho::launch_fused_small_m_cfg(op, xp, bp, out, M, static_cast<int>(cfg), s);
                  });
 }
@@ -152,7 +157,7 @@ Result gemm_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
                  int64_t group_size, int64_t N, int64_t K) {
   at::Tensor ws, xt;  // alive until the launches are queued
   return small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, false,
-                 std::numeric_limits<int>::max(), false,
+                 std::numeric_limits<int>::max(), false, false,
                  [&ws, &xt, &x](const libortho::Operands& op, const void* xp, const void* bp, void* out, int M, cudaStream_t s) {
                    if (!libortho::gemm_int4_supported(op, M)) return cudaErrorInvalidValue;
                    libortho::Operands o = op;
@@ -232,7 +237,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("v1_lean", &libortho::v1_lean, "whether v1 ring calls the ring takes whole run the lean kernels");
   m.def("set_v1_lean", &libortho::set_v1_lean, "turn the lean kernels on or off");
   m.def("v1_lean_launches", [] { return libortho::v1_lean_launches(); }, "lean v1 launches so far (tests)");
-  m.def("fused_small_m_cfg", &fused_cfg, "v1 with a tuning configuration (INT4, M <= 8 or 16; benchmarks/probes/v1_configs.py)");
+  m.def("fused_small_m_cfg", &fused_cfg, "v1 with a tuning configuration (INT4, M up to the configuration's 4-64; benchmarks/probes/v1_configs.py)");
   m.def("dequant_merge", &dequant_merge, "(W = deq(Q) + alpha S as a dense matrix, error code)");
   m.def("set_gemm_cfg", [](int64_t c) { return c >= -1 && c < libortho::kGemmCfgs && libortho::set_gemm_cfg(static_cast<int>(c)); },
         "the large-M GEMM kernel's block configuration (0..7, -1: chosen per call); False for another value");

@@ -27,22 +27,24 @@ struct Operands {
 // streams of v1 and of the GEMM: one column's M values are then one 4-128 byte load instead of M loads K apart.
 cudaError_t launch_transpose_x(const void* x, void* xt, int M, int K, int ld, bool bf16, cudaStream_t stream);
 
-// out (M, N) = x (M, K) @ deq(Q)^T + alpha * x @ S^T + bias, for 1 <= M <= 64.
+// out (M, N) = x (M, K) @ deq(Q)^T + alpha * x @ S^T + bias, for 1 <= M <= 64 (INT4 at M 17-32 with an ortho stream
+// in play: the stream needs x transposed in op.xt, ld 32, which the binding provides, else the default kernel runs).
 cudaError_t launch_fused_small_m(const Operands& op, const void* x, const void* bias, void* out, int M,
                                  cudaStream_t stream);
 
-// The same product by one of the v1 tuning configurations (INT4, M <= 8 or 16; see fused_cfg_dispatch).
+// The same product by one of the v1 tuning configurations (INT4, M up to 4-64 by configuration; see fused_cfg_dispatch).
 cudaError_t launch_fused_small_m_cfg(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
                                      cudaStream_t stream);
 
 // The INT4 v1 configuration (an index of launch_fused_small_m_cfg) that launch_fused_small_m uses for each
 // class of call, in this order: short grids (< 3 blocks per SM) at M <= 4 with K >= 8192, at M <= 4 with
 // K < 8192, at M 5-8; tall grids at M <= 4, at M 5-8; M 9-16 below 3 row tiles per SM (K < 8192), from 3;
-// tiny grids (fewer row tiles than SMs) at M <= 8; M 9-16 below 3 row tiles per SM with K >= 8192. A call
-// with alpha != 0 and at least 2^20 ortho entries counts as a short grid, and at M <= 4 as one with K < 8192.
+// tiny grids (fewer row tiles than SMs) at M <= 8; M 9-16 below 3 row tiles per SM with K >= 8192; M 17-32 with
+// no ortho stream in play, from one row tile per SM and below. A call with alpha != 0 and at least 2^20 ortho
+// entries counts as a short grid, and at M <= 4 as one with K < 8192.
 // set_v1_table changes nothing and returns false when an index cannot serve its class (a configuration of the
-// M <= 8 kernel reaching the class's largest M, or of the M <= 16 kernel for M 9-16; v1.cuh kV1CfgMaxM).
-constexpr int kV1Classes = 9;
+// kernel of the class's n8 column blocks, M <= 8, 16 or 32, reaching its largest M; v1.cuh kV1CfgMaxM).
+constexpr int kV1Classes = 11;
 bool set_v1_table(const int (&table)[kV1Classes]);
 void get_v1_table(int (&table)[kV1Classes]);
 

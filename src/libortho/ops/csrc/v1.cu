@@ -1,5 +1,6 @@
-// The v1 decode kernel's entry point: INT4 at M <= 16 by the configuration table (v1_configs.cu), every
-// other width and M by the default configuration.
+// The v1 decode kernel's entry point: INT4 at M <= 16 and M 17-32 by the configuration table (v1_configs*.cu;
+// at M 17-32 an ortho stream in play is added after it by ortho_add.cu); every other width and M by the default
+// configuration.
 #include "v1.cuh"
 
 namespace libortho {
@@ -22,7 +23,11 @@ namespace {
 // 19:4x UTC, results/v1-configs-H200-3blk.json): one wave where 11 needed 1.3 (11008x4096 M = 1: 11.35 ->
 // 10.46 us at alpha 0, 17.21 -> 14.25 at 1 % ortho; the fused q/k/v 12288x4096 11.70 -> 10.53).
 // cuda.py replaces entries for a tuning run ($LIBORTHO_V1_CFG).
-int g_v1_table[kV1Classes] = {20, 16, 20, 25, 24, 10, 12, 18, 22};
+// M 17-32 (probe of 2026-11-30 05:2x UTC, results/v1-configs-H200-m32.json; alpha 0): 32-row blocks at 1 per SM (27)
+// where there is at least a row tile per SM, 16-row blocks (26) below; 0.55-0.93x the time of the GEMM that served
+// these calls (4096x4096 M = 32: 9.3 against 15.0 us). An ortho stream in play is added after the base by the
+// ortho add (fused_dispatch_nt).
+int g_v1_table[kV1Classes] = {20, 16, 20, 25, 24, 10, 12, 18, 22, 27, 26};
 
 // From this many ortho entries (with alpha != 0) a grid counts as short at M >= 2: the tall classes' 32-row
 // blocks halve the blocks that share the ortho stream, and at 5 % ortho (2.25M entries on 11008x4096) that cost
@@ -35,6 +40,7 @@ constexpr int64_t kHeavyOrtho = int64_t{1} << 20;
 inline int v1_class(const Operands& op, int M) {
   const bool heavy = op.alpha != 0.f && op.nnz >= kHeavyOrtho;
   const int row_tiles = (op.N + 15) / 16, sms = device_info().sms;
+  if (M > 16) return row_tiles < sms ? 10 : 9;
   if (M > 8) return row_tiles >= 3 * sms && !heavy ? 6 : op.K >= 8192 ? 8 : 5;
   if (row_tiles >= 3 * sms && !(heavy && M > 1)) return M <= 4 ? 3 : 4;
   if (row_tiles < sms) return 7;
@@ -45,8 +51,18 @@ inline int v1_class(const Operands& op, int M) {
 template <typename T, int BITS>
 cudaError_t fused_dispatch_nt(const Operands& op, const void* x, const void* bias, void* out, int M,
                               cudaStream_t s) {
-  if constexpr (BITS == 4)
-    if (M <= 16) return launch_fused_small_m_cfg(op, x, bias, out, M, g_v1_table[v1_class(op, M)], s);
+  if constexpr (BITS == 4) {
+    if (M <= 16 || (M <= 32 && (op.alpha == 0.f || op.nnz == 0)))
+      return launch_fused_small_m_cfg(op, x, bias, out, M, g_v1_table[v1_class(op, M)], s);
+    if (M <= 32 && op.xt != nullptr && op.xt_ld == 32) {
+      // The base by the table's configuration, then the ortho add in place (ortho_add.cu, x transposed): the
+      // wider kernel's own stream (atomics over 32 rows per entry) was 2-6x slower than the GEMM + that add.
+      Operands base = op;
+      base.alpha = 0.f;
+      const cudaError_t err = launch_fused_small_m_cfg(base, x, bias, out, M, g_v1_table[v1_class(base, M)], s);
+      return err != cudaSuccess ? err : launch_ortho_add(op, out, M, s);
+    }
+  }
   auto kernel = M <= 8 ? fused_small_m_kernel<T, BITS, 1> : M <= 16 ? fused_small_m_kernel<T, BITS, 2>
                : M <= 32 ? fused_small_m_kernel<T, BITS, 4> : fused_small_m_kernel<T, BITS, 8>;
   return launch_v1<T>(kernel, op, x, bias, out, M, s);
@@ -68,11 +84,12 @@ cudaError_t launch_fused_small_m(const Operands& op, const void* x, const void* 
 }
 
 bool set_v1_table(const int (&table)[kV1Classes]) {
-  // A class takes the configurations of its kernel (M <= 8 or M <= 16) that reach its largest M.
-  constexpr int kClassMaxM[kV1Classes] = {4, 4, 8, 4, 8, 16, 16, 8, 16};
+  // A class takes the configurations of its kernel (M <= 8, 16 or 32) that reach its largest M.
+  constexpr int kClassMaxM[kV1Classes] = {4, 4, 8, 4, 8, 16, 16, 8, 16, 32, 32};
   for (int c = 0; c < kV1Classes; ++c) {
     const int i = table[c];
-    if (i < 0 || i >= kV1Cfgs || kV1CfgMaxM[i] < kClassMaxM[c] || (kV1CfgMaxM[i] == 16) != (kClassMaxM[c] == 16))
+    const auto nt = [](int m) { return (m + 7) / 8; };  // n8 column blocks of the kernel
+    if (i < 0 || i >= kV1Cfgs || kV1CfgMaxM[i] < kClassMaxM[c] || nt(kV1CfgMaxM[i]) != nt(kClassMaxM[c]))
       return false;
   }
   std::copy(table, table + kV1Classes, g_v1_table);

@@ -31,7 +31,7 @@ cudaError_t fused_cfg_dispatch_hi(const Operands& op, const void* x, const void*
     case 23: return launch_v1_ring<T, 1, V1Cfg<1, true, 3, 4, 4, 2>>(op, x, bias, out, M, s);
     case 24: return launch_v1_ring<T, 1, V1Cfg<1, true, 3, 3, 8, 2>>(op, x, bias, out, M, s);
     case 25: return launch_v1_ring<T, 1, V1Cfg<1, true, 3, 3, 4, 2>>(op, x, bias, out, M, s);
-    default: return cudaErrorInvalidValue;
+    default: return launch_v1_cfg_m32(op, x, bias, out, M, cfg, s);  // v1_configs_m32.cu
   }
 }
 
