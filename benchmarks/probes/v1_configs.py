@@ -159,8 +159,8 @@ def main() -> None:
                 packs = [int4[0]] + [int4[0].clone() for _ in range(nq - 1)]
                 row["torch_int4_us"] = time_rotating(
                     [lambda p=p: torch.ops.aten._weight_int4pack_mm(x, p, 128, int4[1]) for p in packs], args.replays, calls)
-            names = [c for i, (c, mm) in enumerate(zip(CONFIGS, MAX_M))
-                     if m <= mm and (args.configs is None or i in args.configs)]
+            names = [c for i, (c, mm) in enumerate(zip(CONFIGS, MAX_M))  # the M 17-64 kernels only above 16
+                     if m <= mm and (mm <= 16) == (m <= 16) and (args.configs is None or i in args.configs)]
             for cfg, name in enumerate(CONFIGS):
                 if name not in names:
                     continue
