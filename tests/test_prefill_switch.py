@@ -104,11 +104,15 @@ def test_which_calls_the_policy_sends_to_v1_above_16_tokens(policy, m, want):
     assert cuda.use_v1_wide(policy, m) is want
 
 
-@pytest.mark.parametrize("m,density,n,k", [(32, 0.02, 4096, 4096), (32, 0.05, 4096, 4096), (24, 0.005, 1024, 4096),
-                                           (17, 0.01, 14336, 4096), (32, 0.03, 14336, 4096)])
-def test_v1_above_16_tokens_takes_an_ortho_stream_where_the_gemm_add_would(m, density, n, k):
+@pytest.mark.parametrize("m,density,n,k,want", [
+    (32, 0.05, 4096, 4096, True), (32, 0.05, 4096, 14336, True), (17, 0.05, 11008, 4096, True),   # large layers: up to 5 %
+    (32, 0.06, 4096, 4096, False),                                                                # beyond what was measured
+    (32, 0.01, 1024, 4096, True), (17, 0.01, 1024, 4096, True), (17, 0.02, 1024, 4096, False),    # small: up to 1 % at 32
+    (24, 0.02, 1024, 4096, False), (32, 0.0, 1024, 4096, True)])
+def test_v1_above_16_tokens_takes_an_ortho_stream_where_it_beat_the_merge(m, density, n, k, want):
     nnz = int(density * n * k)
-    assert cuda.use_v1_wide("auto", m, nnz * m, n * k) is cuda.use_gemm("auto", m, nnz * m, n * k)
+    assert cuda.use_v1_wide("auto", m, nnz * m, n * k) is want
+    assert not cuda.use_v1_wide("gemm", m, nnz * m, n * k) and not cuda.use_v1_wide("auto", 33, nnz * 33, n * k)
 
 
 @pytest.mark.parametrize("bits,gs,k,offset,want", [

@@ -17,8 +17,8 @@
   whole (64-column tiles, groups of 64-256 or one per row, aligned x) run the configuration's lean kernel,
   compiled without the fallback paths (a third to half of the code); :func:`set_v1_lean` from Python.
 * M > 16: ``LIBORTHO_PREFILL=auto`` (the default; read at each call, :func:`set_prefill` from Python) runs calls
-  of 17-32 tokens that v1's ring takes whole through v1 (its table's M <= 32 classes; an ortho stream in play only
-  where the GEMM's ortho add would run, and then by that add after v1: :func:`use_v1_wide`), other calls of up to ``GEMM_M_MAX`` tokens that the one-kernel GEMM takes (INT4, in_features a multiple of 64, groups of a
+  of 17-32 tokens that v1's ring takes whole through v1 (its table's M <= 32 classes; an ortho stream in play, up to
+  a measured nnz * M per weight, by the ortho add after it: :func:`use_v1_wide`), other calls of up to ``GEMM_M_MAX`` tokens that the one-kernel GEMM takes (INT4, in_features a multiple of 64, groups of a
   multiple of 64 columns or one per row, an sm_90 GPU) through it (gemm_sm90.cu: the base dequantized in
   registers into Hopper's wgmma, split along K on short grids; the ortho stream, if alpha != 0, added after it
   by ortho_add.cu), and everything else through dequantize + cuBLAS: one kernel dequantizes the base and merges
@@ -257,9 +257,14 @@ def _sms(device: torch.device) -> int:
 # the whole call. H200 probe of 2026-11-30 05:2x UTC (results/v1-configs-H200-m32.json against the GEMM in
 # kernels-H200-m17-64-gemm.json), alpha 0: 0.55-0.93x the GEMM's time at M 17-32 on the six Llama shapes (4096x14336
 # M = 32: 24.5 against 44.5 us; 14336x4096 32.3 against 34.5); at M 48-64 its 8-block form lost (4096x4096 M = 64:
-# 19.1 against 16.3 us), so the GEMM keeps those. With an ortho stream in play, where the GEMM + ortho add would run
-# (use_gemm), v1 runs the base and the same add follows; elsewhere the merge path stays.
+# 19.1 against 16.3 us), so the GEMM keeps those. With an ortho stream in play v1 runs the base and the ortho add
+# follows, where that beat the merge path (benchmarks/probes/v1_add_vs_merge.py, 2026-11-30 05:4x UTC,
+# results/v1-add-vs-merge-H200-m17-32.json): on the five large Llama shapes at every density measured, 0.5-5 %
+# (0.33-0.92x the merge's time; 4096x14336 M = 32 at 5 %: 76.5 against 111.0 us), i.e. nnz * M up to 1.6 weights on
+# layers of 2^24+ weights; on 1024x4096 only up to 1 % (0.89-1.00x; 1.05-1.32x at 2-5 %), nnz * M up to 0.32 weights.
 V1_WIDE_M_MAX = 32
+V1_ADD_WORK_PER_WEIGHT = {True: 1.6, False: 0.32}  # layer of 2^24+ weights? -> the largest nnz * M / weights measured to win
+V1_ADD_LARGE_WEIGHTS = 1 << 24
 
 
 def use_v1_wide(policy: str, m: int, ortho_work: int = 0, weights: int = 0) -> bool:
@@ -267,7 +272,7 @@ def use_v1_wide(policy: str, m: int, ortho_work: int = 0, weights: int = 0) -> b
     for use_gemm."""
     if policy != "auto" or not SMALL_M_MAX < m <= V1_WIDE_M_MAX:
         return False
-    return ortho_work == 0 or use_gemm(policy, m, ortho_work, weights)
+    return ortho_work <= V1_ADD_WORK_PER_WEIGHT[weights >= V1_ADD_LARGE_WEIGHTS] * weights
 
 
 def v1_wide_takes(x2, bits, group_size, in_features) -> bool:
