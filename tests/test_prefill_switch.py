@@ -124,3 +124,12 @@ def test_what_v1_takes_above_16_tokens(bits, gs, k, offset, want):
     import torch
     x2 = torch.zeros(24 * k + 8, dtype=torch.bfloat16)[offset:offset + 24 * k].view(24, k)
     assert cuda.v1_wide_takes(x2, bits, gs, k) is want
+
+
+def test_v1_ortho_limit_has_room_for_a_sieve_that_keeps_a_few_more():
+    """A sieve asked for 5 % may keep an entry or two more; those layers still take v1 + add (the 05:47 UTC table sent
+    4096x14336 and 14336x4096 at M = 32 to the merge path by one entry)."""
+    for n, k in ((4096, 14336), (14336, 4096)):
+        nnz = int(0.05 * n * k) + 2
+        assert cuda.use_v1_wide("auto", 32, nnz * 32, n * k)
+        assert not cuda.use_v1_wide("auto", 32, int(0.0505 * n * k) * 32, n * k)
