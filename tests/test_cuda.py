@@ -255,7 +255,8 @@ def test_v1_table_set_get_and_refusal():
     short_n = 16 * sms + 48  # from one row tile per SM: not tiny
     cases = [(short_n, 8192, 2), (short_n, 1024, 3), (short_n, 1024, 7), (tall_n, 512, 4), (tall_n, 512, 8),
              (512, 1024, 12), (tall_n, 1024, 16), (512, 1024, 5), (512, 8192, 16),
-             (short_n, 1024, 24), (512, 1024, 32)]  # one per class, in order (M 17-32: at alpha 0 only)
+             (short_n, 1024, 24), (512, 1024, 32)]  # one per class, in order (M 17-32: the table at alpha 0; at
+    # alpha 1 these small layers' 2 % ortho takes the merge path)
     gen = torch.Generator(device="cuda").manual_seed(5)
     try:
         for table in ([3, 4, 5, 4, 3, 7, 6, 2, 7, 26, 27], [5, 3, 4, 0, 2, 6, 7, 0, 6, 28, 29],
@@ -773,7 +774,7 @@ def test_gemm_ortho_add_matches_float64_and_the_dequant_path(shape, m, density, 
                                          (32, 1.0, 4096, 4096), (48, 1.0, 14336, 4096), (17, 0.0, 1024, 2048),
                                          (32, 0.0, 4096, 4096), (24, 0.0, 14336, 4096), (33, 0.0, 1024, 2048)])
 def test_default_policy_runs_the_gemm_up_to_64_tokens(m, alpha, n, k, monkeypatch):
-    """The default (auto) policy: v1's ring at 17-32 tokens (+ the ortho add where the GEMM would take it), the
+    """The default (auto) policy: v1's ring at 17-32 tokens (+ the ortho add where that beat merging), the
     GEMM (+ ortho add where it measured faster) up to 64 tokens, dequantize + cuBLAS above; the layer's output is that path's bit for
     bit (the GEMM without split-K can equal cuBLAS's bits, so the calls are counted)."""
     monkeypatch.delenv("LIBORTHO_PREFILL", raising=False)

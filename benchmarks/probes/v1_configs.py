@@ -51,7 +51,7 @@ def v1_class(n: int, k: int, m: int, sms: int, ortho_nnz: int = 0) -> str:
     """The class of a call in v1.cu's table (v1_class there); ortho_nnz counts only at alpha != 0 (and, on a tall
     grid, only at m >= 2)."""
     heavy = ortho_nnz >= HEAVY_ORTHO
-    if m > 16:  # only calls with no ortho stream in play reach the table there
+    if m > 16:  # the table runs the base there; an ortho stream is added after it (v1.cu fused_dispatch_nt)
         return "m32_tiny" if (n + 15) // 16 < sms else "m32"
     if m > 8:
         return "m16_tall" if (n + 15) // 16 >= 3 * sms and not heavy else "m16_long_k" if k >= 8192 else "m16"
@@ -68,7 +68,7 @@ def class_costs(rows: list[dict], configs: list[str], sms: int) -> dict[str, dic
     """{class: {configuration index: alpha 0 + alpha 1 us summed over the class's calls}} for the configurations
     that may serve the class and are correct on all of its rows. A row's alpha 0 and alpha 1 calls count in
     their own calls' classes (which differ for a heavy ortho stream on a tall grid); above M = 16 only alpha 0
-    (calls with an ortho stream in play do not take the table there)."""
+    (the table runs only the base there: the ortho add follows it, not the configuration's own ortho stream)."""
     allowed = cuda_ops._V1_CLASS_CONFIGS
     by_class: dict[str, list[tuple[dict, str]]] = {}
     for r in rows:

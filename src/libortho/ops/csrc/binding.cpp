@@ -68,8 +68,9 @@ using Launch = cudaError_t (*)(const libortho::Operands&, const void*, const voi
 
 // v1's ortho stream reads x transposed (one load per column for all M rows instead of M loads K apart)
 // when M >= 2 and nnz * M * max(M, 4) / 4 >= g_xt_min (-1: never); it costs one small transpose launch per
-// call. At M 17-32 v1 runs the base and then the ortho add, which always reads xt. Above M = 4 the x ring leaves the ortho stream's strided loads as the bottleneck, so the gain grows
-// faster than nnz * M (H200, 12:36 UTC 2026-11-29). cuda.py sets it ($LIBORTHO_ORTHO_XT).
+// call. Above M = 4 the x ring leaves the ortho stream's strided loads as the bottleneck, so the gain grows
+// faster than nnz * M (H200, 12:36 UTC 2026-11-29). cuda.py sets it ($LIBORTHO_ORTHO_XT). At M 17-32 v1 runs the
+// base and then the ortho add, which always reads xt.
 int64_t g_xt_min = int64_t{1} << 21;
 
 // Checks the operands of a small-M product (1 <= M <= max_m) and runs launch(op, x, bias, out, M, stream).
