@@ -137,8 +137,9 @@ def test_tall_grid_configuration(n, m, gs, sym, dtype):
 
 V1_CONFIG_MAX_M = cuda_backend.V1_CONFIG_MAX_M  # per v1_configs.cu fused_cfg_dispatch index
 V1_CONFIGS = len(V1_CONFIG_MAX_M)  # (benchmarks/probes/v1_configs.py names them)
-X_RING_CONFIGS = (8, 9, 10, 11, 12, 13, 14, 15, 16, 23, 24, 25, 26, 27, 28, 29, 30)  # x's columns through the
-# shared-memory ring (M <= 4, 8, 16, 32, 64; 11-12, 23-25, 27: 32 rows; 13-16: the ortho stream first)
+X_RING_CONFIGS = (8, 9, 10, 11, 12, 13, 14, 15, 16, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32)  # x's columns through
+# the shared-memory ring (M <= 4, 8, 16, 32, 64; 11-12, 23-25, 27, 31-32: 32 rows; 13-16: the ortho stream first;
+# 31-32: the sums in the ring)
 ORTHO_FIRST_CONFIGS = (13, 14, 15, 16)
 WARPS_CONFIGS = (17, 18, 19, 20, 21, 22)  # the x ring with 12 or 16 warps per block (lean only)
 
@@ -261,7 +262,7 @@ def test_v1_table_set_get_and_refusal():
     try:
         for table in ([3, 4, 5, 4, 3, 7, 6, 2, 7, 26, 27], [5, 3, 4, 0, 2, 6, 7, 0, 6, 28, 29],
                       [8, 8, 2, 8, 1, 6, 10, 9, 10, 29, 28], [9, 8, 9, 9, 9, 10, 12, 20, 22, 27, 26],
-                      [11, 11, 11, 11, 11, 12, 12, 18, 12, 26, 26], [20, 17, 21, 19, 18, 22, 22, 20, 22, 27, 27]):
+                      [11, 11, 11, 11, 11, 12, 12, 18, 12, 26, 26], [20, 17, 21, 19, 18, 22, 22, 20, 22, 32, 32]):
             assert ext.set_v1_table(table) and list(ext.v1_table()) == table
             for n, k, m in cases:
                 layer = make_layer(n, k, 4, 128, False, 0.02, torch.bfloat16, gen)

@@ -29,8 +29,12 @@ namespace {
 // 24 warps on an SM at 2 blocks (registers permitting), 16-warp blocks of 32 rows keep 16 warps on half as
 // many blocks with two row tiles per warp. Where a call is not lean (v1_lean_ok) it runs the same
 // configuration with kWarps (launch_v1_ring), so the fallback paths stay 8-warp code.
+// kRedInRing (x ring in dynamic shared memory, not ortho-first): a warp's partial sums go to its own x ring once its
+// sweep is done (no copy can still be landing there: the ring's last requests past the end are empty), so the
+// static per-warp sums array (R x (MT + 1) floats per warp, 66 KB at 32 rows and 64 tokens) does not count against
+// the 48 KB static limit and the ring can take more slots.
 template <int kU_, bool kPrefetchX_, int kMinBlocks_, int kStages_ = 0, int kXRows_ = 0, int kRowTiles_ = 1,
-          bool kOrthoFirst_ = false, bool kLean_ = false, int kBlockWarps_ = kWarps>
+          bool kOrthoFirst_ = false, bool kLean_ = false, int kBlockWarps_ = kWarps, bool kRedInRing_ = false>
 struct V1Cfg {
   static constexpr int kU = kU_;
   static constexpr bool kPrefetchX = kPrefetchX_;
@@ -41,8 +45,11 @@ struct V1Cfg {
   static constexpr bool kOrthoFirst = kOrthoFirst_;
   static constexpr bool kLean = kLean_;
   static constexpr int kBlockWarps = kBlockWarps_;
-  using Lean = V1Cfg<kU_, kPrefetchX_, kMinBlocks_, kStages_, kXRows_, kRowTiles_, kOrthoFirst_, true, kBlockWarps_>;
-  using Eight = V1Cfg<kU_, kPrefetchX_, kMinBlocks_, kStages_, kXRows_, kRowTiles_, kOrthoFirst_, false>;
+  static constexpr bool kRedInRing = kRedInRing_;
+  using Lean = V1Cfg<kU_, kPrefetchX_, kMinBlocks_, kStages_, kXRows_, kRowTiles_, kOrthoFirst_, true, kBlockWarps_,
+                     kRedInRing_>;
+  using Eight = V1Cfg<kU_, kPrefetchX_, kMinBlocks_, kStages_, kXRows_, kRowTiles_, kOrthoFirst_, false, kWarps,
+                      kRedInRing_>;
   static_assert(!kLean_ || kStages_ > 0, "only the ring has a lean form");
   static_assert(!kOrthoFirst_ || kStages_ > 0, "the ortho stream first needs the ring");
   static_assert(kRowTiles_ == 1 || (kRowTiles_ == 2 && kStages_ > 0), "two row tiles need the ring");
@@ -51,6 +58,9 @@ struct V1Cfg {
   static constexpr int kRingSize = kBlockWarps_ * kStages_ * (kRowTiles_ * (512 + 64) + kXRows_ * 128);
   static constexpr bool kDynRing = kRingSize > 36 * 1024;
   static constexpr int kRingBytes = kDynRing ? kRingSize : 0;
+  static_assert(!kRedInRing_ || (kDynRing && !kOrthoFirst_ && kXRows_ > 0 &&
+                                 16 * kRowTiles_ * (8 * ((kXRows_ + 7) / 8) + 1) * 4 <= kStages_ * kXRows_ * 128),
+                "the sums in the ring: a dynamic x ring that holds a warp's sums, filled after the sweep");
 };
 
 // Four 8x8 16-bit matrices from shared memory, one row address per lane (lanes 8q..8q+7: matrix q):
@@ -216,7 +226,17 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   constexpr int kStage = NT >= 8 || Cfg::kXRows > 0 ? 1024 : 2048;
   constexpr int kStageW = kStage / W & ~1;  // per warp (even: values are staged in pairs)
   constexpr int RT = Cfg::kRowTiles, R = 16 * RT;  // row tiles and output rows of a block
-  __shared__ float red[W][R][MT + 1];  // per-warp partial sums (base, then + alpha * ortho)
+  // per-warp partial sums (base, then + alpha * ortho): static, or each warp's x ring after its sweep (kRedInRing)
+  __shared__ float red[Cfg::kRedInRing ? 1 : W][R][MT + 1];
+  auto sum_at = [&](int w, int r, int c) -> float& {
+    if constexpr (Cfg::kRedInRing) {
+      extern __shared__ __align__(16) uint4 v1_ring[];
+      // warp w's x ring (the dynamic layout below puts the x rings first)
+      return reinterpret_cast<float*>(v1_ring + w * Cfg::kStages * Cfg::kXRows * 8)[r * (MT + 1) + c];
+    } else {
+      return red[w][r][c];
+    }
+  };
   __shared__ int rpw[W][R + 1];        // the block's row pointers, one copy per warp
   __shared__ int wmeta[W][3];           // the block's entry range and the warp's first staged entry
   __shared__ uint32_t st_col[W][kStageW];      // staged column indices (int16 pairs or int32)
@@ -284,7 +304,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
       constexpr int MR = decltype(mr)::value;
       // xt is laid out for this MR (the binding picks ld by the same rule) or not given
       const T* xt = op.xt != nullptr && op.xt_ld == MR ? static_cast<const T*>(op.xt) : nullptr;
-      ortho_run<MR, R>(&red[warp][0][0], MT + 1, rpw[warp], run_b, run_e, x, K, M, op.alpha, entry_col, entry_val, xt);
+      ortho_run<MR, R>(&sum_at(warp, 0, 0), MT + 1, rpw[warp], run_b, run_e, x, K, M, op.alpha, entry_col, entry_val, xt);
     };
     if constexpr (MT == 8) {
       if (M == 1) run(std::integral_constant<int, 1>{});
@@ -298,7 +318,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   // kOrthoFirst: the warp's red slot zeroed, its row pointers, its runs from global memory (nothing staged).
   bool ortho_done = false;
   auto ortho_first = [&]() {
-    for (int i = lane; i < R * (MT + 1); i += 32) (&red[warp][0][0])[i] = 0.f;
+    for (int i = lane; i < R * (MT + 1); i += 32) (&sum_at(warp, 0, 0))[i] = 0.f;
     if (lane <= R) rpw[warp][lane] = my_rp;
     if (R > 16 && lane == 0) rpw[warp][R] = my_rp_end;
     __syncwarp();
@@ -393,14 +413,15 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   // when they came first, else stored.
   const bool base_adds = Cfg::kOrthoFirst && (Cfg::kLean ? ortho : ortho_done);  // lean: the ring ran them
   auto put = [&](float& slot, float v) { slot = base_adds ? slot + v : v; };
+  if constexpr (Cfg::kRedInRing) __syncwarp();  // every lane's last reads of the ring are done before it holds sums
 #pragma unroll
   for (int rt = 0; rt < RT; ++rt) {
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
-      put(red[warp][rt * 16 + g][t * 8 + 2 * tig], acc[rt][t][0]);
-      put(red[warp][rt * 16 + g][t * 8 + 2 * tig + 1], acc[rt][t][1]);
-      put(red[warp][rt * 16 + g + 8][t * 8 + 2 * tig], acc[rt][t][2]);
-      put(red[warp][rt * 16 + g + 8][t * 8 + 2 * tig + 1], acc[rt][t][3]);
+      put(sum_at(warp, rt * 16 + g, t * 8 + 2 * tig), acc[rt][t][0]);
+      put(sum_at(warp, rt * 16 + g, t * 8 + 2 * tig + 1), acc[rt][t][1]);
+      put(sum_at(warp, rt * 16 + g + 8, t * 8 + 2 * tig), acc[rt][t][2]);
+      put(sum_at(warp, rt * 16 + g + 8, t * 8 + 2 * tig + 1), acc[rt][t][3]);
     }
   }
   if (!Cfg::kLean && !staged) stage_ortho();  // a warp without K tiles (the ring stages them for every warp)
@@ -432,7 +453,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     if (n >= N) continue;
     float y = 0.f;
 #pragma unroll
-    for (int w = 0; w < W; ++w) y += red[w][r][m];
+    for (int w = 0; w < W; ++w) y += sum_at(w, r, m);
     if (bias) y += Num<T>::f(bias[n]);
     out[static_cast<size_t>(m) * N + n] = Num<T>::from(y);
   }
@@ -510,7 +531,7 @@ cudaError_t launch_v1_ring(const Operands& op, const void* x, const void* bias, 
 
 // The largest M of each v1 configuration below (cuda.py V1_CONFIG_MAX_M mirrors it).
 constexpr int kV1CfgMaxM[] = {8, 8, 8, 8, 8, 8, 16, 16, 4, 8, 16, 8, 16, 4, 8, 8, 4, 4, 8, 4, 8, 8, 16, 4, 8, 4,
-                               32, 32, 32, 32, 64};
+                               32, 32, 32, 32, 64, 64, 32};
 constexpr int kV1Cfgs = sizeof(kV1CfgMaxM) / sizeof(kV1CfgMaxM[0]);
 
 }  // namespace

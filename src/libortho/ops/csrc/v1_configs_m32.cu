@@ -19,6 +19,10 @@ cudaError_t fused_cfg_dispatch_m32(const Operands& op, const void* x, const void
     case 29: return launch_v1_ring<T, 4, V1Cfg<1, true, 1, 3, 32>>(op, x, bias, out, M, s);
     // M <= 64 (8 KB of x a tile): 16 rows and 2 slots (140 KB)
     case 30: return launch_v1_ring<T, 8, V1Cfg<1, true, 1, 2, 64>>(op, x, bias, out, M, s);
+    // the sums in each warp's x ring after its sweep (kRedInRing), which frees 33-66 KB of static shared memory: M <= 64
+    // with 32 rows and 2 slots (146 KB of ring), M <= 32 with 32 rows and 4 slots (164 KB)
+    case 31: return launch_v1_ring<T, 8, V1Cfg<1, true, 1, 2, 64, 2, false, false, kWarps, true>>(op, x, bias, out, M, s);
+    case 32: return launch_v1_ring<T, 4, V1Cfg<1, true, 1, 4, 32, 2, false, false, kWarps, true>>(op, x, bias, out, M, s);
     default: return cudaErrorInvalidValue;
   }
 }
