@@ -247,8 +247,9 @@ def test_v1_table_set_get_and_refusal():
     assert not ext.set_v1_table(old[:8] + [11] + old[9:])     # 11 (32 rows, M <= 8) is not the M <= 16 kernel
     assert not ext.set_v1_table(old[:-1] + [len(V1_CONFIG_MAX_M)])  # no such configuration
     assert not ext.set_v1_table(old[:5] + [26] + old[6:])  # 26 (M <= 32) is not the M <= 16 kernel
-    assert not ext.set_v1_table(old[:-1] + [10])     # 10 (M <= 16) cannot serve M 17-32
-    assert not ext.set_v1_table(old[:-1] + [30])     # 30 is the M <= 64 kernel
+    assert not ext.set_v1_table(old[:-2] + [10] + old[-1:])  # 10 (M <= 16) cannot serve M 17-32
+    assert not ext.set_v1_table(old[:-2] + [30] + old[-1:])  # 30 is the M <= 64 kernel
+    assert not ext.set_v1_table(old[:-1] + [32])     # 32 (M <= 32) cannot serve M 33-64
     assert not ext.set_v1_table(old[:-1])            # wrong length
     assert list(ext.v1_table()) == old
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -256,13 +257,13 @@ def test_v1_table_set_get_and_refusal():
     short_n = 16 * sms + 48  # from one row tile per SM: not tiny
     cases = [(short_n, 8192, 2), (short_n, 1024, 3), (short_n, 1024, 7), (tall_n, 512, 4), (tall_n, 512, 8),
              (512, 1024, 12), (tall_n, 1024, 16), (512, 1024, 5), (512, 8192, 16),
-             (short_n, 1024, 24), (512, 1024, 32)]  # one per class, in order (M 17-32: the table at alpha 0; at
-    # alpha 1 these small layers' 2 % ortho takes the merge path)
+             (short_n, 1024, 24), (512, 1024, 32), (4096, 1024, 48)]  # one per class, in order (M 17-64: the table
+    # at alpha 0; at alpha 1 these small layers' 2 % ortho takes the merge path)
     gen = torch.Generator(device="cuda").manual_seed(5)
     try:
-        for table in ([3, 4, 5, 4, 3, 7, 6, 2, 7, 26, 27], [5, 3, 4, 0, 2, 6, 7, 0, 6, 28, 29],
-                      [8, 8, 2, 8, 1, 6, 10, 9, 10, 29, 28], [9, 8, 9, 9, 9, 10, 12, 20, 22, 27, 26],
-                      [11, 11, 11, 11, 11, 12, 12, 18, 12, 26, 26], [20, 17, 21, 19, 18, 22, 22, 20, 22, 32, 32]):
+        for table in ([3, 4, 5, 4, 3, 7, 6, 2, 7, 26, 27, 30], [5, 3, 4, 0, 2, 6, 7, 0, 6, 28, 29, 31],
+                      [8, 8, 2, 8, 1, 6, 10, 9, 10, 29, 28, 30], [9, 8, 9, 9, 9, 10, 12, 20, 22, 27, 26, 31],
+                      [11, 11, 11, 11, 11, 12, 12, 18, 12, 26, 26, 30], [20, 17, 21, 19, 18, 22, 22, 20, 22, 32, 32, 31]):
             assert ext.set_v1_table(table) and list(ext.v1_table()) == table
             for n, k, m in cases:
                 layer = make_layer(n, k, 4, 128, False, 0.02, torch.bfloat16, gen)
@@ -690,11 +691,11 @@ def test_large_m_gemm_matches_float64_and_the_dequant_path(shape, m, gs, sym, dt
 
 @pytest.mark.parametrize("shape", [(128, 64), (200, 576), (1000, 1536), (4096, 4096), (300, 4160), (150, 1000)],
                          ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("m", [17, 24, 32])
+@pytest.mark.parametrize("m", [17, 24, 32, 33, 48, 64])
 @pytest.mark.parametrize("density,alpha,dtype", [(0.005, 1.0, torch.bfloat16), (0.05, 0.5, torch.float16),
                                                  (0.0, 1.0, torch.bfloat16), (0.01, -1.0, torch.float16)])
-def test_v1_at_17_to_32_tokens_matches_float64(shape, m, density, alpha, dtype):
-    """v1 at M 17-32 (fused_small_m): the base by the table's M <= 32 configuration (lean where the ring takes the
+def test_v1_at_17_to_64_tokens_matches_float64(shape, m, density, alpha, dtype):
+    """v1 at M 17-64 (fused_small_m): the base by the table's M <= 32 or M <= 64 configuration (lean where the ring takes the
     call: K = 1000 does not), an ortho stream in play added after it by the ortho add; against float64, outputs
     poisoned, and the stream really added (alpha 0 differs where there are entries)."""
     n, k = shape
@@ -712,8 +713,8 @@ def test_v1_at_17_to_32_tokens_matches_float64(shape, m, density, alpha, dtype):
     assert torch.equal(y, base) == (layer.ortho_nnz == 0)
 
 
-@pytest.mark.parametrize("m", [17, 32])
-def test_v1_at_17_to_32_tokens_with_empty_rows_and_one_very_dense_row(m):
+@pytest.mark.parametrize("m", [17, 32, 64])
+def test_v1_at_17_to_64_tokens_with_empty_rows_and_one_very_dense_row(m):
     n, k, dtype = 4096, 1024, torch.bfloat16
     gen = torch.Generator(device="cuda").manual_seed(m)
     dense = torch.zeros(n, k, device="cuda")
@@ -773,11 +774,13 @@ def test_gemm_ortho_add_matches_float64_and_the_dequant_path(shape, m, density, 
 @pytest.mark.parametrize("m,alpha,n,k", [(17, 1.0, 1024, 2048), (40, 1.0, 1024, 2048), (64, 0.0, 1024, 2048),
                                          (65, 1.0, 1024, 2048), (65, 0.0, 1024, 2048), (300, 1.0, 1024, 2048),
                                          (32, 1.0, 4096, 4096), (48, 1.0, 14336, 4096), (17, 0.0, 1024, 2048),
-                                         (32, 0.0, 4096, 4096), (24, 0.0, 14336, 4096), (33, 0.0, 1024, 2048)])
+                                         (32, 0.0, 4096, 4096), (24, 0.0, 14336, 4096), (33, 0.0, 1024, 2048),
+                                         (48, 0.0, 4096, 4096), (40, 1.0, 4096, 14336), (64, 1.0, 4096, 4096)])
 def test_default_policy_runs_the_gemm_up_to_64_tokens(m, alpha, n, k, monkeypatch):
-    """The default (auto) policy: v1's ring at 17-32 tokens (+ the ortho add where that beat merging), the
-    GEMM (+ ortho add where it measured faster) up to 64 tokens, dequantize + cuBLAS above; the layer's output is that path's bit for
-    bit (the GEMM without split-K can equal cuBLAS's bits, so the calls are counted)."""
+    """The default (auto) policy: v1's ring at 17-32 tokens (+ the ortho add where that beat merging) and at 33-64
+    on 4096-row layers (one wave of 32-row blocks on a 132-SM card), the GEMM (+ ortho add where it measured faster)
+    otherwise up to 64 tokens, dequantize + cuBLAS above; the layer's output is that path's bit for bit (the GEMM
+    without split-K can equal cuBLAS's bits, so the calls are counted)."""
     monkeypatch.delenv("LIBORTHO_PREFILL", raising=False)
     gen = torch.Generator(device="cuda").manual_seed(m)
     layer = make_layer(n, k, 4, 128, False, 0.01, torch.bfloat16, gen)
@@ -793,9 +796,13 @@ def test_default_policy_runs_the_gemm_up_to_64_tokens(m, alpha, n, k, monkeypatc
     v1 = cuda_backend._checked(ext.fused_small_m(x, *args, layer.bias, alpha, 4, 128, n, k, False)) if m <= 64 else None
     y, calls = with_counted_calls(monkeypatch, ext, lambda: layer(x))
     work = layer.ortho_nnz * m if alpha != 0 else 0
-    takes_v1 = cuda_backend.use_v1_wide("auto", m, work, n * k)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    takes_v1 = cuda_backend.use_v1_wide("auto", m, work, n * k, n, sms)
     takes_gemm = cuda_backend.use_gemm("auto", m, work, n * k) and code == 0
-    assert takes_v1 == (17 <= m <= 32)  # 1 % ortho: within what the add measured to win on both layer sizes
+    # 1 % ortho: within what the add measured to win on both layer sizes at 17-32; above, where the GEMM's add is
+    # (4096x4096 at alpha 1 is below its layer size: the merge path)
+    wide = n == 4096 and 128 <= sms <= 256 and (alpha == 0 or n * k >= cuda_backend.GEMM_ORTHO_MIN_WEIGHTS[64])
+    assert takes_v1 == (17 <= m <= 32 or (32 < m <= 64 and wide))
     assert calls == (["fused_small_m"] if takes_v1 else ["gemm_int4"] if takes_gemm else ["dequant_merge"])
     assert torch.equal(y, v1 if takes_v1 else gemm if takes_gemm else dequant)
     assert rel_err(y, reference64(layer, x, alpha)) < TOL[torch.bfloat16]

@@ -115,6 +115,24 @@ def test_v1_above_16_tokens_takes_an_ortho_stream_where_it_beat_the_merge(m, den
     assert not cuda.use_v1_wide("gemm", m, nnz * m, n * k) and not cuda.use_v1_wide("auto", 33, nnz * 33, n * k)
 
 
+@pytest.mark.parametrize("m,n,sms,want", [
+    (33, 4096, 132, True), (64, 4096, 132, True), (65, 4096, 132, False),  # 128 blocks of 32 rows: one wave, 97 % full
+    (48, 4224, 132, True), (48, 4225, 132, False),                          # 133 blocks: a second wave
+    (48, 2112, 132, True), (48, 2080, 132, False),                          # 65 blocks: fewer than half the SMs
+    (48, 1024, 132, False), (48, 11008, 132, False), (48, 14336, 132, False), (48, 2048, 78, True)])
+def test_v1_takes_33_to_64_tokens_where_its_blocks_make_one_wave(m, n, sms, want):
+    """M 33-64: configuration 31 (32-row blocks) beat the GEMM on the 4096-row Llama shapes only; with an ortho
+    stream in play it goes where the GEMM's add would."""
+    k = 14336
+    assert cuda.use_v1_wide("auto", m, 0, n * k, n, sms) is want
+    assert not cuda.use_v1_wide("gemm", m, 0, n * k, n, sms) and not cuda.use_v1_wide("auto", m, 0, n * k)
+    for density in (0.005, 0.02):  # the GEMM's add: up to 0.64 * weights of nnz * M on layers of 4e7+ weights
+        work = int(density * n * k) * m
+        assert cuda.use_v1_wide("auto", m, work, n * k, n, sms) is (want and cuda.use_gemm("auto", m, work, n * k))
+    assert cuda.use_v1_wide("auto", 48, int(0.005 * 4096 * 14336) * 48, 4096 * 14336, 4096, 132)
+    assert not cuda.use_v1_wide("auto", 48, int(0.005 * 4096 * 4096) * 48, 4096 * 4096, 4096, 132)  # < 4e7 weights
+
+
 @pytest.mark.parametrize("bits,gs,k,offset,want", [
     (4, 128, 4096, 0, True), (4, 4096, 4096, 0, True), (4, 64, 4096, 0, True), (4, 512, 4096, 0, True),
     (3, 128, 4096, 0, False), (4, 32, 4096, 0, False), (4, 192, 4608, 0, False), (4, 1024, 4096, 0, False),

@@ -53,6 +53,7 @@ def test_probe_classes_mirror_the_kernel_dispatch():
     assert probe.v1_class(4096, 4096, 16, sms) == "m16"
     assert probe.v1_class(4096, 4096, 17, sms) == "m32" and probe.v1_class(2112, 4096, 32, sms) == "m32"
     assert probe.v1_class(2096, 4096, 24, sms) == "m32_tiny" and probe.v1_class(1024, 4096, 32, sms) == "m32_tiny"
+    assert probe.v1_class(4096, 4096, 33, sms) == "m64" and probe.v1_class(1024, 4096, 64, sms) == "m64"
     assert probe.v1_class(6336, 4096, 1, sms) == "tall_m4" and probe.v1_class(6320, 4096, 1, sms) == "short_m4"
     heavy = probe.HEAVY_ORTHO                   # from this many entries at alpha != 0 a tall grid counts as short
     assert probe.v1_class(11008, 4096, 2, sms, heavy) == "short_m4"

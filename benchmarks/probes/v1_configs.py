@@ -52,6 +52,8 @@ def v1_class(n: int, k: int, m: int, sms: int, ortho_nnz: int = 0) -> str:
     """The class of a call in v1.cu's table (v1_class there); ortho_nnz counts only at alpha != 0 (and, on a tall
     grid, only at m >= 2)."""
     heavy = ortho_nnz >= HEAVY_ORTHO
+    if m > 32:  # the table runs the base there (cuda.use_v1_wide picks the shapes); an ortho stream is added after it
+        return "m64"
     if m > 16:  # the table runs the base there; an ortho stream is added after it (v1.cu fused_dispatch_nt)
         return "m32_tiny" if (n + 15) // 16 < sms else "m32"
     if m > 8:

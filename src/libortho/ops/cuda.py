@@ -18,7 +18,8 @@
   compiled without the fallback paths (a third to half of the code); :func:`set_v1_lean` from Python.
 * M > 16: ``LIBORTHO_PREFILL=auto`` (the default; read at each call, :func:`set_prefill` from Python) runs calls
   of 17-32 tokens that v1's ring takes whole through v1 (its table's M <= 32 classes; an ortho stream in play, up to
-  a measured nnz * M per weight, by the ortho add after it: :func:`use_v1_wide`), other calls of up to ``GEMM_M_MAX`` tokens that the one-kernel GEMM takes (INT4, in_features a multiple of 64, groups of a
+  a measured nnz * M per weight, by the ortho add after it: :func:`use_v1_wide`), and those of 33-64 tokens on
+  layers whose 32-row blocks make one wave filling at least half the SMs (class m64), other calls of up to ``GEMM_M_MAX`` tokens that the one-kernel GEMM takes (INT4, in_features a multiple of 64, groups of a
   multiple of 64 columns or one per row, an sm_90 GPU) through it (gemm_sm90.cu: the base dequantized in
   registers into Hopper's wgmma, split along K on short grids; the ortho stream, if alpha != 0, added after it
   by ortho_add.cu), and everything else through dequantize + cuBLAS: one kernel dequantizes the base and merges
@@ -58,12 +59,13 @@ PREFILLS = ("auto", "dequant", "gemm", "cutlass")  # cutlass: a build with CUTLA
 GEMM_M_MAX = 64
 # The classes of the v1 configuration table (kernels.h, in its order) and the configurations each can take.
 V1_CLASSES = ("short_long_k", "short_m4", "short_m8", "tall_m4", "tall_m8", "m16", "m16_tall", "tiny",
-              "m16_long_k", "m32", "m32_tiny")
+              "m16_long_k", "m32", "m32_tiny", "m64")
 # The largest M of each v1 tuning configuration (v1.cuh kV1CfgMaxM, v1_configs.cu fused_cfg_dispatch, in its order) and of each
-# class: a class takes the configurations of its kernel (M <= 8, 16 or 32: its n8 column blocks) that reach its largest M.
+# class: a class takes the configurations of its kernel (M <= 8, 16, 32 or 64: its n8 column blocks) that reach its
+# largest M.
 V1_CONFIG_MAX_M = (8,) * 6 + (16,) * 2 + (4, 8, 16) + (8, 16) + (4, 8, 8, 4) + (4, 8, 4, 8, 8, 16) + (4, 8, 4) + (32,) * 4 + (64, 64, 32)
 _V1_CLASS_MAX_M = {"short_long_k": 4, "short_m4": 4, "short_m8": 8, "tall_m4": 4, "tall_m8": 8, "m16": 16,
-                   "m16_tall": 16, "tiny": 8, "m16_long_k": 16, "m32": 32, "m32_tiny": 32}
+                   "m16_tall": 16, "tiny": 8, "m16_long_k": 16, "m32": 32, "m32_tiny": 32, "m64": 64}
 _V1_CLASS_CONFIGS = {c: tuple(i for i, mm in enumerate(V1_CONFIG_MAX_M) if mm >= cm and -(-mm // 8) == -(-cm // 8))
                      for c, cm in _V1_CLASS_MAX_M.items()}
 
@@ -256,29 +258,41 @@ def _sms(device: torch.device) -> int:
 # auto, M 17-32: v1's x ring with 4 n8 column blocks (v1.cu's table, classes m32 and m32_tiny) where the ring takes
 # the whole call. H200 probe of 2026-11-30 05:2x UTC (results/v1-configs-H200-m32.json against the GEMM in
 # kernels-H200-m17-64-gemm.json), alpha 0: 0.55-0.93x the GEMM's time at M 17-32 on the six Llama shapes (4096x14336
-# M = 32: 24.5 against 44.5 us; 14336x4096 32.3 against 34.5); at M 48-64 its 8-block form lost (4096x4096 M = 64:
-# 19.1 against 16.3 us), so the GEMM keeps those. With an ortho stream in play v1 runs the base and the ortho add
+# M = 32: 24.5 against 44.5 us; 14336x4096 32.3 against 34.5); at M 48-64 its 8-block form (configuration 30) lost
+# (4096x4096 M = 64: 19.1 against 16.3 us); see M 33-64 below. With an ortho stream in play v1 runs the base and the ortho add
 # follows, where that beat the merge path (benchmarks/probes/v1_add_vs_merge.py, 2026-11-30 05:4x UTC,
 # results/v1-add-vs-merge-H200-m17-32.json): on the five large Llama shapes at every density measured, 0.5-5 %
 # (0.33-0.92x the merge's time; 4096x14336 M = 32 at 5 %: 76.5 against 111.0 us), i.e. nnz * M up to 1.6 weights on
 # layers of 2^24+ weights; on 1024x4096 only up to 1 % (0.89-1.00x; 1.05-1.32x at 2-5 %), nnz * M up to 0.32 weights.
-V1_WIDE_M_MAX = 32
+# M 33-64: configuration 31 (class m64: 32-row blocks, their sums kept in the x ring) where its blocks make one wave
+# that fills at least half the SMs. H200 probe of 2026-11-30 06:2x UTC (results/v1-configs-H200-sums-in-ring.json
+# against the GEMM in results/kernels-H200-m48-64.json), alpha 0: on the three 4096-row Llama shapes 0.66-0.84x the
+# GEMM's time (4096x14336 M = 48: 34.8 against 46.4 us); on taller grids it lost (11008x4096 0.95-1.01x, 14336x4096
+# 1.31-1.40x) and on 1024x4096 (32 blocks: 12.2 against 7.6 us). With an ortho stream in play it runs where the
+# GEMM would (use_gemm: the same ortho add follows either base).
+V1_WIDE_M_MAX = 64
+V1_M32_MAX = 32
+V1_M64_ROWS = 32  # rows of a configuration-31 block
 V1_ADD_WORK_PER_WEIGHT = {True: 1.6, False: 0.32}  # layer of 2^24+ weights? -> the largest nnz * M / weights measured to win
 V1_ADD_LARGE_WEIGHTS = 1 << 24
 
 
-def use_v1_wide(policy: str, m: int, ortho_work: int = 0, weights: int = 0) -> bool:
+def use_v1_wide(policy: str, m: int, ortho_work: int = 0, weights: int = 0, out_features: int = 0,
+                sms: int = 0) -> bool:
     """Whether a call of m > 16 tokens goes to v1 under this policy (when v1_wide_takes); ortho_work and weights as
-    for use_gemm."""
+    for use_gemm; out_features and sms (the GPU's multiprocessor count) matter above 32 tokens."""
     if policy != "auto" or not SMALL_M_MAX < m <= V1_WIDE_M_MAX:
         return False
+    if m > V1_M32_MAX:
+        blocks = -(-out_features // V1_M64_ROWS)
+        return 0 < blocks <= sms <= 2 * blocks and use_gemm(policy, m, ortho_work, weights)
     # 0.5 % headroom: a sieve asked for 5 % of a layer may keep a few entries more (the kernel table's first run with
     # this rule sent 4096x14336 and 14336x4096 at M = 32 and 5 % to the merge path by one entry)
     return ortho_work <= 1.005 * V1_ADD_WORK_PER_WEIGHT[weights >= V1_ADD_LARGE_WEIGHTS] * weights
 
 
 def v1_wide_takes(x2, bits, group_size, in_features) -> bool:
-    """Whether v1's ring takes a call of 17-32 tokens whole (v1.cuh v1_lean_ok: INT4, whole 64-column tiles, groups
+    """Whether v1's ring takes a call of 17-64 tokens whole (v1.cuh v1_lean_ok: INT4, whole 64-column tiles, groups
     of 64-512 columns (a power of two) or one per row, x rows 16-byte aligned)."""
     groups = group_size >= in_features or group_size in (64, 128, 256, 512)
     return bits == 4 and in_features % 64 == 0 and groups and x2.data_ptr() % 16 == 0
@@ -448,7 +462,8 @@ def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
         fused = getattr(_state["ext"], _FUSED[decode_kernel()])
         y = _checked(fused(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
                            out_features, in_features, pdl_enabled()), "fused kernel")
-    elif (use_v1_wide(prefill(), m, values.numel() * m if alpha != 0 else 0, out_features * in_features)
+    elif (use_v1_wide(prefill(), m, values.numel() * m if alpha != 0 else 0, out_features * in_features, out_features,
+                      _sms(x2.device))
           and v1_wide_takes(x2, bits, group_size, in_features)):
         y = _checked(_state["ext"].fused_small_m(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits,
                                                  group_size, out_features, in_features, pdl_enabled()), "fused kernel")

@@ -69,13 +69,13 @@ using Launch = cudaError_t (*)(const libortho::Operands&, const void*, const voi
 // v1's ortho stream reads x transposed (one load per column for all M rows instead of M loads K apart)
 // when M >= 2 and nnz * M * max(M, 4) / 4 >= g_xt_min (-1: never); it costs one small transpose launch per
 // call. Above M = 4 the x ring leaves the ortho stream's strided loads as the bottleneck, so the gain grows
-// faster than nnz * M (H200, 12:36 UTC 2026-11-29). cuda.py sets it ($LIBORTHO_ORTHO_XT). At M 17-32 v1 runs the
+// faster than nnz * M (H200, 12:36 UTC 2026-11-29). cuda.py sets it ($LIBORTHO_ORTHO_XT). At M 17-64 v1 runs the
 // base and then the ortho add, which always reads xt.
 int64_t g_xt_min = int64_t{1} << 21;
 
 // Checks the operands of a small-M product (1 <= M <= max_m) and runs launch(op, x, bias, out, M, stream).
 // x transposed for v1's ortho stream: xt_small, at M 2-16 by the g_xt_min rule (v1's own stream); xt_wide, always
-// at M 17-32 for INT4 (v1's base + ortho add; v2 and v3 hand those calls to v1).
+// at M 17-64 for INT4 (v1's base + ortho add; v2 and v3 hand those calls to v1).
 template <class F>
 Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
@@ -96,11 +96,11 @@ Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   at::Tensor xt;  // alive until the launch is queued; the allocator reuses it in stream order
-  const bool wide = xt_wide && op.bits == 4 && M > 16 && M <= 32;
+  const bool wide = xt_wide && op.bits == 4 && M > 16;
   const bool small = xt_small && M >= 2 && M <= 16 && g_xt_min >= 0 &&
                      op.nnz * M * std::max<int64_t>(M, 4) >= 4 * g_xt_min;
   if (op.alpha != 0.f && op.nnz > 0 && (wide || small)) {
-    const int ld = M <= 2 ? 2 : M <= 4 ? 4 : M <= 8 ? 8 : M <= 16 ? 16 : 32;  // rows per ortho entry (MR; the add: 32)
+    const int ld = M <= 2 ? 2 : M <= 4 ? 4 : M <= 8 ? 8 : M <= 16 ? 16 : M <= 32 ? 32 : 64;  // rows per ortho entry (MR; the add: 32 or 64)
     xt = at::empty({K, ld}, x.options());
     const cudaError_t err = libortho::launch_transpose_x(x.data_ptr(), xt.data_ptr(), static_cast<int>(M),
                                                          static_cast<int>(K), ld, op.bf16, stream);

@@ -27,8 +27,9 @@ struct Operands {
 // streams of v1 and of the GEMM: one column's M values are then one 4-128 byte load instead of M loads K apart.
 cudaError_t launch_transpose_x(const void* x, void* xt, int M, int K, int ld, bool bf16, cudaStream_t stream);
 
-// out (M, N) = x (M, K) @ deq(Q)^T + alpha * x @ S^T + bias, for 1 <= M <= 64 (INT4 at M 17-32 with an ortho stream
-// in play: the stream needs x transposed in op.xt, ld 32, which the binding provides, else the default kernel runs).
+// out (M, N) = x (M, K) @ deq(Q)^T + alpha * x @ S^T + bias, for 1 <= M <= 64 (INT4 at M 17-64 with an ortho stream
+// in play: the stream needs x transposed in op.xt, ld 32 or 64 >= M, which the binding provides, else the default
+// kernel runs).
 cudaError_t launch_fused_small_m(const Operands& op, const void* x, const void* bias, void* out, int M,
                                  cudaStream_t stream);
 
@@ -40,11 +41,11 @@ cudaError_t launch_fused_small_m_cfg(const Operands& op, const void* x, const vo
 // class of call, in this order: short grids (< 3 blocks per SM) at M <= 4 with K >= 8192, at M <= 4 with
 // K < 8192, at M 5-8; tall grids at M <= 4, at M 5-8; M 9-16 below 3 row tiles per SM (K < 8192), from 3;
 // tiny grids (fewer row tiles than SMs) at M <= 8; M 9-16 below 3 row tiles per SM with K >= 8192; M 17-32 (the
-// base; an ortho stream in play is added after it), from one row tile per SM and below. A call with alpha != 0 and at least 2^20 ortho
+// base; an ortho stream in play is added after it), from one row tile per SM and below; M 33-64 (the same). A call with alpha != 0 and at least 2^20 ortho
 // entries counts as a short grid, and at M <= 4 as one with K < 8192.
 // set_v1_table changes nothing and returns false when an index cannot serve its class (a configuration of the
-// kernel of the class's n8 column blocks, M <= 8, 16 or 32, reaching its largest M; v1.cuh kV1CfgMaxM).
-constexpr int kV1Classes = 11;
+// kernel of the class's n8 column blocks, M <= 8, 16, 32 or 64, reaching its largest M; v1.cuh kV1CfgMaxM).
+constexpr int kV1Classes = 12;
 bool set_v1_table(const int (&table)[kV1Classes]);
 void get_v1_table(int (&table)[kV1Classes]);
 

@@ -1,6 +1,5 @@
-// The v1 decode kernel's entry point: INT4 at M <= 16 and M 17-32 by the configuration table (v1_configs*.cu;
-// at M 17-32 an ortho stream in play is added after it by ortho_add.cu); every other width and M by the default
-// configuration.
+// The v1 decode kernel's entry point: INT4 at M <= 64 by the configuration table (v1_configs*.cu; at M 17-64 an
+// ortho stream in play is added after it by ortho_add.cu); every other width by the default configuration.
 #include "v1.cuh"
 
 namespace libortho {
@@ -26,8 +25,11 @@ namespace {
 // M 17-32 (probe of 2026-11-30 05:2x UTC, results/v1-configs-H200-m32.json; alpha 0): 32-row blocks at 1 per SM (27)
 // where there is at least a row tile per SM, 16-row blocks (26) below; 0.55-0.93x the time of the GEMM that served
 // these calls (4096x4096 M = 32: 9.3 against 15.0 us). An ortho stream in play is added after the base by the
-// ortho add (fused_dispatch_nt).
-int g_v1_table[kV1Classes] = {20, 16, 20, 25, 24, 10, 12, 18, 22, 27, 26};
+// ortho add (fused_dispatch_nt). Then (probe of 2026-11-30 06:2x UTC, results/v1-configs-H200-sums-in-ring.json) 32
+// replaced 27: the same 32-row blocks with a 4th ring slot, which the sums kept in the ring make room for (0.94-0.97x
+// 27's time on the five large shapes at M 17 and 32). M 33-64 (class 11) takes 31, 32-row blocks whose sums live in
+// the ring; cuda.py sends it only the calls where it beat the GEMM (use_v1_wide).
+int g_v1_table[kV1Classes] = {20, 16, 20, 25, 24, 10, 12, 18, 22, 32, 26, 31};
 
 // From this many ortho entries (with alpha != 0) a grid counts as short at M >= 2: the tall classes' 32-row
 // blocks halve the blocks that share the ortho stream, and at 5 % ortho (2.25M entries on 11008x4096) that cost
@@ -40,6 +42,7 @@ constexpr int64_t kHeavyOrtho = int64_t{1} << 20;
 inline int v1_class(const Operands& op, int M) {
   const bool heavy = op.alpha != 0.f && op.nnz >= kHeavyOrtho;
   const int row_tiles = (op.N + 15) / 16, sms = device_info().sms;
+  if (M > 32) return 11;
   if (M > 16) return row_tiles < sms ? 10 : 9;
   if (M > 8) return row_tiles >= 3 * sms && !heavy ? 6 : op.K >= 8192 ? 8 : 5;
   if (row_tiles >= 3 * sms && !(heavy && M > 1)) return M <= 4 ? 3 : 4;
@@ -52,9 +55,9 @@ template <typename T, int BITS>
 cudaError_t fused_dispatch_nt(const Operands& op, const void* x, const void* bias, void* out, int M,
                               cudaStream_t s) {
   if constexpr (BITS == 4) {
-    if (M <= 16 || (M <= 32 && (op.alpha == 0.f || op.nnz == 0)))
+    if (M <= 16 || op.alpha == 0.f || op.nnz == 0)
       return launch_fused_small_m_cfg(op, x, bias, out, M, g_v1_table[v1_class(op, M)], s);
-    if (M <= 32 && op.xt != nullptr && op.xt_ld == 32) {
+    if (op.xt != nullptr && (op.xt_ld == 32 || op.xt_ld == 64) && M <= op.xt_ld) {
       // The base by the table's configuration, then the ortho add in place (ortho_add.cu, x transposed): the
       // wider kernel's own stream (atomics over 32 rows per entry) was 2-6x slower than the GEMM + that add.
       Operands base = op;
@@ -84,8 +87,8 @@ cudaError_t launch_fused_small_m(const Operands& op, const void* x, const void* 
 }
 
 bool set_v1_table(const int (&table)[kV1Classes]) {
-  // A class takes the configurations of its kernel (M <= 8, 16 or 32) that reach its largest M.
-  constexpr int kClassMaxM[kV1Classes] = {4, 4, 8, 4, 8, 16, 16, 8, 16, 32, 32};
+  // A class takes the configurations of its kernel (M <= 8, 16, 32 or 64) that reach its largest M.
+  constexpr int kClassMaxM[kV1Classes] = {4, 4, 8, 4, 8, 16, 16, 8, 16, 32, 32, 64};
   for (int c = 0; c < kV1Classes; ++c) {
     const int i = table[c];
     const auto nt = [](int m) { return (m + 7) / 8; };  // n8 column blocks of the kernel
