@@ -54,6 +54,14 @@ def test_auto_sends_ortho_streams_to_the_gemm_only_where_it_measured_faster(m, d
     assert cuda.use_gemm("gemm", m, nnz * m, n * k) and not cuda.use_gemm("dequant", m, nnz * m, n * k)
 
 
+def test_gemm_ortho_limit_has_room_for_a_sieve_that_keeps_a_few_more():
+    """At M = 64 and 1 % the 06:3x UTC kernel table sent the large shapes to the merge path by the sieve's rounding
+    (587203 entries for 0.01 * 14336 * 4096 = 587202.56)."""
+    for n, k in ((4096, 14336), (14336, 4096), (4096, 11008)):
+        assert cuda.use_gemm("auto", 64, (round(0.01 * n * k) + 2) * 64, n * k)
+        assert not cuda.use_gemm("auto", 64, int(0.0101 * n * k) * 64, n * k)
+
+
 def test_cutlass_policy_switch(monkeypatch):
     monkeypatch.setenv("LIBORTHO_PREFILL", "cutlass")
     assert cuda.prefill() == "cutlass"

@@ -205,6 +205,10 @@ def gemm_takes(x2, bits, group_size, in_features, alpha, values) -> bool:
 # 14336x4096 and 4096x14336 0.74-0.91x; 11008x4096 0.91-0.96x at 0.5 % but 1.02-1.05x at 1 %). Elsewhere the merge
 # path was as fast or faster.
 GEMM_ORTHO_WORK_PER_WEIGHT = 0.64
+# Room over a measured nnz * M limit: a sieve asked for a density may keep an entry or two more (it rounds up), and
+# without room the kernel tables of 2026-11-30 sent 4096x14336 and 14336x4096 at M = 32 and 5 %, and the 7B/8B
+# shapes at M = 64 and 1 %, to the merge path by those entries.
+SIEVE_HEADROOM = 1.005
 GEMM_ORTHO_MIN_WEIGHTS = {32: 1 << 24, 64: 40_000_000}
 
 
@@ -286,9 +290,7 @@ def use_v1_wide(policy: str, m: int, ortho_work: int = 0, weights: int = 0, out_
     if m > V1_M32_MAX:
         blocks = -(-out_features // V1_M64_ROWS)
         return 0 < blocks <= sms <= 2 * blocks and use_gemm(policy, m, ortho_work, weights)
-    # 0.5 % headroom: a sieve asked for 5 % of a layer may keep a few entries more (the kernel table's first run with
-    # this rule sent 4096x14336 and 14336x4096 at M = 32 and 5 % to the merge path by one entry)
-    return ortho_work <= 1.005 * V1_ADD_WORK_PER_WEIGHT[weights >= V1_ADD_LARGE_WEIGHTS] * weights
+    return ortho_work <= SIEVE_HEADROOM * V1_ADD_WORK_PER_WEIGHT[weights >= V1_ADD_LARGE_WEIGHTS] * weights
 
 
 def v1_wide_takes(x2, bits, group_size, in_features) -> bool:
@@ -308,7 +310,7 @@ def use_gemm(policy: str, m: int, ortho_work: int = 0, weights: int = 0) -> bool
     if ortho_work == 0:
         return True
     min_weights = GEMM_ORTHO_MIN_WEIGHTS[32 if m <= 32 else 64]
-    return weights >= min_weights and ortho_work <= GEMM_ORTHO_WORK_PER_WEIGHT * weights
+    return weights >= min_weights and ortho_work <= SIEVE_HEADROOM * GEMM_ORTHO_WORK_PER_WEIGHT * weights
 
 
 def pdl_enabled() -> bool:
