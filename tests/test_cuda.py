@@ -137,9 +137,9 @@ def test_tall_grid_configuration(n, m, gs, sym, dtype):
 
 V1_CONFIG_MAX_M = cuda_backend.V1_CONFIG_MAX_M  # per v1_configs.cu fused_cfg_dispatch index
 V1_CONFIGS = len(V1_CONFIG_MAX_M)  # (benchmarks/probes/v1_configs.py names them)
-X_RING_CONFIGS = (8, 9, 10, 11, 12, 13, 14, 15, 16, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34)  # x's columns
-# through the shared-memory ring (M <= 4, 8, 16, 32, 64; 11-12, 23-25, 27, 31-32: 32 rows; 13-16: the ortho stream
-# first; 31-33: the sums in the ring; 23-25, 33-34: 3 blocks per SM)
+X_RING_CONFIGS = (8, 9, 10, 11, 12, 13, 14, 15, 16, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32)  # x's columns through
+# the shared-memory ring (M <= 4, 8, 16, 32, 64; 11-12, 23-25, 27, 31-32: 32 rows; 13-16: the ortho stream first;
+# 31-32: the sums in the ring)
 ORTHO_FIRST_CONFIGS = (13, 14, 15, 16)
 WARPS_CONFIGS = (17, 18, 19, 20, 21, 22)  # the x ring with 12 or 16 warps per block (lean only)
 

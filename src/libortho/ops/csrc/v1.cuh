@@ -531,7 +531,7 @@ cudaError_t launch_v1_ring(const Operands& op, const void* x, const void* bias, 
 
 // The largest M of each v1 configuration below (cuda.py V1_CONFIG_MAX_M mirrors it).
 constexpr int kV1CfgMaxM[] = {8, 8, 8, 8, 8, 8, 16, 16, 4, 8, 16, 8, 16, 4, 8, 8, 4, 4, 8, 4, 8, 8, 16, 4, 8, 4,
-                               32, 32, 32, 32, 64, 64, 32, 16, 16};
+                               32, 32, 32, 32, 64, 64, 32};
 constexpr int kV1Cfgs = sizeof(kV1CfgMaxM) / sizeof(kV1CfgMaxM[0]);
 
 }  // namespace
@@ -539,11 +539,8 @@ constexpr int kV1Cfgs = sizeof(kV1CfgMaxM) / sizeof(kV1CfgMaxM[0]);
 // Configurations 11 and up (v1_configs_hi.cu: another translation unit, built in parallel).
 cudaError_t launch_v1_cfg_hi(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
                              cudaStream_t s);
-// Configurations 26-32, M 17-64 (v1_configs_m32.cu).
+// Configurations 26 and up, M 17-64 (v1_configs_m32.cu).
 cudaError_t launch_v1_cfg_m32(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
                               cudaStream_t s);
-// Configurations 33 and up, M <= 16 at 3 blocks per SM (v1_configs_m16_3blk.cu).
-cudaError_t launch_v1_cfg_m16_3blk(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
-                                   cudaStream_t s);
 
 }  // namespace libortho
