@@ -10,17 +10,6 @@
 // interleaved them with the shuffles; 3-4 us per 32 entries on the H200.)
 #include "common.cuh"
 
-// Build switch for an A/B run (benchmarks/gpu_ab.sh, VAR=LIBORTHO_NVCC_FLAGS): 2 issues the next entry's xt loads
-// before this entry's products, its column two entries ahead (row_half_deep); 1 is the form above.
-#ifndef LIBORTHO_ORTHO_ADD_DEPTH
-#define LIBORTHO_ORTHO_ADD_DEPTH 1
-#endif
-#if LIBORTHO_ORTHO_ADD_DEPTH == 2
-#define LIBORTHO_ORTHO_ADD_BOUNDS __launch_bounds__(256, 3)  // 80 registers: 3 blocks per SM (98 without the cap)
-#else
-#define LIBORTHO_ORTHO_ADD_BOUNDS __launch_bounds__(256)
-#endif
-
 namespace libortho {
 namespace {
 
@@ -36,56 +25,6 @@ __device__ inline void halve(float* acc, int lane) {
   if constexpr (O > 1) halve<W / 2, O / 2>(acc, lane);
 }
 
-// Lane's 32 products of one entry (value v, its xt row's 32 tokens in w) into acc.
-template <typename T>
-__device__ inline void add_entry(float* acc, float v, const uint4 (&w)[4]) {
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const uint32_t u[4] = {w[q].x, w[q].y, w[q].z, w[q].w};
-#pragma unroll
-    for (int h = 0; h < 4; ++h) {
-      acc[8 * q + 2 * h] = fmaf(v, Num<T>::f(Num<T>::bits(u[h] & 0xFFFFu)), acc[8 * q + 2 * h]);
-      acc[8 * q + 2 * h + 1] = fmaf(v, Num<T>::f(Num<T>::bits(u[h] >> 16)), acc[8 * q + 2 * h + 1]);
-    }
-  }
-}
-
-template <typename T, int LD>
-__device__ inline void load_xt(uint4 (&w)[4], const T* __restrict__ xt, int c, int t0) {
-  const uint4* src = reinterpret_cast<const uint4*>(xt + static_cast<size_t>(c) * LD + t0);
-#pragma unroll
-  for (int q = 0; q < 4; ++q) w[q] = src[q];
-}
-
-// row_half with one more entry in flight per lane: while entry i's products run, entry i+1's xt row and entry
-// i+2's column and value are loading (16 more registers).
-template <typename T, int LD>
-__device__ inline void row_half_deep(float* acc, const Operands& op, const T* __restrict__ xt, int b, int e, int t0,
-                                     int lane) {
-  const T* vals = static_cast<const T*>(op.values);
-  int j = b + lane;
-  uint4 w[4] = {};
-  float v = 0.f;
-  if (j < e) {
-    v = Num<T>::f(vals[j]);
-    load_xt<T, LD>(w, xt, col_at(op, j), t0);
-  }
-  int cn = j + 32 < e ? col_at(op, j + 32) : 0;
-  float vn = j + 32 < e ? Num<T>::f(vals[j + 32]) : 0.f;
-  for (; j - lane < e; j += 32) {
-    uint4 wn[4] = {};
-    if (j + 32 < e) load_xt<T, LD>(wn, xt, cn, t0);
-    const int c2 = j + 64 < e ? col_at(op, j + 64) : 0;
-    const float v2 = j + 64 < e ? Num<T>::f(vals[j + 64]) : 0.f;
-    if (j < e) add_entry<T>(acc, v, w);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) w[q] = wn[q];
-    v = vn;
-    cn = c2;
-    vn = v2;
-  }
-}
-
 // The sums of one row for tokens t0 .. t0 + 31 (xt columns), one pass over the row's entries: lane l ends with
 // token t0 + l's total.
 template <typename T, int LD>
@@ -94,11 +33,6 @@ __device__ inline float row_half(const Operands& op, const T* __restrict__ xt, i
   float acc[32];
 #pragma unroll
   for (int i = 0; i < 32; ++i) acc[i] = 0.f;
-  if constexpr (LIBORTHO_ORTHO_ADD_DEPTH == 2) {
-    row_half_deep<T, LD>(acc, op, xt, b, e, t0, lane);
-    halve<32, 16>(acc, lane);
-    return acc[0];
-  }
   int j = b + lane;
   int c = j < e ? col_at(op, j) : 0;
   float v = j < e ? Num<T>::f(vals[j]) : 0.f;
@@ -132,7 +66,7 @@ __device__ inline float row_half(const Operands& op, const T* __restrict__ xt, i
 }
 
 template <typename T, int LD>
-__global__ void LIBORTHO_ORTHO_ADD_BOUNDS ortho_add_kernel(Operands op, const T* __restrict__ xt, T* __restrict__ y,
+__global__ void __launch_bounds__(256) ortho_add_kernel(Operands op, const T* __restrict__ xt, T* __restrict__ y,
                                                         int M) {
   const int lane = threadIdx.x & 31, row = blockIdx.x * 8 + (threadIdx.x >> 5);
   if (row >= op.N) return;  // whole warps
