@@ -695,7 +695,7 @@ def test_large_m_gemm_matches_float64_and_the_dequant_path(shape, m, gs, sym, dt
 @pytest.mark.parametrize("density,alpha,dtype", [(0.005, 1.0, torch.bfloat16), (0.05, 0.5, torch.float16),
                                                  (0.0, 1.0, torch.bfloat16), (0.01, -1.0, torch.float16)])
 def test_v1_at_17_to_64_tokens_matches_float64(shape, m, density, alpha, dtype):
-    """v1 at M 17-64 (fused_small_m): the base by the table's M <= 32 or M <= 64 configuration (lean where the ring takes the
+    """v1 at M 17-64 (fused_small_m): the base by the table's M <= 32 or 64 configuration (lean where the ring takes the
     call: K = 1000 does not), an ortho stream in play added after it by the ortho add; against float64, outputs
     poisoned, and the stream really added (alpha 0 differs where there are entries)."""
     n, k = shape

@@ -19,9 +19,10 @@
 * M > 16: ``LIBORTHO_PREFILL=auto`` (the default; read at each call, :func:`set_prefill` from Python) runs calls
   of 17-32 tokens that v1's ring takes whole through v1 (its table's M <= 32 classes; an ortho stream in play, up to
   a measured nnz * M per weight, by the ortho add after it: :func:`use_v1_wide`), and those of 33-64 tokens on
-  layers whose 32-row blocks make one wave filling at least half the SMs (class m64), other calls of up to ``GEMM_M_MAX`` tokens that the one-kernel GEMM takes (INT4, in_features a multiple of 64, groups of a
-  multiple of 64 columns or one per row, an sm_90 GPU) through it (gemm_sm90.cu: the base dequantized in
-  registers into Hopper's wgmma, split along K on short grids; the ortho stream, if alpha != 0, added after it
+  layers whose 32-row blocks make one wave filling at least half the SMs (class m64), other calls of up to
+  ``GEMM_M_MAX`` tokens that the one-kernel GEMM takes (INT4, in_features a multiple of 64, groups of a multiple
+  of 64 columns or one per row, an sm_90 GPU) through it (gemm_sm90.cu: the base dequantized in registers into
+  Hopper's wgmma, split along K on short grids; the ortho stream, if alpha != 0, added after it
   by ortho_add.cu), and everything else through dequantize + cuBLAS: one kernel dequantizes the base and merges
   alpha * S into a bf16/fp16 weight, then cuBLAS. ``gemm`` sends every call the GEMM takes to it (at any M;
   above 64 tokens only alpha 0 or no ortho entries), ``dequant`` none. A build that found CUTLASS's headers (see
@@ -63,7 +64,8 @@ V1_CLASSES = ("short_long_k", "short_m4", "short_m8", "tall_m4", "tall_m8", "m16
 # The largest M of each v1 tuning configuration (v1.cuh kV1CfgMaxM, v1_configs.cu fused_cfg_dispatch, in its order) and of each
 # class: a class takes the configurations of its kernel (M <= 8, 16, 32 or 64: its n8 column blocks) that reach its
 # largest M.
-V1_CONFIG_MAX_M = (8,) * 6 + (16,) * 2 + (4, 8, 16) + (8, 16) + (4, 8, 8, 4) + (4, 8, 4, 8, 8, 16) + (4, 8, 4) + (32,) * 4 + (64, 64, 32)
+V1_CONFIG_MAX_M = ((8,) * 6 + (16,) * 2 + (4, 8, 16) + (8, 16) + (4, 8, 8, 4) + (4, 8, 4, 8, 8, 16) + (4, 8, 4)
+                   + (32,) * 4 + (64, 64, 32))
 _V1_CLASS_MAX_M = {"short_long_k": 4, "short_m4": 4, "short_m8": 8, "tall_m4": 4, "tall_m8": 8, "m16": 16,
                    "m16_tall": 16, "tiny": 8, "m16_long_k": 16, "m32": 32, "m32_tiny": 32, "m64": 64}
 _V1_CLASS_CONFIGS = {c: tuple(i for i, mm in enumerate(V1_CONFIG_MAX_M) if mm >= cm and -(-mm // 8) == -(-cm // 8))
@@ -263,8 +265,8 @@ def _sms(device: torch.device) -> int:
 # the whole call. H200 probe of 2026-11-30 05:2x UTC (results/v1-configs-H200-m32.json against the GEMM in
 # kernels-H200-m17-64-gemm.json), alpha 0: 0.55-0.93x the GEMM's time at M 17-32 on the six Llama shapes (4096x14336
 # M = 32: 24.5 against 44.5 us; 14336x4096 32.3 against 34.5); at M 48-64 its 8-block form (configuration 30) lost
-# (4096x4096 M = 64: 19.1 against 16.3 us); see M 33-64 below. With an ortho stream in play v1 runs the base and the ortho add
-# follows, where that beat the merge path (benchmarks/probes/v1_add_vs_merge.py, 2026-11-30 05:4x UTC,
+# (4096x4096 M = 64: 19.1 against 16.3 us); see M 33-64 below. With an ortho stream in play v1 runs the base and the
+# ortho add follows, where that beat the merge path (benchmarks/probes/v1_add_vs_merge.py, 2026-11-30 05:4x UTC,
 # results/v1-add-vs-merge-H200-m17-32.json): on the five large Llama shapes at every density measured, 0.5-5 %
 # (0.33-0.92x the merge's time; 4096x14336 M = 32 at 5 %: 76.5 against 111.0 us), i.e. nnz * M up to 1.6 weights on
 # layers of 2^24+ weights; on 1024x4096 only up to 1 % (0.89-1.00x; 1.05-1.32x at 2-5 %), nnz * M up to 0.32 weights.
