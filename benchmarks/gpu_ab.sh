@@ -13,6 +13,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:${PYTHONPATH:-} LIBORTHO_BUILD_DIR
 export LIBORTHO_BENCH_VARIANTS=${LIBORTHO_BENCH_VARIANTS:-v1}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 t0=$(date +%s)
+# CUTLASS's headers (M 65-512 alpha 0 path) from a wheel carried in .deps, as the recorded tables were built; the
+# machine has no network (pip install --no-deps nvidia-cutlass==4.2.0.0 elsewhere)
+for whl in .deps/nvidia_cutlass-*.whl; do [ -f "$whl" ] && python3 -m pip install -q --no-deps "$whl" 2>&1 | tail -1; done
+python3 -c "from libortho.ops import cuda; print('CUTLASS headers:', cuda.cutlass_include())"
 BUILD="from libortho.ops import cuda; ok = cuda.build(verbose=False); print('build ok' if ok else cuda._state['error'])"
 if [ "$VAR" = LIBORTHO_NVCC_FLAGS ]; then
   base=$LIBORTHO_BUILD_DIR
