@@ -102,11 +102,9 @@ Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
   if (op.alpha != 0.f && op.nnz > 0 && (wide || small)) {
     const int ld = M <= 2 ? 2 : M <= 4 ? 4 : M <= 8 ? 8 : M <= 16 ? 16 : M <= 32 ? 32 : 64;  // rows per ortho entry (MR; the add: 32 or 64)
     xt = at::empty({K, ld}, x.options());
-    if (small) {  // wide: v1's dispatch fills it (in its base kernel or by a transpose launch); v2 does not read it
-      const cudaError_t err = libortho::launch_transpose_x(x.data_ptr(), xt.data_ptr(), static_cast<int>(M),
-                                                           static_cast<int>(K), ld, op.bf16, stream);
-      if (err != cudaSuccess) return {none, static_cast<int64_t>(err)};
-    }
+    const cudaError_t err = libortho::launch_transpose_x(x.data_ptr(), xt.data_ptr(), static_cast<int>(M),
+                                                         static_cast<int>(K), ld, op.bf16, stream);
+    if (err != cudaSuccess) return {none, static_cast<int64_t>(err)};
     op.xt = xt.data_ptr();
     op.xt_ld = ld;
   }

@@ -19,9 +19,7 @@ struct Operands {
   bool bf16;               // activation dtype: bf16 (true) or fp16
   bool pdl;                // v1 only: programmatic dependent launch (sm_90+), see common.cuh
   const void* xt;          // v1 and the GEMM's ortho add only, or nullptr: x transposed, (K, xt_ld), rows padded with zeros
-                           // (at M 17-64 the binding hands v1 the buffer unfilled: v1.cu fills it before the add)
-  int xt_ld;               // 2, 4, 8 or 16 (v1), 32 or 64 (ortho add): the ortho stream's rows of x for one column;
-                           // -32 / -64: v1's base kernel writes xt as its x ring passes (v1.cu fused_dispatch_nt)
+  int xt_ld;               // 2, 4, 8 or 16 (v1), 32 or 64 (ortho add): the ortho stream's rows of x for one column
   float* gemm_ws;          // gemm_sm90.cu only, or nullptr: split-K's fp32 (splits, M, N) workspace
 };
 

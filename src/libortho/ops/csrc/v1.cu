@@ -60,18 +60,9 @@ cudaError_t fused_dispatch_nt(const Operands& op, const void* x, const void* bia
     if (op.xt != nullptr && (op.xt_ld == 32 || op.xt_ld == 64) && M <= op.xt_ld) {
       // The base by the table's configuration, then the ortho add in place (ortho_add.cu, x transposed): the
       // wider kernel's own stream (atomics over 32 rows per entry) was 2-6x slower than the GEMM + that add.
-      // x transposed (op.xt, unfilled from the binding): by the base kernel as its x ring passes, where that ring
-      // is the add's width and takes the whole call (op.xt_ld = -width asks for it), else by a transpose launch.
       Operands base = op;
       base.alpha = 0.f;
-      const int cfg = g_v1_table[v1_class(base, M)];
-      cudaError_t err = cudaSuccess;
-      if (LIBORTHO_V1_XT_IN_BASE && v1_cfg_x_rows(cfg) == op.xt_ld && v1_lean_ok<XRingCall>(op, x, M)) {
-        base.xt_ld = -op.xt_ld;
-      } else {
-        err = launch_transpose_x(x, const_cast<void*>(op.xt), M, op.K, op.xt_ld, op.bf16, s);
-      }
-      if (err == cudaSuccess) err = launch_fused_small_m_cfg(base, x, bias, out, M, cfg, s);
+      const cudaError_t err = launch_fused_small_m_cfg(base, x, bias, out, M, g_v1_table[v1_class(base, M)], s);
       return err != cudaSuccess ? err : launch_ortho_add(op, out, M, s);
     }
   }

@@ -96,44 +96,13 @@ __host__ __device__ inline int ring_pstep(const GroupIndex& gi) {
 // past M read row 0. The caller checks that x rows are 16-byte aligned (K % 8 == 0, x aligned).
 // RT = 2: each slot also holds a second row tile (weights rt_q int32 and scales / zeros rt_p elements after
 // the first's; 0 when the block has only one), computed with the same x fragments.
-// Build switch for an A/B run (benchmarks/gpu_ab.sh, VAR=LIBORTHO_NVCC_FLAGS): 0 leaves x's transpose for the ortho
-// add at M 17-64 to a launch of its own (the kernels compiled without write_xt_tile).
-#ifndef LIBORTHO_V1_XT_IN_BASE
-#define LIBORTHO_V1_XT_IN_BASE 1
-#endif
-
-// x's tile kt (64 columns, M rows, in an x ring slot: row r's chunk c at r * 8 + (c ^ (r % 8))) written transposed to
-// xt (K, XR), rows M..XR-1 zero: lane l takes columns 2 l and 2 l + 1 (one 4-byte read per row, conflict-free) and
-// stores 8 rows at a time as one 16-byte store per column. For the ortho add after v1 at M 17-64, which otherwise
-// waits for a transpose launch.
-template <int XR, typename T>
-__device__ inline void write_xt_tile(const uint4* slot, T* __restrict__ xt, int kt, int M, int lane) {
-  const int c = 2 * lane, ch = c >> 3, e = c & 7;
-  T* d0 = xt + (static_cast<size_t>(kt) * 64 + c) * XR;
-#pragma unroll
-  for (int m0 = 0; m0 < XR; m0 += 8) {
-    uint32_t a[4], b[4];
-#pragma unroll
-    for (int i = 0; i < 8; i += 2) {
-      const int r = m0 + i;
-      const uint32_t p = r < M ? reinterpret_cast<const uint32_t*>(slot + r * 8 + (ch ^ (r & 7)))[e >> 1] : 0u;
-      const uint32_t q = r + 1 < M ? reinterpret_cast<const uint32_t*>(slot + (r + 1) * 8 + (ch ^ ((r + 1) & 7)))[e >> 1]
-                                   : 0u;
-      a[i >> 1] = (p & 0xFFFFu) | (q << 16);          // column c, rows r and r + 1
-      b[i >> 1] = (p >> 16) | (q & 0xFFFF0000u);      // column c + 1
-    }
-    *reinterpret_cast<uint4*>(d0 + m0) = make_uint4(a[0], a[1], a[2], a[3]);
-    *reinterpret_cast<uint4*>(d0 + XR + m0) = make_uint4(b[0], b[1], b[2], b[3]);
-  }
-}
-
 template <int S, int XR, typename T, int NT, bool kPrefetchX, int RT, int W, class OnFirst>
 __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT * 32], uint32_t (&pring)[S][RT * 16],
                                   uint4 (*xring)[XR > 0 ? XR * 8 : 1], int nt, int warp, int lane,
                                   const int32_t* qtile, size_t rt_q, const T* sc, const T* zp, size_t rt_p,
                                   const uint32_t* xb,
                                   const int (&xo)[NT], const T* x, int M, int K, const GroupIndex& gi, int pstep,
-                                  int g, int tig, OnFirst on_first, T* xt_out = nullptr) {
+                                  int g, int tig, OnFirst on_first) {
   static_assert(XR == 0 || (XR % 4 == 0 && XR <= 8 * NT && XR > 8 * (NT - 1)), "the x ring holds the kernel's rows");
   // Requests advance with running pointers and offsets (no index arithmetic per tile; pstep: see
   // ring_pstep). The sweep is unrolled over the ring (twice for an odd S), so every slot address is a
@@ -167,12 +136,6 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
     pbase += pstep;
     if constexpr (XR > 0) xr += W * 64;
   };
-  // xt_out: tile kx (= warp + j W) is written by block kx % gridDim.x; `owner` follows kx % gridDim.x from tile to tile
-  const int grid = static_cast<int>(gridDim.x), block = static_cast<int>(blockIdx.x);
-  int owner = 0, owner_step = 0;
-  if constexpr (XR >= 32 && LIBORTHO_V1_XT_IN_BASE) {
-    if (xt_out != nullptr) owner = warp % grid, owner_step = W % grid;
-  }
   const uint32_t* xn[NT];  // this lane's pairs of x at the next tile to fetch, per batch block
 #pragma unroll
   for (int t = 0; t < NT; ++t) xn[t] = xb + xo[t] + warp * 32;
@@ -205,13 +168,6 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
     issue(slot == 0 ? S - 1 : slot - 1);  // tile j + S - 1
     cp_wait<S - 1>();
     __syncwarp();
-    if constexpr (XR >= 32 && LIBORTHO_V1_XT_IN_BASE) {  // M 17-64: x transposed for the ortho add, one block a tile
-      if (xt_out != nullptr) {
-        if (owner == block) write_xt_tile<XR>(xring[slot], xt_out, warp + j * W, M, lane);
-        owner += owner_step;
-        if (owner >= grid) owner -= grid;
-      }
-    }
     fill(cur, slot, 0);
     if constexpr (XR > 0) {
       // Lane l addresses row 8 t + l % 8 (row 0 past M) of matrix l / 8: columns 8 (l / 8) (+ 32 for steps 2-3).
@@ -419,8 +375,6 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     const bool x_ok = XR == 0 || (M <= XR && K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0);
     if (Cfg::kLean || (gi.same && pstep >= 0 && x_ok)) {
       const int nt = warp < Tf ? (Tf - warp + W - 1) / W : 0;
-      // op.xt_ld = -XR asks this kernel to write x transposed to op.xt (v1.cu, the ortho add after the base)
-      T* xt_out = XR >= 32 && op.xt_ld == -XR ? static_cast<T*>(const_cast<void*>(op.xt)) : nullptr;
       ring_sweep<S, XR, T, NT, kPrefetchX, RT, W>(acc, wring[warp], pring[warp], xring[warp], nt, warp, lane,
                                                qtile, rt_q, sc, zp, rt_p, xb, xo, x, M, K, gi, pstep, g, tig,
                                                [&] {
@@ -429,7 +383,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
                                                  } else if (!staged) {
                                                    stage_ortho();
                                                  }
-                                               }, xt_out);
+                                               });
       swept = true;
     }
   }
@@ -579,15 +533,6 @@ cudaError_t launch_v1_ring(const Operands& op, const void* x, const void* bias, 
 constexpr int kV1CfgMaxM[] = {8, 8, 8, 8, 8, 8, 16, 16, 4, 8, 16, 8, 16, 4, 8, 8, 4, 4, 8, 4, 8, 8, 16, 4, 8, 4,
                                32, 32, 32, 32, 64, 64, 32};
 constexpr int kV1Cfgs = sizeof(kV1CfgMaxM) / sizeof(kV1CfgMaxM[0]);
-
-// The x ring's rows of a configuration that can write x transposed as it sweeps (26 and up: M 17-64, rows = their
-// largest M, 8 warps), else 0.
-constexpr int v1_cfg_x_rows(int cfg) { return cfg >= 26 && cfg < kV1Cfgs ? kV1CfgMaxM[cfg] : 0; }
-// What v1_lean_ok needs of those configurations (8 warps; M <= the ring's rows is the caller's check).
-struct XRingCall {
-  static constexpr int kBlockWarps = kWarps;
-  static constexpr int kXRows = 64;
-};
 
 }  // namespace
 
