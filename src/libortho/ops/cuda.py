@@ -220,10 +220,10 @@ GEMM_ORTHO_MIN_WEIGHTS = {32: 1 << 24, 64: 40_000_000}
 # they fill >= 0.6 of their waves' slots: 0.42-0.93x the dequant path's time at M 128-512 (14336x4096 at M = 128:
 # 30.9 against 74.2 us; 4096x14336 at M = 512: 91.7 against 113.9; results/cutlass-vs-dequant-H200.json). Ping-pong
 # 64x128 tiles (form 1, ~21.5 us a wave, half the work) where the cooperative ones fill < 0.6 of one wave, its own
-# fill 0.45-1 of one wave (its gain is a shorter single wave), and the layer has at least 2^24 weights: 0.75-0.90x the dequant path on the 4096-row Llama
-# shapes at M 128-256 (4096x14336 at M = 256: 65.3 against 87.6 us; results/cutlass-tiles-H200.json). Smaller
-# layers on short grids (1024x4096: 21.5 against 12.5-15.1 us) and M >= 1024 (0.93-1.11x, 11 of 12 slower or within
-# 1 %) stay with dequantize + cuBLAS.
+# fill 0.45-1 of one wave (its gain is a shorter single wave), and the layer has at least 2^24 weights: 0.75-0.90x the
+# dequant path on the 4096-row Llama shapes at M 128-256 (4096x14336 at M = 256: 65.3 against 87.6 us;
+# results/cutlass-tiles-H200.json). Smaller layers on short grids (1024x4096: 21.5 against 12.5-15.1 us) and M >= 1024
+# (0.93-1.11x, 11 of 12 slower or within 1 %) stay with dequantize + cuBLAS.
 CUTLASS_M_MAX = 512
 CUTLASS_MIN_FILL = 0.6
 CUTLASS_PING_MIN_FILL = 0.45
@@ -466,17 +466,19 @@ def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
         fused = getattr(_state["ext"], _FUSED[decode_kernel()])
         y = _checked(fused(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
                            out_features, in_features, pdl_enabled()), "fused kernel")
-    elif (use_v1_wide(prefill(), m, values.numel() * m if alpha != 0 else 0, out_features * in_features, out_features,
-                      _sms(x2.device))
-          and v1_wide_takes(x2, bits, group_size, in_features)):
+        return y.reshape(*x.shape[:-1], out_features)
+    # M > 16: one reading of the policy ($LIBORTHO_PREFILL) and of what its rules weigh, for every path below
+    policy, sms = prefill(), _sms(x2.device)
+    work, weights = (values.numel() * m if alpha != 0 else 0), out_features * in_features
+    if (use_v1_wide(policy, m, work, weights, out_features, sms)
+            and v1_wide_takes(x2, bits, group_size, in_features)):
         y = _checked(_state["ext"].fused_small_m(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits,
                                                  group_size, out_features, in_features, pdl_enabled()), "fused kernel")
-    elif ((form := cutlass_form(prefill(), m, out_features, in_features, _sms(x2.device))) is not None
+    elif ((form := cutlass_form(policy, m, out_features, in_features, sms)) is not None
           and cutlass_takes(x2, bits, group_size, out_features, in_features, alpha, values)):
         y = _checked(_state["ext"].gemm_cutlass(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha,
                                                 bits, group_size, out_features, in_features, form), "CUTLASS GEMM")
-    elif (use_gemm(prefill(), m, values.numel() * m if alpha != 0 else 0, out_features * in_features)
-          and gemm_takes(x2, bits, group_size, in_features, alpha, values)):
+    elif use_gemm(policy, m, work, weights) and gemm_takes(x2, bits, group_size, in_features, alpha, values):
         y = _checked(_state["ext"].gemm_int4(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits,
                                              group_size, out_features, in_features), "large-M GEMM kernel")
     else:

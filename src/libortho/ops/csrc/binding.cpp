@@ -73,6 +73,9 @@ using Launch = cudaError_t (*)(const libortho::Operands&, const void*, const voi
 // base and then the ortho add, which always reads xt.
 int64_t g_xt_min = int64_t{1} << 21;
 
+// The rows of x transposed the ortho add reads per column (ortho_add.cu: 32 or 64 >= M).
+inline int add_xt_ld(int64_t M) { return M <= 32 ? 32 : 64; }
+
 // Checks the operands of a small-M product (1 <= M <= max_m) and runs launch(op, x, bias, out, M, stream).
 // x transposed for v1's ortho stream: xt_small, at M 2-16 by the g_xt_min rule (v1's own stream); xt_wide, always
 // at M 17-64 for INT4 (v1's base + ortho add; v2 and v3 hand those calls to v1).
@@ -100,7 +103,8 @@ Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
   const bool small = xt_small && M >= 2 && M <= 16 && g_xt_min >= 0 &&
                      op.nnz * M * std::max<int64_t>(M, 4) >= 4 * g_xt_min;
   if (op.alpha != 0.f && op.nnz > 0 && (wide || small)) {
-    const int ld = M <= 2 ? 2 : M <= 4 ? 4 : M <= 8 ? 8 : M <= 16 ? 16 : M <= 32 ? 32 : 64;  // rows per ortho entry (MR; the add: 32 or 64)
+    // rows per ortho entry: v1's own stream (MR) at M <= 16, the add's above
+    const int ld = M <= 2 ? 2 : M <= 4 ? 4 : M <= 8 ? 8 : M <= 16 ? 16 : add_xt_ld(M);
     xt = at::empty({K, ld}, x.options());
     const cudaError_t err = libortho::launch_transpose_x(x.data_ptr(), xt.data_ptr(), static_cast<int>(M),
                                                          static_cast<int>(K), ld, op.bf16, stream);
@@ -168,7 +172,7 @@ Result gemm_int4(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
                      o.gemm_ws = ws.data_ptr<float>();
                    }
                    if (op.alpha != 0.f && op.nnz > 0) {
-                     const int ld = M <= 32 ? 32 : 64;
+                     const int ld = add_xt_ld(M);
                      xt = at::empty({op.K, ld}, x.options());
                      const cudaError_t e = libortho::launch_transpose_x(xp, xt.data_ptr(), M, op.K, ld, op.bf16, s);
                      if (e != cudaSuccess) return e;

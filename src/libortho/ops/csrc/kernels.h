@@ -41,8 +41,8 @@ cudaError_t launch_fused_small_m_cfg(const Operands& op, const void* x, const vo
 // class of call, in this order: short grids (< 3 blocks per SM) at M <= 4 with K >= 8192, at M <= 4 with
 // K < 8192, at M 5-8; tall grids at M <= 4, at M 5-8; M 9-16 below 3 row tiles per SM (K < 8192), from 3;
 // tiny grids (fewer row tiles than SMs) at M <= 8; M 9-16 below 3 row tiles per SM with K >= 8192; M 17-32 (the
-// base; an ortho stream in play is added after it), from one row tile per SM and below; M 33-64 (the same). A call with alpha != 0 and at least 2^20 ortho
-// entries counts as a short grid, and at M <= 4 as one with K < 8192.
+// base; an ortho stream in play is added after it), from one row tile per SM and below; M 33-64 (the same). A call
+// with alpha != 0 and at least 2^20 ortho entries counts as a short grid, and at M <= 4 as one with K < 8192.
 // set_v1_table changes nothing and returns false when an index cannot serve its class (a configuration of the
 // kernel of the class's n8 column blocks, M <= 8, 16, 32 or 64, reaching its largest M; v1.cuh kV1CfgMaxM).
 constexpr int kV1Classes = 12;

@@ -1,0 +1,89 @@
+"""Which kernel entry point ortho_linear_cuda calls per M, policy, layer shape and ortho stream, on the CPU: the
+extension is a recording stand-in (no kernel runs), the card an H100/H200's 132 SMs. The GPU tests check the same
+choices against the real kernels' outputs; this pins the dispatch itself where CI can run it."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from libortho.ops import cuda
+
+
+class RecordingExt:
+    """Each entry point records its name (and the CUTLASS form) and returns an output of the right shape."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _out(self, name, x, n, extra=None):
+        self.calls.append(name if extra is None else (name, extra))
+        return torch.zeros(x.shape[0], n, dtype=x.dtype), 0
+
+    def fused_small_m(self, x, *a):
+        return self._out("fused_small_m", x, a[-3])
+
+    def gemm_int4(self, x, *a):
+        return self._out("gemm_int4", x, a[-2])
+
+    def gemm_cutlass(self, x, *a):
+        return self._out("gemm_cutlass", x, a[-3], a[-1])
+
+    def gemm_cutlass_built(self):
+        return True
+
+    def dequant_merge(self, x, *a):
+        self.calls.append("dequant_merge")
+        return torch.empty(a[-2], 0, dtype=x.dtype), 0  # (N, -): the stand-in F.linear below only reads N
+
+
+@pytest.fixture
+def ext(monkeypatch):
+    rec = RecordingExt()
+    monkeypatch.setitem(cuda._state, "ext", rec)
+    monkeypatch.setattr(cuda, "available", lambda: True)
+    monkeypatch.setattr(cuda, "_sms", lambda device: 132)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(cuda, "F", SimpleNamespace(linear=lambda x, w, b=None: torch.zeros(x.shape[0], w.shape[0])))
+    monkeypatch.delenv("LIBORTHO_PREFILL", raising=False)
+    monkeypatch.delenv("LIBORTHO_DECODE_KERNEL", raising=False)
+    return rec
+
+
+def call(m, n, k, density=0.0, alpha=1.0):
+    nnz = round(density * n * k)  # as the sieve keeps it: rounded, so one entry over density * n * k at times
+    x = torch.zeros(m, k, dtype=torch.bfloat16)
+    z = torch.zeros(1, dtype=torch.bfloat16)
+    values = torch.zeros(nnz, dtype=torch.bfloat16)
+    return cuda.ortho_linear_cuda(x, z, z, z, z, z, values, None, alpha, 4, 128, n, k)
+
+
+@pytest.mark.parametrize("m,n,k,density,alpha,want", [
+    (8, 4096, 4096, 0.01, 1.0, "fused_small_m"),                     # decode: the fused kernel
+    (32, 4096, 4096, 0.0, 1.0, "fused_small_m"),                     # M 17-32: v1's ring
+    (32, 4096, 14336, 0.05, 1.0, "fused_small_m"),                   # ... + the add, up to 5 % on large layers
+    (32, 1024, 4096, 0.02, 1.0, "dequant_merge"),                    # ... only 1 % on small ones
+    (48, 4096, 4096, 0.0, 1.0, "fused_small_m"),                     # M 33-64: v1 where its blocks make one wave
+    (48, 11008, 4096, 0.0, 1.0, "gemm_int4"),                        # ... the GEMM on taller grids
+    (48, 1024, 4096, 0.0, 1.0, "gemm_int4"),                         # ... and on short ones
+    (64, 4096, 14336, 0.01, 1.0, "fused_small_m"),                   # 1 % at 64 tokens: the rule's room (rounding)
+    (64, 4096, 4096, 0.005, 1.0, "dequant_merge"),                   # below 4e7 weights the add loses: merge
+    (64, 14336, 4096, 0.01, 1.0, "gemm_int4"),                       # the GEMM + add on a tall layer
+    (64, 14336, 4096, 0.02, 0.0, "gemm_int4"),                       # alpha 0: no stream in play
+    (256, 4096, 14336, 0.0, 1.0, ("gemm_cutlass", 1)),               # 65-512: CUTLASS, ping-pong on a short grid
+    (512, 14336, 4096, 0.0, 1.0, ("gemm_cutlass", 0)),               # ... cooperative where the tiles fill waves
+    (512, 1024, 4096, 0.0, 1.0, "dequant_merge"),                    # ... not on 1024x4096
+    (512, 14336, 4096, 0.01, 1.0, "dequant_merge"),                  # an ortho stream above 64 tokens: merge
+    (1024, 4096, 4096, 0.0, 1.0, "dequant_merge")])                  # above 512: dequantize + cuBLAS
+def test_auto_policy_picks_each_path(ext, m, n, k, density, alpha, want):
+    y = call(m, n, k, density, alpha)
+    assert y.shape == (m, n)
+    assert ext.calls == [want]
+
+
+@pytest.mark.parametrize("policy,m,want", [("dequant", 32, "dequant_merge"), ("gemm", 32, "gemm_int4"),
+                                           ("gemm", 48, "gemm_int4"), ("cutlass", 32, ("gemm_cutlass", 1)),
+                                           ("dequant", 8, "fused_small_m")])  # M <= 16 never asks the policy
+def test_other_policies(ext, monkeypatch, policy, m, want):
+    monkeypatch.setenv("LIBORTHO_PREFILL", policy)
+    call(m, 4096, 4096)
+    assert ext.calls == [want]
