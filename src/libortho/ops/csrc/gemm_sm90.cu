@@ -493,11 +493,16 @@ int g_gemm_cfg = -1;
 // split along K when its grid is under half a wave (0.88-1.45x bf16 time at M 32-64 against 1.4-2.5x for
 // dequantize + cuBLAS), else the TMA form with 64-token blocks (1.05-1.08x on 14336x4096, where the former
 // does not split); above, the TMA form with 128-token blocks (the best GEMM at M 512-2048, still slower than
-// dequantize + cuBLAS there, so cuda.py's default sends those calls to the latter).
+// dequantize + cuBLAS there, so cuda.py's default sends those calls to the latter). At K <= 4096 the split pays
+// only while its 64-row blocks fill under 5/12 of the slots: from there the TMA form's single pass is faster
+// (11008x4096 at M 33-64: 0.94-0.98x the split's time; 10240x4096 even; 9216x4096 1.03-1.07x; at K = 14336 the
+// split stays 0.91-0.94x: results/gemm-split-H200.json).
 int gemm_pick(const Operands& op, int M) {
   if (g_gemm_cfg >= 0) return g_gemm_cfg;
-  if (M <= 64) return gemm_splits<GemmCfg3>(op, M).count > 1 ? 3 : 7;
-  return 6;
+  if (M > 64) return 6;
+  const int blocks = (op.N + GemmCfg3::kRows - 1) / GemmCfg3::kRows, slots = device_info().sms * GemmCfg3::MINB;
+  if (op.K <= 4096 && 12 * blocks > 5 * slots) return 7;
+  return gemm_splits<GemmCfg3>(op, M).count > 1 ? 3 : 7;
 }
 
 }  // namespace
