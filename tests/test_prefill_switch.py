@@ -1,5 +1,6 @@
 """The large-M path switch (LIBORTHO_PREFILL / set_prefill) of the CUDA backend; CPU-only checks."""
 import pytest
+import torch
 
 from libortho.ops import cuda
 
@@ -147,7 +148,6 @@ def test_v1_takes_33_to_64_tokens_where_its_blocks_make_one_wave(m, n, sms, want
     (4, 128, 4160, 0, True), (4, 128, 1000, 0, False),
     (4, 128, 4096, 4, False)])  # x rows not 16-byte aligned
 def test_what_v1_takes_above_16_tokens(bits, gs, k, offset, want):
-    import torch
     x2 = torch.zeros(24 * k + 8, dtype=torch.bfloat16)[offset:offset + 24 * k].view(24, k)
     assert cuda.v1_wide_takes(x2, bits, gs, k) is want
 

@@ -239,13 +239,10 @@ def _tiles(form: int, m: int, out_features: int) -> int:
 def cutlass_form(policy: str, m: int, out_features: int, in_features: int, sms: int) -> int | None:
     """The CUTLASS form (0 cooperative 128x128, 1 ping-pong 64x128) a call of m tokens with no ortho stream in play
     runs under this policy, or None for another path (when CUTLASS can take it); sms: the GPU's multiprocessor count."""
-    if policy not in ("auto", "cutlass"):
+    if policy not in ("auto", "cutlass") or (policy == "auto" and not GEMM_M_MAX < m <= CUTLASS_M_MAX):
         return None
     coop = _tiles(0, m, out_features)
-    waves = -(-coop // sms)
-    if policy == "auto" and (m <= GEMM_M_MAX or m > CUTLASS_M_MAX):
-        return None
-    if coop >= CUTLASS_MIN_FILL * waves * sms:
+    if coop >= CUTLASS_MIN_FILL * -(-coop // sms) * sms:  # the cooperative tiles fill their waves
         return 0
     if (coop < CUTLASS_MIN_FILL * sms and CUTLASS_PING_MIN_FILL * sms <= _tiles(1, m, out_features) <= sms
             and out_features * in_features >= CUTLASS_PING_MIN_WEIGHTS):
