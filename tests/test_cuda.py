@@ -137,12 +137,11 @@ def test_tall_grid_configuration(n, m, gs, sym, dtype):
 
 V1_CONFIG_MAX_M = cuda_backend.V1_CONFIG_MAX_M  # per v1_configs.cu fused_cfg_dispatch index
 V1_CONFIGS = len(V1_CONFIG_MAX_M)  # (benchmarks/probes/v1_configs.py names them)
-X_RING_CONFIGS = (8, 9, 10, 11, 12, 13, 14, 15, 16, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 36, 37)  # x's
-# columns through the shared-memory ring (M <= 4, 8, 16, 32, 64; 11-12, 23-25, 27, 31-32: 32 rows; 13-16: the ortho
-# stream first; 31-32: the sums in the ring; 33-37: 10, 12, 22, 32, 31 with x shared by clusters of two blocks,
-# lean only, their twin otherwise)
+X_RING_CONFIGS = (8, 9, 10, 11, 12, 13, 14, 15, 16, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32)  # x's columns through
+# the shared-memory ring (M <= 4, 8, 16, 32, 64; 11-12, 23-25, 27, 31-32: 32 rows; 13-16: the ortho stream first;
+# 31-32: the sums in the ring)
 ORTHO_FIRST_CONFIGS = (13, 14, 15, 16)
-WARPS_CONFIGS = (17, 18, 19, 20, 21, 22, 35)  # the x ring with 12 or 16 warps per block (lean only)
+WARPS_CONFIGS = (17, 18, 19, 20, 21, 22)  # the x ring with 12 or 16 warps per block (lean only)
 
 
 @pytest.mark.parametrize("cfg", range(V1_CONFIGS))
@@ -202,34 +201,6 @@ def test_lean_ring_kernels_match_the_full_kernels_bit_for_bit(m, n, k, gs):
                 assert rel_err(y, ref) < TOL[torch.bfloat16], (cfg, alpha)
     finally:
         ext.set_v1_lean(was)
-
-
-CLUSTER_TWINS = {33: 10, 34: 12, 35: 22, 36: 32, 37: 31}  # x shared by clusters of two blocks -> the same without
-
-
-@pytest.mark.parametrize("cfg", sorted(CLUSTER_TWINS))
-@pytest.mark.parametrize("n,k", [(4096, 4096), (1024, 1024), (2048, 11008)])
-def test_cluster_configurations_share_x_and_match_their_twins(cfg, n, k):
-    """33-37 run in clusters of two blocks that copy half of each x tile into both blocks' rings (counted
-    launches) and give their twin's lean output bit for bit (the same sums in the same order; 35 and its twin 22
-    both with 16 warps), at alpha 0 and 1, M from 1 to the configuration's largest, and float64's within tolerance."""
-    ext = cuda_backend.extension()
-    gen = torch.Generator(device="cuda").manual_seed(cfg + n)
-    layer = make_layer(n, k, 4, 128, False, 0.02, torch.bfloat16, gen)
-    for m in [m for m in (1, 7, 8, 9, 16, 17, 32, 33, 64) if m <= V1_CONFIG_MAX_M[cfg]]:
-        x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
-        for alpha in (0.0, 1.0):
-            def run(c):
-                poison_allocator()
-                return cuda_backend._checked(ext.fused_small_m_cfg(
-                    x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values, None,
-                    alpha, 4, 128, n, k, c), f"config {c}")
-            before = ext.v1_cluster_launches()
-            y = run(cfg)
-            assert ext.v1_cluster_launches() - before == 1, (cfg, m, alpha)
-            assert torch.equal(y, run(CLUSTER_TWINS[cfg])), (cfg, m, alpha)
-            ref = reference64(layer, x, alpha) - layer.bias.double()
-            assert rel_err(y, ref) < TOL[torch.bfloat16], (cfg, m, alpha)
 
 
 @pytest.mark.parametrize("n,k,gs", [(1000, 2048, 128), (4096, 4096, 128), (300, 576, -1), (2100, 4096, 256),

@@ -242,8 +242,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("v1_lean", &libortho::v1_lean, "whether v1 ring calls the ring takes whole run the lean kernels");
   m.def("set_v1_lean", &libortho::set_v1_lean, "turn the lean kernels on or off");
   m.def("v1_lean_launches", [] { return libortho::v1_lean_launches(); }, "lean v1 launches so far (tests)");
-  m.def("v1_cluster_launches", [] { return libortho::v1_cluster_launches(); },
-        "of them, launches in clusters that share x (configurations 33-37; tests)");
   m.def("fused_small_m_cfg", &fused_cfg, "v1 with a tuning configuration (INT4, M up to the configuration's 4-64; benchmarks/probes/v1_configs.py)");
   m.def("dequant_merge", &dequant_merge, "(W = deq(Q) + alpha S as a dense matrix, error code)");
   m.def("set_gemm_cfg", [](int64_t c) { return c >= -1 && c < libortho::kGemmCfgs && libortho::set_gemm_cfg(static_cast<int>(c)); },

@@ -255,11 +255,27 @@ __global__ void __launch_bounds__(C::kThreads, C::MINB) gemm_int4_kernel(Operand
 // run their K loops independently, so one can dequantize while the other multiplies (within a warpgroup the
 // two cannot overlap, see gemm_trip). full[s]: the producer's 32 lanes arrive once their copies into stage s
 // landed (each fences its own writes for the async proxy first, as the lock-step form does); empty[s]: the 8
-// consumer warps arrive once their wgmmas reading stage s completed (the mbarrier helpers: common.cuh).
+// consumer warps arrive once their wgmmas reading stage s completed.
+__device__ inline void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ inline void mbar_arrive(uint32_t bar) {
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+__device__ inline void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
 // Box (64 columns x NT rows) of x at column k0, row m0 into shared memory at dst; completes `bytes` on bar.
 __device__ inline void tma_load_x(uint32_t dst, const CUtensorMap* map, int k0, int m0, uint32_t bar) {
   asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
                ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(k0), "r"(m0), "r"(bar) : "memory");
+}
+__device__ inline void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done)
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done) : "r"(bar), "r"(parity) : "memory");
 }
 
 // TMA: the producer loads a stage with one cp.async.bulk.tensor (the 128-byte swizzle done by the copy engine,

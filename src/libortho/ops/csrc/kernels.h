@@ -53,10 +53,8 @@ void get_v1_table(int (&table)[kV1Classes]);
 // v1_lean_ok); off: always the full kernel (for the tests and the probe).
 void set_v1_lean(bool on);
 bool v1_lean();
-// Lean launches so far, counted on the host (the tests check that the lean path really runs); of them, launches in
-// clusters that share x (configurations 33-37, v1_configs_cluster.cu).
+// Lean launches so far, counted on the host (the tests check that the lean path really runs).
 int64_t& v1_lean_launches();
-int64_t& v1_cluster_launches();
 
 // The same product by the v2 decode kernel (cp.async stages, cluster split-K on sm_90, nnz-balanced ortho
 // rows); a misaligned buffer falls back to launch_fused_small_m.

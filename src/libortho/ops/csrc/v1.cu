@@ -111,9 +111,5 @@ int64_t& v1_lean_launches() {
   static int64_t n = 0;
   return n;
 }
-int64_t& v1_cluster_launches() {
-  static int64_t n = 0;
-  return n;
-}
 
 }  // namespace libortho

@@ -33,15 +33,8 @@ namespace {
 // sweep is done (no copy can still be landing there: the ring's last requests past the end are empty), so the
 // static per-warp sums array (R x (MT + 1) floats per warp, 66 KB at 32 rows and 64 tokens) does not count against
 // the 48 KB static limit and the ring can take more slots.
-// kClusterX (lean only, x ring, not ortho-first): blocks run in clusters of two (along N) that share x: each copies
-// half of a tile's x rows into both blocks' rings (a multicast bulk copy per row, rows 144 bytes apart so that
-// ldmatrix needs no swizzle), a full and an empty mbarrier per warp and slot pace the two. Every block reads all of
-// x, at M = 16 twice its weight bytes: with half of x's reads cut, M = 16 took 0.92-0.94x the time on the large
-// Llama shapes (results/kernels-H200-diag-x-rows-8.json). v1_configs_cluster.cu; the launcher falls back to the
-// twin without clusters on an odd block count, a call the ring does not take whole, or a cluster that does not fit.
 template <int kU_, bool kPrefetchX_, int kMinBlocks_, int kStages_ = 0, int kXRows_ = 0, int kRowTiles_ = 1,
-          bool kOrthoFirst_ = false, bool kLean_ = false, int kBlockWarps_ = kWarps, bool kRedInRing_ = false,
-          bool kClusterX_ = false>
+          bool kOrthoFirst_ = false, bool kLean_ = false, int kBlockWarps_ = kWarps, bool kRedInRing_ = false>
 struct V1Cfg {
   static constexpr int kU = kU_;
   static constexpr bool kPrefetchX = kPrefetchX_;
@@ -53,20 +46,16 @@ struct V1Cfg {
   static constexpr bool kLean = kLean_;
   static constexpr int kBlockWarps = kBlockWarps_;
   static constexpr bool kRedInRing = kRedInRing_;
-  static constexpr bool kClusterX = kClusterX_;
   using Lean = V1Cfg<kU_, kPrefetchX_, kMinBlocks_, kStages_, kXRows_, kRowTiles_, kOrthoFirst_, true, kBlockWarps_,
-                     kRedInRing_, kClusterX_>;
+                     kRedInRing_>;
   using Eight = V1Cfg<kU_, kPrefetchX_, kMinBlocks_, kStages_, kXRows_, kRowTiles_, kOrthoFirst_, false, kWarps,
-                      kRedInRing_>;  // the full form never shares x
+                      kRedInRing_>;
   static_assert(!kLean_ || kStages_ > 0, "only the ring has a lean form");
   static_assert(!kOrthoFirst_ || kStages_ > 0, "the ortho stream first needs the ring");
   static_assert(kRowTiles_ == 1 || (kRowTiles_ == 2 && kStages_ > 0), "two row tiles need the ring");
   static_assert(kBlockWarps_ == kWarps || kStages_ > 0, "other warp counts: the ring only");
-  static_assert(!kClusterX_ || (kXRows_ >= 16 && kStages_ > 0 && !kOrthoFirst_), "clusters share an x ring of 16+ rows");
-  // 16-byte chunks per row of x in the ring: 8 (128 bytes, XOR-swizzled), 9 with clusters (padded, see kClusterX)
-  static constexpr int kXChunks = kClusterX_ ? 9 : 8;
-  // per warp and slot and row tile: 512 weight bytes, 64 bytes of scales and zeros; 128 (144) bytes per row of x
-  static constexpr int kRingSize = kBlockWarps_ * kStages_ * (kRowTiles_ * (512 + 64) + kXRows_ * 16 * kXChunks);
+  // per warp and slot and row tile: 512 weight bytes, 64 bytes of scales and zeros; 128 bytes per row of x
+  static constexpr int kRingSize = kBlockWarps_ * kStages_ * (kRowTiles_ * (512 + 64) + kXRows_ * 128);
   static constexpr bool kDynRing = kRingSize > 36 * 1024;
   static constexpr int kRingBytes = kDynRing ? kRingSize : 0;
   static_assert(!kRedInRing_ || (kDynRing && !kOrthoFirst_ && kXRows_ > 0 &&
@@ -107,19 +96,13 @@ __host__ __device__ inline int ring_pstep(const GroupIndex& gi) {
 // past M read row 0. The caller checks that x rows are 16-byte aligned (K % 8 == 0, x aligned).
 // RT = 2: each slot also holds a second row tile (weights rt_q int32 and scales / zeros rt_p elements after
 // the first's; 0 when the block has only one), computed with the same x fragments.
-// XC = 9 (V1Cfg::kClusterX): x's rows sit 144 bytes apart, unswizzled; lanes 0 .. XR / 2 - 1 of this block (cluster
-// rank `rank`) copy rows rank XR / 2 + lane into the slot of both blocks (bulk copies counted on the full mbarrier
-// xbar + 8 slot of each); a warp done with a slot arrives on the empty mbarrier xbar + 8 (S + slot) of both blocks,
-// and a copy into a slot waits for that barrier's two arrivals.
-template <int S, int XR, typename T, int NT, bool kPrefetchX, int RT, int W, int XC, class OnFirst>
+template <int S, int XR, typename T, int NT, bool kPrefetchX, int RT, int W, class OnFirst>
 __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT * 32], uint32_t (&pring)[S][RT * 16],
-                                  uint4 (*xring)[XR > 0 ? XR * XC : 1], int nt, int warp, int lane,
+                                  uint4 (*xring)[XR > 0 ? XR * 8 : 1], int nt, int warp, int lane,
                                   const int32_t* qtile, size_t rt_q, const T* sc, const T* zp, size_t rt_p,
                                   const uint32_t* xb,
                                   const int (&xo)[NT], const T* x, int M, int K, const GroupIndex& gi, int pstep,
-                                  int g, int tig, uint32_t xbar, uint32_t rank, OnFirst on_first) {
-  constexpr bool CX = XC == 9;
-  static_assert(XC == 8 || (XC == 9 && XR >= 16), "x rows: 128 bytes swizzled, or 144 bytes shared by a cluster");
+                                  int g, int tig, OnFirst on_first) {
   static_assert(XR == 0 || (XR % 4 == 0 && XR <= 8 * NT && XR > 8 * (NT - 1)), "the x ring holds the kernel's rows");
   // Requests advance with running pointers and offsets (no index arithmetic per tile; pstep: see
   // ring_pstep). The sweep is unrolled over the ring (twice for an odd S), so every slot address is a
@@ -133,22 +116,13 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
   // x ring: lane (rows xm + 4 i, chunk xc) copies 16 bytes of a tile's columns of each of its rows r to
   // chunk xc ^ (r % 8) of row r; xr points at row xm of the next tile, the other rows are 4 i K further.
   const int xm = lane >> 3, xc = lane & 7;
-  // (CX: xr points at row 0 of the next tile)
-  const T* xr = XR > 0 ? x + (CX ? 0 : static_cast<size_t>(xm) * K + xc * 8) + warp * 64 : nullptr;
+  const T* xr = XR > 0 ? x + static_cast<size_t>(xm) * K + warp * 64 + xc * 8 : nullptr;
   auto issue = [&](int sn) {
     if (jn < nt) {
 #pragma unroll
       for (int rt = 0; rt < RT; ++rt) cp_async16(&wring[sn][rt * 32 + lane], qn + rt * rt_q, true);
       if (pcopy) cp_async16(&pring[sn][lane * 4], pbase, true);
-      if constexpr (CX) {
-        // both blocks are done with the slot's last tile (a slot's first use passes at once)
-        mbar_wait_cluster(xbar + 8 * (S + sn), ((jn / S) & 1) ^ 1);
-        if (lane == 0) mbar_arrive_expect_tx(xbar + 8 * sn, M * 128);
-        const int r = static_cast<int>(rank) * (XR / 2) + lane;
-        if (lane < XR / 2 && r < M)
-          bulk_copy_multicast(static_cast<uint32_t>(__cvta_generic_to_shared(&xring[sn][r * 9])),
-                              xr + static_cast<size_t>(r) * K, 128, xbar + 8 * sn, 0x3);
-      } else if constexpr (XR > 0) {
+      if constexpr (XR > 0) {
 #pragma unroll
         for (int i = 0; i < XR / 4; ++i) {
           const int r = xm + 4 * i;
@@ -194,18 +168,17 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
     issue(slot == 0 ? S - 1 : slot - 1);  // tile j + S - 1
     cp_wait<S - 1>();
     __syncwarp();
-    if constexpr (CX) mbar_wait(xbar + 8 * slot, (j / S) & 1);  // both halves of the tile's x have landed
     fill(cur, slot, 0);
     if constexpr (XR > 0) {
       // Lane l addresses row 8 t + l % 8 (row 0 past M) of matrix l / 8: columns 8 (l / 8) (+ 32 for steps 2-3).
       const int q = lane >> 3;
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
-        const int r = t * 8 + (lane & 7), m = r < M ? r : 0, sw = CX ? 0 : m & 7;
+        const int r = t * 8 + (lane & 7), m = r < M ? r : 0, sw = m & 7;
         uint32_t b[4];
-        ldmatrix_x4(b, &xring[slot][m * XC + (q ^ sw)]);
+        ldmatrix_x4(b, &xring[slot][m * 8 + (q ^ sw)]);
         cur.xb[0][0][t][0] = b[0]; cur.xb[0][0][t][1] = b[1]; cur.xb[0][1][t][0] = b[2]; cur.xb[0][1][t][1] = b[3];
-        ldmatrix_x4(b, &xring[slot][m * XC + ((q + 4) ^ sw)]);
+        ldmatrix_x4(b, &xring[slot][m * 8 + ((q + 4) ^ sw)]);
         cur.xb[0][2][t][0] = b[0]; cur.xb[0][2][t][1] = b[1]; cur.xb[0][3][t][0] = b[2]; cur.xb[0][3][t][1] = b[3];
       }
     }
@@ -219,12 +192,6 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
       compute_chunk<true>(acc[rt], c, kt, kt + 1, xb, xo, K, hz, true, tig);
     }
     __syncwarp();  // every lane has read the slot before tile j + S refills it
-    if constexpr (CX) {
-      if (lane == 0) {  // and, with clusters, before the peer's copies into it
-        mbar_arrive(xbar + 8 * (S + slot));
-        mbar_arrive_remote(xbar + 8 * (S + slot), rank ^ 1u);
-      }
-    }
   };
 #pragma unroll
   for (int j = 0; j < S - 1; ++j) issue(j);
@@ -265,7 +232,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     if constexpr (Cfg::kRedInRing) {
       extern __shared__ __align__(16) uint4 v1_ring[];
       // warp w's x ring (the dynamic layout below puts the x rings first)
-      return reinterpret_cast<float*>(v1_ring + w * Cfg::kStages * Cfg::kXRows * Cfg::kXChunks)[r * (MT + 1) + c];
+      return reinterpret_cast<float*>(v1_ring + w * Cfg::kStages * Cfg::kXRows * 8)[r * (MT + 1) + c];
     } else {
       return red[w][r][c];
     }
@@ -277,21 +244,6 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
 
   const int tn = blockIdx.x * RT, n0 = tn * 16;  // the block's first row tile and row
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  // kClusterX: each warp's full and empty mbarrier per ring slot, initialized before either block of the cluster
-  // copies (the cluster barrier), and the cluster barrier again before exit (the peer may still arrive on ours).
-  constexpr bool CX = Cfg::kClusterX;
-  static_assert(!CX || (Cfg::kLean && Cfg::kDynRing), "clusters: the lean form of a dynamic ring");
-  __shared__ __align__(8) uint64_t xbar_s[CX ? W : 1][CX ? 2 * Cfg::kStages : 1];
-  uint32_t xbar = 0, xrank = 0;
-  if constexpr (CX) {
-    xbar = static_cast<uint32_t>(__cvta_generic_to_shared(&xbar_s[warp][0]));
-    xrank = cluster_rank();
-    if (lane == 0) {
-      for (int s = 0; s < Cfg::kStages; ++s) mbar_init(xbar + 8 * s, 1), mbar_init(xbar + 8 * (Cfg::kStages + s), 2);
-      fence_mbarrier_init_cluster();
-    }
-    cluster_sync_all();
-  }
   const int g = lane >> 2, tig = lane & 3;
   const int K = op.K, N = op.N, G = (op.K + op.group_size - 1) / op.group_size;
   const int Tk = (K + 63) >> 6;
@@ -402,20 +354,19 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     constexpr int XR = Cfg::kXRows, S = Cfg::kStages;
     using WSlots = uint4[S][RT * 32];
     using PSlots = uint32_t[S][RT * 16];
-    constexpr int XC = Cfg::kXChunks;
-    using XSlots = uint4[S][XR > 0 ? XR * XC : 1];
+    using XSlots = uint4[S][XR > 0 ? XR * 8 : 1];
     WSlots* wring;
     PSlots* pring;
     XSlots* xring;
     if constexpr (Cfg::kDynRing) {  // kRingBytes of dynamic shared memory: x, weights, scales and zeros
       extern __shared__ __align__(16) uint4 v1_ring[];
       xring = reinterpret_cast<XSlots*>(v1_ring);
-      wring = reinterpret_cast<WSlots*>(v1_ring + W * S * XR * XC);
-      pring = reinterpret_cast<PSlots*>(v1_ring + W * S * (XR * XC + RT * 32));
+      wring = reinterpret_cast<WSlots*>(v1_ring + W * S * XR * 8);
+      pring = reinterpret_cast<PSlots*>(v1_ring + W * S * (XR * 8 + RT * 32));
     } else {
       __shared__ __align__(16) uint4 wring_s[W][S][RT * 32];
       __shared__ __align__(16) uint32_t pring_s[W][S][RT * 16];
-      __shared__ __align__(16) uint4 xring_s[W][S][XR > 0 ? XR * XC : 1];
+      __shared__ __align__(16) uint4 xring_s[W][S][XR > 0 ? XR * 8 : 1];
       wring = wring_s;
       pring = pring_s;
       xring = xring_s;
@@ -424,9 +375,8 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     const bool x_ok = XR == 0 || (M <= XR && K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0);
     if (Cfg::kLean || (gi.same && pstep >= 0 && x_ok)) {
       const int nt = warp < Tf ? (Tf - warp + W - 1) / W : 0;
-      ring_sweep<S, XR, T, NT, kPrefetchX, RT, W, XC>(acc, wring[warp], pring[warp], xring[warp], nt, warp, lane,
+      ring_sweep<S, XR, T, NT, kPrefetchX, RT, W>(acc, wring[warp], pring[warp], xring[warp], nt, warp, lane,
                                                qtile, rt_q, sc, zp, rt_p, xb, xo, x, M, K, gi, pstep, g, tig,
-                                               xbar, xrank,
                                                [&] {
                                                  if constexpr (Cfg::kOrthoFirst) {
                                                    if (ortho) ortho_first();
@@ -507,7 +457,6 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     if (bias) y += Num<T>::f(bias[n]);
     out[static_cast<size_t>(m) * N + n] = Num<T>::from(y);
   }
-  if constexpr (CX) cluster_sync_all();
 }
 
 template <typename T>
@@ -580,54 +529,9 @@ cudaError_t launch_v1_ring(const Operands& op, const void* x, const void* bias, 
   return launch_v1_one<T, NT, typename Cfg::Lean>(op, x, bias, out, M, s);
 }
 
-// A kClusterX configuration: its lean form in clusters of two blocks where the call allows it (the ring takes it
-// whole, an even block count, sm_90, the cluster fits), else configuration `twin` (the same without clusters).
-template <typename T, int NT, class Cfg>
-cudaError_t launch_v1_cluster(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s,
-                              int twin) {
-  using L = typename Cfg::Lean;
-  constexpr auto kernel = fused_small_m_kernel<T, 4, NT, L>;
-  const int rows = 16 * Cfg::kRowTiles, blocks = (op.N + rows - 1) / rows;
-  if (!v1_lean() || !v1_lean_ok<Cfg>(op, x, M) || blocks % 2 != 0 || !device_info().cc90)
-    return launch_fused_small_m_cfg(op, x, bias, out, M, twin, s);
-  static bool allowed[64] = {};
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
-  if (!allowed[dev]) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kRingBytes);
-    if (err != cudaSuccess) return err;
-    allowed[dev] = true;
-  }
-  cudaLaunchAttribute attr[2] = {};
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 2;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(blocks);
-  cfg.blockDim = dim3(32 * Cfg::kBlockWarps);
-  cfg.dynamicSmemBytes = L::kRingBytes;
-  cfg.stream = s;
-  cfg.attrs = attr;
-  cfg.numAttrs = op.pdl ? 2 : 1;
-  err = cudaLaunchKernelEx(&cfg, kernel, op, static_cast<const T*>(x), static_cast<const T*>(bias),
-                           static_cast<T*>(out), M);
-  if (err != cudaSuccess) {  // the cluster did not fit
-    (void)cudaGetLastError();
-    return launch_fused_small_m_cfg(op, x, bias, out, M, twin, s);
-  }
-  ++v1_lean_launches();
-  ++v1_cluster_launches();
-  return cudaGetLastError();
-}
-
 // The largest M of each v1 configuration below (cuda.py V1_CONFIG_MAX_M mirrors it).
 constexpr int kV1CfgMaxM[] = {8, 8, 8, 8, 8, 8, 16, 16, 4, 8, 16, 8, 16, 4, 8, 8, 4, 4, 8, 4, 8, 8, 16, 4, 8, 4,
-                               32, 32, 32, 32, 64, 64, 32, 16, 16, 16, 32, 64};
+                               32, 32, 32, 32, 64, 64, 32};
 constexpr int kV1Cfgs = sizeof(kV1CfgMaxM) / sizeof(kV1CfgMaxM[0]);
 
 }  // namespace
@@ -638,8 +542,5 @@ cudaError_t launch_v1_cfg_hi(const Operands& op, const void* x, const void* bias
 // Configurations 26 and up, M 17-64 (v1_configs_m32.cu).
 cudaError_t launch_v1_cfg_m32(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
                               cudaStream_t s);
-// Configurations 33 and up, x shared by clusters of two blocks (v1_configs_cluster.cu).
-cudaError_t launch_v1_cfg_cluster(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
-                                  cudaStream_t s);
 
 }  // namespace libortho
