@@ -103,7 +103,7 @@ def parse_v1_lean(value: str) -> bool:
     raise ValueError(f"LIBORTHO_V1_LEAN={value!r}; expected on or off")
 
 
-V1_X_L1_DEFAULT = 2  # H200 2026-11-30, interleaved A/B: alpha 1 at M 1-2 median 0.97-0.98x the time; M = 16 ~1.1x
+V1_X_L1_DEFAULT = 2  # H200 2026-11-30: M 1-2 with 0.5-2 % ortho up to 8 % faster; M = 8 2-4 %, M = 16 ~10 % slower
 
 
 def parse_v1_x_l1(value: str) -> int:

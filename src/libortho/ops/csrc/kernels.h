@@ -57,9 +57,8 @@ bool v1_lean();
 // Lean launches so far, counted on the host (the tests check that the lean path really runs).
 int64_t& v1_lean_launches();
 // Up to which M v1's ring copies x's tiles through L1 when an ortho stream runs (default 2; 0: never). The stream's
-// gathers of x then hit L1 (H200, graphs of both settings replayed in turn: alpha 1 at M 1-2 over the six Llama
-// shapes and 0.5-5 % ortho median 0.97-0.98x the time, 0.93-1.01x); from M = 8 on the x tiles crowd L1 (M = 16:
-// ~10 % slower), and at alpha 0 nothing gathers x.
+// gathers of x then hit L1 (H200: M = 1-2 with 0.5-2 % ortho 2-8 % faster on four of the six Llama shapes); from
+// M = 8 on the x tiles crowd L1 (M = 16: 10 % slower), and at alpha 0 nothing gathers x.
 void set_v1_x_l1_max_m(int m);
 int v1_x_l1_max_m();
 
