@@ -55,7 +55,6 @@ bool operands(libortho::Operands& op, const at::Tensor& ref, const at::Tensor& q
   op.values = values.data_ptr();
   op.nnz = values.numel();
   op.col16 = col_idx.scalar_type() == at::kShort;
-  op.x_l1_max_m = libortho::v1_x_l1_max_m();
   op.alpha = static_cast<float>(alpha);
   op.bits = static_cast<int>(bits);
   op.group_size = static_cast<int>(std::min<int64_t>(group_size, K));
@@ -242,9 +241,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_v1_table", &set_v1_table, "replace that table; False (nothing changed) for an index its class cannot take");
   m.def("v1_lean", &libortho::v1_lean, "whether v1 ring calls the ring takes whole run the lean kernels");
   m.def("set_v1_lean", &libortho::set_v1_lean, "turn the lean kernels on or off");
-  m.def("v1_x_l1_max_m", &libortho::v1_x_l1_max_m, "up to which M v1's ring copies x's tiles through L1");
-  m.def("set_v1_x_l1_max_m", [](int64_t m) { libortho::set_v1_x_l1_max_m(static_cast<int>(std::clamp<int64_t>(m, 0, 64))); },
-        "set that M (0: never; clamped to 0-64)");
   m.def("v1_lean_launches", [] { return libortho::v1_lean_launches(); }, "lean v1 launches so far (tests)");
   m.def("fused_small_m_cfg", &fused_cfg, "v1 with a tuning configuration (INT4, M up to the configuration's 4-64; benchmarks/probes/v1_configs.py)");
   m.def("dequant_merge", &dequant_merge, "(W = deq(Q) + alpha S as a dense matrix, error code)");

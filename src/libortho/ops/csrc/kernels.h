@@ -21,7 +21,6 @@ struct Operands {
   const void* xt;          // v1 and the GEMM's ortho add only, or nullptr: x transposed, (K, xt_ld), rows padded with zeros
   int xt_ld;               // 2, 4, 8 or 16 (v1), 32 or 64 (ortho add): the ortho stream's rows of x for one column
   float* gemm_ws;          // gemm_sm90.cu only, or nullptr: split-K's fp32 (splits, M, N) workspace
-  int x_l1_max_m;          // v1's ring only: x's tiles through L1 (cp.async.ca) at M <= this with an ortho stream
 };
 
 // xt (K, ld) = x (M, K) transposed, columns M..ld-1 zero (ld = 2, 4, 8, 16, 32, 64 >= M), for the ortho
@@ -56,11 +55,6 @@ void set_v1_lean(bool on);
 bool v1_lean();
 // Lean launches so far, counted on the host (the tests check that the lean path really runs).
 int64_t& v1_lean_launches();
-// Up to which M v1's ring copies x's tiles through L1 when an ortho stream runs (default 2; 0: never). The stream's
-// gathers of x then hit L1 (H200: M = 1-2 with 0.5-2 % ortho 2-8 % faster on four of the six Llama shapes); from
-// M = 8 on the x tiles crowd L1 (M = 16: 10 % slower), and at alpha 0 nothing gathers x.
-void set_v1_x_l1_max_m(int m);
-int v1_x_l1_max_m();
 
 // The same product by the v2 decode kernel (cp.async stages, cluster split-K on sm_90, nnz-balanced ortho
 // rows); a misaligned buffer falls back to launch_fused_small_m.

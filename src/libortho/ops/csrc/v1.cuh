@@ -102,7 +102,7 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
                                   const int32_t* qtile, size_t rt_q, const T* sc, const T* zp, size_t rt_p,
                                   const uint32_t* xb,
                                   const int (&xo)[NT], const T* x, int M, int K, const GroupIndex& gi, int pstep,
-                                  int g, int tig, bool x_l1, OnFirst on_first) {
+                                  int g, int tig, OnFirst on_first) {
   static_assert(XR == 0 || (XR % 4 == 0 && XR <= 8 * NT && XR > 8 * (NT - 1)), "the x ring holds the kernel's rows");
   // Requests advance with running pointers and offsets (no index arithmetic per tile; pstep: see
   // ring_pstep). The sweep is unrolled over the ring (twice for an odd S), so every slot address is a
@@ -126,11 +126,7 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
 #pragma unroll
         for (int i = 0; i < XR / 4; ++i) {
           const int r = xm + 4 * i;
-          if (r < M) {
-            T* dst = reinterpret_cast<T*>(&xring[sn][r * 8 + (xc ^ (r & 7))]);
-            if (x_l1) cp_async16_l1(dst, xr + static_cast<size_t>(4 * i) * K, true);
-            else cp_async16(dst, xr + static_cast<size_t>(4 * i) * K, true);
-          }
+          if (r < M) cp_async16(&xring[sn][r * 8 + (xc ^ (r & 7))], xr + static_cast<size_t>(4 * i) * K, true);
         }
       }
     }
@@ -381,7 +377,6 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
       const int nt = warp < Tf ? (Tf - warp + W - 1) / W : 0;
       ring_sweep<S, XR, T, NT, kPrefetchX, RT, W>(acc, wring[warp], pring[warp], xring[warp], nt, warp, lane,
                                                qtile, rt_q, sc, zp, rt_p, xb, xo, x, M, K, gi, pstep, g, tig,
-                                               ortho && M <= op.x_l1_max_m,
                                                [&] {
                                                  if constexpr (Cfg::kOrthoFirst) {
                                                    if (ortho) ortho_first();
