@@ -203,51 +203,6 @@ def test_lean_ring_kernels_match_the_full_kernels_bit_for_bit(m, n, k, gs):
         ext.set_v1_lean(was)
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 8])
-def test_x_tiles_through_l1_or_not_give_the_same_bits(m):
-    """Up to M = v1_x_l1_max_m (default 2), with an ortho stream, v1's M <= 4 / 8 rings run kernels of their own that
-    copy x's tiles through L1 (lean forms, and the full forms of the ortho-first configurations 13-16): a cache hint,
-    so every x-ring configuration gives the same bits with the setting at 64 and at 0, at alpha 0 and 1, and the
-    float64 reference's; the L1 kernels run exactly where they should (counted launches)."""
-    ext = cuda_backend.extension()
-    n, k = 512, 1024
-    gen = torch.Generator(device="cuda").manual_seed(m + 7)
-    layer = make_layer(n, k, 4, 128, False, 0.02, torch.bfloat16, gen)
-    x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
-    was = ext.v1_x_l1_max_m()
-    assert was == cuda_backend.V1_X_L1_DEFAULT
-
-    def run(cfg, alpha, l1_max_m):
-        ext.set_v1_x_l1_max_m(l1_max_m)
-        poison_allocator()
-        before = ext.v1_x_l1_launches()
-        y = cuda_backend._checked(ext.fused_small_m_cfg(
-            x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values, None, alpha,
-            4, 128, n, k, cfg), f"config {cfg}")
-        torch.cuda.synchronize()
-        return y, ext.v1_x_l1_launches() - before
-    try:
-        for cfg in [c for c in X_RING_CONFIGS + WARPS_CONFIGS if m <= V1_CONFIG_MAX_M[c]]:
-            for alpha in (0.0, 1.0):
-                y, l1 = run(cfg, alpha, 64)
-                y0, l1_off = run(cfg, alpha, 0)
-                assert torch.equal(y, y0), (cfg, alpha)
-                assert l1_off == 0
-                assert l1 == (1 if alpha != 0 and V1_CONFIG_MAX_M[cfg] <= 8 else 0), (cfg, alpha, l1)
-                ref = reference64(layer, x, alpha) - layer.bias.double()
-                assert rel_err(y, ref) < TOL[torch.bfloat16], (cfg, alpha)
-        if m <= cuda_backend.V1_X_L1_DEFAULT:  # the default setting, through the layer's own dispatch
-            ext.set_v1_x_l1_max_m(was)
-            layer.alpha = 1.0
-            before = ext.v1_x_l1_launches()
-            y = layer(x)
-            torch.cuda.synchronize()
-            assert ext.v1_x_l1_launches() == before + 1
-            assert rel_err(y, reference64(layer, x, 1.0)) < TOL[torch.bfloat16]
-    finally:
-        ext.set_v1_x_l1_max_m(was)
-
-
 @pytest.mark.parametrize("n,k,gs", [(1000, 2048, 128), (4096, 4096, 128), (300, 576, -1), (2100, 4096, 256),
                                     (130, 1000, 64), (70, 4096, 32), (576, 576, 128)])  # the last: SmolLM2's
 def test_other_warp_counts_run_lean_or_as_eight_warps(n, k, gs):

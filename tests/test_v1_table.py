@@ -166,20 +166,3 @@ def test_parse_v1_lean(value, expected):
 def test_parse_v1_lean_names_what_is_wrong():
     with pytest.raises(ValueError, match="expected on or off"):
         cuda_backend.parse_v1_lean("sometimes")
-
-
-@pytest.mark.parametrize("value,expected", [("", 2), (" 0 ", 0), ("8", 8), ("64", 64)])
-def test_parse_v1_x_l1(value, expected):
-    assert cuda_backend.parse_v1_x_l1(value) == expected
-
-
-@pytest.mark.parametrize("value", ["65", "-1", "four", "2.5"])
-def test_parse_v1_x_l1_names_what_is_wrong(value):
-    with pytest.raises(ValueError, match="expected an M from 0"):
-        cuda_backend.parse_v1_x_l1(value)
-
-
-def test_the_x_l1_default_matches_the_kernel_source():
-    """v1.cu's g_v1_x_l1_max_m and cuda.py's default are the same M (the extension sets cuda.py's at load)."""
-    src = (Path(cuda_backend.__file__).parent / "csrc" / "v1.cu").read_text()
-    assert f"int g_v1_x_l1_max_m = {cuda_backend.V1_X_L1_DEFAULT};" in src

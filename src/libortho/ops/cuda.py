@@ -16,8 +16,6 @@
 * ``LIBORTHO_V1_LEAN=on|off`` (default on, read when the extension loads): INT4 v1 ring calls that the ring takes
   whole (64-column tiles, groups of 64-256 or one per row, aligned x) run the configuration's lean kernel,
   compiled without the fallback paths (a third to half of the code); :func:`set_v1_lean` from Python.
-* ``LIBORTHO_V1_X_L1=2`` (the default, read when the extension loads; 0-64): up to that M, with an ortho stream in
-  play, v1's ring copies x's tiles through L1, so that the stream's gathers of x hit L1; else L2 only.
 * M > 16: ``LIBORTHO_PREFILL=auto`` (the default; read at each call, :func:`set_prefill` from Python) runs calls
   of 17-32 tokens that v1's ring takes whole through v1 (its table's M <= 32 classes; an ortho stream in play, up to
   a measured nnz * M per weight, by the ortho add after it: :func:`use_v1_wide`), and those of 33-64 tokens on
@@ -101,19 +99,6 @@ def parse_v1_lean(value: str) -> bool:
     if v in ("off", "0"):
         return False
     raise ValueError(f"LIBORTHO_V1_LEAN={value!r}; expected on or off")
-
-
-V1_X_L1_DEFAULT = 2  # H200 2026-11-30, interleaved A/B: alpha 1 at M 1-2 median 0.97-0.98x the time; M = 16 ~1.1x
-
-
-def parse_v1_x_l1(value: str) -> int:
-    """$LIBORTHO_V1_X_L1 -> up to which M v1's ring copies x through L1; ValueError names what is wrong."""
-    v = value.strip()
-    if v == "":
-        return V1_X_L1_DEFAULT
-    if v.isdigit() and int(v) <= 64:
-        return int(v)
-    raise ValueError(f"LIBORTHO_V1_X_L1={value!r}; expected an M from 0 (never) to 64")
 
 
 def set_v1_lean(on: bool) -> None:
@@ -405,7 +390,6 @@ def build(verbose: bool = False):
     spec = parse_v1_table(os.environ.get("LIBORTHO_V1_CFG", ""))  # a bad value raises before the build
     xt_min = parse_ortho_xt(os.environ.get("LIBORTHO_ORTHO_XT", ""))
     lean = parse_v1_lean(os.environ.get("LIBORTHO_V1_LEAN", ""))
-    x_l1 = parse_v1_x_l1(os.environ.get("LIBORTHO_V1_X_L1", ""))
     gemm_cfg = parse_gemm_cfg(os.environ.get("LIBORTHO_GEMM_CFG", ""))
     try:
         from torch.utils.cpp_extension import load
@@ -423,7 +407,6 @@ def build(verbose: bool = False):
         _apply_v1_table(_state["ext"], spec)
     _state["ext"].set_ortho_xt_min(xt_min)
     _state["ext"].set_v1_lean(lean)
-    _state["ext"].set_v1_x_l1_max_m(x_l1)
     _state["ext"].set_gemm_cfg(gemm_cfg)
     return True
 

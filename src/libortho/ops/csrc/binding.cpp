@@ -241,11 +241,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_v1_table", &set_v1_table, "replace that table; False (nothing changed) for an index its class cannot take");
   m.def("v1_lean", &libortho::v1_lean, "whether v1 ring calls the ring takes whole run the lean kernels");
   m.def("set_v1_lean", &libortho::set_v1_lean, "turn the lean kernels on or off");
-  m.def("v1_x_l1_max_m", &libortho::v1_x_l1_max_m, "up to which M v1's ring copies x's tiles through L1");
-  m.def("set_v1_x_l1_max_m", [](int64_t m) { libortho::set_v1_x_l1_max_m(static_cast<int>(std::clamp<int64_t>(m, 0, 64))); },
-        "set that M (0: never; clamped to 0-64)");
   m.def("v1_lean_launches", [] { return libortho::v1_lean_launches(); }, "lean v1 launches so far (tests)");
-  m.def("v1_x_l1_launches", [] { return libortho::v1_x_l1_launches(); }, "v1 launches with x through L1 so far (tests)");
   m.def("fused_small_m_cfg", &fused_cfg, "v1 with a tuning configuration (INT4, M up to the configuration's 4-64; benchmarks/probes/v1_configs.py)");
   m.def("dequant_merge", &dequant_merge, "(W = deq(Q) + alpha S as a dense matrix, error code)");
   m.def("set_gemm_cfg", [](int64_t c) { return c >= -1 && c < libortho::kGemmCfgs && libortho::set_gemm_cfg(static_cast<int>(c)); },

@@ -82,16 +82,6 @@ __device__ inline void cp_async16(void* dst, const void* src, bool valid) {
 #endif
 }
 
-// The same through L1 (.ca, v1's x tiles at small M: Operands::x_l1_max_m).
-__device__ inline void cp_async16_l1(void* dst, const void* src, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
-#else
-  *static_cast<uint4*>(dst) = valid ? *static_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
-#endif
-}
-
 // 4 bytes to shared memory of which the first `src_bytes` (0..4) are read, the rest zero-filled.
 __device__ inline void cp_async4_part(void* dst, const void* src, int src_bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800

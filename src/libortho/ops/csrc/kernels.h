@@ -55,13 +55,6 @@ void set_v1_lean(bool on);
 bool v1_lean();
 // Lean launches so far, counted on the host (the tests check that the lean path really runs).
 int64_t& v1_lean_launches();
-// Up to which M (default 2; 0: never) v1's M <= 4 / 8 rings copy x's tiles through L1 when an ortho stream runs, so
-// that the stream's gathers of x hit L1; from M = 8 on the x tiles crowd L1 (M = 16: ~10 % slower), and at alpha 0
-// nothing gathers x. Kernels of their own (V1Cfg::XL1), so every other call's code is what it was; launches counted
-// for the tests.
-void set_v1_x_l1_max_m(int m);
-int v1_x_l1_max_m();
-int64_t& v1_x_l1_launches();
 
 // The same product by the v2 decode kernel (cp.async stages, cluster split-K on sm_90, nnz-balanced ortho
 // rows); a misaligned buffer falls back to launch_fused_small_m.

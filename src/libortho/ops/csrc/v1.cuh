@@ -34,8 +34,7 @@ namespace {
 // static per-warp sums array (R x (MT + 1) floats per warp, 66 KB at 32 rows and 64 tokens) does not count against
 // the 48 KB static limit and the ring can take more slots.
 template <int kU_, bool kPrefetchX_, int kMinBlocks_, int kStages_ = 0, int kXRows_ = 0, int kRowTiles_ = 1,
-          bool kOrthoFirst_ = false, bool kLean_ = false, int kBlockWarps_ = kWarps, bool kRedInRing_ = false,
-          bool kXL1_ = false>
+          bool kOrthoFirst_ = false, bool kLean_ = false, int kBlockWarps_ = kWarps, bool kRedInRing_ = false>
 struct V1Cfg {
   static constexpr int kU = kU_;
   static constexpr bool kPrefetchX = kPrefetchX_;
@@ -47,17 +46,11 @@ struct V1Cfg {
   static constexpr bool kLean = kLean_;
   static constexpr int kBlockWarps = kBlockWarps_;
   static constexpr bool kRedInRing = kRedInRing_;
-  static constexpr bool kXL1 = kXL1_;
   using Lean = V1Cfg<kU_, kPrefetchX_, kMinBlocks_, kStages_, kXRows_, kRowTiles_, kOrthoFirst_, true, kBlockWarps_,
                      kRedInRing_>;
-  // The same form with x's ring copies through L1 (launch_v1_ring: an ortho stream at M <= v1_x_l1_max_m()), as
-  // kernels of their own, so that every other form's code stays what it was.
-  using XL1 = V1Cfg<kU_, kPrefetchX_, kMinBlocks_, kStages_, kXRows_, kRowTiles_, kOrthoFirst_, kLean_, kBlockWarps_,
-                    kRedInRing_, true>;
   using Eight = V1Cfg<kU_, kPrefetchX_, kMinBlocks_, kStages_, kXRows_, kRowTiles_, kOrthoFirst_, false, kWarps,
                       kRedInRing_>;
   static_assert(!kLean_ || kStages_ > 0, "only the ring has a lean form");
-  static_assert(!kXL1_ || kXRows_ > 0, "x through L1: forms with an x ring only");
   static_assert(!kOrthoFirst_ || kStages_ > 0, "the ortho stream first needs the ring");
   static_assert(kRowTiles_ == 1 || (kRowTiles_ == 2 && kStages_ > 0), "two row tiles need the ring");
   static_assert(kBlockWarps_ == kWarps || kStages_ > 0, "other warp counts: the ring only");
@@ -109,7 +102,7 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
                                   const int32_t* qtile, size_t rt_q, const T* sc, const T* zp, size_t rt_p,
                                   const uint32_t* xb,
                                   const int (&xo)[NT], const T* x, int M, int K, const GroupIndex& gi, int pstep,
-                                  int g, int tig, bool x_l1, OnFirst on_first) {
+                                  int g, int tig, OnFirst on_first) {
   static_assert(XR == 0 || (XR % 4 == 0 && XR <= 8 * NT && XR > 8 * (NT - 1)), "the x ring holds the kernel's rows");
   // Requests advance with running pointers and offsets (no index arithmetic per tile; pstep: see
   // ring_pstep). The sweep is unrolled over the ring (twice for an odd S), so every slot address is a
@@ -133,11 +126,7 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
 #pragma unroll
         for (int i = 0; i < XR / 4; ++i) {
           const int r = xm + 4 * i;
-          if (r < M) {
-            T* dst = reinterpret_cast<T*>(&xring[sn][r * 8 + (xc ^ (r & 7))]);
-            if (x_l1) cp_async16_l1(dst, xr + static_cast<size_t>(4 * i) * K, true);
-            else cp_async16(dst, xr + static_cast<size_t>(4 * i) * K, true);
-          }
+          if (r < M) cp_async16(&xring[sn][r * 8 + (xc ^ (r & 7))], xr + static_cast<size_t>(4 * i) * K, true);
         }
       }
     }
@@ -388,7 +377,6 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
       const int nt = warp < Tf ? (Tf - warp + W - 1) / W : 0;
       ring_sweep<S, XR, T, NT, kPrefetchX, RT, W>(acc, wring[warp], pring[warp], xring[warp], nt, warp, lane,
                                                qtile, rt_q, sc, zp, rt_p, xb, xo, x, M, K, gi, pstep, g, tig,
-                                               Cfg::kXL1 && ortho,
                                                [&] {
                                                  if constexpr (Cfg::kOrthoFirst) {
                                                    if (ortho) ortho_first();
@@ -536,21 +524,6 @@ template <typename T, int NT, class Cfg>
 cudaError_t launch_v1_ring(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
   constexpr bool kOwnWarps = Cfg::kBlockWarps != kWarps;
   const bool lean = (kOwnWarps || !Cfg::kOrthoFirst) && v1_lean() && v1_lean_ok<Cfg>(op, x, M);
-  // With an ortho stream at M <= v1_x_l1_max_m(), the M <= 4 / 8 rings (what the table gives M <= 2) copy x through
-  // L1, where the stream's gathers find it: the lean form, or the full one of the ortho-first configurations.
-  if constexpr (Cfg::kXRows > 0 && Cfg::kXRows <= 8) {
-    if (M <= v1_x_l1_max_m() && op.alpha != 0.f && op.nnz > 0) {
-      if (lean) {
-        ++v1_x_l1_launches();
-        ++v1_lean_launches();
-        return launch_v1_one<T, NT, typename Cfg::Lean::XL1>(op, x, bias, out, M, s);
-      }
-      if constexpr (Cfg::kOrthoFirst && !kOwnWarps) {
-        ++v1_x_l1_launches();
-        return launch_v1_one<T, NT, typename Cfg::Eight::XL1>(op, x, bias, out, M, s);
-      }
-    }
-  }
   if (!lean) return launch_v1_one<T, NT, typename Cfg::Eight>(op, x, bias, out, M, s);
   ++v1_lean_launches();
   return launch_v1_one<T, NT, typename Cfg::Lean>(op, x, bias, out, M, s);
