@@ -142,9 +142,6 @@ X_RING_CONFIGS = (8, 9, 10, 11, 12, 13, 14, 15, 16, 23, 24, 25, 26, 27, 28, 29, 
 # 31-32: the sums in the ring)
 ORTHO_FIRST_CONFIGS = (13, 14, 15, 16)
 WARPS_CONFIGS = (17, 18, 19, 20, 21, 22)  # the x ring with 12 or 16 warps per block (lean only)
-# warps of their own for the ortho stream (lean only), and each one's twin: the same base without them
-ORTHO_WARPS_TWINS = {33: None, 34: None, 35: None, 36: 25, 37: None, 38: 20, 39: 18, 40: 10, 41: 12}
-ORTHO_WARPS_CONFIGS = tuple(ORTHO_WARPS_TWINS)
 
 
 @pytest.mark.parametrize("cfg", range(V1_CONFIGS))
@@ -163,8 +160,7 @@ def test_every_v1_configuration(cfg, n, k, gs, sym, dtype):
     ext = cuda_backend.extension()
     for m in [m for m in (1, 3, 4, 8, 9, 16, 17, 32, 33, 64) if m <= V1_CONFIG_MAX_M[cfg]]:
         x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
-        if cfg in X_RING_CONFIGS + WARPS_CONFIGS + ORTHO_WARPS_CONFIGS and m == 3:  # rows not 16-byte aligned: the
-            # x ring must step aside
+        if cfg in X_RING_CONFIGS + WARPS_CONFIGS and m == 3:  # rows not 16-byte aligned: the x ring must step aside
             x = torch.randn(m * k + 4, generator=gen, device="cuda").to(dtype)[4:].view(m, k)
         for alpha in (0.0, 1.0):
             poison_allocator()
@@ -233,55 +229,6 @@ def test_other_warp_counts_run_lean_or_as_eight_warps(n, k, gs):
                         assert ext.v1_lean_launches() - before == int(expect_lean), (cfg, m, lean, alpha)
                         ref = reference64(layer, x, alpha) - layer.bias.double()
                         assert rel_err(y, ref) < TOL[torch.bfloat16], (cfg, m, lean, alpha)
-    finally:
-        ext.set_v1_lean(was)
-
-
-def _cfg_call(ext, layer, x, alpha, cfg):
-    n, k = layer.out_features, layer.in_features
-    return cuda_backend._checked(ext.fused_small_m_cfg(
-        x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values, None, alpha, 4,
-        quant.effective_group_size(layer.group_size, k), n, k, cfg), f"config {cfg}")
-
-
-@pytest.mark.parametrize("n,k,gs,dense_rows", [(1000, 2048, 128, False), (4096, 4096, 128, True), (300, 576, -1, True),
-                                               (2100, 4096, 256, False), (130, 1000, 64, True), (70, 4096, 32, False)])
-def test_ortho_warps_run_lean_or_without_them(n, k, gs, dense_rows):
-    """Configurations 33-41 (warps of their own for the ortho stream) run their lean kernel where the call allows it
-    and otherwise, like with the lean kernels off, the same configuration without ortho warps; the float64 reference
-    either way, at alpha 0, 0.5, 1 and -1, with the sieve's entries or with empty rows and two very dense ones (the
-    ortho warps' runs then cross many rows and one row crosses all their lanes). At alpha 0 the ortho warps add
-    nothing: bit for bit the output of the other ortho-warp configuration with the same base (33 / 34) or of the
-    table configuration whose base it is."""
-    ext = cuda_backend.extension()
-    gen = torch.Generator(device="cuda").manual_seed(n + k + gs)
-    csr = None
-    if dense_rows:
-        from libortho.sieve import csr_from_indices
-        dense = torch.zeros(n, k, device="cuda")
-        dense[7] = torch.randn(k, generator=gen, device="cuda")
-        dense[n - 3, ::3] = torch.randn(len(range(0, k, 3)), generator=gen, device="cuda")
-        csr = csr_from_indices(dense, torch.nonzero(dense.reshape(-1)).reshape(-1), torch.bfloat16)
-    layer = make_layer(n, k, 4, gs, False, 0.0 if dense_rows else 0.03, torch.bfloat16, gen, csr=csr)
-    was = ext.v1_lean()
-    try:
-        for cfg, twin in ORTHO_WARPS_TWINS.items():
-            for m in sorted({1, 2, V1_CONFIG_MAX_M[cfg]}):
-                x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
-                for lean in (True, False):
-                    ext.set_v1_lean(lean)
-                    for alpha in (0.0, 0.5, 1.0, -1.0):
-                        poison_allocator()
-                        before = ext.v1_lean_launches()
-                        y = _cfg_call(ext, layer, x, alpha, cfg)
-                        expect_lean = lean and k % 64 == 0 and gs != 32
-                        assert ext.v1_lean_launches() - before == int(expect_lean), (cfg, m, lean, alpha)
-                        ref = reference64(layer, x, alpha) - layer.bias.double()
-                        assert rel_err(y, ref) < TOL[torch.bfloat16], (cfg, m, lean, alpha)
-                        if alpha == 0.0 and expect_lean:
-                            other = twin if twin is not None else {33: 34, 34: 33}.get(cfg)
-                            if other is not None and m <= V1_CONFIG_MAX_M[other]:
-                                assert torch.equal(y, _cfg_call(ext, layer, x, alpha, other)), (cfg, other, m)
     finally:
         ext.set_v1_lean(was)
 

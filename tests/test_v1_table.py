@@ -22,9 +22,9 @@ def test_parse_v1_table_accepts_classes_and_spaces():
 
 @pytest.mark.parametrize("spec,words", [("x=1", "not class=index"), ("tall_m4", "not class=index"),
                                         ("tall_m4=a", "must be an integer"), ("m16=3", "takes configurations 6, 7"),
-                                        ("short_m8=8", "takes configurations 0, 1, 2, 3, 4, 5, 9, 11, 14, 15, 18, 20, 21, 24, 35, 38, 39$"),
-                                        ("m16=9", "takes configurations 6, 7, 10, 12, 22, 40, 41$"),
-                                        ("short_m4=-1", "0, 1, 2, 3, 4, 5, 8, 9, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 23, 24, 25, 33, 34, 35, 36, 37, 38, 39$")])
+                                        ("short_m8=8", "takes configurations 0, 1, 2, 3, 4, 5, 9, 11, 14, 15, 18, 20, 21, 24$"),
+                                        ("m16=9", "takes configurations 6, 7, 10, 12, 22$"),
+                                        ("short_m4=-1", "0, 1, 2, 3, 4, 5, 8, 9, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 23, 24, 25$")])
 def test_parse_v1_table_names_what_is_wrong(spec, words):
     with pytest.raises(ValueError, match=words):
         cuda_backend.parse_v1_table(spec)

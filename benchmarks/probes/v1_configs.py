@@ -39,12 +39,7 @@ CONFIGS = ["kU2 pfx min2 (short grids)", "kU1 pfx min3 (tall grids)", "kU1 pfx m
            "ring4 min3 x-ring 32 rows", "ring3 min3 x-ring8 32 rows", "ring3 min3 x-ring 32 rows",  # 3 blocks per SM
            "m32 ring4 min1 x-ring32", "m32 ring3 min1 x-ring32 32 rows", "m32 ring2 min2 x-ring32",  # M <= 32
            "m32 ring3 min1 x-ring32", "m64 ring2 min1 x-ring64",  # M <= 64
-           "m64 ring2 min1 x-ring64 32 rows sums-in-ring", "m32 ring4 min1 x-ring32 32 rows sums-in-ring",
-           # ortho warps of their own (V1Cfg::kOrthoWarps), the stream beside the sweep
-           "ring4 min2 x-ring +2 ortho warps", "ring4 min2 x-ring +4 ortho warps", "ring4 min2 x-ring8 +2 ortho warps",
-           "ring3 min3 x-ring 32 rows +1 ortho warp", "ring3 min2 x-ring 32 rows +2 ortho warps",
-           "w16 ring4 min1 x-ring8 32 rows +2 ortho warps", "w12 ring4 min2 x-ring8 +2 ortho warps",
-           "m16 ring4 min2 x-ring16 +2 ortho warps", "m16 ring3 min2 x-ring16 32 rows +2 ortho warps"]
+           "m64 ring2 min1 x-ring64 32 rows sums-in-ring", "m32 ring4 min1 x-ring32 32 rows sums-in-ring"]
 MAX_M = list(cuda_ops.V1_CONFIG_MAX_M)
 assert len(MAX_M) == len(CONFIGS)
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 14336), (1024, 4096)]

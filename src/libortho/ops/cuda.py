@@ -65,7 +65,7 @@ V1_CLASSES = ("short_long_k", "short_m4", "short_m8", "tall_m4", "tall_m8", "m16
 # class: a class takes the configurations of its kernel (M <= 8, 16, 32 or 64: its n8 column blocks) that reach its
 # largest M.
 V1_CONFIG_MAX_M = ((8,) * 6 + (16,) * 2 + (4, 8, 16) + (8, 16) + (4, 8, 8, 4) + (4, 8, 4, 8, 8, 16) + (4, 8, 4)
-                   + (32,) * 4 + (64, 64, 32) + (4, 4, 8, 4, 4, 8, 8, 16, 16))
+                   + (32,) * 4 + (64, 64, 32))
 _V1_CLASS_MAX_M = {"short_long_k": 4, "short_m4": 4, "short_m8": 8, "tall_m4": 4, "tall_m8": 8, "m16": 16,
                    "m16_tall": 16, "tiny": 8, "m16_long_k": 16, "m32": 32, "m32_tiny": 32, "m64": 64}
 _V1_CLASS_CONFIGS = {c: tuple(i for i, mm in enumerate(V1_CONFIG_MAX_M) if mm >= cm and -(-mm // 8) == -(-cm // 8))

@@ -33,13 +33,8 @@ namespace {
 // sweep is done (no copy can still be landing there: the ring's last requests past the end are empty), so the
 // static per-warp sums array (R x (MT + 1) floats per warp, 66 KB at 32 rows and 64 tokens) does not count against
 // the 48 KB static limit and the ring can take more slots.
-// kOrthoWarps > 0 (ring only, lean only, not ortho-first): that many warps of the block's own run its ortho stream
-// from global memory while the kBlockWarps others sweep the base, so the stream's chain of dependent loads (row
-// pointers, then columns and values, then x) runs beside the sweep instead of before or after it. Where a call is not
-// lean, the same configuration runs without them, in full (launch_v1_ring).
 template <int kU_, bool kPrefetchX_, int kMinBlocks_, int kStages_ = 0, int kXRows_ = 0, int kRowTiles_ = 1,
-          bool kOrthoFirst_ = false, bool kLean_ = false, int kBlockWarps_ = kWarps, bool kRedInRing_ = false,
-          int kOrthoWarps_ = 0>
+          bool kOrthoFirst_ = false, bool kLean_ = false, int kBlockWarps_ = kWarps, bool kRedInRing_ = false>
 struct V1Cfg {
   static constexpr int kU = kU_;
   static constexpr bool kPrefetchX = kPrefetchX_;
@@ -51,17 +46,14 @@ struct V1Cfg {
   static constexpr bool kLean = kLean_;
   static constexpr int kBlockWarps = kBlockWarps_;
   static constexpr bool kRedInRing = kRedInRing_;
-  static constexpr int kOrthoWarps = kOrthoWarps_;
   using Lean = V1Cfg<kU_, kPrefetchX_, kMinBlocks_, kStages_, kXRows_, kRowTiles_, kOrthoFirst_, true, kBlockWarps_,
-                     kRedInRing_, kOrthoWarps_>;
+                     kRedInRing_>;
   using Eight = V1Cfg<kU_, kPrefetchX_, kMinBlocks_, kStages_, kXRows_, kRowTiles_, kOrthoFirst_, false, kWarps,
                       kRedInRing_>;
   static_assert(!kLean_ || kStages_ > 0, "only the ring has a lean form");
   static_assert(!kOrthoFirst_ || kStages_ > 0, "the ortho stream first needs the ring");
   static_assert(kRowTiles_ == 1 || (kRowTiles_ == 2 && kStages_ > 0), "two row tiles need the ring");
   static_assert(kBlockWarps_ == kWarps || kStages_ > 0, "other warp counts: the ring only");
-  static_assert(kOrthoWarps_ == 0 || (kStages_ > 0 && !kOrthoFirst_ && !kRedInRing_),
-                "ortho warps: a ring configuration that runs the ortho stream after its sweep, sums in red");
   // per warp and slot and row tile: 512 weight bytes, 64 bytes of scales and zeros; 128 bytes per row of x
   static constexpr int kRingSize = kBlockWarps_ * kStages_ * (kRowTiles_ * (512 + 64) + kXRows_ * 128);
   static constexpr bool kDynRing = kRingSize > 36 * 1024;
@@ -221,23 +213,21 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
 template <int NT> using V1Default = V1Cfg<NT == 1 ? 2 : 1, NT <= 2, 2>;
 
 template <typename T, int BITS, int NT, class Cfg = V1Default<NT>>
-__global__ void __launch_bounds__((Cfg::kBlockWarps + Cfg::kOrthoWarps) * 32, Cfg::kMinBlocks)
+__global__ void __launch_bounds__(Cfg::kBlockWarps * 32, Cfg::kMinBlocks)
 fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ out,
                      int M) {
   constexpr int W = Cfg::kBlockWarps;         // warps per block
   static_assert(W == kWarps || Cfg::kLean, "other warp counts: lean kernels only (the fallback sweep steps by kWarps)");
-  constexpr int E = Cfg::kOrthoWarps;        // warps W..W+E-1 run the ortho stream (kOrthoWarps), the others the base
-  static_assert(E == 0 || Cfg::kLean, "ortho warps: lean kernels only");
   constexpr int MT = NT * 8;                 // batch columns handled (padded)
   constexpr bool kPrefetchX = Cfg::kPrefetchX;  // activation fragments travel with the chunk
   constexpr int kU = Cfg::kU;                // K tiles per chunk; two chunks in flight (double buffer)
   // ortho entries a block stages in shared memory (rest: global); half with the x ring (configuration 8:
   // the 48 KB static limit; 9-10: less shared memory per block)
-  constexpr int kStage = E > 0 ? 2 * W : NT >= 8 || Cfg::kXRows > 0 ? 1024 : 2048;  // ortho warps: nothing staged
+  constexpr int kStage = NT >= 8 || Cfg::kXRows > 0 ? 1024 : 2048;
   constexpr int kStageW = kStage / W & ~1;  // per warp (even: values are staged in pairs)
   constexpr int RT = Cfg::kRowTiles, R = 16 * RT;  // row tiles and output rows of a block
   // per-warp partial sums (base, then + alpha * ortho): static, or each warp's x ring after its sweep (kRedInRing)
-  __shared__ float red[Cfg::kRedInRing ? 1 : W + E][R][MT + 1];
+  __shared__ float red[Cfg::kRedInRing ? 1 : W][R][MT + 1];
   auto sum_at = [&](int w, int r, int c) -> float& {
     if constexpr (Cfg::kRedInRing) {
       extern __shared__ __align__(16) uint4 v1_ring[];
@@ -247,7 +237,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
       return red[w][r][c];
     }
   };
-  __shared__ int rpw[W + E][R + 1];    // the block's row pointers, one copy per warp
+  __shared__ int rpw[W][R + 1];        // the block's row pointers, one copy per warp
   __shared__ int wmeta[W][3];           // the block's entry range and the warp's first staged entry
   __shared__ uint32_t st_col[W][kStageW];      // staged column indices (int16 pairs or int32)
   __shared__ uint32_t st_val[W][kStageW / 2];  // staged values (pairs)
@@ -272,8 +262,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   // first kStage of the block) are copied to shared memory by cp.async once both weight chunks are in
   // flight: no registers held through the main loop, no load left to wait for after it. Nothing before
   // that waits on a row pointer (the block's entry range is read inside the staging, see stage_ortho).
-  const bool ortho_in_play = op.alpha != 0.f && op.nnz > 0;
-  const bool ortho = ortho_in_play && (E == 0 || warp >= W);  // with ortho warps, the base warps never run it
+  const bool ortho = op.alpha != 0.f && op.nnz > 0;
   int my_rp = 0, my_rp_end = 0;  // row pointers n0 + lane (lanes 0..R) and, for R = 32, n0 + 32 (lane 0)
   const bool csr_aligned = (reinterpret_cast<uintptr_t>(op.col_idx) | reinterpret_cast<uintptr_t>(op.values)) % 4 == 0;
   if (ortho && lane <= R) my_rp = op.row_ptr[min(n0 + lane, N)];  // each warp keeps its own copy
@@ -341,140 +330,123 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     __syncwarp();
     ortho_done = staged = true;
   };
-  if constexpr (E > 0) {
-    if (warp >= W) {  // an ortho warp: its share of the block's entries, from global memory, into its own red slot
-      if (ortho) {
-        for (int i = lane; i < R * (MT + 1); i += 32) (&sum_at(warp, 0, 0))[i] = 0.f;
-        if (lane <= R) rpw[warp][lane] = my_rp;
-        if (R > 16 && lane == 0) rpw[warp][R] = my_rp_end;
-        __syncwarp();
-        const int e_lo = rpw[warp][0], e_hi = rpw[warp][R];
-        const int per = (e_hi - e_lo + E * 32 - 1) / (E * 32), t = (warp - W) * 32 + lane;
-        const int run_b = min(e_lo + t * per, e_hi), run_e = min(run_b + per, e_hi);
-        ortho_runs(run_b, run_e, [&](int e) { return col_at(op, e); },
-                   [&](int e) { return Num<T>::f(static_cast<const T*>(op.values)[e]); });
-      }
+  float acc[RT][NT][4];
+  // This lane's rows of x (batch rows t*8 + g; past M: row 0) as offsets, in 32-bit pairs, from xb.
+  const uint32_t* xb = reinterpret_cast<const uint32_t*>(x) + tig;
+  int xo[NT];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt) acc[rt][t][0] = acc[rt][t][1] = acc[rt][t][2] = acc[rt][t][3] = 0.f;
+    xo[t] = (t * 8 + g < M ? t * 8 + g : 0) * (K >> 1);
+  }
+
+  // Each warp sweeps the full K tiles warp, warp + kWarps, ... in chunks of kU tiles, loading the next
+  // chunk while it computes the current one (two register buffers, used in turn); a short last tile
+  // (K % 64 != 0) comes after the sweep, so the sweep needs no bounds checks.
+  constexpr int stride = kWarps * kU;
+  Chunk<T, BITS, NT, kU, kPrefetchX> ca, cb;
+  const bool hz = zp != nullptr;
+  const GroupIndex gi(op.group_size, K);
+  const int Tf = K >> 6;
+  bool swept = false;
+  if constexpr (Cfg::kStages > 0 && BITS == 4) {
+    constexpr int XR = Cfg::kXRows, S = Cfg::kStages;
+    using WSlots = uint4[S][RT * 32];
+    using PSlots = uint32_t[S][RT * 16];
+    using XSlots = uint4[S][XR > 0 ? XR * 8 : 1];
+    WSlots* wring;
+    PSlots* pring;
+    XSlots* xring;
+    if constexpr (Cfg::kDynRing) {  // kRingBytes of dynamic shared memory: x, weights, scales and zeros
+      extern __shared__ __align__(16) uint4 v1_ring[];
+      xring = reinterpret_cast<XSlots*>(v1_ring);
+      wring = reinterpret_cast<WSlots*>(v1_ring + W * S * XR * 8);
+      pring = reinterpret_cast<PSlots*>(v1_ring + W * S * (XR * 8 + RT * 32));
+    } else {
+      __shared__ __align__(16) uint4 wring_s[W][S][RT * 32];
+      __shared__ __align__(16) uint32_t pring_s[W][S][RT * 16];
+      __shared__ __align__(16) uint4 xring_s[W][S][XR > 0 ? XR * 8 : 1];
+      wring = wring_s;
+      pring = pring_s;
+      xring = xring_s;
+    }
+    const int pstep = ring_pstep<W>(gi);
+    const bool x_ok = XR == 0 || (M <= XR && K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0);
+    if (Cfg::kLean || (gi.same && pstep >= 0 && x_ok)) {
+      const int nt = warp < Tf ? (Tf - warp + W - 1) / W : 0;
+      ring_sweep<S, XR, T, NT, kPrefetchX, RT, W>(acc, wring[warp], pring[warp], xring[warp], nt, warp, lane,
+                                               qtile, rt_q, sc, zp, rt_p, xb, xo, x, M, K, gi, pstep, g, tig,
+                                               [&] {
+                                                 if constexpr (Cfg::kOrthoFirst) {
+                                                   if (ortho) ortho_first();
+                                                 } else if (!staged) {
+                                                   stage_ortho();
+                                                 }
+                                               });
+      swept = true;
     }
   }
-  if (E == 0 || warp < W) {  // the base (and, without ortho warps, the ortho stream)
-    float acc[RT][NT][4];
-    // This lane's rows of x (batch rows t*8 + g; past M: row 0) as offsets, in 32-bit pairs, from xb.
-    const uint32_t* xb = reinterpret_cast<const uint32_t*>(x) + tig;
-    int xo[NT];
+  // Without the ring (or for a short last tile) a block's row tiles are swept one after the other.
+#pragma unroll
+  for (int rt = 0; rt < (Cfg::kLean ? 0 : RT); ++rt) {
+    const int32_t* qt = qtile + rt * rt_q;
+    const T* st = sc + rt * rt_p;
+    const T* zt = zp ? zp + rt * rt_p : zp;
+    if (!swept && warp < Tf) load_chunk<true>(ca, warp, Tf, qt, st, zt, xb, xo, K, gi, g, tig);
+    for (int kt0 = warp; !swept && kt0 < Tf; kt0 += 2 * stride) {
+      if (kt0 + stride < Tf) load_chunk<true>(cb, kt0 + stride, Tf, qt, st, zt, xb, xo, K, gi, g, tig);
+      if (!staged) stage_ortho();
+      compute_chunk<true>(acc[rt], ca, kt0, Tf, xb, xo, K, hz, gi.same, tig);
+      if (kt0 + stride >= Tf) break;
+      if (kt0 + 2 * stride < Tf) load_chunk<true>(ca, kt0 + 2 * stride, Tf, qt, st, zt, xb, xo, K, gi, g, tig);
+      compute_chunk<true>(acc[rt], cb, kt0 + stride, Tf, xb, xo, K, hz, gi.same, tig);
+    }
+    if (Tf < Tk && warp == Tf % kWarps) {
+      Chunk<T, BITS, NT, 1, kPrefetchX> ct;
+      load_chunk<false>(ct, Tf, Tk, qt, st, zt, xb, xo, K, gi, g, tig);
+      compute_chunk<false>(acc[rt], ct, Tf, Tk, xb, xo, K, hz, gi.same, tig);
+    }
+  }
+
+  // C fragment: c0,c1 -> row g, batch columns 2*tig, 2*tig+1; c2,c3 -> row g+8. Added to the ortho sums
+  // when they came first, else stored.
+  const bool base_adds = Cfg::kOrthoFirst && (Cfg::kLean ? ortho : ortho_done);  // lean: the ring ran them
+  auto put = [&](float& slot, float v) { slot = base_adds ? slot + v : v; };
+  if constexpr (Cfg::kRedInRing) __syncwarp();  // every lane's last reads of the ring are done before it holds sums
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt) {
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
-#pragma unroll
-      for (int rt = 0; rt < RT; ++rt) acc[rt][t][0] = acc[rt][t][1] = acc[rt][t][2] = acc[rt][t][3] = 0.f;
-      xo[t] = (t * 8 + g < M ? t * 8 + g : 0) * (K >> 1);
+      put(sum_at(warp, rt * 16 + g, t * 8 + 2 * tig), acc[rt][t][0]);
+      put(sum_at(warp, rt * 16 + g, t * 8 + 2 * tig + 1), acc[rt][t][1]);
+      put(sum_at(warp, rt * 16 + g + 8, t * 8 + 2 * tig), acc[rt][t][2]);
+      put(sum_at(warp, rt * 16 + g + 8, t * 8 + 2 * tig + 1), acc[rt][t][3]);
     }
-
-    // Each warp sweeps the full K tiles warp, warp + kWarps, ... in chunks of kU tiles, loading the next
-    // chunk while it computes the current one (two register buffers, used in turn); a short last tile
-    // (K % 64 != 0) comes after the sweep, so the sweep needs no bounds checks.
-    constexpr int stride = kWarps * kU;
-    Chunk<T, BITS, NT, kU, kPrefetchX> ca, cb;
-    const bool hz = zp != nullptr;
-    const GroupIndex gi(op.group_size, K);
-    const int Tf = K >> 6;
-    bool swept = false;
-    if constexpr (Cfg::kStages > 0 && BITS == 4) {
-      constexpr int XR = Cfg::kXRows, S = Cfg::kStages;
-      using WSlots = uint4[S][RT * 32];
-      using PSlots = uint32_t[S][RT * 16];
-      using XSlots = uint4[S][XR > 0 ? XR * 8 : 1];
-      WSlots* wring;
-      PSlots* pring;
-      XSlots* xring;
-      if constexpr (Cfg::kDynRing) {  // kRingBytes of dynamic shared memory: x, weights, scales and zeros
-        extern __shared__ __align__(16) uint4 v1_ring[];
-        xring = reinterpret_cast<XSlots*>(v1_ring);
-        wring = reinterpret_cast<WSlots*>(v1_ring + W * S * XR * 8);
-        pring = reinterpret_cast<PSlots*>(v1_ring + W * S * (XR * 8 + RT * 32));
-      } else {
-        __shared__ __align__(16) uint4 wring_s[W][S][RT * 32];
-        __shared__ __align__(16) uint32_t pring_s[W][S][RT * 16];
-        __shared__ __align__(16) uint4 xring_s[W][S][XR > 0 ? XR * 8 : 1];
-        wring = wring_s;
-        pring = pring_s;
-        xring = xring_s;
-      }
-      const int pstep = ring_pstep<W>(gi);
-      const bool x_ok = XR == 0 || (M <= XR && K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0);
-      if (Cfg::kLean || (gi.same && pstep >= 0 && x_ok)) {
-        const int nt = warp < Tf ? (Tf - warp + W - 1) / W : 0;
-        ring_sweep<S, XR, T, NT, kPrefetchX, RT, W>(acc, wring[warp], pring[warp], xring[warp], nt, warp, lane,
-                                                 qtile, rt_q, sc, zp, rt_p, xb, xo, x, M, K, gi, pstep, g, tig,
-                                                 [&] {
-                                                   if constexpr (Cfg::kOrthoFirst) {
-                                                     if (ortho) ortho_first();
-                                                   } else if (!staged) {
-                                                     stage_ortho();
-                                                   }
-                                                 });
-        swept = true;
-      }
-    }
-    // Without the ring (or for a short last tile) a block's row tiles are swept one after the other.
-#pragma unroll
-    for (int rt = 0; rt < (Cfg::kLean ? 0 : RT); ++rt) {
-      const int32_t* qt = qtile + rt * rt_q;
-      const T* st = sc + rt * rt_p;
-      const T* zt = zp ? zp + rt * rt_p : zp;
-      if (!swept && warp < Tf) load_chunk<true>(ca, warp, Tf, qt, st, zt, xb, xo, K, gi, g, tig);
-      for (int kt0 = warp; !swept && kt0 < Tf; kt0 += 2 * stride) {
-        if (kt0 + stride < Tf) load_chunk<true>(cb, kt0 + stride, Tf, qt, st, zt, xb, xo, K, gi, g, tig);
-        if (!staged) stage_ortho();
-        compute_chunk<true>(acc[rt], ca, kt0, Tf, xb, xo, K, hz, gi.same, tig);
-        if (kt0 + stride >= Tf) break;
-        if (kt0 + 2 * stride < Tf) load_chunk<true>(ca, kt0 + 2 * stride, Tf, qt, st, zt, xb, xo, K, gi, g, tig);
-        compute_chunk<true>(acc[rt], cb, kt0 + stride, Tf, xb, xo, K, hz, gi.same, tig);
-      }
-      if (Tf < Tk && warp == Tf % kWarps) {
-        Chunk<T, BITS, NT, 1, kPrefetchX> ct;
-        load_chunk<false>(ct, Tf, Tk, qt, st, zt, xb, xo, K, gi, g, tig);
-        compute_chunk<false>(acc[rt], ct, Tf, Tk, xb, xo, K, hz, gi.same, tig);
-      }
-    }
-
-    // C fragment: c0,c1 -> row g, batch columns 2*tig, 2*tig+1; c2,c3 -> row g+8. Added to the ortho sums
-    // when they came first, else stored.
-    const bool base_adds = Cfg::kOrthoFirst && (Cfg::kLean ? ortho : ortho_done);  // lean: the ring ran them
-    auto put = [&](float& slot, float v) { slot = base_adds ? slot + v : v; };
-    if constexpr (Cfg::kRedInRing) __syncwarp();  // every lane's last reads of the ring are done before it holds sums
-#pragma unroll
-    for (int rt = 0; rt < RT; ++rt) {
-#pragma unroll
-      for (int t = 0; t < NT; ++t) {
-        put(sum_at(warp, rt * 16 + g, t * 8 + 2 * tig), acc[rt][t][0]);
-        put(sum_at(warp, rt * 16 + g, t * 8 + 2 * tig + 1), acc[rt][t][1]);
-        put(sum_at(warp, rt * 16 + g + 8, t * 8 + 2 * tig), acc[rt][t][2]);
-        put(sum_at(warp, rt * 16 + g + 8, t * 8 + 2 * tig + 1), acc[rt][t][3]);
-      }
-    }
-    if (!Cfg::kLean && !staged) stage_ortho();  // a warp without K tiles (the ring stages them for every warp)
-    if (ortho && !base_adds) {
-      // The warp adds alpha times its threads' runs into its own red slot, as soon as its sweep is done.
-      if (lane <= R) rpw[warp][lane] = my_rp;
-      if (R > 16 && lane == 0) rpw[warp][R] = my_rp_end;
-      cp_wait<0>();
-      __syncwarp();
-      const int e_lo = wmeta[warp][0], e_hi = wmeta[warp][1], st_base = wmeta[warp][2];
-      const int per = run_len(e_lo, e_hi);
-      const int run_b = min(e_lo + static_cast<int>(threadIdx.x) * per, e_hi), run_e = min(run_b + per, e_hi);
-      const int st_n = csr_aligned ? min(min(e_lo + (warp + 1) * 32 * per, e_hi) - st_base, kStageW) : 0;
-      auto entry_col = [&](int e) {
-        const int i = e - st_base;
-        if (i >= st_n) return col_at(op, e);
-        return op.col16 ? static_cast<int>(reinterpret_cast<const int16_t*>(st_col[warp])[i])
-                        : static_cast<int>(st_col[warp][i]);
-      };
-      auto entry_val = [&](int e) {
-        const int i = e - st_base;
-        return Num<T>::f(i < st_n ? reinterpret_cast<const T*>(st_val[warp])[i] : static_cast<const T*>(op.values)[e]);
-      };
-      ortho_runs(run_b, run_e, entry_col, entry_val);
-    }
-  }  // the base
+  }
+  if (!Cfg::kLean && !staged) stage_ortho();  // a warp without K tiles (the ring stages them for every warp)
+  if (ortho && !base_adds) {
+    // The warp adds alpha times its threads' runs into its own red slot, as soon as its sweep is done.
+    if (lane <= R) rpw[warp][lane] = my_rp;
+    if (R > 16 && lane == 0) rpw[warp][R] = my_rp_end;
+    cp_wait<0>();
+    __syncwarp();
+    const int e_lo = wmeta[warp][0], e_hi = wmeta[warp][1], st_base = wmeta[warp][2];
+    const int per = run_len(e_lo, e_hi);
+    const int run_b = min(e_lo + static_cast<int>(threadIdx.x) * per, e_hi), run_e = min(run_b + per, e_hi);
+    const int st_n = csr_aligned ? min(min(e_lo + (warp + 1) * 32 * per, e_hi) - st_base, kStageW) : 0;
+    auto entry_col = [&](int e) {
+      const int i = e - st_base;
+      if (i >= st_n) return col_at(op, e);
+      return op.col16 ? static_cast<int>(reinterpret_cast<const int16_t*>(st_col[warp])[i])
+                      : static_cast<int>(st_col[warp][i]);
+    };
+    auto entry_val = [&](int e) {
+      const int i = e - st_base;
+      return Num<T>::f(i < st_n ? reinterpret_cast<const T*>(st_val[warp])[i] : static_cast<const T*>(op.values)[e]);
+    };
+    ortho_runs(run_b, run_e, entry_col, entry_val);
+  }
   __syncthreads();
   for (int i = threadIdx.x; i < R * M; i += blockDim.x) {
     const int r = i & (R - 1), m = i >> (RT == 1 ? 4 : 5), n = n0 + r;
@@ -482,11 +454,6 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     float y = 0.f;
 #pragma unroll
     for (int w = 0; w < W; ++w) y += sum_at(w, r, m);
-    if constexpr (E > 0) {
-      if (ortho_in_play)
-#pragma unroll
-        for (int w = W; w < W + E; ++w) y += sum_at(w, r, m);
-    }
     if (bias) y += Num<T>::f(bias[n]);
     out[static_cast<size_t>(m) * N + n] = Num<T>::from(y);
   }
@@ -532,8 +499,7 @@ cudaError_t launch_v1_dyn(const Operands& op, const void* x, const void* bias, v
     if (err != cudaSuccess) return err;
     allowed[dev] = true;
   }
-  return launch_v1<T>(kernel, op, x, bias, out, M, s, Cfg::kRingBytes, 16 * Cfg::kRowTiles,
-                      Cfg::kBlockWarps + Cfg::kOrthoWarps);
+  return launch_v1<T>(kernel, op, x, bias, out, M, s, Cfg::kRingBytes, 16 * Cfg::kRowTiles, Cfg::kBlockWarps);
 }
 
 // Whether a call meets what the ring needs for the whole of it, on the host from the kernel's own checks
@@ -549,15 +515,14 @@ bool v1_lean_ok(const Operands& op, const void* x, int M) {
 template <typename T, int NT, class Cfg>
 cudaError_t launch_v1_one(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
   if constexpr (Cfg::kDynRing) return launch_v1_dyn<T, NT, Cfg>(op, x, bias, out, M, s);
-  else return launch_v1<T>(fused_small_m_kernel<T, 4, NT, Cfg>, op, x, bias, out, M, s, 0, 16 * Cfg::kRowTiles,
-                           Cfg::kBlockWarps + Cfg::kOrthoWarps);
+  else return launch_v1<T>(fused_small_m_kernel<T, 4, NT, Cfg>, op, x, bias, out, M, s, 0, 16 * Cfg::kRowTiles, Cfg::kBlockWarps);
 }
 
 // A ring configuration in its lean form where the call allows it (and v1_lean() is on), else in full (with
 // other warp counts than kWarps: the same configuration with kWarps, in full).
 template <typename T, int NT, class Cfg>
 cudaError_t launch_v1_ring(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
-  constexpr bool kOwnWarps = Cfg::kBlockWarps != kWarps || Cfg::kOrthoWarps > 0;
+  constexpr bool kOwnWarps = Cfg::kBlockWarps != kWarps;
   const bool lean = (kOwnWarps || !Cfg::kOrthoFirst) && v1_lean() && v1_lean_ok<Cfg>(op, x, M);
   if (!lean) return launch_v1_one<T, NT, typename Cfg::Eight>(op, x, bias, out, M, s);
   ++v1_lean_launches();
@@ -566,7 +531,7 @@ cudaError_t launch_v1_ring(const Operands& op, const void* x, const void* bias, 
 
 // The largest M of each v1 configuration below (cuda.py V1_CONFIG_MAX_M mirrors it).
 constexpr int kV1CfgMaxM[] = {8, 8, 8, 8, 8, 8, 16, 16, 4, 8, 16, 8, 16, 4, 8, 8, 4, 4, 8, 4, 8, 8, 16, 4, 8, 4,
-                               32, 32, 32, 32, 64, 64, 32, 4, 4, 8, 4, 4, 8, 8, 16, 16};
+                               32, 32, 32, 32, 64, 64, 32};
 constexpr int kV1Cfgs = sizeof(kV1CfgMaxM) / sizeof(kV1CfgMaxM[0]);
 
 }  // namespace
@@ -577,8 +542,5 @@ cudaError_t launch_v1_cfg_hi(const Operands& op, const void* x, const void* bias
 // Configurations 26 and up, M 17-64 (v1_configs_m32.cu).
 cudaError_t launch_v1_cfg_m32(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
                               cudaStream_t s);
-// Configurations 33 and up, ortho warps of their own (v1_configs_ortho.cu).
-cudaError_t launch_v1_cfg_ortho(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
-                                cudaStream_t s);
 
 }  // namespace libortho

@@ -23,7 +23,7 @@ cudaError_t fused_cfg_dispatch_m32(const Operands& op, const void* x, const void
     // with 32 rows and 2 slots (146 KB of ring), M <= 32 with 32 rows and 4 slots (164 KB)
     case 31: return launch_v1_ring<T, 8, V1Cfg<1, true, 1, 2, 64, 2, false, false, kWarps, true>>(op, x, bias, out, M, s);
     case 32: return launch_v1_ring<T, 4, V1Cfg<1, true, 1, 4, 32, 2, false, false, kWarps, true>>(op, x, bias, out, M, s);
-    default: return launch_v1_cfg_ortho(op, x, bias, out, M, cfg, s);  // v1_configs_ortho.cu
+    default: return cudaErrorInvalidValue;
   }
 }
 
