@@ -3,12 +3,6 @@
 #pragma once
 #include "common.cuh"
 
-// LIBORTHO_RING_ZFILL=1 (a build-time switch for an A/B, benchmarks/gpu_ab.sh): the ring's copies past a warp's last
-// tile are issued zero-filled instead of skipped by a branch.
-#ifndef LIBORTHO_RING_ZFILL
-#define LIBORTHO_RING_ZFILL 0
-#endif
-
 namespace libortho {
 namespace {
 
@@ -124,22 +118,15 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
   const int xm = lane >> 3, xc = lane & 7;
   const T* xr = XR > 0 ? x + static_cast<size_t>(xm) * K + warp * 64 + xc * 8 : nullptr;
   auto issue = [&](int sn) {
-#if LIBORTHO_RING_ZFILL
-    // Past the end the copies read nothing and zero-fill their slot (src-size 0), so no branch per tile.
-    const bool live = jn < nt;
-#else
-    constexpr bool live = true;
-    if (jn < nt)
-#endif
-    {
+    if (jn < nt) {
 #pragma unroll
-      for (int rt = 0; rt < RT; ++rt) cp_async16(&wring[sn][rt * 32 + lane], qn + rt * rt_q, live);
-      if (pcopy) cp_async16(&pring[sn][lane * 4], pbase, live);
+      for (int rt = 0; rt < RT; ++rt) cp_async16(&wring[sn][rt * 32 + lane], qn + rt * rt_q, true);
+      if (pcopy) cp_async16(&pring[sn][lane * 4], pbase, true);
       if constexpr (XR > 0) {
 #pragma unroll
         for (int i = 0; i < XR / 4; ++i) {
           const int r = xm + 4 * i;
-          if (r < M) cp_async16(&xring[sn][r * 8 + (xc ^ (r & 7))], xr + static_cast<size_t>(4 * i) * K, live);
+          if (r < M) cp_async16(&xring[sn][r * 8 + (xc ^ (r & 7))], xr + static_cast<size_t>(4 * i) * K, true);
         }
       }
     }
@@ -426,9 +413,6 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   // when they came first, else stored.
   const bool base_adds = Cfg::kOrthoFirst && (Cfg::kLean ? ortho : ortho_done);  // lean: the ring ran them
   auto put = [&](float& slot, float v) { slot = base_adds ? slot + v : v; };
-#if LIBORTHO_RING_ZFILL
-  if constexpr (Cfg::kRedInRing) cp_wait<0>();  // the zero-filled copies past the end have landed
-#endif
   if constexpr (Cfg::kRedInRing) __syncwarp();  // every lane's last reads of the ring are done before it holds sums
 #pragma unroll
   for (int rt = 0; rt < RT; ++rt) {
