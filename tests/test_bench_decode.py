@@ -176,6 +176,18 @@ def test_bench_decode_cli_json_schema(tmp_path, capsys):
     merged = json.loads((tmp_path / "m.json").read_text())
     assert [r["model"] for r in merged["rows"]] == ["tiny", "tiny", "tiny2", "tiny2"]
     assert set(merged["models"]) == {"tiny", "tiny2"} and "| tiny2 | 2 |" in (tmp_path / "m.md").read_text()
+    # rows of another mode (another run): each row then names its mode, the header every run's date
+    other["rows"] = [dict(r, model="tiny2", mode="compile") for r in other["rows"]]
+    other["date"] = "2026-01-02T00:00:00+00:00"
+    (tmp_path / "c.json").write_text(json.dumps(other))
+    main(["bench", "decode", "--merge", str(out), str(tmp_path / "c.json"), "--out", str(tmp_path / "mc.json")])
+    md = (tmp_path / "mc.md").read_text()
+    assert "| tiny (eager) | 1 |" in md and "| tiny2 (compile) | 2 |" in md and "mode per row" in md
+    assert "2026-01-02T00:00:00+00:00" in md.splitlines()[0] and res["date"] in md.splitlines()[0]
+    # the same (model, batch, mode) from two results is refused, and nothing is written
+    with pytest.raises(SystemExit, match=r"appear in more than one result"):
+        main(["bench", "decode", "--merge", str(out), str(out), "--out", str(tmp_path / "dup.json")])
+    assert not (tmp_path / "dup.json").exists()
 
 
 def test_bench_decode_fused_bf16_control(tmp_path, capsys):

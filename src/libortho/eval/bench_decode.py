@@ -887,9 +887,13 @@ def _gib(x) -> str:
 
 def summary(result: dict) -> str:
     f = lambda x, fmt="{:.1f}": "-" if x is None else fmt.format(x)  # noqa: E731
+    # a merged result may hold rows of several modes and runs: then each row names its mode, the header every date
+    per_row = len({r.get("mode") for r in result["rows"]}) > 1
+    mode = "per row (beside the model)" if per_row else result["protocol"]["mode"]
+    date = ", ".join(sorted(set(result.get("dates") or [result["date"]])))
     lines = [f"Decode, {result['card']}, torch {result['torch']}, transformers {result['transformers']}, "
-             f"{result['date']}; prompt {result['protocol']['prompt_len']} + {result['protocol']['new_tokens']} "
-             f"new tokens, greedy, static cache, mode {result['protocol']['mode']}, median of "
+             f"{date}; prompt {result['protocol']['prompt_len']} + {result['protocol']['new_tokens']} "
+             f"new tokens, greedy, static cache, mode {mode}, median of "
              f"{result['protocol']['reps']}. tokens/s over the whole batch (ms per decode step).", "",
              "| model | batch | bf16 tok/s (ms) | LibOrtho alpha=1 | alpha=0 | torch int4 | speed-up a=1 / a=0 / int4 "
              "| peak GiB bf16 / a=1 / a=0 / int4 |",
@@ -899,7 +903,8 @@ def summary(result: dict) -> str:
         sp = " / ".join(f(r[f"speedup_{v}"], "{:.2f}x") for v in ("alpha1", "alpha0", "int4"))
         mem = " / ".join("-" if r[f"{v}_peak_mem_bytes"] is None else f"{r[f'{v}_peak_mem_bytes'] / 2**30:.2f}"
                          for v in DEFAULT_VARIANTS)
-        lines.append(f"| {r['model']} | {r['batch']} | {cell('bf16')} | {cell('alpha1')} | {cell('alpha0')} | "
+        name = f"{r['model']} ({r.get('mode')})" if per_row else r["model"]
+        lines.append(f"| {name} | {r['batch']} | {cell('bf16')} | {cell('alpha1')} | {cell('alpha0')} | "
                      f"{cell('int4')} | {sp} | {mem} |")
     lines += ["", "| model | weight bytes of the linears: bf16 | LibOrtho (base + ortho) | base only | torch int4 "
               "| prefill ms (batch 1): bf16 / a=1 / a=0 / int4 | decompose s |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -950,6 +955,11 @@ def merge(paths, out) -> dict:
     for p in parts:
         result["rows"] += p["rows"]
         result["models"].update(p["models"])
+    keys = [(r["model"], r["batch"], r.get("mode")) for r in result["rows"]]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise SystemExit(f"refusing to merge: rows {twice} (model, batch, mode) appear in more than one result; "
+                         "merge one run per model and mode")
     out = Path(out)
     write_json(out, result)
     write_text(out.with_suffix(".md"), summary(result) + "\n")
