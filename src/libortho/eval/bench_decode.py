@@ -29,6 +29,7 @@ import math
 import os
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -955,8 +956,8 @@ def merge(paths, out) -> dict:
     for p in parts:
         result["rows"] += p["rows"]
         result["models"].update(p["models"])
-    keys = [(r["model"], r["batch"], r.get("mode")) for r in result["rows"]]
-    twice = sorted({k for k in keys if keys.count(k) > 1})
+    counts = Counter((r["model"], r["batch"], r.get("mode")) for r in result["rows"])
+    twice = sorted(k for k, c in counts.items() if c > 1)
     if twice:
         raise SystemExit(f"refusing to merge: rows {twice} (model, batch, mode) appear in more than one result; "
                          "merge one run per model and mode")
