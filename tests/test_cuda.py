@@ -176,8 +176,8 @@ def test_every_v1_configuration(cfg, n, k, gs, sym, dtype):
 def test_lean_ring_kernels_match_the_full_kernels_bit_for_bit(m, n, k, gs):
     """A ring configuration's lean kernel (no fallback paths; set_v1_lean) gives the full kernel's output bit for
     bit at alpha 0 and 1, and the float64 reference's within bf16 tolerance. The ortho-first configurations
-    (13-16) run their full kernel either way for now (v1.cuh launch_v1_ring), so for them this checks only
-    the reference and that no lean launch was counted; for the others the lean launches are counted."""
+    (13-16) run their full kernel either way above v1_lean_ortho_first_max_m (v1.cuh launch_v1_ring), so there this
+    checks only the reference and that no lean launch was counted; elsewhere the lean launches are counted."""
     ext = cuda_backend.extension()
     gen = torch.Generator(device="cuda").manual_seed(m * 31 + n)
     layer = make_layer(n, k, 4, gs, False, 0.02, torch.bfloat16, gen)
@@ -195,12 +195,46 @@ def test_lean_ring_kernels_match_the_full_kernels_bit_for_bit(m, n, k, gs):
             for alpha in (0.0, 1.0):
                 before = ext.v1_lean_launches()
                 y = run(cfg, alpha, True)
-                assert ext.v1_lean_launches() - before == (0 if cfg in ORTHO_FIRST_CONFIGS else 1), (cfg, alpha)
+                full_only = cfg in ORTHO_FIRST_CONFIGS and m > ext.v1_lean_ortho_first_max_m()
+                assert ext.v1_lean_launches() - before == (0 if full_only else 1), (cfg, alpha)
                 assert torch.equal(y, run(cfg, alpha, False)), (cfg, alpha)
                 ref = reference64(layer, x, alpha) - layer.bias.double()
                 assert rel_err(y, ref) < TOL[torch.bfloat16], (cfg, alpha)
     finally:
         ext.set_v1_lean(was)
+
+
+@pytest.mark.parametrize("m", [1, 2, 4])
+def test_ortho_first_lean_forms_below_their_m_limit(m):
+    """With set_v1_lean_ortho_first_max_m(4) the ortho-first configurations (13-16) run their lean kernels at M <= 4
+    (counted) and give their full kernels' output bit for bit at alpha 0 and 1 (empty rows and a very dense row in
+    the ortho stream), and the float64 reference's within bf16 tolerance."""
+    ext = cuda_backend.extension()
+    gen = torch.Generator(device="cuda").manual_seed(m + 7)
+    n, k = 2100, 4096
+    layer = make_layer(n, k, 4, 128, False, 0.0, torch.bfloat16, gen, csr=_merge_csr(n, k, 0.01, [37], gen, torch.bfloat16))
+    x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+    was = ext.v1_lean_ortho_first_max_m()
+
+    def run(cfg, alpha, limit):
+        ext.set_v1_lean_ortho_first_max_m(limit)
+        poison_allocator()
+        before = ext.v1_lean_launches()
+        y = cuda_backend._checked(ext.fused_small_m_cfg(
+            x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values, None, alpha,
+            4, layer.group_size, n, k, cfg), f"config {cfg}")
+        return y, ext.v1_lean_launches() - before
+    try:
+        for cfg in [c for c in ORTHO_FIRST_CONFIGS if m <= V1_CONFIG_MAX_M[c]]:
+            for alpha in (0.0, 1.0):
+                y, lean = run(cfg, alpha, 4)
+                y_full, lean_full = run(cfg, alpha, 0)
+                assert (lean, lean_full) == (1, 0), (cfg, alpha)
+                assert torch.equal(y, y_full), (cfg, alpha)
+                ref = reference64(layer, x, alpha) - layer.bias.double()
+                assert rel_err(y, ref) < TOL[torch.bfloat16], (cfg, alpha)
+    finally:
+        ext.set_v1_lean_ortho_first_max_m(was)
 
 
 @pytest.mark.parametrize("n,k,gs", [(1000, 2048, 128), (4096, 4096, 128), (300, 576, -1), (2100, 4096, 256),

@@ -241,6 +241,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_v1_table", &set_v1_table, "replace that table; False (nothing changed) for an index its class cannot take");
   m.def("v1_lean", &libortho::v1_lean, "whether v1 ring calls the ring takes whole run the lean kernels");
   m.def("set_v1_lean", &libortho::set_v1_lean, "turn the lean kernels on or off");
+  m.def("v1_lean_ortho_first_max_m", &libortho::v1_lean_ortho_first_max_m, "ortho-first configurations run lean up to this M");
+  m.def("set_v1_lean_ortho_first_max_m", &libortho::set_v1_lean_ortho_first_max_m, "set that M (0: never)");
   m.def("v1_lean_launches", [] { return libortho::v1_lean_launches(); }, "lean v1 launches so far (tests)");
   m.def("fused_small_m_cfg", &fused_cfg, "v1 with a tuning configuration (INT4, M up to the configuration's 4-64; benchmarks/probes/v1_configs.py)");
   m.def("dequant_merge", &dequant_merge, "(W = deq(Q) + alpha S as a dense matrix, error code)");

@@ -55,6 +55,10 @@ void set_v1_lean(bool on);
 bool v1_lean();
 // Lean launches so far, counted on the host (the tests check that the lean path really runs).
 int64_t& v1_lean_launches();
+// The ortho-first configurations (13-16) run lean only at M <= this (default 0: never; their lean forms waited longer
+// for their ring tiles at M 4-8, 2026-11-29), for a probe of M 1-2.
+void set_v1_lean_ortho_first_max_m(int m);
+int v1_lean_ortho_first_max_m();
 
 // The same product by the v2 decode kernel (cp.async stages, cluster split-K on sm_90, nnz-balanced ortho
 // rows); a misaligned buffer falls back to launch_fused_small_m.

@@ -523,7 +523,8 @@ cudaError_t launch_v1_one(const Operands& op, const void* x, const void* bias, v
 template <typename T, int NT, class Cfg>
 cudaError_t launch_v1_ring(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
   constexpr bool kOwnWarps = Cfg::kBlockWarps != kWarps;
-  const bool lean = (kOwnWarps || !Cfg::kOrthoFirst) && v1_lean() && v1_lean_ok<Cfg>(op, x, M);
+  const bool lean = (kOwnWarps || !Cfg::kOrthoFirst || M <= v1_lean_ortho_first_max_m()) && v1_lean() &&
+                    v1_lean_ok<Cfg>(op, x, M);
   if (!lean) return launch_v1_one<T, NT, typename Cfg::Eight>(op, x, bias, out, M, s);
   ++v1_lean_launches();
   return launch_v1_one<T, NT, typename Cfg::Lean>(op, x, bias, out, M, s);
