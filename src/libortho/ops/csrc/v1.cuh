@@ -83,53 +83,41 @@ __host__ __device__ inline int ring_pstep(const GroupIndex& gi) {
   return gi.shift >= 0 && ((kSpan >> gi.shift) << gi.shift) == kSpan ? (kSpan >> gi.shift) * 16 : -1;
 }
 
-// The copies that feed one warp's ring of S slots in shared memory: each slot holds a tile's 512 weight bytes (16 per
-// lane) and the 16 scales and 16 zeros of its group (tiles of one group only: the caller checks GroupIndex::same and
-// ring_pstep), and for XR > 0 (M <= XR) the tile's 64 columns of x's M rows (16-byte cp.async, XR / 4 per lane;
-// 16-byte chunks XOR-swizzled by row so ldmatrix reads them without bank conflicts; the caller checks that x rows
-// are 16-byte aligned). RT = 2: each slot also holds a second row tile (weights rt_q int32 and scales / zeros rt_p
-// elements after the first's; 0 when the block has only one). Requests advance with running pointers and offsets
-// (no index arithmetic per tile; pstep: see ring_pstep). prime() requests the first S - 1 tiles: the lean kernels
-// call it before the rest of their prologue, so that work runs under the first tiles' memory latency.
-template <int S, int XR, typename T, int RT, int W>
-struct RingFeed {
-  uint4 (*wring)[RT * 32];
-  uint32_t (*pring)[RT * 16];
-  uint4 (*xring)[XR > 0 ? XR * 8 : 1];
-  const int32_t* qn;
-  const T* pbase;
-  const T* xr;
-  size_t rt_q;
-  int nt, jn, pstep, M, K, lane, xm, xc;
-  bool pcopy;
-
-  __device__ void init(uint4 (&wr)[S][RT * 32], uint32_t (&pr)[S][RT * 16], uint4 (*xrg)[XR > 0 ? XR * 8 : 1],
-                       int nt_, int warp, int lane_, const int32_t* qtile, size_t rt_q_, const T* sc, const T* zp,
-                       size_t rt_p, const T* x, int M_, int K_, const GroupIndex& gi, int pstep_) {
-    wring = wr;
-    pring = pr;
-    xring = xrg;
-    nt = nt_;
-    jn = 0;
-    pstep = pstep_;
-    M = M_;
-    K = K_;
-    lane = lane_;
-    rt_q = rt_q_;
-    // lanes 4 rt + (0-1): row tile rt's 16 scales, 4 rt + (2-3): its 16 zeros (32 bytes each)
-    pbase = (RT == 1 ? lane : lane & 3) < 2 ? sc : zp;
-    pcopy = lane < 4 * RT && pbase != nullptr;
-    if (pcopy) pbase += (lane >> 2) * rt_p + (lane & 1) * 8 + gi.of(warp * 64) * 16;
-    qn = qtile + static_cast<size_t>(warp) * 32 * 4;
-    // x ring: lane (rows xm + 4 i, chunk xc) copies 16 bytes of a tile's columns of each of its rows r to
-    // chunk xc ^ (r % 8) of row r; xr points at row xm of the next tile, the other rows are 4 i K further.
-    xm = lane >> 3;
-    xc = lane & 7;
-    xr = XR > 0 ? x + static_cast<size_t>(xm) * K + warp * 64 + xc * 8 : nullptr;
-  }
-
-  // The next tile into slot sn (an empty group past the end keeps the count of pending groups uniform).
-  __device__ void issue(int sn) {
+// One warp's full INT4 tiles (warp, warp + W, ...; nt of them; W warps per block) through a ring of S slots in shared
+// memory: each slot holds the tile's 512 weight bytes (16 per lane) and the 16 scales and 16 zeros of its
+// group (tiles of one group only: the caller checks GroupIndex::same and ring_pstep). Tile j + S - 1 is
+// requested while tile j is computed, so S - 1 tiles are in flight with no registers held for them; x
+// fragments (L2 hits) are loaded one tile ahead into registers. `on_first` runs once, after the first
+// requests (the ortho staging, whose cp.async group then sits among the ring's: the waits stay correct, one
+// tile less deep).
+// XR > 0 (M <= XR <= 8 NT): the tile's 64 columns of x's M rows come through the ring too (16-byte
+// cp.async, XR / 4 per lane; 16-byte chunks XOR-swizzled by row so ldmatrix reads them without bank
+// conflicts) and are read back with two ldmatrix.x4 per n8 column block instead of 8 global loads; rows
+// past M read row 0. The caller checks that x rows are 16-byte aligned (K % 8 == 0, x aligned).
+// RT = 2: each slot also holds a second row tile (weights rt_q int32 and scales / zeros rt_p elements after
+// the first's; 0 when the block has only one), computed with the same x fragments.
+template <int S, int XR, typename T, int NT, bool kPrefetchX, int RT, int W, class OnFirst>
+__device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT * 32], uint32_t (&pring)[S][RT * 16],
+                                  uint4 (*xring)[XR > 0 ? XR * 8 : 1], int nt, int warp, int lane,
+                                  const int32_t* qtile, size_t rt_q, const T* sc, const T* zp, size_t rt_p,
+                                  const uint32_t* xb,
+                                  const int (&xo)[NT], const T* x, int M, int K, const GroupIndex& gi, int pstep,
+                                  int g, int tig, OnFirst on_first) {
+  static_assert(XR == 0 || (XR % 4 == 0 && XR <= 8 * NT && XR > 8 * (NT - 1)), "the x ring holds the kernel's rows");
+  // Requests advance with running pointers and offsets (no index arithmetic per tile; pstep: see
+  // ring_pstep). The sweep is unrolled over the ring (twice for an odd S), so every slot address is a
+  // constant offset.
+  // lanes 4 rt + (0-1): row tile rt's 16 scales, 4 rt + (2-3): its 16 zeros (32 bytes each)
+  const T* pbase = (RT == 1 ? lane : lane & 3) < 2 ? sc : zp;
+  const bool pcopy = lane < 4 * RT && pbase != nullptr;
+  if (pcopy) pbase += (lane >> 2) * rt_p + (lane & 1) * 8 + gi.of(warp * 64) * 16;
+  const int32_t* qn = qtile + static_cast<size_t>(warp) * 32 * 4;
+  int jn = 0;
+  // x ring: lane (rows xm + 4 i, chunk xc) copies 16 bytes of a tile's columns of each of its rows r to
+  // chunk xc ^ (r % 8) of row r; xr points at row xm of the next tile, the other rows are 4 i K further.
+  const int xm = lane >> 3, xc = lane & 7;
+  const T* xr = XR > 0 ? x + static_cast<size_t>(xm) * K + warp * 64 + xc * 8 : nullptr;
+  auto issue = [&](int sn) {
     if (jn < nt) {
 #pragma unroll
       for (int rt = 0; rt < RT; ++rt) cp_async16(&wring[sn][rt * 32 + lane], qn + rt * rt_q, true);
@@ -142,39 +130,12 @@ struct RingFeed {
         }
       }
     }
-    cp_commit();
+    cp_commit();  // an empty group past the end keeps the count of pending groups uniform
     ++jn;
     qn += W * 32 * 4;
     pbase += pstep;
     if constexpr (XR > 0) xr += W * 64;
-  }
-
-  __device__ void prime() {
-#pragma unroll
-    for (int j = 0; j < S - 1; ++j) issue(j);
-  }
-};
-
-struct NoFeed {};
-
-// One warp's full INT4 tiles (warp, warp + W, ...; feed.nt of them; W warps per block) through the ring `feed` fills
-// (feed.prime() has run: the kernel's prologue calls it): tile j + S - 1 is requested while tile j is computed, so
-// S - 1 tiles are in flight with no registers held for them; x fragments (L2 hits) are loaded one tile ahead into
-// registers, or with XR > 0 read from the ring with two ldmatrix.x4 per n8 column block instead of 8 global loads
-// (rows past M read row 0). `on_first` runs once, after the first requests (the ortho staging, whose cp.async group
-// then sits among the ring's: the waits stay correct, one tile less deep). RT = 2: the second row tile is computed
-// with the same x fragments.
-template <int S, int XR, typename T, int NT, bool kPrefetchX, int RT, int W, class OnFirst>
-__device__ inline void ring_sweep(float (&acc)[RT][NT][4], RingFeed<S, XR, T, RT, W>& feed, int warp,
-                                  int lane, const T* zp, const uint32_t* xb, const int (&xo)[NT], int M, int K,
-                                  int g, int tig, OnFirst on_first) {
-  static_assert(XR == 0 || (XR % 4 == 0 && XR <= 8 * NT && XR > 8 * (NT - 1)), "the x ring holds the kernel's rows");
-  // The sweep is unrolled over the ring (twice for an odd S), so every slot address is a constant offset.
-  const int nt = feed.nt;
-  auto& wring = feed.wring;
-  auto& pring = feed.pring;
-  auto& xring = feed.xring;
-  auto issue = [&](int sn) { feed.issue(sn); };
+  };
   const uint32_t* xn[NT];  // this lane's pairs of x at the next tile to fetch, per batch block
 #pragma unroll
   for (int t = 0; t < NT; ++t) xn[t] = xb + xo[t] + warp * 32;
@@ -232,6 +193,8 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], RingFeed<S, XR, T, RT
     }
     __syncwarp();  // every lane has read the slot before tile j + S refills it
   };
+#pragma unroll
+  for (int j = 0; j < S - 1; ++j) issue(j);
   on_first();
   Chunk<T, 4, NT, 1, kPrefetchX> ca, cb;  // used in turn (no register copies of the x fragments)
   if (nt > 0) load_x(ca);
@@ -292,43 +255,6 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   const T* zp = static_cast<const T*>(op.zeros);
   if (zp) zp += static_cast<size_t>(tn) * G * 16;
   if (op.pdl) pdl_prologue(op.qweight + static_cast<size_t>(tn) * Tk * 32 * BITS, Tk * 32 * BITS * 4 * rts);
-  const GroupIndex gi(op.group_size, K);
-  const int Tf = K >> 6;
-  // The ring's storage and its feed. When the ring takes the call (always, for the lean kernels) its first S - 1
-  // tiles are requested right here: the rest of the prologue then runs under those tiles' memory latency instead
-  // of before it.
-  constexpr bool kRing = Cfg::kStages > 0 && BITS == 4;
-  using Feed = std::conditional_t<kRing, RingFeed<kRing ? Cfg::kStages : 2, Cfg::kXRows, T, RT, W>, NoFeed>;
-  Feed feed;
-  bool ring = false;
-  if constexpr (kRing) {
-    constexpr int XR = Cfg::kXRows, S = Cfg::kStages;
-    using WSlots = uint4[S][RT * 32];
-    using PSlots = uint32_t[S][RT * 16];
-    using XSlots = uint4[S][XR > 0 ? XR * 8 : 1];
-    WSlots* wring;
-    PSlots* pring;
-    XSlots* xring;
-    if constexpr (Cfg::kDynRing) {  // kRingBytes of dynamic shared memory: x, weights, scales and zeros
-      extern __shared__ __align__(16) uint4 v1_ring[];
-      xring = reinterpret_cast<XSlots*>(v1_ring);
-      wring = reinterpret_cast<WSlots*>(v1_ring + W * S * XR * 8);
-      pring = reinterpret_cast<PSlots*>(v1_ring + W * S * (XR * 8 + RT * 32));
-    } else {
-      __shared__ __align__(16) uint4 wring_s[W][S][RT * 32];
-      __shared__ __align__(16) uint32_t pring_s[W][S][RT * 16];
-      __shared__ __align__(16) uint4 xring_s[W][S][XR > 0 ? XR * 8 : 1];
-      wring = wring_s;
-      pring = pring_s;
-      xring = xring_s;
-    }
-    const int nt = warp < Tf ? (Tf - warp + W - 1) / W : 0;
-    feed.init(wring[warp], pring[warp], xring[warp], nt, warp, lane, qtile, rt_q, sc, zp, rt_p, x, M, K, gi,
-              ring_pstep<W>(gi));
-    const bool x_ok = XR == 0 || (M <= XR && K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0);
-    ring = Cfg::kLean || (gi.same && feed.pstep >= 0 && x_ok);
-    if (ring) feed.prime();
-  }
 
   // The ortho stream (skipped entirely when alpha == 0, the kill switch). The tile's entries are
   // flattened and cut into equal contiguous runs, one per thread, whatever the row lengths (a dense
@@ -421,17 +347,43 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   constexpr int stride = kWarps * kU;
   Chunk<T, BITS, NT, kU, kPrefetchX> ca, cb;
   const bool hz = zp != nullptr;
+  const GroupIndex gi(op.group_size, K);
+  const int Tf = K >> 6;
   bool swept = false;
-  if constexpr (kRing) {
-    if (ring) {
-      ring_sweep<Cfg::kStages, Cfg::kXRows, T, NT, kPrefetchX, RT, W>(acc, feed, warp, lane, zp, xb, xo, M,
-                                                                      K, g, tig, [&] {
-                                                                        if constexpr (Cfg::kOrthoFirst) {
-                                                                          if (ortho) ortho_first();
-                                                                        } else if (!staged) {
-                                                                          stage_ortho();
-                                                                        }
-                                                                      });
+  if constexpr (Cfg::kStages > 0 && BITS == 4) {
+    constexpr int XR = Cfg::kXRows, S = Cfg::kStages;
+    using WSlots = uint4[S][RT * 32];
+    using PSlots = uint32_t[S][RT * 16];
+    using XSlots = uint4[S][XR > 0 ? XR * 8 : 1];
+    WSlots* wring;
+    PSlots* pring;
+    XSlots* xring;
+    if constexpr (Cfg::kDynRing) {  // kRingBytes of dynamic shared memory: x, weights, scales and zeros
+      extern __shared__ __align__(16) uint4 v1_ring[];
+      xring = reinterpret_cast<XSlots*>(v1_ring);
+      wring = reinterpret_cast<WSlots*>(v1_ring + W * S * XR * 8);
+      pring = reinterpret_cast<PSlots*>(v1_ring + W * S * (XR * 8 + RT * 32));
+    } else {
+      __shared__ __align__(16) uint4 wring_s[W][S][RT * 32];
+      __shared__ __align__(16) uint32_t pring_s[W][S][RT * 16];
+      __shared__ __align__(16) uint4 xring_s[W][S][XR > 0 ? XR * 8 : 1];
+      wring = wring_s;
+      pring = pring_s;
+      xring = xring_s;
+    }
+    const int pstep = ring_pstep<W>(gi);
+    const bool x_ok = XR == 0 || (M <= XR && K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0);
+    if (Cfg::kLean || (gi.same && pstep >= 0 && x_ok)) {
+      const int nt = warp < Tf ? (Tf - warp + W - 1) / W : 0;
+      ring_sweep<S, XR, T, NT, kPrefetchX, RT, W>(acc, wring[warp], pring[warp], xring[warp], nt, warp, lane,
+                                               qtile, rt_q, sc, zp, rt_p, xb, xo, x, M, K, gi, pstep, g, tig,
+                                               [&] {
+                                                 if constexpr (Cfg::kOrthoFirst) {
+                                                   if (ortho) ortho_first();
+                                                 } else if (!staged) {
+                                                   stage_ortho();
+                                                 }
+                                               });
       swept = true;
     }
   }
