@@ -22,13 +22,19 @@ def sections(text: str) -> list[list[dict]]:
     return [list(csv.DictReader(io.StringIO(part.split("\n", 1)[1]))) for part in text.split('"Kernel Name"')[1:]]
 
 
+def reasons(rows: list[dict], n: int) -> str:
+    """The n largest stall reasons summed over rows, as 'reason samples, ...'."""
+    total: dict[str, float] = {}
+    for r in rows:
+        for k, v in r.items():
+            if k and k.startswith("stall_") and "Not Issued" not in k:
+                total[k[6:]] = total.get(k[6:], 0.0) + num(v)
+    return ", ".join(f"{k} {v:.0f}" for k, v in sorted(total.items(), key=lambda kv: -kv[1])[:n] if v)
+
+
 def top(rows: list[dict], n: int) -> list[str]:
-    out = []
-    for r in sorted(rows, key=lambda r: -num(r[SAMPLES]))[:n]:
-        reasons = {k: num(v) for k, v in r.items() if k and k.startswith("stall_") and "Not Issued" not in k}
-        best = ", ".join(f"{k[6:]} {v:.0f}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])[:3] if v)
-        out.append(f"{num(r[SAMPLES]):6.0f}  ex {num(r['Instructions Executed']):8.0f}  {r['Source'].strip()[:58]:58}  {best}")
-    return out
+    return [f"{num(r[SAMPLES]):6.0f}  ex {num(r['Instructions Executed']):8.0f}  {r['Source'].strip()[:58]:58}  "
+            f"{reasons([r], 3)}" for r in sorted(rows, key=lambda r: -num(r[SAMPLES]))[:n]]
 
 
 def main() -> None:

@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import statistics
 
 import torch
 
-from libortho.eval.bench_kernels import _capture, _clone_layer, _copies, _layer_bytes, _layer_call, _ortho_layer
+from libortho.eval.bench_kernels import (_capture, _clone_layer, _copies, _layer_bytes, _layer_call, _ortho_layer,
+                                         time_graphs)
 from libortho.ops import cuda as cuda_ops
 
 
@@ -59,13 +59,7 @@ def main() -> None:
                             lean = ext.v1_lean_launches() > before
                             graphs.append((v, lean, _capture([_layer_call(c, x, alpha) for c in copies], calls)))
                         same = all(torch.equal(outs[0], o) for o in outs[1:])
-                        times = {v: [] for v, _, _ in graphs}
-                        for _ in range(a.rounds):
-                            for v, _, g in graphs:
-                                b, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                                b.record(); g.replay(); e.record(); torch.cuda.synchronize()
-                                times[v].append(b.elapsed_time(e) * 1e3 / calls)
-                        med = {v: statistics.median(t) for v, t in times.items()}
+                        med = dict(zip(a.values, time_graphs([g for _, _, g in graphs], a.rounds, calls)))
                         rows.append({"N": n, "K": k, "M": m, "density": d, "alpha": alpha, "same_bits": same,
                                      "lean": {str(v): ln for v, ln, _ in graphs}, "us": {str(v): t for v, t in med.items()}})
                         base = med[a.values[0]]

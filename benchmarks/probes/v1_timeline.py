@@ -7,7 +7,11 @@ times, the run of median span kept; next to it the same call's time in the kerne
     PYTHONPATH=src python benchmarks/probes/v1_timeline.py benchmarks/results/v1-timeline-<card>.json
     git apply -R benchmarks/probes/v1_timeline.patch
 """
-import json, os, sys, statistics
+import json
+import os
+import statistics
+import sys
+
 import torch
 from libortho.eval.bench_kernels import _ortho_layer, _layer_call, time_rotating, _clone_layer, _copies, _layer_bytes
 from libortho.ops import cuda
@@ -25,6 +29,25 @@ RAW = os.environ.get("RAW") == "1"  # also keep each warp's stamps of the median
 def q(v, p):
     v = sorted(v)
     return v[min(len(v) - 1, int(p * (len(v) - 1) + 0.5))]
+
+
+def warp_stats(v):
+    """Quantiles over the warps of one run's stamps (rows: warps; columns as in the module docstring), in ns."""
+    t, c = v[:, :6].double(), v[:, 8:14].double()
+    t0 = t[:, 0].min()
+    qs = lambda x, ps: [float(q(x.tolist(), p)) for p in ps]  # noqa: E731
+    return {"warps": len(v), "span_ns": float(t[:, 5].max() - t0),
+            "start": qs(t[:, 0] - t0, (0.5, 0.9, 1.0)),
+            "setup": float(statistics.median((t[:, 1] - t[:, 0]).tolist())),
+            "first": qs(t[:, 2] - t[:, 1], (0.1, 0.5, 0.9)),
+            "sweep": qs(t[:, 3] - t[:, 2], (0.1, 0.5, 0.9, 1.0)),
+            "sweep_cyc": qs(c[:, 3] - c[:, 2], (0.1, 0.5, 0.9)),
+            "bar": qs(t[:, 4] - t[:, 3], (0.5, 0.9)),
+            "epi": qs(t[:, 5] - t[:, 4], (0.5, 0.9)),
+            "end": qs(t[:, 5] - t0, (0.1, 0.5, 0.9, 1.0)),
+            "sweep_start_end": qs(t[:, 3] - t0, (0.5, 0.9, 1.0)),
+            "sms": int(v[:, 7].unique().numel()),
+            "warps_per_sm_max": int(torch.bincount(v[:, 7]).max())}
 
 
 def call(lay, x, a, cfg):
@@ -47,47 +70,35 @@ for n, k in SHAPES:
                 continue
             f = call(lay, x, a, cfg)
             try:
-                f(); torch.cuda.synchronize()
+                f()
+                torch.cuda.synchronize()
             except Exception as e:  # noqa: BLE001
-                print("skip", n, k, cfg, e); continue
+                print("skip", n, k, cfg, e)
+                continue
             # graph timing with the timeline off (same harness as the kernel bench)
             nq = _copies(_layer_bytes(lay, a))
             cs = [lay] + [_clone_layer(lay) for _ in range(nq - 1)]
             t_graph = time_rotating([call(c, x, a, cfg) for c in cs], 10, max(2 * nq, 24))
             del cs
             reps = []
-            for rep in range(9):
-                tl.zero_(); flush.max(); torch.cuda.synchronize()
-                ext.set_timeline(tl); f(); ext.set_timeline(none); torch.cuda.synchronize()
+            for _ in range(9):
+                tl.zero_()
+                flush.max()  # evicts L2
+                torch.cuda.synchronize()
+                ext.set_timeline(tl)
+                f()
+                ext.set_timeline(none)
+                torch.cuda.synchronize()
                 v = tl.view(-1, 16).cpu()
-                v = v[v[:, 0] != 0]
-                reps.append(v)
-            stats = []
-            for ri, v in enumerate(reps):
-                t = v[:, :6].double(); c = v[:, 8:14].double(); T0 = t[:, 0].min()
-                st = {"warps": len(v), "span_ns": float(t[:, 5].max() - T0),
-                      "start": [float(q((t[:, 0] - T0).tolist(), p)) for p in (0.5, 0.9, 1.0)],
-                      "setup": float(statistics.median((t[:, 1] - t[:, 0]).tolist())),
-                      "first": [float(q((t[:, 2] - t[:, 1]).tolist(), p)) for p in (0.1, 0.5, 0.9)],
-                      "sweep": [float(q((t[:, 3] - t[:, 2]).tolist(), p)) for p in (0.1, 0.5, 0.9, 1.0)],
-                      "sweep_cyc": [float(q((c[:, 3] - c[:, 2]).tolist(), p)) for p in (0.1, 0.5, 0.9)],
-                      "bar": [float(q((t[:, 4] - t[:, 3]).tolist(), p)) for p in (0.5, 0.9)],
-                      "epi": [float(q((t[:, 5] - t[:, 4]).tolist(), p)) for p in (0.5, 0.9)],
-                      "end": [float(q((t[:, 5] - T0).tolist(), p)) for p in (0.1, 0.5, 0.9, 1.0)],
-                      "sweep_start_end": [float(q((t[:, 3] - T0).tolist(), p)) for p in (0.5, 0.9, 1.0)],
-                      "sms": int(v[:, 7].unique().numel()),
-                      "warps_per_sm_max": int(torch.bincount(v[:, 7]).max())}
-                if RAW:
-                    st["raw"] = {"t": (t[:, :6] - T0).long().tolist(), "cyc": (c[:, :6] - c[:, :1]).long().tolist(),
-                                 "sm": v[:, 7].tolist()}
-                stats.append(st)
-            stats.sort(key=lambda s: s["span_ns"])
-            med = stats[len(stats) // 2]
-            case = {"N": n, "K": k, "density": d, "alpha": a, "cfg": cfg, "graph_us": t_graph, "median_rep": med,
-                    "spans": [s["span_ns"] for s in stats]}
-            out["cases"].append(case)
-            for s_ in stats:
-                s_.pop("raw", None) if s_ is not med else None
+                reps.append(v[v[:, 0] != 0])
+            stats = [warp_stats(v) for v in reps]
+            mid = sorted(range(len(stats)), key=lambda i: stats[i]["span_ns"])[len(stats) // 2]
+            med = stats[mid]
+            if RAW:  # each warp's stamps of the median run, relative to its first start
+                t, c = reps[mid][:, :6], reps[mid][:, 8:14]
+                med["raw"] = {"t": (t - t[:, 0].min()).tolist(), "cyc": (c - c[:, :1]).tolist(), "sm": reps[mid][:, 7].tolist()}
+            out["cases"].append({"N": n, "K": k, "density": d, "alpha": a, "cfg": cfg, "graph_us": t_graph,
+                                 "median_rep": med, "spans": sorted(s["span_ns"] for s in stats)})
             print(f"{n}x{k} a={a} cfg={cfg}: graph {t_graph:.2f} us; span {med['span_ns']:.0f} ns; warps {med['warps']} sms {med['sms']} "
                   f"maxw/sm {med['warps_per_sm_max']}; start p50/p90/max {med['start']}; setup {med['setup']:.0f}; "
                   f"first p10/50/90 {med['first']}; sweep p10/50/90/max {med['sweep']} cyc {med['sweep_cyc']}; "

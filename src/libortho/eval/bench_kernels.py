@@ -88,7 +88,11 @@ def _capture(fns, calls: int):
 def time_interleaved(groups, replays: int, calls: int) -> list[float]:
     """Median microseconds per call for each list of functions in ``groups``: one graph per list, the
     graphs replayed in turn (round robin) so that slow drifts of the clocks hit every list alike."""
-    graphs = [_capture(fns, calls) for fns in groups]
+    return time_graphs([_capture(fns, calls) for fns in groups], replays, calls)
+
+
+def time_graphs(graphs, replays: int, calls: int) -> list[float]:
+    """Median microseconds per call of each captured graph of ``calls`` calls, the graphs replayed in turn."""
     times = [[] for _ in graphs]
     for _ in range(replays):
         for g, t in zip(graphs, times):
@@ -98,7 +102,6 @@ def time_interleaved(groups, replays: int, calls: int) -> list[float]:
             e.record()
             torch.cuda.synchronize()
             t.append(s.elapsed_time(e) * 1e3 / calls)
-    del graphs
     return [statistics.median(t) for t in times]
 
 
