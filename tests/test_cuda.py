@@ -142,6 +142,7 @@ X_RING_CONFIGS = (8, 9, 10, 11, 12, 13, 14, 15, 16, 23, 24, 25, 26, 27, 28, 29, 
 # 31-32: the sums in the ring)
 ORTHO_FIRST_CONFIGS = (13, 14, 15, 16)
 WARPS_CONFIGS = (17, 18, 19, 20, 21, 22)  # the x ring with 12 or 16 warps per block (lean only)
+ROW_PAIR_CONFIGS = (11, 12, 20, 21, 22, 23, 24, 25, 27, 31, 32)  # two row tiles per block, lean (15 runs in full)
 
 
 @pytest.mark.parametrize("cfg", range(V1_CONFIGS))
@@ -177,12 +178,15 @@ def test_lean_ring_kernels_match_the_full_kernels_bit_for_bit(m, n, k, gs):
     """A ring configuration's lean kernel (no fallback paths; set_v1_lean) gives the full kernel's output bit for
     bit at alpha 0 and 1, and the float64 reference's within bf16 tolerance. The ortho-first configurations
     (13-16) run their full kernel either way above v1_lean_ortho_first_max_m (v1.cuh launch_v1_ring), so there this
-    checks only the reference and that no lean launch was counted; elsewhere the lean launches are counted."""
+    checks only the reference and that no lean launch was counted; elsewhere the lean launches are counted. The
+    two-row-tile blocks stay whole (set_v1_row_pairs_split(False)): only lean forms cut them, which moves the ortho
+    stream's fp32 sums (test_row_pair_blocks_...)."""
     ext = cuda_backend.extension()
     gen = torch.Generator(device="cuda").manual_seed(m * 31 + n)
     layer = make_layer(n, k, 4, gs, False, 0.02, torch.bfloat16, gen)
     x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
-    was = ext.v1_lean()
+    was, was_split = ext.v1_lean(), ext.v1_row_pairs_split()
+    ext.set_v1_row_pairs_split(False)
 
     def run(cfg, alpha, lean):
         ext.set_v1_lean(lean)
@@ -202,19 +206,65 @@ def test_lean_ring_kernels_match_the_full_kernels_bit_for_bit(m, n, k, gs):
                 assert rel_err(y, ref) < TOL[torch.bfloat16], (cfg, alpha)
     finally:
         ext.set_v1_lean(was)
+        ext.set_v1_row_pairs_split(was_split)
+
+
+@pytest.mark.parametrize("m", [1, 8, 16, 24, 40])
+def test_row_pair_blocks_with_the_last_wave_in_single_tiles_match_the_pairs(m):
+    """set_v1_row_pairs_split(True): the two-row-tile configurations' lean forms (which these calls run, counted) cut
+    the last wave's work into single row tiles where that lowers the most tiles an SM gets (a grid of 7 SMs' worth of
+    tiles less 30, and a partial last tile). Every such configuration then gives the output of all-pair blocks bit for bit at alpha 0; at alpha 1 (empty rows and
+    a very dense row in the ortho stream) the block's entries are cut into other runs, so its fp32 sums may round
+    otherwise (seen at M >= 16, 2026-11-30): within one bf16 step of the pairs' output. Both the float64 reference's
+    within bf16 tolerance."""
+    ext = cuda_backend.extension()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    n, k = 16 * (7 * sms - 30) + 8, 1024
+    tiles = -(-n // 16)
+    assert -(-tiles // sms) < 2 * -(-(-(-tiles // 2)) // sms), "the shape must be one the cut applies to"
+    gen = torch.Generator(device="cuda").manual_seed(m + 11)
+    layer = make_layer(n, k, 4, 128, False, 0.0, torch.bfloat16, gen, csr=_merge_csr(n, k, 0.01, [37], gen, torch.bfloat16))
+    x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
+    was = ext.v1_row_pairs_split()
+
+    def run(cfg, alpha, split):
+        ext.set_v1_row_pairs_split(split)
+        poison_allocator()
+        before = ext.v1_lean_launches()
+        y = cuda_backend._checked(ext.fused_small_m_cfg(
+            x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values, layer.bias,
+            alpha, 4, layer.group_size, n, k, cfg), f"config {cfg}")
+        assert ext.v1_lean_launches() - before == 1, cfg
+        return y
+    try:
+        cfgs = [c for c in ROW_PAIR_CONFIGS if m <= V1_CONFIG_MAX_M[c] and (m <= 16) == (V1_CONFIG_MAX_M[c] <= 16)]
+        assert cfgs
+        for cfg in cfgs:
+            for alpha in (0.0, 1.0):
+                y, y_pairs = run(cfg, alpha, True), run(cfg, alpha, False)
+                if alpha == 0:
+                    assert torch.equal(y, y_pairs), cfg
+                else:
+                    assert torch.allclose(y.float(), y_pairs.float(), rtol=2 ** -7, atol=1e-6), cfg
+                for out in (y, y_pairs):
+                    assert rel_err(out, reference64(layer, x, alpha)) < TOL[torch.bfloat16], (cfg, alpha)
+    finally:
+        ext.set_v1_row_pairs_split(was)
 
 
 @pytest.mark.parametrize("m", [1, 2, 4])
 def test_ortho_first_lean_forms_below_their_m_limit(m):
     """With set_v1_lean_ortho_first_max_m(4) the ortho-first configurations (13-16) run their lean kernels at M <= 4
     (counted) and give their full kernels' output bit for bit at alpha 0 and 1 (empty rows and a very dense row in
-    the ortho stream), and the float64 reference's within bf16 tolerance."""
+    the ortho stream), and the float64 reference's within bf16 tolerance. Two-row-tile blocks stay whole (see
+    test_lean_ring_kernels_match_the_full_kernels_bit_for_bit)."""
     ext = cuda_backend.extension()
     gen = torch.Generator(device="cuda").manual_seed(m + 7)
     n, k = 2100, 4096
     layer = make_layer(n, k, 4, 128, False, 0.0, torch.bfloat16, gen, csr=_merge_csr(n, k, 0.01, [37], gen, torch.bfloat16))
     x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
-    was = ext.v1_lean_ortho_first_max_m()
+    was, was_split = ext.v1_lean_ortho_first_max_m(), ext.v1_row_pairs_split()
+    ext.set_v1_row_pairs_split(False)
 
     def run(cfg, alpha, limit):
         ext.set_v1_lean_ortho_first_max_m(limit)
@@ -235,6 +285,7 @@ def test_ortho_first_lean_forms_below_their_m_limit(m):
                 assert rel_err(y, ref) < TOL[torch.bfloat16], (cfg, alpha)
     finally:
         ext.set_v1_lean_ortho_first_max_m(was)
+        ext.set_v1_row_pairs_split(was_split)
 
 
 @pytest.mark.parametrize("n,k,gs", [(1000, 2048, 128), (4096, 4096, 128), (300, 576, -1), (2100, 4096, 256),

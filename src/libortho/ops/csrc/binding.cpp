@@ -243,6 +243,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_v1_lean", &libortho::set_v1_lean, "turn the lean kernels on or off");
   m.def("v1_lean_ortho_first_max_m", &libortho::v1_lean_ortho_first_max_m, "ortho-first configurations run lean up to this M");
   m.def("set_v1_lean_ortho_first_max_m", &libortho::set_v1_lean_ortho_first_max_m, "set that M (0: never)");
+  m.def("v1_row_pairs_split", &libortho::v1_row_pairs_split, "two-row-tile v1 blocks: last wave cut into single tiles");
+  m.def("set_v1_row_pairs_split", &libortho::set_v1_row_pairs_split, "turn that cut on or off");
   m.def("v1_lean_launches", [] { return libortho::v1_lean_launches(); }, "lean v1 launches so far (tests)");
   m.def("fused_small_m_cfg", &fused_cfg, "v1 with a tuning configuration (INT4, M up to the configuration's 4-64; benchmarks/probes/v1_configs.py)");
   m.def("dequant_merge", &dequant_merge, "(W = deq(Q) + alpha S as a dense matrix, error code)");

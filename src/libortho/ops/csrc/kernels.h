@@ -21,6 +21,7 @@ struct Operands {
   const void* xt;          // v1 and the GEMM's ortho add only, or nullptr: x transposed, (K, xt_ld), rows padded with zeros
   int xt_ld;               // 2, 4, 8 or 16 (v1), 32 or 64 (ortho add): the ortho stream's rows of x for one column
   float* gemm_ws;          // gemm_sm90.cu only, or nullptr: split-K's fp32 (splits, M, N) workspace
+  int pairs;               // v1 with two row tiles per block: blocks from this index on hold one (v1.cuh v1_row_pairs)
 };
 
 // xt (K, ld) = x (M, K) transposed, columns M..ld-1 zero (ld = 2, 4, 8, 16, 32, 64 >= M), for the ortho
@@ -59,6 +60,10 @@ int64_t& v1_lean_launches();
 // for their ring tiles at M 4-8, 2026-11-29), for a probe of M 1-2.
 void set_v1_lean_ortho_first_max_m(int m);
 int v1_lean_ortho_first_max_m();
+// Two-row-tile v1 configurations cut their last wave's work into single row tiles where that lowers the most tiles any
+// SM gets (v1.cuh v1_row_pairs; default on); off: every block holds two.
+void set_v1_row_pairs_split(bool on);
+bool v1_row_pairs_split();
 
 // The same product by the v2 decode kernel (cp.async stages, cluster split-K on sm_90, nnz-balanced ortho
 // rows); a misaligned buffer falls back to launch_fused_small_m.

@@ -104,12 +104,15 @@ void get_v1_table(int (&table)[kV1Classes]) { std::copy(g_v1_table, g_v1_table +
 namespace {
 bool g_v1_lean = true;
 int g_lean_ortho_first_max_m = 0;
+bool g_row_pairs_split = true;
 }  // namespace
 
 void set_v1_lean(bool on) { g_v1_lean = on; }
 bool v1_lean() { return g_v1_lean; }
 void set_v1_lean_ortho_first_max_m(int m) { g_lean_ortho_first_max_m = m; }
 int v1_lean_ortho_first_max_m() { return g_lean_ortho_first_max_m; }
+void set_v1_row_pairs_split(bool on) { g_row_pairs_split = on; }
+bool v1_row_pairs_split() { return g_row_pairs_split; }
 int64_t& v1_lean_launches() {
   static int64_t n = 0;
   return n;

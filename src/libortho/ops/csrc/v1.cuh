@@ -95,10 +95,11 @@ __host__ __device__ inline int ring_pstep(const GroupIndex& gi) {
 // conflicts) and are read back with two ldmatrix.x4 per n8 column block instead of 8 global loads; rows
 // past M read row 0. The caller checks that x rows are 16-byte aligned (K % 8 == 0, x aligned).
 // RT = 2: each slot also holds a second row tile (weights rt_q int32 and scales / zeros rt_p elements after
-// the first's; 0 when the block has only one), computed with the same x fragments.
+// the first's; 0 when the block has only one), computed with the same x fragments. rts: the row tiles computed
+// (callers without the cut pass RT, and a repeated second tile is computed).
 template <int S, int XR, typename T, int NT, bool kPrefetchX, int RT, int W, class OnFirst>
 __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT * 32], uint32_t (&pring)[S][RT * 16],
-                                  uint4 (*xring)[XR > 0 ? XR * 8 : 1], int nt, int warp, int lane,
+                                  uint4 (*xring)[XR > 0 ? XR * 8 : 1], int nt, int rts, int warp, int lane,
                                   const int32_t* qtile, size_t rt_q, const T* sc, const T* zp, size_t rt_p,
                                   const uint32_t* xb,
                                   const int (&xo)[NT], const T* x, int M, int K, const GroupIndex& gi, int pstep,
@@ -187,6 +188,7 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
     compute_chunk<true>(acc[0], cur, kt, kt + 1, xb, xo, K, hz, true, tig);
 #pragma unroll
     for (int rt = 1; rt < RT; ++rt) {  // the same x fragments (copied registers, not reloads)
+      if (rt >= rts) break;  // a block of one row tile (the slot's second tile repeats the first)
       Chunk<T, 4, NT, 1, kPrefetchX> c = cur;
       fill(c, slot, rt);
       compute_chunk<true>(acc[rt], c, kt, kt + 1, xb, xo, K, hz, true, tig);
@@ -212,7 +214,10 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
 
 template <int NT> using V1Default = V1Cfg<NT == 1 ? 2 : 1, NT <= 2, 2>;
 
-template <typename T, int BITS, int NT, class Cfg = V1Default<NT>>
+// kCut (two-row-tile lean forms only): blocks from op.pairs on hold one row tile (the launcher cut the last wave's work,
+// v1_row_pairs). A template flag so that launches without the cut run the code without its checks: as a run-time
+// switch they cost the uncut shapes 1-3 % (H200, 2026-11-30, benchmarks/NOTES-kernels.md).
+template <typename T, int BITS, int NT, class Cfg = V1Default<NT>, bool kCut = false>
 __global__ void __launch_bounds__(Cfg::kBlockWarps * 32, Cfg::kMinBlocks)
 fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ out,
                      int M) {
@@ -242,13 +247,18 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   __shared__ uint32_t st_col[W][kStageW];      // staged column indices (int16 pairs or int32)
   __shared__ uint32_t st_val[W][kStageW / 2];  // staged values (pairs)
 
-  const int tn = blockIdx.x * RT, n0 = tn * 16;  // the block's first row tile and row
+  static_assert(!kCut || (RT == 2 && Cfg::kLean), "the cut is for two-row-tile lean forms");
+  // The block's first row tile and row (kCut: pairs up to op.pairs, single tiles after them).
+  const int b = blockIdx.x;
+  const bool single = kCut && b >= op.pairs;
+  const int tn = single ? op.pairs + b : RT * b, n0 = tn * 16;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, tig = lane & 3;
   const int K = op.K, N = op.N, G = (op.K + op.group_size - 1) / op.group_size;
   const int Tk = (K + 63) >> 6;
-  // With RT = 2 and only one row tile left, the second repeats the first (its rows are past N, never stored).
-  const int rts = RT == 1 ? 1 : min(RT, (N + 15) / 16 - tn);
+  // Row tiles of this block (RT = 2: 1 for a single or at the end of N, where the second tile's weights repeat the
+  // first's). kCut: rows from Rb on are not read from the ortho stream nor stored, and the repeat is not computed.
+  const int rts = RT == 1 ? 1 : min(single ? 1 : RT, (N + 15) / 16 - tn), Rb = kCut ? 16 * rts : R;
   const size_t rt_q = rts > 1 ? static_cast<size_t>(Tk) * 32 * BITS : 0, rt_p = rts > 1 ? static_cast<size_t>(G) * 16 : 0;
   const int32_t* qtile = op.qweight + static_cast<size_t>(tn) * Tk * 32 * BITS + lane * BITS;
   const T* sc = static_cast<const T*>(op.scales) + static_cast<size_t>(tn) * G * 16;
@@ -265,8 +275,8 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   const bool ortho = op.alpha != 0.f && op.nnz > 0;
   int my_rp = 0, my_rp_end = 0;  // row pointers n0 + lane (lanes 0..R) and, for R = 32, n0 + 32 (lane 0)
   const bool csr_aligned = (reinterpret_cast<uintptr_t>(op.col_idx) | reinterpret_cast<uintptr_t>(op.values)) % 4 == 0;
-  if (ortho && lane <= R) my_rp = op.row_ptr[min(n0 + lane, N)];  // each warp keeps its own copy
-  if (R > 16 && ortho && lane == 0) my_rp_end = op.row_ptr[min(n0 + R, N)];
+  if (ortho && lane <= R) my_rp = op.row_ptr[min(n0 + (kCut ? min(lane, Rb) : lane), N)];  // each warp keeps its own copy
+  if (R > 16 && ortho && lane == 0) my_rp_end = op.row_ptr[min(n0 + Rb, N)];
   bool staged = !ortho;
   // The block's entries [e_lo, e_hi) cut into equal contiguous runs, one per thread: the run length.
   auto run_len = [](int e_lo, int e_hi) { return (e_hi - e_lo + W * 32 - 1) / (W * 32); };
@@ -275,7 +285,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     // values went to uniform registers right away (R2UR), and that move waited for the loads before any
     // weight load was issued (ncu: 40 stall samples there at alpha = 1).
     // What the ortho runs need after the sweep goes to shared memory, not registers held through it.
-    const int e_lo = op.row_ptr[n0], e_hi = op.row_ptr[min(n0 + R, N)];
+    const int e_lo = op.row_ptr[n0], e_hi = op.row_ptr[min(n0 + Rb, N)];
     const int per = run_len(e_lo, e_hi);
     // The warp's entries (its threads' runs), 4-byte copies from an even entry by its own lanes; the last
     // word of an odd-length array is read half.
@@ -375,7 +385,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     const bool x_ok = XR == 0 || (M <= XR && K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0);
     if (Cfg::kLean || (gi.same && pstep >= 0 && x_ok)) {
       const int nt = warp < Tf ? (Tf - warp + W - 1) / W : 0;
-      ring_sweep<S, XR, T, NT, kPrefetchX, RT, W>(acc, wring[warp], pring[warp], xring[warp], nt, warp, lane,
+      ring_sweep<S, XR, T, NT, kPrefetchX, RT, W>(acc, wring[warp], pring[warp], xring[warp], nt, kCut ? rts : RT, warp, lane,
                                                qtile, rt_q, sc, zp, rt_p, xb, xo, x, M, K, gi, pstep, g, tig,
                                                [&] {
                                                  if constexpr (Cfg::kOrthoFirst) {
@@ -450,7 +460,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   __syncthreads();
   for (int i = threadIdx.x; i < R * M; i += blockDim.x) {
     const int r = i & (R - 1), m = i >> (RT == 1 ? 4 : 5), n = n0 + r;
-    if (n >= N) continue;
+    if (n >= N || (kCut && r >= Rb)) continue;
     float y = 0.f;
 #pragma unroll
     for (int w = 0; w < W; ++w) y += sum_at(w, r, m);
@@ -462,8 +472,8 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
 template <typename T>
 cudaError_t launch_v1(void (*kernel)(Operands, const T*, const T*, T*, int), const Operands& op, const void* x,
                       const void* bias, void* out, int M, cudaStream_t s, int smem = 0, int rows = 16,
-                      int warps = kWarps) {
-  const dim3 grid((op.N + rows - 1) / rows), block(warps * 32);
+                      int warps = kWarps, int blocks = 0) {
+  const dim3 grid(blocks > 0 ? blocks : (op.N + rows - 1) / rows), block(warps * 32);
   auto xp = static_cast<const T*>(x);
   auto bp = static_cast<const T*>(bias);
   auto op_ = static_cast<T*>(out);
@@ -484,22 +494,38 @@ cudaError_t launch_v1(void (*kernel)(Operands, const T*, const T*, T*, int), con
   return cudaLaunchKernelEx(&cfg, kernel, op, xp, bp, op_, M);
 }
 
-// A v1 configuration whose ring lives in dynamic shared memory: the kernel is allowed its kRingBytes (over
-// the default 48 KB) once per device before its first launch.
-template <typename T, int NT, class Cfg>
-cudaError_t launch_v1_dyn(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
-  constexpr auto kernel = fused_small_m_kernel<T, 4, NT, Cfg>;
-  static bool allowed[64] = {};
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
-  if (!allowed[dev]) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kRingBytes);
+// Two-row-tile blocks (RT = 2): how many hold two tiles (op.pairs; the rest one) and the grid. At M <= 16 an SM's
+// blocks take about as long per row tile however many it runs, so a launch ends with the SMs that got the most tiles
+// (2026-11-30 timeline: 22016x4096's SMs with 6 blocks end 2 us after those with 5). When cutting the last wave's work
+// into single tiles lowers that most (ceil(tiles / SMs) against 2 ceil(pairs / SMs)) and v1_row_pairs_split() is on,
+// whole waves of pairs come first and the rest follow as single tiles; else every block holds two (the last one may
+// hold one, at the end of N).
+inline void v1_row_pairs(int tiles, int sms, bool split, int& pairs, int& blocks) {
+  pairs = blocks = (tiles + 1) / 2;
+  if (!split || sms <= 0 || (tiles + sms - 1) / sms >= 2 * ((pairs + sms - 1) / sms)) return;
+  pairs = sms * (tiles / (2 * sms));
+  blocks = pairs + (tiles - 2 * pairs);
+}
+
+// One configuration's kernel (kCut or not) on a grid of `blocks` (0: one per 16 * kRowTiles rows). A ring in
+// dynamic shared memory: the kernel is allowed its kRingBytes (over the default 48 KB) once per device first.
+template <typename T, int NT, class Cfg, bool kCut>
+cudaError_t launch_v1_kernel(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s,
+                             int blocks) {
+  constexpr auto kernel = fused_small_m_kernel<T, 4, NT, Cfg, kCut>;
+  if constexpr (Cfg::kDynRing) {
+    static bool allowed[64] = {};
+    int dev = 0;
+    cudaError_t err = cudaGetDevice(&dev);
     if (err != cudaSuccess) return err;
-    allowed[dev] = true;
+    if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
+    if (!allowed[dev]) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kRingBytes);
+      if (err != cudaSuccess) return err;
+      allowed[dev] = true;
+    }
   }
-  return launch_v1<T>(kernel, op, x, bias, out, M, s, Cfg::kRingBytes, 16 * Cfg::kRowTiles, Cfg::kBlockWarps);
+  return launch_v1<T>(kernel, op, x, bias, out, M, s, Cfg::kRingBytes, 16 * Cfg::kRowTiles, Cfg::kBlockWarps, blocks);
 }
 
 // Whether a call meets what the ring needs for the whole of it, on the host from the kernel's own checks
@@ -514,8 +540,14 @@ bool v1_lean_ok(const Operands& op, const void* x, int M) {
 
 template <typename T, int NT, class Cfg>
 cudaError_t launch_v1_one(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
-  if constexpr (Cfg::kDynRing) return launch_v1_dyn<T, NT, Cfg>(op, x, bias, out, M, s);
-  else return launch_v1<T>(fused_small_m_kernel<T, 4, NT, Cfg>, op, x, bias, out, M, s, 0, 16 * Cfg::kRowTiles, Cfg::kBlockWarps);
+  if constexpr (Cfg::kRowTiles == 2 && Cfg::kLean) {
+    const int tiles = (op.N + 15) / 16;
+    Operands o = op;
+    int blocks = 0;
+    v1_row_pairs(tiles, device_info().sms, v1_row_pairs_split(), o.pairs, blocks);
+    if (blocks != (tiles + 1) / 2) return launch_v1_kernel<T, NT, Cfg, true>(o, x, bias, out, M, s, blocks);
+  }
+  return launch_v1_kernel<T, NT, Cfg, false>(op, x, bias, out, M, s, 0);
 }
 
 // A ring configuration in its lean form where the call allows it (and v1_lean() is on), else in full (with
