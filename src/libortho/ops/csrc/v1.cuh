@@ -214,7 +214,7 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
 
 template <int NT> using V1Default = V1Cfg<NT == 1 ? 2 : 1, NT <= 2, 2>;
 
-// kCut (two-row-tile lean forms only): blocks from op.pairs on hold one row tile (the launcher cut the last wave's work,
+// kCut (two-row-tile lean forms at M <= 16 only): blocks from op.pairs on hold one row tile (the launcher cut the last wave's work,
 // v1_row_pairs). A template flag so that launches without the cut run the code without its checks: as a run-time
 // switch they cost the uncut shapes 1-3 % (H200, 2026-11-30, benchmarks/NOTES-kernels.md).
 template <typename T, int BITS, int NT, class Cfg = V1Default<NT>, bool kCut = false>
@@ -247,7 +247,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   __shared__ uint32_t st_col[W][kStageW];      // staged column indices (int16 pairs or int32)
   __shared__ uint32_t st_val[W][kStageW / 2];  // staged values (pairs)
 
-  static_assert(!kCut || (RT == 2 && Cfg::kLean), "the cut is for two-row-tile lean forms");
+  static_assert(!kCut || (RT == 2 && Cfg::kLean && NT <= 2), "the cut is for two-row-tile lean forms at M <= 16");
   // The block's first row tile and row (kCut: pairs up to op.pairs, single tiles after them).
   const int b = blockIdx.x;
   const bool single = kCut && b >= op.pairs;
@@ -540,7 +540,9 @@ bool v1_lean_ok(const Operands& op, const void* x, int M) {
 
 template <typename T, int NT, class Cfg>
 cudaError_t launch_v1_one(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
-  if constexpr (Cfg::kRowTiles == 2 && Cfg::kLean) {
+  // M <= 16 only: at M 24-32 (configuration 32) the cut was 0.6-0.8 % faster on 14336x4096 and 1.0-1.2 % slower on
+  // 22016x4096 (H200, 2026-11-30, results/row-pairs-ab-H200-s30-m32.json).
+  if constexpr (Cfg::kRowTiles == 2 && Cfg::kLean && NT <= 2) {
     const int tiles = (op.N + 15) / 16;
     Operands o = op;
     int blocks = 0;
