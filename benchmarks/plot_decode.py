@@ -11,7 +11,7 @@ from pathlib import Path
 
 from plot_common import RESULTS, card_arg, card_title, save
 
-SOURCES = ("decode-{card}-llama2-7b-shape-compile-s27.json",)  # both batches in one run (2026-11-30)
+SOURCES = ("decode-{card}-llama2-7b-shape-compile-s30.json",)  # both batches in one run (2026-11-30 12:46 UTC)
 VARIANTS = (("bf16", "bf16"), ("alpha1", "LibOrtho alpha = 1 (1 %)"), ("alpha0", "LibOrtho alpha = 0"))
 GOALS = {("alpha0", 1): 2.8, ("alpha1", 1): 2.5}
 
