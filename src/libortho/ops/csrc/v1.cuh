@@ -214,9 +214,9 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
 
 template <int NT> using V1Default = V1Cfg<NT == 1 ? 2 : 1, NT <= 2, 2>;
 
-// kCut (two-row-tile lean forms at M <= 16 only): blocks from op.pairs on hold one row tile (the launcher cut the last wave's work,
-// v1_row_pairs). A template flag so that launches without the cut run the code without its checks: as a run-time
-// switch they cost the uncut shapes 1-3 % (H200, 2026-11-30, benchmarks/NOTES-kernels.md).
+// kCut (two-row-tile lean forms at M <= 16 only): blocks from op.pairs on hold one row tile (the launcher cut the
+// last wave's work, v1_row_pairs). A template flag so that launches without the cut run the code without its checks:
+// as a run-time switch they cost the uncut shapes 1-3 % (H200, 2026-11-30, benchmarks/NOTES-kernels.md).
 template <typename T, int BITS, int NT, class Cfg = V1Default<NT>, bool kCut = false>
 __global__ void __launch_bounds__(Cfg::kBlockWarps * 32, Cfg::kMinBlocks)
 fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ out,
