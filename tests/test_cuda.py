@@ -172,21 +172,31 @@ def test_every_v1_configuration(cfg, n, k, gs, sym, dtype):
             assert rel_err(y, ref) < TOL[dtype], (cfg, m, alpha)
 
 
+@pytest.fixture
+def whole_row_pairs():
+    """Two-row-tile blocks stay whole during the test (set_v1_row_pairs_split(False)): only lean forms cut them, which
+    moves the ortho stream's fp32 sums (test_row_pair_blocks_...), so lean and full forms compare bit for bit only so."""
+    ext = cuda_backend.extension()
+    was = ext.v1_row_pairs_split()
+    ext.set_v1_row_pairs_split(False)
+    yield
+    ext.set_v1_row_pairs_split(was)
+
+
+@pytest.mark.usefixtures("whole_row_pairs")
 @pytest.mark.parametrize("m", [1, 3, 4, 8, 16, 24, 64])
 @pytest.mark.parametrize("n,k,gs", [(1000, 2048, 128), (300, 576, -1), (2100, 4096, 256), (130, 1024, 64)])
 def test_lean_ring_kernels_match_the_full_kernels_bit_for_bit(m, n, k, gs):
     """A ring configuration's lean kernel (no fallback paths; set_v1_lean) gives the full kernel's output bit for
     bit at alpha 0 and 1, and the float64 reference's within bf16 tolerance. The ortho-first configurations
     (13-16) run their full kernel either way above v1_lean_ortho_first_max_m (v1.cuh launch_v1_ring), so there this
-    checks only the reference and that no lean launch was counted; elsewhere the lean launches are counted. The
-    two-row-tile blocks stay whole (set_v1_row_pairs_split(False)): only lean forms cut them, which moves the ortho
-    stream's fp32 sums (test_row_pair_blocks_...)."""
+    checks only the reference and that no lean launch was counted; elsewhere the lean launches are counted. Two-row-tile
+    blocks stay whole (whole_row_pairs)."""
     ext = cuda_backend.extension()
     gen = torch.Generator(device="cuda").manual_seed(m * 31 + n)
     layer = make_layer(n, k, 4, gs, False, 0.02, torch.bfloat16, gen)
     x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
-    was, was_split = ext.v1_lean(), ext.v1_row_pairs_split()
-    ext.set_v1_row_pairs_split(False)
+    was = ext.v1_lean()
 
     def run(cfg, alpha, lean):
         ext.set_v1_lean(lean)
@@ -206,7 +216,6 @@ def test_lean_ring_kernels_match_the_full_kernels_bit_for_bit(m, n, k, gs):
                 assert rel_err(y, ref) < TOL[torch.bfloat16], (cfg, alpha)
     finally:
         ext.set_v1_lean(was)
-        ext.set_v1_row_pairs_split(was_split)
 
 
 @pytest.mark.parametrize("m", [1, 4, 8, 16, 24, 40])
@@ -222,7 +231,8 @@ def test_row_pair_blocks_with_the_last_wave_in_single_tiles_match_the_pairs(m):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     n, k = 16 * (7 * sms - 30) + 8, 1024
     tiles = -(-n // 16)
-    assert -(-tiles // sms) < 2 * -(-(-(-tiles // 2)) // sms), "the shape must be one the cut applies to"
+    pairs = -(-tiles // 2)
+    assert -(-tiles // sms) < 2 * -(-pairs // sms), "the shape must be one the cut applies to"
     gen = torch.Generator(device="cuda").manual_seed(m + 11)
     layer = make_layer(n, k, 4, 128, False, 0.0, torch.bfloat16, gen, csr=_merge_csr(n, k, 0.01, [37], gen, torch.bfloat16))
     x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
@@ -253,19 +263,19 @@ def test_row_pair_blocks_with_the_last_wave_in_single_tiles_match_the_pairs(m):
         ext.set_v1_row_pairs_split(was)
 
 
+@pytest.mark.usefixtures("whole_row_pairs")
 @pytest.mark.parametrize("m", [1, 2, 4])
 def test_ortho_first_lean_forms_below_their_m_limit(m):
     """With set_v1_lean_ortho_first_max_m(4) the ortho-first configurations (13-16) run their lean kernels at M <= 4
     (counted) and give their full kernels' output bit for bit at alpha 0 and 1 (empty rows and a very dense row in
-    the ortho stream), and the float64 reference's within bf16 tolerance. Two-row-tile blocks stay whole (see
-    test_lean_ring_kernels_match_the_full_kernels_bit_for_bit)."""
+    the ortho stream), and the float64 reference's within bf16 tolerance. Two-row-tile blocks stay whole
+    (whole_row_pairs)."""
     ext = cuda_backend.extension()
     gen = torch.Generator(device="cuda").manual_seed(m + 7)
     n, k = 2100, 4096
     layer = make_layer(n, k, 4, 128, False, 0.0, torch.bfloat16, gen, csr=_merge_csr(n, k, 0.01, [37], gen, torch.bfloat16))
     x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
-    was, was_split = ext.v1_lean_ortho_first_max_m(), ext.v1_row_pairs_split()
-    ext.set_v1_row_pairs_split(False)
+    was = ext.v1_lean_ortho_first_max_m()
 
     def run(cfg, alpha, limit):
         ext.set_v1_lean_ortho_first_max_m(limit)
@@ -286,7 +296,6 @@ def test_ortho_first_lean_forms_below_their_m_limit(m):
                 assert rel_err(y, ref) < TOL[torch.bfloat16], (cfg, alpha)
     finally:
         ext.set_v1_lean_ortho_first_max_m(was)
-        ext.set_v1_row_pairs_split(was_split)
 
 
 @pytest.mark.parametrize("n,k,gs", [(1000, 2048, 128), (4096, 4096, 128), (300, 576, -1), (2100, 4096, 256),
