@@ -5,7 +5,9 @@ are bf16 ``nn.Linear`` (baseline), ``OrthoLinear`` (INT4 g128 RTN base + 1 % ort
 alpha = 1 and alpha = 0) or a wrapper of torch's tinygemm int4 kernel (``aten._weight_int4pack_mm``,
 asymmetric INT4, bf16 scale+zero). Embeddings, norms and the lm_head stay bf16 in every row. The
 LibOrtho rows run q/k/v and gate/up as one launch each (``libortho.fuse_siblings``; ``--no-fuse``
-keeps them apart); the bf16 and int4 rows run the model's own separate linears.
+keeps them apart); the bf16 and int4 rows run the model's own separate linears. Attention: transformers'
+SDPA in every row (``--attn libortho``: LibOrtho's decode attention in every row's one-token steps,
+``libortho.attention``; the prefill stays SDPA).
 A prompt of ``prompt_len`` tokens per sequence is prefilled (eager) into a transformers
 ``StaticCache``; then ``new_tokens - 1`` one-token greedy decode steps run, each one a replay of a
 CUDA graph captured from the step (``--mode graph``: the eager step; ``--mode compile``: the
@@ -707,6 +709,9 @@ def add_arguments(p):
                         "libortho.fuse_siblings)")
     p.add_argument("--mode", default=None, choices=StaticDecoder.MODES,
                    help="decode step: graph (default on CUDA), compile, reduce-overhead, eager (default on CPU)")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "libortho"],
+                   help="attention of every row (the same for all): transformers' SDPA, or LibOrtho's decode attention "
+                        "for the one-token steps (libortho.attention; prefill stays SDPA)")
     p.add_argument("--check-tokens", type=int, default=None,
                    help="greedy check reference vs CUDA op on smollm2 (default: --new-tokens; 0: skip)")
     p.add_argument("--strict", action="store_true", help="stop at the first failing row instead of recording it")
@@ -746,6 +751,9 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
     mode = args.mode or ("graph" if device.type == "cuda" else "eager")
     t0 = time.perf_counter()
     model, tok, desc = load_bench_model(name, device)
+    if args.attn == "libortho":
+        from ..attention import use_decode_attention
+        use_decode_attention(model)
     info = {"description": desc, "load_s": time.perf_counter() - t0, "mode": mode, "errors": {},
             "params": sum(p.numel() for p in model.parameters())}
     vocab = model.config.vocab_size
@@ -989,7 +997,8 @@ def run(args):
     protocol = {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batches": args.batches,
                 "prefill_len": args.prefill_len, "reps": args.reps, "warmup": args.warmup, "mode": mode,
                 "density": args.density, "score": args.score, "group_size": args.group_size,
-                "variants": args.variants, "fuse_siblings": not args.no_fuse, "method": __doc__.strip()}
+                "variants": args.variants, "fuse_siblings": not args.no_fuse, "attention": args.attn,
+                "method": __doc__.strip()}
     if device.type == "cuda":
         from ..ops import cuda as cuda_ops
         protocol["decode_kernel"], protocol["pdl"] = cuda_ops.decode_kernel(), cuda_ops.pdl_enabled()

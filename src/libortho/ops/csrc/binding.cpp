@@ -229,6 +229,60 @@ bool set_v1_table(const std::vector<int64_t>& table) {
   return libortho::set_v1_table(t);
 }
 
+
+// Decode attention (decode_attention.cu): q (B, Hq, 1, D), k and v (B, Hkv, L, D), mask None or (B|1, Hq|1, 1, L)
+// boolean or additive (fp32 / the activation dtype), last dimensions contiguous and rows 16-byte aligned; out
+// (B, 1, Hq, D). ops/attention.py checks the arguments with clear messages first.
+Result decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const std::optional<at::Tensor>& mask, double scale, int64_t chunk,
+                        bool last_block_combines) {
+  const at::Tensor none;
+  const auto dt = q.scalar_type();
+  if ((dt != at::kBFloat16 && dt != at::kHalf) || k.scalar_type() != dt || v.scalar_type() != dt) return {none, kBadArgs};
+  if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 || !q.is_cuda() || k.device() != q.device() ||
+      v.device() != q.device() || k.sizes() != v.sizes())
+    return {none, kBadArgs};
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1), L = k.size(2);
+  if (q.size(2) != 1 || k.size(0) != B || k.size(3) != D || chunk <= 0) return {none, kBadArgs};
+  const int64_t align = 16 / q.element_size();  // elements of a 16-byte step
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    if (t->stride(3) != 1 || reinterpret_cast<uintptr_t>(t->data_ptr()) % 16) return {none, kBadArgs};
+    for (int d = 0; d < 3; ++d)
+      if (t->size(d) > 1 && t->stride(d) % align) return {none, kBadArgs};
+  }
+  libortho::AttnArgs a{};
+  a.q = q.data_ptr(); a.q_sb = q.stride(0); a.q_sh = q.stride(1);
+  a.k = k.data_ptr(); a.k_sb = k.stride(0); a.k_sh = k.stride(1); a.k_sl = k.stride(2);
+  a.v = v.data_ptr(); a.v_sb = v.stride(0); a.v_sh = v.stride(1); a.v_sl = v.stride(2);
+  a.mask_kind = libortho::kMaskNone;
+  if (mask) {
+    const auto& m = *mask;
+    const auto mt = m.scalar_type();
+    a.mask_kind = mt == at::kBool ? libortho::kMaskBool : mt == at::kFloat ? libortho::kMaskF32
+                : mt == at::kBFloat16 ? libortho::kMaskBF16 : mt == at::kHalf ? libortho::kMaskF16 : -1;
+    if (a.mask_kind < 0 || m.dim() != 4 || m.device() != q.device() || m.size(2) != 1 || m.size(3) != L ||
+        (m.size(0) != 1 && m.size(0) != B) || (m.size(1) != 1 && m.size(1) != Hq))
+      return {none, kBadArgs};
+    a.mask = m.data_ptr();
+    a.m_sb = m.size(0) == 1 ? 0 : m.stride(0);
+    a.m_sh = m.size(1) == 1 ? 0 : m.stride(1);
+    a.m_sl = m.stride(3);
+  }
+  a.B = static_cast<int>(B); a.Hq = static_cast<int>(Hq); a.Hkv = static_cast<int>(Hkv);
+  a.L = static_cast<int>(L); a.D = static_cast<int>(D);
+  a.chunk = static_cast<int>(chunk); a.splits = static_cast<int>((L + chunk - 1) / chunk);
+  a.scale = static_cast<float>(scale); a.bf16 = dt == at::kBFloat16;
+  a.last_block_combines = last_block_combines;
+  if (!libortho::decode_attention_supported(a)) return {none, kBadArgs};
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  auto out = at::empty({B, 1, Hq, D}, q.options());
+  auto ws_acc = at::empty({B, Hq, a.splits, D}, q.options().dtype(at::kFloat));
+  auto ws_ml = at::empty({B, Hq, a.splits, 2}, q.options().dtype(at::kFloat));
+  a.out = out.data_ptr(); a.ws_acc = ws_acc.data_ptr<float>(); a.ws_ml = ws_ml.data_ptr<float>();
+  return {out, static_cast<int64_t>(libortho::launch_decode_attention(a, stream))};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -255,6 +309,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "tiles (INT4, N % 16 == 0, K % 64 == 0, no ortho stream in play; a build with CUTLASS only); last argument the "
         "form: 0 cooperative 128x128 tiles, 1 ping-pong 64x128");
   m.def("gemm_cutlass_built", &libortho::gemm_cutlass_built, "whether this build has the CUTLASS GEMM");
+  m.def("decode_attention", &decode_attention, "(softmax(scale q k^T + mask) v for one query token, error code): q (B, Hq, 1, "
+        "D), k and v (B, Hkv, L, D), out (B, 1, Hq, D); then cache positions per block, and whether the last block of "
+        "each head combines the blocks (one launch) rather than a second kernel");
   m.def("gemm_int4", &gemm_int4, "(x @ deq(Q)^T + alpha x @ S^T + bias, error code): INT4 base in one kernel (sm_90a), "
         "the ortho stream (M <= 64 only) in a second");
 }

@@ -113,4 +113,34 @@ cudaError_t launch_gemm_cutlass(const Operands& op, const void* x, void* out, in
 // without entries.
 cudaError_t launch_ortho_add(const Operands& op, void* y, int M, cudaStream_t stream);
 
+
+// Decode attention (decode_attention.cu): out (B, 1, Hq, D) = softmax(scale * q k^T + mask) v for one query token per
+// sequence, q (B, Hq, 1, D), k and v (B, Hkv, L, D) with Hq a multiple of Hkv (at most kAttnMaxGroup), D 64 or 128,
+// last dimensions contiguous; strides in elements (a broadcast mask dimension: stride 0). ws_acc (B, Hq, splits, D)
+// and ws_ml (B, Hq, splits, 2) fp32, splits = ceil(L / chunk); no need to zero them. last_block_combines: one launch,
+// the last block of each (batch, KV head) combines the chunks (tickets: set by the launcher); else a second kernel.
+enum AttnMaskKind { kMaskNone = 0, kMaskBool = 1, kMaskF32 = 2, kMaskBF16 = 3, kMaskF16 = 4 };
+constexpr int kAttnMaxGroup = 8;
+struct AttnArgs {
+  const void* q;
+  int64_t q_sb, q_sh;
+  const void* k;
+  int64_t k_sb, k_sh, k_sl;
+  const void* v;
+  int64_t v_sb, v_sh, v_sl;
+  const void* mask;  // (B or 1, Hq or 1, L) as strides m_sb, m_sh, m_sl; nullptr with kMaskNone
+  int mask_kind;
+  int64_t m_sb, m_sh, m_sl;
+  void* out;
+  float* ws_acc;
+  float* ws_ml;
+  int B, Hq, Hkv, L, D, chunk, splits;
+  float scale;
+  bool bf16;
+  bool last_block_combines;
+  unsigned* tickets;
+};
+bool decode_attention_supported(const AttnArgs& a);
+cudaError_t launch_decode_attention(const AttnArgs& a, cudaStream_t stream);
+
 }  // namespace libortho

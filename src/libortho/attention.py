@@ -1,0 +1,53 @@
+"""LibOrtho's decode attention inside transformers' models: ``use_decode_attention(model)``.
+
+Registers an attention implementation, ``"libortho_decode"``, with transformers (its attention function and, for the
+masks, SDPA's mask function, so the model builds the same boolean masks it builds for ``"sdpa"``). A call with one
+query token per sequence (a decode step) runs ``torch.ops.libortho.decode_attention`` (``libortho.ops.attention``);
+every other call (prefill, dropout, attention sinks, soft-capping, position biases) runs transformers' own SDPA
+function unchanged. On CUDA the op reads only the blocks of cache positions the mask lets through, where SDPA reads
+the whole static cache.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+NAME = "libortho_decode"
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                      is_causal=None, **kwargs):
+    """transformers' attention-function signature: query (B, Hq, q, D), key / value (B, Hkv, L, D); returns
+    ((B, q, Hq, D), None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    special = any(kwargs.get(k) is not None for k in ("s_aux", "softcap", "position_bias"))
+    mask_ok = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[2] == 1
+                                         and attention_mask.shape[3] == key.shape[2])
+    if query.shape[2] != 1 or dropout != 0.0 or special or not mask_ok or kwargs.get("output_attentions"):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    return _decode_attention(query, key, value, attention_mask, float(scale)), None
+
+
+def _decode_attention(q, k, v, mask, scale):
+    return torch.ops.libortho.decode_attention(q, k, v, mask, scale)
+
+
+def register() -> str:
+    """Make ``"libortho_decode"`` a transformers attention implementation (idempotent); returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return NAME
+
+
+def use_decode_attention(model, on: bool = True) -> None:
+    """Run ``model``'s decode steps through LibOrtho's decode attention (``on=False``: back to ``"sdpa"``)."""
+    name = register() if on else "sdpa"
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:
+        model.config._attn_implementation = name

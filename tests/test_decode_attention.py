@@ -1,0 +1,152 @@
+"""libortho::decode_attention (CPU: its reference) and its use in transformers' models (libortho.attention)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import libortho.ops  # noqa: F401  (registers torch.ops.libortho.*)
+from libortho import attention
+from libortho.eval import bench_decode as bd
+from libortho.ops.attention import attention_chunk, check_attention_inputs
+
+
+def sdpa64(q, k, v, mask, scale):
+    """torch's SDPA in float64 on the repeated cache heads, in the op's (B, 1, Hq, D) layout."""
+    g = q.shape[1] // k.shape[1]
+    m = mask if mask is None or mask.dtype == torch.bool else mask.double()
+    out = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(g, 1),
+                                         v.double().repeat_interleave(g, 1), attn_mask=m, scale=scale)
+    return out.transpose(1, 2)
+
+
+def make(b, hq, hkv, length, d, mask_kind, gen, dtype=torch.float32):
+    q = torch.randn(b, hq, 1, d, generator=gen).to(dtype)
+    k = torch.randn(b, hkv, length, d, generator=gen).to(dtype)
+    v = torch.randn(b, hkv, length, d, generator=gen).to(dtype)
+    if mask_kind is None:
+        return q, k, v, None
+    heads = hq if mask_kind == "per-head" else 1
+    keep = torch.rand(b, heads, 1, length, generator=gen) > 0.4
+    keep[..., 0] = True  # every query attends to something
+    if mask_kind == "additive":
+        return q, k, v, torch.where(keep, torch.randn(keep.shape, generator=gen), float("-inf"))
+    return q, k, v, keep
+
+
+@pytest.mark.parametrize("b,hq,hkv,length,d", [(1, 4, 4, 1, 64), (2, 9, 3, 50, 64), (3, 8, 2, 33, 128),
+                                               (1, 32, 8, 392, 128), (2, 6, 1, 17, 96)])
+@pytest.mark.parametrize("mask_kind", [None, "bool", "per-head", "additive"])
+def test_op_matches_float64_sdpa(b, hq, hkv, length, d, mask_kind):
+    gen = torch.Generator().manual_seed(b * 100 + length)
+    q, k, v, mask = make(b, hq, hkv, length, d, mask_kind, gen)
+    scale = 1 / math.sqrt(d)
+    out = torch.ops.libortho.decode_attention(q, k, v, mask, scale)
+    assert out.shape == (b, 1, hq, d) and out.dtype == q.dtype
+    ref = sdpa64(q, k, v, mask, scale)
+    assert float((out.double() - ref).norm() / ref.norm()) < 1e-6
+
+
+def test_a_query_whose_positions_are_all_masked_gives_zeros_as_sdpa_does():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, _ = make(2, 2, 2, 8, 64, None, gen)
+    mask = torch.ones(2, 1, 1, 8, dtype=torch.bool)
+    mask[1] = False
+    out = torch.ops.libortho.decode_attention(q, k, v, mask, 0.125)
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isfinite(out[0]).all()
+    assert torch.equal(sdpa64(q, k, v, mask, 0.125)[1], torch.zeros_like(out[1], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(q=(1, 4, 2, 64)), "one query token"),
+    (dict(k=(1, 3, 8, 64), v=(1, 3, 8, 64)), "multiple of the cache's 3 heads"),
+    (dict(v=(1, 2, 9, 64)), "must both be"),
+    (dict(mask=(1, 1, 1, 7)), "expected \\(B or 1, Hq or 1, 1, L=8\\)"),
+    (dict(mask_dtype=torch.int32), "boolean or float32"),
+    (dict(kv_dtype=torch.float64), "share a dtype"),
+    (dict(scale=0.0), "scale must be positive"),
+    (dict(scale=float("nan")), "scale must be positive"),
+])
+def test_bad_input_gets_a_clear_error(change, match):
+    q = torch.randn(*change.get("q", (1, 4, 1, 64)))
+    k = torch.randn(*change.get("k", (1, 2, 8, 64)), dtype=change.get("kv_dtype", torch.float32))
+    v = torch.randn(*change.get("v", (1, 2, 8, 64)), dtype=change.get("kv_dtype", torch.float32))
+    mask = torch.ones(*change.get("mask", (1, 1, 1, 8))).to(change.get("mask_dtype", torch.bool))
+    with pytest.raises((ValueError, TypeError), match=match):
+        torch.ops.libortho.decode_attention(q, k, v, mask, change.get("scale", 0.125))
+
+
+def test_the_fake_implementation_lets_compile_trace_it():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, mask = make(2, 6, 2, 20, 64, "bool", gen)
+    fn = torch.compile(lambda q, k, v, m: torch.ops.libortho.decode_attention(q, k, v, m, 0.125) * 2, fullgraph=True)
+    assert torch.allclose(fn(q, k, v, mask), 2 * torch.ops.libortho.decode_attention(q, k, v, mask, 0.125))
+
+
+def test_chunks_fill_two_waves_where_they_can():
+    assert attention_chunk(1, 32, 392, 132) == 32   # 7B shape, batch 1: 416 blocks of 32 positions
+    assert attention_chunk(8, 32, 392, 132) == 64
+    assert attention_chunk(1, 3, 392, 132) == 16    # SmolLM2: as small as allowed
+    with pytest.raises(ValueError):
+        check_attention_inputs(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 0, 8), torch.randn(1, 2, 0, 8), None, 1.0)
+
+
+class Spy:
+    """Counts the calls of attention_forward that reach the op and those that fall back to SDPA."""
+
+    def __init__(self, monkeypatch):
+        from transformers.integrations import sdpa_attention
+        self.op = self.sdpa = 0
+        real_op, real_sdpa = attention._decode_attention, sdpa_attention.sdpa_attention_forward
+
+        def op(*a):
+            self.op += 1
+            return real_op(*a)
+
+        def sdpa(*a, **kw):
+            self.sdpa += 1
+            return real_sdpa(*a, **kw)
+        monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", sdpa)
+        monkeypatch.setattr(attention, "_decode_attention", op)
+
+
+def decode(model, ids, mode, steps=9):
+    dec = bd.StaticDecoder(model, ids.shape[0], steps + 1, ids.shape[1], mode=mode, keep_logits=True, warmup_steps=0)
+    dec.prepare(ids)
+    dec.prefill(ids)
+    dec.decode(steps)
+    return dec.tokens[:, :steps].clone(), dec.logits[:, :steps].clone()
+
+
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+def test_a_model_decodes_the_same_tokens_with_it(mode, monkeypatch):
+    """The tiny Llama (GQA: 4 heads on 2) with a static cache: the decode steps go through the op (counted in eager
+    mode), the prefill through SDPA, and the greedy tokens and logits match the model's own SDPA attention."""
+    torch.manual_seed(0)
+    model = bd.random_llama(bd.tiny_config(), torch.device("cpu"), dtype=torch.float32)
+    ids = torch.randint(3, 256, (2, 12))
+    tokens, logits = decode(model, ids, "eager")
+    attention.use_decode_attention(model)
+    assert model.config._attn_implementation == "libortho_decode"
+    spy = Spy(monkeypatch) if mode == "eager" else None
+    tokens_op, logits_op = decode(model, ids, mode)
+    if spy:
+        layers = model.config.num_hidden_layers
+        assert spy.op == 9 * layers, (spy.op, spy.sdpa)  # every decode step of every layer, nothing else
+        assert spy.sdpa >= layers  # the prefill
+    assert torch.equal(tokens_op, tokens)
+    assert (logits_op - logits).abs().max() < 1e-4
+    attention.use_decode_attention(model, False)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_bench_decode_runs_every_row_with_it(tmp_path):
+    import json
+    from libortho.cli import main
+    out = tmp_path / "d.json"
+    main(["bench", "decode", "--models", "tiny", "--device", "cpu", "--batches", "1", "--prompt-len", "8",
+          "--new-tokens", "6", "--prefill-len", "0", "--reps", "1", "--warmup", "0", "--variants", "bf16", "alpha1",
+          "--attn", "libortho", "--check-tokens", "0", "--no-progress", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["protocol"]["attention"] == "libortho"
+    assert {r["model"] for r in result["rows"]} == {"tiny"} and result["rows"][0]["bf16_tok_s"] > 0
