@@ -19,6 +19,7 @@ echo "build: $(( $(date +%s) - t0 )) s"
 python3 -c "from libortho.ops import cuda; print('decode kernel (default columns):', cuda.decode_kernel())"
 python3 benchmarks/check_errors.py 2>&1 | tail -5
 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | tail -40
+python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_cuda_attention.py 2>&1 | tee "$OUT/test_cuda_attention.log" | tail -10
 keep=""
 for v in $(echo "${LIBORTHO_BENCH_VARIANTS:-v1,v2,v3}" | tr , ' '); do
   if [ "$v" != v1 ] && grep -qE "^(FAILED|ERROR) .*(\[$v[]-]|test_${v}_)" "$OUT/test_cuda.log"; then
