@@ -150,3 +150,23 @@ def test_bench_decode_runs_every_row_with_it(tmp_path):
     result = json.loads(out.read_text())
     assert result["protocol"]["attention"] == "libortho"
     assert {r["model"] for r in result["rows"]} == {"tiny"} and result["rows"][0]["bf16_tok_s"] > 0
+
+
+def test_generate_cli_takes_it_in_the_fast_path(tmp_path, capsys, monkeypatch):
+    """`libortho generate --mode eager --attn libortho`: the same greedy text as SDPA's, with the decode steps through
+    the op; without a fast-path mode the option is refused with a message."""
+    from libortho.cli import main
+    from conftest import char_tokenizer, tiny_model
+    d = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
+    args = [str(d), "--max-new-tokens", "6", "--no-chat", "--prompt", "abc", "--mode", "eager"]
+    main(["generate", *args])
+    plain = capsys.readouterr().out.splitlines()[-1].split("] ", 1)[1]
+    spy = Spy(monkeypatch)
+    main(["generate", *args, "--attn", "libortho"])
+    assert capsys.readouterr().out.splitlines()[-1].split("] ", 1)[1] == plain
+    assert spy.op > 0
+    with pytest.raises(SystemExit, match="add --compile or --mode"):
+        main(["generate", str(d), "--attn", "libortho"])
+

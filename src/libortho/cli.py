@@ -107,6 +107,11 @@ def cmd_generate(a):
     mode = a.mode or ("compile" if a.compile else None)
     if mode is not None and not a.no_fuse:
         libortho.fuse_siblings(model)  # q/k/v and gate/up as one launch each
+    if a.attn == "libortho":
+        if mode is None:
+            raise SystemExit("--attn libortho runs in the fast path's decode steps: add --compile or --mode")
+        from .attention import use_decode_attention
+        use_decode_attention(model)
     for value in a.alpha:
         has_ortho = bool(libortho.ortho_layers(model))
         if has_ortho:
@@ -181,6 +186,9 @@ def build_parser():
                    help="decode step of the fast path (implies it; --compile means 'compile')")
     g.add_argument("--no-fuse", action="store_true",
                    help="fast path: keep q/k/v and gate/up as separate launches (libortho.fuse_siblings)")
+    g.add_argument("--attn", default="sdpa", choices=["sdpa", "libortho"],
+                   help="fast path: attention of the one-token steps, transformers' SDPA or LibOrtho's decode attention "
+                        "(libortho.attention; the prompt stays SDPA)")
     g.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     g.set_defaults(fn=cmd_generate)
 
