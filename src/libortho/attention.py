@@ -14,6 +14,7 @@ import math
 import torch
 
 NAME = "libortho_decode"
+CHOICES = ("sdpa", "libortho")  # what --attn takes: transformers' SDPA, or this module's decode attention
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,

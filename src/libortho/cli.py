@@ -8,6 +8,8 @@ import time
 
 import torch
 
+from .attention import CHOICES as ATTENTIONS
+
 DEFAULT_PROMPT = "The three most important things about a good breakfast are"
 
 
@@ -186,7 +188,7 @@ def build_parser():
                    help="decode step of the fast path (implies it; --compile means 'compile')")
     g.add_argument("--no-fuse", action="store_true",
                    help="fast path: keep q/k/v and gate/up as separate launches (libortho.fuse_siblings)")
-    g.add_argument("--attn", default="sdpa", choices=["sdpa", "libortho"],
+    g.add_argument("--attn", default="sdpa", choices=ATTENTIONS,
                    help="fast path: attention of the one-token steps, transformers' SDPA or LibOrtho's decode attention "
                         "(libortho.attention; the prompt stays SDPA)")
     g.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")

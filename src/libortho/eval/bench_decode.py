@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..attention import CHOICES as ATTENTIONS
+
 VARIANTS = ("bf16", "alpha1", "alpha0", "int4", "bf16_fused")
 DEFAULT_VARIANTS = VARIANTS[:4]  # bf16_fused (the control for what fusing siblings alone is worth) on request
 MODELS = ("smollm2", "llama2-7b-shape", "tiny")
@@ -709,7 +711,7 @@ def add_arguments(p):
                         "libortho.fuse_siblings)")
     p.add_argument("--mode", default=None, choices=StaticDecoder.MODES,
                    help="decode step: graph (default on CUDA), compile, reduce-overhead, eager (default on CPU)")
-    p.add_argument("--attn", default="sdpa", choices=["sdpa", "libortho"],
+    p.add_argument("--attn", default="sdpa", choices=ATTENTIONS,
                    help="attention of every row (the same for all): transformers' SDPA, or LibOrtho's decode attention "
                         "for the one-token steps (libortho.attention; prefill stays SDPA)")
     p.add_argument("--check-tokens", type=int, default=None,

@@ -79,7 +79,7 @@ def _(q, k, v, mask, scale):
     return q.new_empty(q.shape[0], 1, q.shape[1], q.shape[3])
 
 
-def kernel_takes(q, k, v, mask) -> bool:
+def kernel_takes(q, k, v) -> bool:
     """Whether decode_attention.cu runs this call (else the reference does): fp16 / bf16, head dim 64 or 128, at most 8
     query heads per cache head, last dimensions contiguous and rows at 16-byte steps."""
     if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[3] not in (64, 128):
@@ -103,7 +103,7 @@ def attention_chunk(batch: int, kv_heads: int, length: int, sms: int) -> int:
 
 def decode_attention_cuda(q, k, v, mask, scale):
     check_attention_inputs(q, k, v, mask, scale)
-    if not kernel_takes(q, k, v, mask) or not cuda.available():
+    if not kernel_takes(q, k, v) or not cuda.available():
         cuda._warn_once(f"attention-{q.dtype}-{q.shape[3]}", "libortho: no CUDA decode-attention kernel for this call "
                         f"(dtype {q.dtype}, head dim {q.shape[3]}, layout); using the float32 reference")
         return decode_attention_reference(q, k, v, mask, scale)
