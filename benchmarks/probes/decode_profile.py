@@ -7,6 +7,7 @@ category (LibOrtho's op, attention, the lm_head's GEMM, Triton kernels of the co
 code, other). Next to it: the graph replay's time per step, whose excess over the sum of kernel times is
 what launching the kernels back to back costs inside the graph.
 
+``--attn libortho`` profiles the step with LibOrtho's decode attention (``libortho.attention``) in place of SDPA.
 ``--sdpa`` profiles other attention backends (torch's scaled_dot_product_attention restricted to one). The
 choice is made when the step is compiled, and neither dynamo's guards nor inductor's caches key on it: run
 with TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0, or every backend gets the first one's graph.
@@ -87,8 +88,11 @@ def main() -> None:
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.0, 1.0])
     ap.add_argument("--sdpa", nargs="+", default=["default"], choices=SDPA_BACKENDS,
                     help="attention backends to profile (each alpha with each)")
+    ap.add_argument("--attn", nargs="+", default=["sdpa"], choices=["sdpa", "libortho"],
+                    help="attention of the decode steps: transformers' SDPA (with --sdpa's backends) or LibOrtho's")
     args = ap.parse_args()
     from libortho.config import OrthoConfig
+    from libortho.attention import use_decode_attention
     from libortho.fuse import fuse_siblings
     device = torch.device("cuda")
     model, tok, desc = bd.load_bench_model("llama2-7b-shape", device)
@@ -99,17 +103,24 @@ def main() -> None:
     with torch.no_grad():
         bank.install(bd._ortho_maker(cfg), "decompose", progress=False)
         fuse_siblings(model)
-        for sdpa, alpha in [(b, a) for b in args.sdpa for a in args.alphas]:
+        cases = []  # (attention, SDPA backend, alpha)
+        if "sdpa" in args.attn:
+            cases += [("sdpa", b, a) for b in args.sdpa for a in args.alphas]
+        if "libortho" in args.attn:
+            cases += [("libortho", "default", a) for a in args.alphas]
+        for attn, sdpa, alpha in cases:
             set_sdpa_backend(sdpa)
+            use_decode_attention(model, attn == "libortho")
             torch._dynamo.reset()  # the backend is chosen when the step is traced; dynamo's guards do not see it
+            name = "libortho attention" if attn == "libortho" else f"sdpa {sdpa}"
             try:
-                r = dict(profile_alpha(model, prompts, alpha, args.steps), sdpa=sdpa)
+                r = dict(profile_alpha(model, prompts, alpha, args.steps), sdpa=sdpa, attn=attn)
             except Exception as e:  # noqa: BLE001  (a backend that cannot run this case)
-                print(f"sdpa {sdpa} alpha {alpha:g}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
-                rows.append({"sdpa": sdpa, "alpha": alpha, "error": f"{type(e).__name__}: {e}"})
+                print(f"{name} alpha {alpha:g}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+                rows.append({"sdpa": sdpa, "attn": attn, "alpha": alpha, "error": f"{type(e).__name__}: {e}"})
                 continue
             rows.append(r)
-            print(f"sdpa {sdpa}, alpha {alpha:g}: graph step {r['graph_step_ms']:.3f} ms, kernels {r['kernel_sum_ms']:.3f} ms "
+            print(f"{name}, alpha {alpha:g}: graph step {r['graph_step_ms']:.3f} ms, kernels {r['kernel_sum_ms']:.3f} ms "
                   f"({r['kernels_per_step']:.0f} per step), launch gaps {r['launch_gap_ms']:.3f} ms", flush=True)
             for c, us in r["categories_us"].items():
                 print(f"  {c:50s} {us / 1e3:7.3f} ms  ({r['launches_per_step'][c]:.0f} kernels)", flush=True)

@@ -62,24 +62,63 @@ __device__ inline float warp_sum(float v) {
   return v;
 }
 
-// Head h of batch b: its chunks' parts combined and normalised, element d written to out (B, 1, Hq, D); zeros where
-// no position took part. The parts come from other blocks: read through L2 (__ldcg), never a stale L1 line.
-template <typename T, int D>
-__device__ inline void combine_head(const AttnArgs& a, int b, int h, int d) {
-  const size_t row0 = (static_cast<size_t>(b) * a.Hq + h) * a.splits;
-  float mx = -INFINITY;
-  for (int s = 0; s < a.splits; ++s) mx = fmaxf(mx, __ldcg(a.ws_ml + 2 * (row0 + s)));
-  float l = 0.f, acc = 0.f;
-  if (mx != -INFINITY) {
-    for (int s = 0; s < a.splits; ++s) {
-      const float ms = __ldcg(a.ws_ml + 2 * (row0 + s));
-      if (ms == -INFINITY) continue;  // no position of that chunk took part
-      const float c = exp2f(ms - mx);
-      l += c * __ldcg(a.ws_ml + 2 * (row0 + s) + 1);
-      acc += c * __ldcg(a.ws_acc + (row0 + s) * D + d);
+// The G heads h0.. of batch b: their chunks' parts combined and normalised, written to out (B, 1, Hq, D); zeros where
+// no position took part. By the whole block (kAttnWarps warps), kCombineTile chunks at a time: the tile's (m, l) staged
+// in shared memory, then each thread loads the tile's partial sums of its elements at once (independent loads, not one
+// L2 round trip per chunk) and folds them into a running (max, sum, acc). The parts come from other blocks: read
+// through L2 (__ldcg), never a stale L1 line.
+constexpr int kCombineTile = 16;
+template <typename T, int D, int G>
+__device__ inline void combine_parts(const AttnArgs& a, int b, int h0) {
+  constexpr int kThreads = kAttnWarps * 32, kPer = (G * D + kThreads - 1) / kThreads;
+  __shared__ float sm_m[G][kCombineTile], sm_l[G][kCombineTile];
+  const size_t row0 = (static_cast<size_t>(b) * a.Hq + h0) * a.splits;  // (b, h0, 0) in (B, Hq, splits)
+  float mx[kPer], lt[kPer], acc[kPer];
+#pragma unroll
+  for (int k = 0; k < kPer; ++k) mx[k] = -INFINITY, lt[k] = 0.f, acc[k] = 0.f;
+  for (int s0 = 0; s0 < a.splits; s0 += kCombineTile) {
+    __syncthreads();  // the previous tile's (m, l) are no longer read
+    for (int i = threadIdx.x; i < G * kCombineTile; i += kThreads) {
+      const int g = i / kCombineTile, s = s0 + i % kCombineTile;
+      const bool in = s < a.splits;
+      const size_t r = row0 + static_cast<size_t>(g) * a.splits + s;
+      sm_m[g][i % kCombineTile] = in ? __ldcg(a.ws_ml + 2 * r) : -INFINITY;
+      sm_l[g][i % kCombineTile] = in ? __ldcg(a.ws_ml + 2 * r + 1) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int e = threadIdx.x + k * kThreads;
+      if (kPer * kThreads != G * D && e >= G * D) break;
+      const int g = e / D, d = e % D;
+      const size_t r = row0 + static_cast<size_t>(g) * a.splits + s0;
+      float part[kCombineTile];
+#pragma unroll
+      for (int j = 0; j < kCombineTile; ++j)
+        part[j] = sm_m[g][j] != -INFINITY ? __ldcg(a.ws_acc + (r + j) * D + d) : 0.f;
+      float mt = mx[k];
+#pragma unroll
+      for (int j = 0; j < kCombineTile; ++j) mt = fmaxf(mt, sm_m[g][j]);
+      if (mt == -INFINITY) continue;  // nothing of this head so far
+      const float c = exp2f(mx[k] - mt);
+      lt[k] *= c;
+      acc[k] *= c;
+#pragma unroll
+      for (int j = 0; j < kCombineTile; ++j) {
+        const float w = exp2f(sm_m[g][j] - mt);  // 0 for a chunk no position of which took part
+        lt[k] += w * sm_l[g][j];
+        acc[k] += w * part[j];
+      }
+      mx[k] = mt;
     }
   }
-  static_cast<T*>(a.out)[(static_cast<size_t>(b) * a.Hq + h) * D + d] = from_float<T>(l > 0.f ? acc / l : 0.f);
+#pragma unroll
+  for (int k = 0; k < kPer; ++k) {
+    const int e = threadIdx.x + k * kThreads;
+    if (kPer * kThreads != G * D && e >= G * D) break;
+    static_cast<T*>(a.out)[(static_cast<size_t>(b) * a.Hq + h0) * D + e] =
+        from_float<T>(lt[k] > 0.f ? acc[k] / lt[k] : 0.f);
+  }
 }
 
 // Block (chunk s, KV head hk, batch b): the G query heads of hk against positions [s * chunk, (s + 1) * chunk).
@@ -227,14 +266,14 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_split(AttnAr
   __syncthreads();
   if (!last) return;
   __threadfence();
-  for (int e = threadIdx.x; e < G * D; e += kAttnWarps * 32) combine_head<T, D>(a, b, h0 + e / D, e % D);
+  combine_parts<T, D, G>(a, b, h0);
   if (threadIdx.x == 0) *ticket = 0u;  // ready for the next call that takes this ticket
 }
 
-// Block (query head h, batch b), one thread per element of the head (calls without tickets).
-template <typename T, int D>
-__global__ void __launch_bounds__(D) decode_attention_combine(AttnArgs a) {
-  combine_head<T, D>(a, blockIdx.y, blockIdx.x, threadIdx.x);
+// Block (KV head hk, batch b): the parts of hk's G query heads combined (calls without tickets).
+template <typename T, int D, int G>
+__global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_combine(AttnArgs a) {
+  combine_parts<T, D, G>(a, blockIdx.y, blockIdx.x * G);
 }
 
 template <typename T, int D, int G>
@@ -242,7 +281,7 @@ cudaError_t launch_attn(const AttnArgs& a, cudaStream_t s) {
   decode_attention_split<T, D, G><<<dim3(a.splits, a.Hkv, a.B), kAttnWarps * 32, 0, s>>>(a);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || a.splits == 1 || a.tickets != nullptr) return err;
-  decode_attention_combine<T, D><<<dim3(a.Hq, a.B), D, 0, s>>>(a);
+  decode_attention_combine<T, D, G><<<dim3(a.Hkv, a.B), kAttnWarps * 32, 0, s>>>(a);
   return cudaGetLastError();
 }
 
