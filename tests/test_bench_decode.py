@@ -190,6 +190,26 @@ def test_bench_decode_cli_json_schema(tmp_path, capsys):
     assert not (tmp_path / "dup.json").exists()
 
 
+def test_coordinate_descent_is_on_while_the_rows_compile_and_recorded(tmp_path, monkeypatch):
+    """--coordinate-descent: inductor's coordinate-descent tuning is on while a model's rows run (when their steps
+    compile) and off again after, and the protocol says so; without the flag it stays off."""
+    import torch._inductor.config as inductor_config
+    seen, bench_model = [], bd.bench_model
+
+    def spy(*a, **k):
+        seen.append(inductor_config.coordinate_descent_tuning)
+        return bench_model(*a, **k)
+    monkeypatch.setattr(bd, "bench_model", spy)
+    args = ["bench", "decode", "--models", "tiny", "--device", "cpu", "--batches", "1", "--prompt-len", "8",
+            "--new-tokens", "3", "--prefill-len", "0", "--reps", "1", "--warmup", "0", "--no-progress", "--strict",
+            "--variants", "bf16"]
+    for flag, on in (([], False), (["--coordinate-descent"], True)):
+        out = tmp_path / f"decode-{on}.json"
+        main([*args, *flag, "--out", str(out)])
+        assert json.loads(out.read_text())["protocol"]["coordinate_descent"] is on
+        assert seen[-1] is on and inductor_config.coordinate_descent_tuning is False
+
+
 def test_bench_decode_fused_bf16_control(tmp_path, capsys):
     out = tmp_path / "decode-cpu.json"
     main(["bench", "decode", "--models", "tiny", "--device", "cpu", "--batches", "1", "--prompt-len", "8",

@@ -7,7 +7,8 @@ asymmetric INT4, bf16 scale+zero). Embeddings, norms and the lm_head stay bf16 i
 LibOrtho rows run q/k/v and gate/up as one launch each (``libortho.fuse_siblings``; ``--no-fuse``
 keeps them apart); the bf16 and int4 rows run the model's own separate linears. Attention: transformers'
 SDPA in every row (``--attn libortho``: LibOrtho's decode attention in every row's one-token steps,
-``libortho.attention``; the prefill stays SDPA).
+``libortho.attention``; the prefill stays SDPA). ``--coordinate-descent``: inductor tunes its Triton kernels
+(norms, rotary, elementwise) by coordinate descent in every row's compile.
 A prompt of ``prompt_len`` tokens per sequence is prefilled (eager) into a transformers
 ``StaticCache``; then ``new_tokens - 1`` one-token greedy decode steps run, each one a replay of a
 CUDA graph captured from the step (``--mode graph``: the eager step; ``--mode compile``: the
@@ -90,6 +91,13 @@ def _raise_recompile_limit(limit: int = 256) -> None:
     for key in ("recompile_limit", "cache_size_limit"):
         if hasattr(cfg, key) and getattr(cfg, key) < limit:
             setattr(cfg, key, limit)
+
+
+def inductor_tuning(coordinate_descent: bool):
+    """A context in which torch.compile's inductor tunes (or not) each Triton kernel it generates by coordinate
+    descent over block sizes and warps; compiles inside it (they happen at a decoder's first steps) keep it."""
+    import torch._inductor.config as inductor_config
+    return inductor_config.patch(coordinate_descent_tuning=bool(coordinate_descent))
 
 
 class StaticDecoder:
@@ -714,6 +722,9 @@ def add_arguments(p):
     p.add_argument("--attn", default="sdpa", choices=ATTENTIONS,
                    help="attention of every row (the same for all): transformers' SDPA, or LibOrtho's decode attention "
                         "for the one-token steps (libortho.attention; prefill stays SDPA)")
+    p.add_argument("--coordinate-descent", action="store_true",
+                   help="compile modes: inductor tunes each of its Triton kernels by coordinate descent (gpt-fast's "
+                        "setting; longer compiles), every row alike")
     p.add_argument("--check-tokens", type=int, default=None,
                    help="greedy check reference vs CUDA op on smollm2 (default: --new-tokens; 0: skip)")
     p.add_argument("--strict", action="store_true", help="stop at the first failing row instead of recording it")
@@ -1000,7 +1011,7 @@ def run(args):
                 "prefill_len": args.prefill_len, "reps": args.reps, "warmup": args.warmup, "mode": mode,
                 "density": args.density, "score": args.score, "group_size": args.group_size,
                 "variants": args.variants, "fuse_siblings": not args.no_fuse, "attention": args.attn,
-                "method": __doc__.strip()}
+                "coordinate_descent": args.coordinate_descent, "method": __doc__.strip()}
     if device.type == "cuda":
         from ..ops import cuda as cuda_ops
         protocol["decode_kernel"], protocol["pdl"] = cuda_ops.decode_kernel(), cuda_ops.pdl_enabled()
@@ -1018,7 +1029,8 @@ def run(args):
     t_all = time.perf_counter()
     for name in args.models:
         t = time.perf_counter()
-        rows, info = bench_model(name, args, device, on_variant=lambda r, i, n=name: save_partial(n, r, i))
+        with inductor_tuning(args.coordinate_descent):
+            rows, info = bench_model(name, args, device, on_variant=lambda r, i, n=name: save_partial(n, r, i))
         info["total_s"] = time.perf_counter() - t
         result["rows"] += rows
         result["models"][name] = info
