@@ -207,6 +207,7 @@ def test_coordinate_descent_is_on_while_the_rows_compile_and_recorded(tmp_path, 
         out = tmp_path / f"decode-{on}.json"
         main([*args, *flag, "--out", str(out)])
         assert json.loads(out.read_text())["protocol"]["coordinate_descent"] is on
+        assert ("coordinate-descent" in out.with_suffix(".md").read_text().splitlines()[0]) is on
         assert seen[-1] is on and inductor_config.coordinate_descent_tuning is False
 
 

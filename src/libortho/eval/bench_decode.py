@@ -913,9 +913,11 @@ def summary(result: dict) -> str:
     per_row = len({r.get("mode") for r in result["rows"]}) > 1
     mode = "per row (beside the model)" if per_row else result["protocol"]["mode"]
     date = ", ".join(sorted(set(result.get("dates") or [result["date"]])))
+    proto = result["protocol"]
     lines = [f"Decode, {result['card']}, torch {result['torch']}, transformers {result['transformers']}, "
              f"{date}; prompt {result['protocol']['prompt_len']} + {result['protocol']['new_tokens']} "
-             f"new tokens, greedy, static cache, mode {mode}, median of "
+             f"new tokens, greedy, static cache, mode {mode}, attention {proto.get('attention', 'sdpa')}"
+             f"{', inductor coordinate-descent tuning' if proto.get('coordinate_descent') else ''}, median of "
              f"{result['protocol']['reps']}. tokens/s over the whole batch (ms per decode step).", "",
              "| model | batch | bf16 tok/s (ms) | LibOrtho alpha=1 | alpha=0 | torch int4 | speed-up a=1 / a=0 / int4 "
              "| peak GiB bf16 / a=1 / a=0 / int4 |",
