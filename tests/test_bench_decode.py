@@ -184,6 +184,12 @@ def test_bench_decode_cli_json_schema(tmp_path, capsys):
     md = (tmp_path / "mc.md").read_text()
     assert "| tiny (eager) | 1 |" in md and "| tiny2 (compile) | 2 |" in md and "mode per row" in md
     assert "2026-01-02T00:00:00+00:00" in md.splitlines()[0] and res["date"] in md.splitlines()[0]
+    # results of another attention are refused (the header names one), and nothing is written
+    other["protocol"] = dict(other["protocol"], attention="libortho")
+    (tmp_path / "d.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match=r"different attention settings"):
+        main(["bench", "decode", "--merge", str(out), str(tmp_path / "d.json"), "--out", str(tmp_path / "ma.json")])
+    assert not (tmp_path / "ma.json").exists()
     # the same (model, batch, mode) from two results is refused, and nothing is written
     with pytest.raises(SystemExit, match=r"appear in more than one result"):
         main(["bench", "decode", "--merge", str(out), str(out), "--out", str(tmp_path / "dup.json")])

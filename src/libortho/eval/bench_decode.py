@@ -974,6 +974,10 @@ def merge(paths, out) -> dict:
     cards = {p["card"] for p in parts}
     if len(cards) != 1:
         raise SystemExit(f"refusing to merge results from different cards: {sorted(cards)}")
+    for key, default in (("attention", "sdpa"), ("coordinate_descent", False)):  # the header states them once
+        seen = {p["protocol"].get(key, default) for p in parts}
+        if len(seen) != 1:
+            raise SystemExit(f"refusing to merge results run with different {key} settings: {sorted(map(str, seen))}")
     result = dict(parts[0], rows=[], models={}, merged_from=[str(p) for p in paths],
                   dates=[p["date"] for p in parts], commands=[p.get("command") for p in parts])
     for p in parts:
