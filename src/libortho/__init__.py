@@ -2,6 +2,7 @@
 __version__ = "0.1.0"
 
 from . import ops  # noqa: F401  (registers torch.ops.libortho.*)
+from .attention import use_decode_attention
 from .calibrate import Calibration, calibration_data
 from .checkpoint import load, read_manifest, save
 from .config import OrthoConfig
@@ -14,7 +15,7 @@ from .model import alpha, cast_model, decompose, format_report, ortho_layers, re
 __all__ = ["OrthoConfig", "OrthoLinear", "Calibration", "calibration_data", "decompose", "set_alpha",
            "alpha", "cast_model", "report", "format_report", "ortho_layers", "save", "load", "read_manifest",
            "load_model", "read_text", "fuse_siblings", "fuse_linear_siblings", "unfuse_siblings",
-           "LibOrthoError", "SaveFormatError", "perplexity"]
+           "LibOrthoError", "SaveFormatError", "perplexity", "use_decode_attention"]
 
 
 def perplexity(*args, **kwargs):
