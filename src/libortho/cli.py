@@ -9,6 +9,7 @@ import time
 import torch
 
 from .attention import CHOICES as ATTENTIONS
+from .attention import use_decode_attention
 
 DEFAULT_PROMPT = "The three most important things about a good breakfast are"
 
@@ -112,7 +113,6 @@ def cmd_generate(a):
     if a.attn == "libortho":
         if mode is None:
             raise SystemExit("--attn libortho runs in the fast path's decode steps: add --compile or --mode")
-        from .attention import use_decode_attention
         use_decode_attention(model)
     for value in a.alpha:
         has_ortho = bool(libortho.ortho_layers(model))

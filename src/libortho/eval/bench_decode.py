@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ..attention import CHOICES as ATTENTIONS
+from ..attention import use_decode_attention
 
 VARIANTS = ("bf16", "alpha1", "alpha0", "int4", "bf16_fused")
 DEFAULT_VARIANTS = VARIANTS[:4]  # bf16_fused (the control for what fusing siblings alone is worth) on request
@@ -765,7 +766,6 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
     t0 = time.perf_counter()
     model, tok, desc = load_bench_model(name, device)
     if args.attn == "libortho":
-        from ..attention import use_decode_attention
         use_decode_attention(model)
     info = {"description": desc, "load_s": time.perf_counter() - t0, "mode": mode, "errors": {},
             "params": sum(p.numel() for p in model.parameters())}
@@ -911,14 +911,14 @@ def summary(result: dict) -> str:
     f = lambda x, fmt="{:.1f}": "-" if x is None else fmt.format(x)  # noqa: E731
     # a merged result may hold rows of several modes and runs: then each row names its mode, the header every date
     per_row = len({r.get("mode") for r in result["rows"]}) > 1
-    mode = "per row (beside the model)" if per_row else result["protocol"]["mode"]
-    date = ", ".join(sorted(set(result.get("dates") or [result["date"]])))
     proto = result["protocol"]
+    mode = "per row (beside the model)" if per_row else proto["mode"]
+    date = ", ".join(sorted(set(result.get("dates") or [result["date"]])))
     lines = [f"Decode, {result['card']}, torch {result['torch']}, transformers {result['transformers']}, "
-             f"{date}; prompt {result['protocol']['prompt_len']} + {result['protocol']['new_tokens']} "
+             f"{date}; prompt {proto['prompt_len']} + {proto['new_tokens']} "
              f"new tokens, greedy, static cache, mode {mode}, attention {proto.get('attention', 'sdpa')}"
              f"{', inductor coordinate-descent tuning' if proto.get('coordinate_descent') else ''}, median of "
-             f"{result['protocol']['reps']}. tokens/s over the whole batch (ms per decode step).", "",
+             f"{proto['reps']}. tokens/s over the whole batch (ms per decode step).", "",
              "| model | batch | bf16 tok/s (ms) | LibOrtho alpha=1 | alpha=0 | torch int4 | speed-up a=1 / a=0 / int4 "
              "| peak GiB bf16 / a=1 / a=0 / int4 |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
