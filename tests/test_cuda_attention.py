@@ -120,6 +120,26 @@ def test_rows_with_no_position_give_zeros_and_repeat_bit_for_bit():
     assert torch.equal(out, torch.ops.libortho.decode_attention(q, k, v, mask, 0.125))
 
 
+@pytest.mark.parametrize("b", [1, 3])
+@pytest.mark.parametrize("mask_kind", ["bool", "additive-bf16"])
+def test_what_excluded_positions_hold_never_reaches_the_output(b, mask_kind):
+    """Positions no head attends may hold anything (NaN, inf: an unwritten cache); batch 1 requests their K and V rows
+    with the mask (kernel_spec), batch > 1 skips them: either way the output is bit for bit that of a clean cache."""
+    gen = torch.Generator(device="cuda").manual_seed(5 + b)
+    q, k, v = cache(b, 32, 8, 392, 128, torch.bfloat16, gen)
+    keep = filled_mask(b, 392, gen)
+    keep[..., 7] = False  # a hole inside the filled part too
+    mask = keep if mask_kind == "bool" else torch.where(keep, 0.0, float("-inf")).bfloat16()
+    bad_k, bad_v = k.clone(), v.clone()
+    hidden = ~keep[:, 0, 0, :]  # (B, L)
+    bad_k.permute(0, 2, 1, 3)[hidden] = float("nan")
+    bad_v.permute(0, 2, 1, 3)[hidden] = float("inf")
+    clean = torch.ops.libortho.decode_attention(q, k, v, mask, 0.088)
+    assert rel_err(clean, reference64(q, k, v, keep, 0.088)) < TOL[torch.bfloat16]
+    poison_allocator()
+    assert torch.equal(torch.ops.libortho.decode_attention(q, bad_k, bad_v, mask, 0.088), clean)
+
+
 def test_a_cuda_graph_replays_it_with_the_mask_of_the_step():
     """The static-cache use: the mask changes in place between replays (more positions filled)."""
     gen = torch.Generator(device="cuda").manual_seed(2)

@@ -73,10 +73,25 @@ __device__ inline void combine_parts(const AttnArgs& a, int b, int h0) {
   constexpr int kThreads = kAttnWarps * 32, kPer = (G * D + kThreads - 1) / kThreads;
   __shared__ float sm_m[G][kCombineTile], sm_l[G][kCombineTile];
   const size_t row0 = (static_cast<size_t>(b) * a.Hq + h0) * a.splits;  // (b, h0, 0) in (B, Hq, splits)
+  // Every block writes its part, zeros where no position took part, so the partial sums can be requested before
+  // the tile's (m, l) arrive: one L2 round trip instead of two, where kPer x kCombineTile registers allow it.
+  constexpr bool kEarly = kPer <= 2;
   float mx[kPer], lt[kPer], acc[kPer];
 #pragma unroll
   for (int k = 0; k < kPer; ++k) mx[k] = -INFINITY, lt[k] = 0.f, acc[k] = 0.f;
   for (int s0 = 0; s0 < a.splits; s0 += kCombineTile) {
+    float early[kEarly ? kPer : 1][kCombineTile];
+    if constexpr (kEarly) {
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int e = threadIdx.x + k * kThreads;
+        if (kPer * kThreads != G * D && e >= G * D) break;
+        const size_t r = row0 + static_cast<size_t>(e / D) * a.splits + s0;
+#pragma unroll
+        for (int j = 0; j < kCombineTile; ++j)
+          early[k][j] = s0 + j < a.splits ? __ldcg(a.ws_acc + (r + j) * D + e % D) : 0.f;
+      }
+    }
     __syncthreads();  // the previous tile's (m, l) are no longer read
     for (int i = threadIdx.x; i < G * kCombineTile; i += kThreads) {
       const int g = i / kCombineTile, s = s0 + i % kCombineTile;
@@ -94,8 +109,10 @@ __device__ inline void combine_parts(const AttnArgs& a, int b, int h0) {
       const size_t r = row0 + static_cast<size_t>(g) * a.splits + s0;
       float part[kCombineTile];
 #pragma unroll
-      for (int j = 0; j < kCombineTile; ++j)
-        part[j] = sm_m[g][j] != -INFINITY ? __ldcg(a.ws_acc + (r + j) * D + d) : 0.f;
+      for (int j = 0; j < kCombineTile; ++j) {
+        if constexpr (kEarly) part[j] = early[k][j];
+        else part[j] = sm_m[g][j] != -INFINITY ? __ldcg(a.ws_acc + (r + j) * D + d) : 0.f;
+      }
       float mt = mx[k];
 #pragma unroll
       for (int j = 0; j < kCombineTile; ++j) mt = fmaxf(mt, sm_m[g][j]);
@@ -128,7 +145,10 @@ __device__ inline void combine_parts(const AttnArgs& a, int b, int h0) {
 // online over a warp's steps, then over the warps in shared memory. One chunk: the block writes out. Several: the
 // block writes its part (m, l, acc[D]) per query head; with tickets the last block of its (b, hk) combines them,
 // without (a.tickets null) decode_attention_combine does.
-template <typename T, int D, int G>
+// kSpec (batch 1, where the launch waits on latency, not bytes): the K and V rows are requested together with the mask,
+// not after it, saving a round trip for reading rows past the filled part; rows no head attends are zeroed after the
+// ballot, so whatever such positions hold (NaN in an unwritten cache) never reaches the sums.
+template <typename T, int D, int G, bool kSpec>
 __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_split(AttnArgs a) {
   constexpr int EPL = D / 32;
   constexpr unsigned kAll = 0xffffffffu;
@@ -152,6 +172,17 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_split(AttnAr
     }
   }
   for (int pw = p0 + warp * kAttnRows; pw < p1; pw += kAttnWarps * kAttnRows) {
+    RowWord<EPL> kr[kAttnRows], vr[kAttnRows];
+    if constexpr (kSpec) {
+#pragma unroll
+      for (int j = 0; j < kAttnRows; ++j) {
+        kr[j] = vr[j] = RowWord<EPL>{};
+        if (pw + j < p1) {
+          kr[j] = *reinterpret_cast<const RowWord<EPL>*>(kb + (pw + j) * a.k_sl);
+          vr[j] = *reinterpret_cast<const RowWord<EPL>*>(vb + (pw + j) * a.v_sl);
+        }
+      }
+    }
     // Lane j < kAttnRows: the mask of position pw + j per head (-inf past the chunk).
     float mk[G];
     bool take = false;
@@ -162,13 +193,16 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_split(AttnAr
     }
     const unsigned taken = __ballot_sync(kAll, take);
     if (!taken) continue;
-    RowWord<EPL> kr[kAttnRows], vr[kAttnRows];
 #pragma unroll
     for (int j = 0; j < kAttnRows; ++j) {
-      kr[j] = vr[j] = RowWord<EPL>{};
-      if (taken >> j & 1) {
-        kr[j] = *reinterpret_cast<const RowWord<EPL>*>(kb + (pw + j) * a.k_sl);
-        vr[j] = *reinterpret_cast<const RowWord<EPL>*>(vb + (pw + j) * a.v_sl);
+      if constexpr (kSpec) {
+        if (!(taken >> j & 1)) kr[j] = vr[j] = RowWord<EPL>{};
+      } else {
+        kr[j] = vr[j] = RowWord<EPL>{};
+        if (taken >> j & 1) {
+          kr[j] = *reinterpret_cast<const RowWord<EPL>*>(kb + (pw + j) * a.k_sl);
+          vr[j] = *reinterpret_cast<const RowWord<EPL>*>(vb + (pw + j) * a.v_sl);
+        }
       }
     }
     float sc[G][kAttnRows];
@@ -278,7 +312,10 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_combine(Attn
 
 template <typename T, int D, int G>
 cudaError_t launch_attn(const AttnArgs& a, cudaStream_t s) {
-  decode_attention_split<T, D, G><<<dim3(a.splits, a.Hkv, a.B), kAttnWarps * 32, 0, s>>>(a);
+  if (a.B == 1)
+    decode_attention_split<T, D, G, true><<<dim3(a.splits, a.Hkv, a.B), kAttnWarps * 32, 0, s>>>(a);
+  else
+    decode_attention_split<T, D, G, false><<<dim3(a.splits, a.Hkv, a.B), kAttnWarps * 32, 0, s>>>(a);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || a.splits == 1 || a.tickets != nullptr) return err;
   decode_attention_combine<T, D, G><<<dim3(a.Hkv, a.B), kAttnWarps * 32, 0, s>>>(a);
