@@ -43,6 +43,17 @@ def make_layer(n, k, bits, gs, sym, density, dtype, gen, bias=True, csr=None):
     return OrthoLinear.pack(codes, grid, csr, b, dtype)
 
 
+def run_config(ext, layer, x, cfg, alpha, bias=None):
+    """One call of v1 configuration cfg on poisoned memory: (its output, the lean launches it counted)."""
+    n, k = layer.out_features, layer.in_features
+    poison_allocator()
+    before = ext.v1_lean_launches()
+    y = cuda_backend._checked(ext.fused_small_m_cfg(
+        x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values, bias, alpha, 4,
+        quant.effective_group_size(layer.group_size, k), n, k, cfg), f"config {cfg}")
+    return y, ext.v1_lean_launches() - before
+
+
 def with_counted_calls(monkeypatch, ext, fn):
     """fn() with the extension wrapped so that the dispatch's calls of its entry points are recorded, in order:
     (fn's result, the entry points' names)."""
@@ -164,10 +175,7 @@ def test_every_v1_configuration(cfg, n, k, gs, sym, dtype):
         if cfg in X_RING_CONFIGS + WARPS_CONFIGS and m == 3:  # rows not 16-byte aligned: the x ring must step aside
             x = torch.randn(m * k + 4, generator=gen, device="cuda").to(dtype)[4:].view(m, k)
         for alpha in (0.0, 1.0):
-            poison_allocator()
-            y = cuda_backend._checked(ext.fused_small_m_cfg(
-                x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values, None,
-                alpha, 4, quant.effective_group_size(layer.group_size, k), n, k, cfg), f"config {cfg}")
+            y, _ = run_config(ext, layer, x, cfg, alpha)
             ref = reference64(layer, x, alpha) - layer.bias.double()
             assert rel_err(y, ref) < TOL[dtype], (cfg, m, alpha)
 
@@ -200,18 +208,14 @@ def test_lean_ring_kernels_match_the_full_kernels_bit_for_bit(m, n, k, gs):
 
     def run(cfg, alpha, lean):
         ext.set_v1_lean(lean)
-        poison_allocator()
-        return cuda_backend._checked(ext.fused_small_m_cfg(
-            x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values, None, alpha,
-            4, quant.effective_group_size(layer.group_size, k), n, k, cfg), f"config {cfg}")
+        return run_config(ext, layer, x, cfg, alpha)
     try:
         for cfg in [c for c in X_RING_CONFIGS if m <= V1_CONFIG_MAX_M[c]]:
             for alpha in (0.0, 1.0):
-                before = ext.v1_lean_launches()
-                y = run(cfg, alpha, True)
+                y, lean_launches = run(cfg, alpha, True)
                 full_only = cfg in ORTHO_FIRST_CONFIGS and m > ext.v1_lean_ortho_first_max_m()
-                assert ext.v1_lean_launches() - before == (0 if full_only else 1), (cfg, alpha)
-                assert torch.equal(y, run(cfg, alpha, False)), (cfg, alpha)
+                assert lean_launches == (0 if full_only else 1), (cfg, alpha)
+                assert torch.equal(y, run(cfg, alpha, False)[0]), (cfg, alpha)
                 ref = reference64(layer, x, alpha) - layer.bias.double()
                 assert rel_err(y, ref) < TOL[torch.bfloat16], (cfg, alpha)
     finally:
@@ -240,12 +244,8 @@ def test_row_pair_blocks_with_the_last_wave_in_single_tiles_match_the_pairs(m):
 
     def run(cfg, alpha, split):
         ext.set_v1_row_pairs_split(split)
-        poison_allocator()
-        before = ext.v1_lean_launches()
-        y = cuda_backend._checked(ext.fused_small_m_cfg(
-            x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values, layer.bias,
-            alpha, 4, layer.group_size, n, k, cfg), f"config {cfg}")
-        assert ext.v1_lean_launches() - before == 1, cfg
+        y, lean_launches = run_config(ext, layer, x, cfg, alpha, layer.bias)
+        assert lean_launches == 1, cfg
         return y
     try:
         cfgs = [c for c in ROW_PAIR_CONFIGS if m <= V1_CONFIG_MAX_M[c] and (m <= 16) == (V1_CONFIG_MAX_M[c] <= 16)]
@@ -279,12 +279,7 @@ def test_ortho_first_lean_forms_below_their_m_limit(m):
 
     def run(cfg, alpha, limit):
         ext.set_v1_lean_ortho_first_max_m(limit)
-        poison_allocator()
-        before = ext.v1_lean_launches()
-        y = cuda_backend._checked(ext.fused_small_m_cfg(
-            x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values, None, alpha,
-            4, layer.group_size, n, k, cfg), f"config {cfg}")
-        return y, ext.v1_lean_launches() - before
+        return run_config(ext, layer, x, cfg, alpha)
     try:
         for cfg in [c for c in ORTHO_FIRST_CONFIGS if m <= V1_CONFIG_MAX_M[c]]:
             for alpha in (0.0, 1.0):
@@ -315,13 +310,9 @@ def test_other_warp_counts_run_lean_or_as_eight_warps(n, k, gs):
                 for lean in (True, False):
                     ext.set_v1_lean(lean)
                     for alpha in (0.0, 1.0):
-                        poison_allocator()
-                        before = ext.v1_lean_launches()
-                        y = cuda_backend._checked(ext.fused_small_m_cfg(
-                            x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values,
-                            None, alpha, 4, quant.effective_group_size(layer.group_size, k), n, k, cfg), f"config {cfg}")
+                        y, lean_launches = run_config(ext, layer, x, cfg, alpha)
                         expect_lean = lean and k % 64 == 0 and gs != 32
-                        assert ext.v1_lean_launches() - before == int(expect_lean), (cfg, m, lean, alpha)
+                        assert lean_launches == int(expect_lean), (cfg, m, lean, alpha)
                         ref = reference64(layer, x, alpha) - layer.bias.double()
                         assert rel_err(y, ref) < TOL[torch.bfloat16], (cfg, m, lean, alpha)
     finally:
