@@ -68,17 +68,20 @@ def profile_alpha(model, prompts, alpha, steps):
             dec._fn()
         torch.cuda.synchronize()
     per_cat, per_kernel, launches = collections.Counter(), collections.Counter(), collections.Counter()
+    kernel_launches = collections.Counter()
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             us = ev.device_time / steps
             per_cat[category(ev.name)] += us
             per_kernel[ev.name[:120]] += us
+            kernel_launches[ev.name[:120]] += 1 / steps
             launches[category(ev.name)] += 1 / steps
     total = sum(per_cat.values())
     return {"alpha": alpha, "graph_step_ms": graph_ms, "kernel_sum_ms": total / 1e3,
             "launch_gap_ms": graph_ms - total / 1e3, "kernels_per_step": sum(launches.values()),
             "categories_us": dict(per_cat.most_common()), "launches_per_step": dict(launches.most_common()),
-            "top_kernels_us": dict(per_kernel.most_common(15))}
+            "top_kernels_us": dict(per_kernel.most_common(25)),
+            "top_kernels_launches_per_step": {k: kernel_launches[k] for k, _ in per_kernel.most_common(25)}}
 
 
 def main() -> None:
@@ -90,6 +93,8 @@ def main() -> None:
                     help="attention backends to profile (each alpha with each)")
     ap.add_argument("--attn", nargs="+", default=["sdpa"], choices=["sdpa", "libortho"],
                     help="attention of the decode steps: transformers' SDPA (with --sdpa's backends) or LibOrtho's")
+    ap.add_argument("--coordinate-descent", action="store_true",
+                    help="inductor tunes its Triton kernels by coordinate descent (bench decode's option)")
     args = ap.parse_args()
     from libortho.config import OrthoConfig
     from libortho.attention import use_decode_attention
@@ -114,7 +119,9 @@ def main() -> None:
             torch._dynamo.reset()  # the backend is chosen when the step is traced; dynamo's guards do not see it
             name = "libortho attention" if attn == "libortho" else f"sdpa {sdpa}"
             try:
-                r = dict(profile_alpha(model, prompts, alpha, args.steps), sdpa=sdpa, attn=attn)
+                with bd.inductor_tuning(args.coordinate_descent):
+                    r = dict(profile_alpha(model, prompts, alpha, args.steps), sdpa=sdpa, attn=attn,
+                             coordinate_descent=args.coordinate_descent)
             except Exception as e:  # noqa: BLE001  (a backend that cannot run this case)
                 print(f"{name} alpha {alpha:g}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
                 rows.append({"sdpa": sdpa, "attn": attn, "alpha": alpha, "error": f"{type(e).__name__}: {e}"})
@@ -124,8 +131,8 @@ def main() -> None:
                   f"({r['kernels_per_step']:.0f} per step), launch gaps {r['launch_gap_ms']:.3f} ms", flush=True)
             for c, us in r["categories_us"].items():
                 print(f"  {c:50s} {us / 1e3:7.3f} ms  ({r['launches_per_step'][c]:.0f} kernels)", flush=True)
-            for k, us in list(r["top_kernels_us"].items())[:8]:
-                print(f"    {us:8.1f} us  {k}", flush=True)
+            for k, us in list(r["top_kernels_us"].items())[:12]:
+                print(f"    {us:8.1f} us  {r['top_kernels_launches_per_step'][k]:4.0f}x  {k}", flush=True)
     write_probe_results(args.out or f"benchmarks/results/decode-profile-{bd.card_name(device)}.json", rows, __doc__,
                         model=desc)
 
