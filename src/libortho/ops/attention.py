@@ -107,8 +107,7 @@ def decode_attention_cuda(q, k, v, mask, scale):
         cuda._warn_once(f"attention-{q.dtype}-{q.shape[3]}", "libortho: no CUDA decode-attention kernel for this call "
                         f"(dtype {q.dtype}, head dim {q.shape[3]}, layout); using the float32 reference")
         return decode_attention_reference(q, k, v, mask, scale)
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    chunk = attention_chunk(q.shape[0], k.shape[1], k.shape[2], sms)
+    chunk = attention_chunk(q.shape[0], k.shape[1], k.shape[2], cuda._sms(q.device))  # the linears' cached count
     return cuda._checked(cuda.extension().decode_attention(q, k, v, mask, float(scale), chunk, True), "decode attention")
 
 
