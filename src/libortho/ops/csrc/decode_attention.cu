@@ -138,6 +138,20 @@ __device__ inline void combine_parts(const AttnArgs& a, int b, int h0) {
   }
 }
 
+// The K and V rows of positions pw + j for each j < kAttnRows that read(j) selects; zeros for the others.
+template <typename T, int EPL, typename Read>
+__device__ inline void load_kv_rows(const AttnArgs& a, const T* kb, const T* vb, int pw, Read read,
+                                    RowWord<EPL> (&kr)[kAttnRows], RowWord<EPL> (&vr)[kAttnRows]) {
+#pragma unroll
+  for (int j = 0; j < kAttnRows; ++j) {
+    kr[j] = vr[j] = RowWord<EPL>{};
+    if (read(j)) {
+      kr[j] = *reinterpret_cast<const RowWord<EPL>*>(kb + (pw + j) * a.k_sl);
+      vr[j] = *reinterpret_cast<const RowWord<EPL>*>(vb + (pw + j) * a.v_sl);
+    }
+  }
+}
+
 // Block (chunk s, KV head hk, batch b): the G query heads of hk against positions [s * chunk, (s + 1) * chunk).
 // Warp w takes kAttnRows consecutive positions at a time (w * kAttnRows on, stepping by the block's 4 * kAttnRows):
 // lanes read the mask of those positions first, and only positions some head attends have their K and V rows read,
@@ -173,16 +187,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_split(AttnAr
   }
   for (int pw = p0 + warp * kAttnRows; pw < p1; pw += kAttnWarps * kAttnRows) {
     RowWord<EPL> kr[kAttnRows], vr[kAttnRows];
-    if constexpr (kSpec) {
-#pragma unroll
-      for (int j = 0; j < kAttnRows; ++j) {
-        kr[j] = vr[j] = RowWord<EPL>{};
-        if (pw + j < p1) {
-          kr[j] = *reinterpret_cast<const RowWord<EPL>*>(kb + (pw + j) * a.k_sl);
-          vr[j] = *reinterpret_cast<const RowWord<EPL>*>(vb + (pw + j) * a.v_sl);
-        }
-      }
-    }
+    if constexpr (kSpec) load_kv_rows<T, EPL>(a, kb, vb, pw, [&](int j) { return pw + j < p1; }, kr, vr);
     // Lane j < kAttnRows: the mask of position pw + j per head (-inf past the chunk).
     float mk[G];
     bool take = false;
@@ -193,17 +198,12 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_split(AttnAr
     }
     const unsigned taken = __ballot_sync(kAll, take);
     if (!taken) continue;
+    if constexpr (kSpec) {
 #pragma unroll
-    for (int j = 0; j < kAttnRows; ++j) {
-      if constexpr (kSpec) {
+      for (int j = 0; j < kAttnRows; ++j)
         if (!(taken >> j & 1)) kr[j] = vr[j] = RowWord<EPL>{};
-      } else {
-        kr[j] = vr[j] = RowWord<EPL>{};
-        if (taken >> j & 1) {
-          kr[j] = *reinterpret_cast<const RowWord<EPL>*>(kb + (pw + j) * a.k_sl);
-          vr[j] = *reinterpret_cast<const RowWord<EPL>*>(vb + (pw + j) * a.v_sl);
-        }
-      }
+    } else {
+      load_kv_rows<T, EPL>(a, kb, vb, pw, [&](int j) { return taken >> j & 1; }, kr, vr);
     }
     float sc[G][kAttnRows];
 #pragma unroll
