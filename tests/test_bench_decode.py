@@ -146,6 +146,7 @@ def test_bench_decode_cli_json_schema(tmp_path, capsys):
           "--strict", "--out", str(out)])
     res = json.loads(out.read_text())
     assert {"card", "torch", "date", "rows", "models", "protocol"} <= set(res)
+    assert res["protocol"]["attention"] == "sdpa"  # --attn auto on the CPU
     assert [(r["model"], r["batch"]) for r in res["rows"]] == [("tiny", 1), ("tiny", 2)]
     for r in res["rows"]:
         for v in bd.DEFAULT_VARIANTS:

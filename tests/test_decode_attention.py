@@ -192,3 +192,42 @@ def test_generate_cli_takes_it_in_the_fast_path(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit, match="add --compile or --mode"):
         main(["generate", str(d), "--attn", "libortho"])
 
+
+
+def _llama(head_dim, dtype, heads=4, kv_heads=2):
+    cfg = bd.tiny_config()
+    cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = heads, kv_heads, head_dim
+    return bd.random_llama(cfg, torch.device("cpu"), dtype=dtype)
+
+
+def test_auto_picks_the_kernel_only_where_it_fits():
+    """--attn auto: LibOrtho's attention on CUDA for fp16 / bf16 models with head dim 64 or 128 and at most 8 query heads
+    per cache head (what decode_attention.cu takes); SDPA otherwise; an explicit choice is kept."""
+    fits = _llama(64, torch.bfloat16)
+    assert attention.resolve("auto", fits, "cuda") == "libortho"
+    assert attention.resolve("auto", _llama(128, torch.float16), torch.device("cuda", 0)) == "libortho"
+    assert attention.resolve("auto", fits, "cpu") == "sdpa"
+    assert attention.resolve("auto", _llama(32, torch.bfloat16), "cuda") == "sdpa"
+    assert attention.resolve("auto", _llama(64, torch.float32), "cuda") == "sdpa"
+    assert attention.resolve("auto", _llama(64, torch.bfloat16, heads=18, kv_heads=2), "cuda") == "sdpa"
+    assert attention.resolve("sdpa", fits, "cuda") == "sdpa"
+    assert attention.resolve("libortho", fits, "cpu") == "libortho"
+
+
+def test_generate_cli_auto_takes_it_where_the_kernel_fits(tmp_path, capsys, monkeypatch):
+    """`libortho generate` without --attn: SDPA on the CPU (the op's reference would only be slower), LibOrtho's
+    attention where the kernel fits (stood in for here), and never outside the fast path (no error either)."""
+    from libortho.cli import main
+    from conftest import char_tokenizer, tiny_model
+    d = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
+    args = [str(d), "--max-new-tokens", "6", "--no-chat", "--prompt", "abc"]
+    spy = Spy(monkeypatch)
+    main(["generate", *args, "--mode", "eager"])
+    assert spy.op == 0
+    monkeypatch.setattr(attention, "kernel_fits", lambda model, device: True)
+    main(["generate", *args])  # no fast path: SDPA, not a refusal
+    assert spy.op == 0
+    main(["generate", *args, "--mode", "eager"])
+    assert spy.op > 0

@@ -14,7 +14,7 @@ import math
 import torch
 
 NAME = "libortho_decode"
-CHOICES = ("sdpa", "libortho")  # what --attn takes: transformers' SDPA, or this module's decode attention
+CHOICES = ("auto", "sdpa", "libortho")  # what --attn takes: auto, transformers' SDPA, or this module's attention
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -44,6 +44,26 @@ def register() -> str:
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     return NAME
+
+
+def kernel_fits(model, device) -> bool:
+    """Whether decode_attention.cu takes ``model``'s decode steps on ``device`` (else the op would run its float32
+    reference): CUDA, fp16 / bf16, head dim 64 or 128, at most 8 query heads per cache head."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    groups = heads // (getattr(cfg, "num_key_value_heads", None) or heads)
+    dtype = next(model.parameters()).dtype
+    return (torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and head_dim in (64, 128) and groups <= 8)
+
+
+def resolve(choice: str, model, device) -> str:
+    """``--attn``'s value for ``model`` on ``device``: "auto" is "libortho" where the CUDA kernel takes the model's
+    decode steps (measured faster than SDPA end to end on an H200, SmolLM2 and the 7B shape), else "sdpa"."""
+    if choice != "auto":
+        return choice
+    return "libortho" if kernel_fits(model, device) else "sdpa"
 
 
 def use_decode_attention(model, on: bool = True) -> None:

@@ -9,6 +9,7 @@ import time
 import torch
 
 from .attention import CHOICES as ATTENTIONS
+from .attention import resolve as resolve_attention
 from .attention import use_decode_attention
 
 DEFAULT_PROMPT = "The three most important things about a good breakfast are"
@@ -110,7 +111,8 @@ def cmd_generate(a):
     mode = a.mode or ("compile" if a.compile else None)
     if mode is not None and not a.no_fuse:
         libortho.fuse_siblings(model)  # q/k/v and gate/up as one launch each
-    if a.attn == "libortho":
+    attn = "sdpa" if mode is None and a.attn == "auto" else resolve_attention(a.attn, model, device)
+    if attn == "libortho":
         if mode is None:
             raise SystemExit("--attn libortho runs in the fast path's decode steps: add --compile or --mode")
         use_decode_attention(model)
@@ -188,9 +190,10 @@ def build_parser():
                    help="decode step of the fast path (implies it; --compile means 'compile')")
     g.add_argument("--no-fuse", action="store_true",
                    help="fast path: keep q/k/v and gate/up as separate launches (libortho.fuse_siblings)")
-    g.add_argument("--attn", default="sdpa", choices=ATTENTIONS,
+    g.add_argument("--attn", default="auto", choices=ATTENTIONS,
                    help="fast path: attention of the one-token steps, transformers' SDPA or LibOrtho's decode attention "
-                        "(libortho.attention; the prompt stays SDPA)")
+                        "(libortho.attention; the prompt stays SDPA); auto: LibOrtho's where its CUDA kernel takes the "
+                        "model (GPU, fp16/bf16, head dim 64 or 128), else SDPA")
     g.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     g.set_defaults(fn=cmd_generate)
 

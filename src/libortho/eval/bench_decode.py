@@ -5,9 +5,9 @@ are bf16 ``nn.Linear`` (baseline), ``OrthoLinear`` (INT4 g128 RTN base + 1 % ort
 alpha = 1 and alpha = 0) or a wrapper of torch's tinygemm int4 kernel (``aten._weight_int4pack_mm``,
 asymmetric INT4, bf16 scale+zero). Embeddings, norms and the lm_head stay bf16 in every row. The
 LibOrtho rows run q/k/v and gate/up as one launch each (``libortho.fuse_siblings``; ``--no-fuse``
-keeps them apart); the bf16 and int4 rows run the model's own separate linears. Attention: transformers'
-SDPA in every row (``--attn libortho``: LibOrtho's decode attention in every row's one-token steps,
-``libortho.attention``; the prefill stays SDPA). ``--coordinate-descent``: inductor tunes its Triton kernels
+keeps them apart); the bf16 and int4 rows run the model's own separate linears. Attention, the same in every
+row: on a GPU LibOrtho's decode attention in the one-token steps (``libortho.attention``; the prefill stays SDPA),
+on the CPU transformers' SDPA (``--attn sdpa`` / ``libortho`` choose). ``--coordinate-descent``: inductor tunes its Triton kernels
 (norms, rotary, elementwise) by coordinate descent in every row's compile.
 A prompt of ``prompt_len`` tokens per sequence is prefilled (eager) into a transformers
 ``StaticCache``; then ``new_tokens - 1`` one-token greedy decode steps run, each one a replay of a
@@ -720,9 +720,10 @@ def add_arguments(p):
                         "libortho.fuse_siblings)")
     p.add_argument("--mode", default=None, choices=StaticDecoder.MODES,
                    help="decode step: graph (default on CUDA), compile, reduce-overhead, eager (default on CPU)")
-    p.add_argument("--attn", default="sdpa", choices=ATTENTIONS,
+    p.add_argument("--attn", default="auto", choices=ATTENTIONS,
                    help="attention of every row (the same for all): transformers' SDPA, or LibOrtho's decode attention "
-                        "for the one-token steps (libortho.attention; prefill stays SDPA)")
+                        "for the one-token steps (libortho.attention; prefill stays SDPA); auto: libortho on a GPU "
+                        "(faster end to end on an H200), sdpa on the CPU")
     p.add_argument("--coordinate-descent", action="store_true",
                    help="compile modes: inductor tunes each of its Triton kernels by coordinate descent (gpt-fast's "
                         "setting; longer compiles), every row alike")
@@ -1011,6 +1012,8 @@ def run(args):
                              "refusing to time the reference path as LibOrtho")
         print(f"{torch.cuda.get_device_name(device)}: LibOrtho CUDA extension ready in "
               f"{time.perf_counter() - t:.1f} s", flush=True)
+    if args.attn == "auto":
+        args.attn = "libortho" if device.type == "cuda" else "sdpa"
     env = environment(device)
     mode = args.mode or ("graph" if device.type == "cuda" else "eager")
     protocol = {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batches": args.batches,

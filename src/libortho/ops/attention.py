@@ -103,7 +103,9 @@ def attention_chunk(batch: int, kv_heads: int, length: int, sms: int) -> int:
 
 def decode_attention_cuda(q, k, v, mask, scale):
     check_attention_inputs(q, k, v, mask, scale)
-    if not kernel_takes(q, k, v) or not cuda.available():
+    if not cuda.available():  # the reference backend asked for (LIBORTHO_BACKEND), or no extension (the linears say)
+        return decode_attention_reference(q, k, v, mask, scale)
+    if not kernel_takes(q, k, v):
         cuda._warn_once(f"attention-{q.dtype}-{q.shape[3]}", "libortho: no CUDA decode-attention kernel for this call "
                         f"(dtype {q.dtype}, head dim {q.shape[3]}, layout); using the float32 reference")
         return decode_attention_reference(q, k, v, mask, scale)
