@@ -105,6 +105,26 @@ def test_the_cuda_dispatch_hands_the_kernel_its_chunk(monkeypatch):
     assert out.shape == (1, 1, 6, 64) and bool((out == 7).all())
 
 
+def test_the_cuda_dispatch_runs_the_reference_quietly_when_the_reference_backend_is_chosen(monkeypatch):
+    """LIBORTHO_BACKEND=reference (the greedy check's other side): the reference, no warning about a missing kernel;
+    a call the kernel does not take (head dim 96) still says so."""
+    import warnings
+    from libortho.ops import attention as ops_attention
+    from libortho.ops import cuda as cuda_ops
+    monkeypatch.setitem(cuda_ops._state, "warned", set())
+    monkeypatch.setenv("LIBORTHO_BACKEND", "reference")
+    gen = torch.Generator().manual_seed(4)
+    q, k, v, mask = make(1, 6, 3, 40, 64, "bool", gen, torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = ops_attention.decode_attention_cuda(q, k, v, mask, 0.125)
+    assert torch.equal(out, ops_attention.decode_attention_reference(q, k, v, mask, 0.125))
+    monkeypatch.setattr(cuda_ops, "available", lambda: True)
+    q, k, v, mask = make(1, 4, 4, 40, 96, None, gen, torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match="no CUDA decode-attention kernel"):
+        ops_attention.decode_attention_cuda(q, k, v, mask, 0.1)
+
+
 def test_chunks_fill_two_waves_where_they_can():
     assert attention_chunk(1, 32, 392, 132) == 32   # 7B shape, batch 1: 416 blocks of 32 positions
     assert attention_chunk(8, 32, 392, 132) == 64
