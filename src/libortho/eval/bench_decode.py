@@ -7,10 +7,11 @@ asymmetric INT4, bf16 scale+zero). Embeddings, norms and the lm_head stay bf16 i
 LibOrtho rows run q/k/v and gate/up as one launch each (``libortho.fuse_siblings``; ``--no-fuse``
 keeps them apart); the bf16 and int4 rows run the model's own separate linears. Attention, the same in every
 row: on a GPU LibOrtho's decode attention in the one-token steps (``libortho.attention``; the prefill stays SDPA),
-on the CPU transformers' SDPA (``--attn sdpa`` / ``libortho`` choose). ``--coordinate-descent``: inductor tunes its Triton kernels
-(norms, rotary, elementwise) by coordinate descent in every row's compile.
-A prompt of ``prompt_len`` tokens per sequence is prefilled (eager) into a transformers
-``StaticCache``; then ``new_tokens - 1`` one-token greedy decode steps run, each one a replay of a
+on the CPU transformers' SDPA (``--attn sdpa`` / ``libortho`` choose). ``--coordinate-descent``: inductor tunes its
+Triton kernels (norms, rotary, elementwise) by coordinate descent in every row's compile.
+A prompt of ``prompt_len`` tokens per sequence is prefilled (eager) into a transformers ``StaticCache`` whose layers
+share one length, advanced once a forward (``libortho.static_cache``; ``--per-layer-length``: transformers' cache as
+it is, each layer adding to its own); then ``new_tokens - 1`` one-token greedy decode steps run, each one a replay of a
 CUDA graph captured from the step (``--mode graph``: the eager step; ``--mode compile``: the
 ``torch.compile(fullgraph=True)`` step) that reads the current token from a static buffer, writes
 the argmax token back into it and advances the cache on the device: no host-device
@@ -40,6 +41,7 @@ from torch import nn
 
 from ..attention import CHOICES as ATTENTIONS
 from ..attention import use_decode_attention
+from ..static_cache import plain_cache, shared_length_cache
 
 VARIANTS = ("bf16", "alpha1", "alpha0", "int4", "bf16_fused")
 DEFAULT_VARIANTS = VARIANTS[:4]  # bf16_fused (the control for what fusing siblings alone is worth) on request
@@ -55,17 +57,6 @@ _PAD = 8  # spare cache slots / token slots for the warm-up steps before a graph
 
 def _forward_params(model) -> set:
     return set(inspect.signature(model.forward).parameters)
-
-
-def make_static_cache(model, batch: int, max_cache_len: int):
-    """A transformers StaticCache (5.x signature, with a fallback to the 4.x one)."""
-    from transformers import StaticCache
-    try:
-        return StaticCache(config=model.config, max_cache_len=max_cache_len)
-    except TypeError:  # transformers 4.x
-        p = next(model.parameters())
-        return StaticCache(config=model.config, max_batch_size=batch, max_cache_len=max_cache_len,
-                           device=p.device, dtype=p.dtype)
 
 
 @contextlib.contextmanager
@@ -111,15 +102,16 @@ class StaticDecoder:
 
     The step reads the current tokens from ``self.cur`` (B, 1), writes the argmax into ``self.tokens``
     at the device-side counter ``self.pos`` (and the logits into ``self.logits`` when ``keep_logits``),
-    copies it back into ``self.cur`` and advances the counter; the cache advances its own device-side
-    length. A graph captures the model's alpha values (they are arguments of the kernel launches):
+    copies it back into ``self.cur`` and advances the counter. The cache's layers share one device-side length,
+    advanced once per forward (``libortho.static_cache``; ``shared_length=False``: transformers' StaticCache, each
+    layer advancing its own). A graph captures the model's alpha values (they are arguments of the kernel launches):
     make a new decoder after changing alpha.
     """
 
     MODES = ("eager", "graph", "compile", "reduce-overhead")
 
     def __init__(self, model, batch: int, max_new_tokens: int, prompt_len: int, mode: str = "eager",
-                 keep_logits: bool = False, warmup_steps: int = 2):
+                 keep_logits: bool = False, warmup_steps: int = 2, shared_length: bool = True):
         if mode not in self.MODES:
             raise ValueError(f"mode={mode!r}; expected one of {self.MODES}")
         p = next(model.parameters())
@@ -129,7 +121,9 @@ class StaticDecoder:
         self.model, self.batch, self.mode = model, int(batch), mode
         self.max_new_tokens, self.prompt_len = int(max_new_tokens), int(prompt_len)
         self.warmup_steps = warmup_steps
-        self.cache = make_static_cache(model, batch, self.prompt_len + self.max_new_tokens + _PAD)
+        make_cache = shared_length_cache if shared_length else plain_cache
+        self.cache = make_cache(model, batch, self.prompt_len + self.max_new_tokens + _PAD)
+        self._length = getattr(self.cache, "length", None)  # None: the layers advance their own
         params = _forward_params(model)
         self._kw = {("cache" if "cache" in params else "past_key_values"): self.cache, "use_cache": True}
         if "logits_to_keep" in params:
@@ -162,8 +156,13 @@ class StaticDecoder:
         self.cur.copy_(nxt[:, None])
         self.pos.add_(1)
 
+    def _advance(self, n: int) -> None:
+        if self._length is not None:
+            self._length.add_(n)
+
     def _step(self) -> None:
         out = self.model(input_ids=self.cur, **self._kw)
+        self._advance(1)
         self._write(out.logits[:, -1, :])
 
     @torch.no_grad()
@@ -180,6 +179,7 @@ class StaticDecoder:
         if reset:
             self.reset()
         out = self.model(input_ids=ids.to(self.device), **self._kw)
+        self._advance(ids.shape[1])
         self._write(out.logits[:, -1, :])
 
     @torch.no_grad()
@@ -533,7 +533,7 @@ def _peak(device):
 
 
 def measure_decode(model, prompts: torch.Tensor, new_tokens: int, mode: str, reps: int, warmup: int,
-                   progress: bool = True, desc: str = "decode") -> dict:
+                   progress: bool = True, desc: str = "decode", shared_length: bool = True) -> dict:
     """Median decode timing of ``new_tokens - 1`` graph-replayed steps after an eager prefill."""
     from tqdm.auto import tqdm
     device = next(model.parameters()).device
@@ -542,7 +542,7 @@ def measure_decode(model, prompts: torch.Tensor, new_tokens: int, mode: str, rep
     batch, plen = prompts.shape
     ids = prompts.to(device)
     t = time.perf_counter()
-    dec = StaticDecoder(model, batch, new_tokens, plen, mode=mode)
+    dec = StaticDecoder(model, batch, new_tokens, plen, mode=mode, shared_length=shared_length)
     dec.prepare(ids)
     _sync(device)
     prepare_s = time.perf_counter() - t
@@ -580,7 +580,7 @@ def measure_prefill(model, ids: torch.Tensor, reps: int, warmup: int) -> dict:
     device = next(model.parameters()).device
     _free(device)
     _reset_peak(device)
-    cache = make_static_cache(model, ids.shape[0], ids.shape[1])
+    cache = plain_cache(model, ids.shape[0], ids.shape[1])
     params = _forward_params(model)
     kw = {("cache" if "cache" in params else "past_key_values"): cache, "use_cache": True}
     if "logits_to_keep" in params:
@@ -724,6 +724,9 @@ def add_arguments(p):
                    help="attention of every row (the same for all): transformers' SDPA, or LibOrtho's decode attention "
                         "for the one-token steps (libortho.attention; prefill stays SDPA); auto: libortho on a GPU "
                         "(faster end to end on an H200), sdpa on the CPU")
+    p.add_argument("--per-layer-length", action="store_true",
+                   help="transformers' StaticCache as it is, each layer advancing its own length (default: one length "
+                        "shared by the layers, advanced once a step; libortho.static_cache), every row alike")
     p.add_argument("--coordinate-descent", action="store_true",
                    help="compile modes: inductor tunes each of its Triton kernels by coordinate descent (gpt-fast's "
                         "setting; longer compiles), every row alike")
@@ -782,7 +785,7 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
         for b in args.batches:
             with _keep_going(info, f"{v}/b{b}", f"batch {b}", args.strict, device):
                 r = measure_decode(model, prompts[:b], args.new_tokens, mode, args.reps, args.warmup,
-                                   progress, desc=f"{name} {v} b={b}")
+                                   progress, desc=f"{name} {v} b={b}", shared_length=not args.per_layer_length)
                 results[v][b] = r
                 print(f"  batch {b}: {r['tok_s']:9.1f} tok/s  {r['ms_per_token']:7.3f} ms/token  "
                       f"prefill({args.prompt_len}) {r['prefill_prompt_ms']:.2f} ms  peak "
@@ -917,7 +920,8 @@ def summary(result: dict) -> str:
     date = ", ".join(sorted(set(result.get("dates") or [result["date"]])))
     lines = [f"Decode, {result['card']}, torch {result['torch']}, transformers {result['transformers']}, "
              f"{date}; prompt {proto['prompt_len']} + {proto['new_tokens']} "
-             f"new tokens, greedy, static cache, mode {mode}, attention {proto.get('attention', 'sdpa')}"
+             f"new tokens, greedy, static cache (length {proto.get('cache_length', 'per layer')}), mode {mode}, "
+             f"attention {proto.get('attention', 'sdpa')}"
              f"{', inductor coordinate-descent tuning' if proto.get('coordinate_descent') else ''}, median of "
              f"{proto['reps']}. tokens/s over the whole batch (ms per decode step).", "",
              "| model | batch | bf16 tok/s (ms) | LibOrtho alpha=1 | alpha=0 | torch int4 | speed-up a=1 / a=0 / int4 "
@@ -975,7 +979,8 @@ def merge(paths, out) -> dict:
     cards = {p["card"] for p in parts}
     if len(cards) != 1:
         raise SystemExit(f"refusing to merge results from different cards: {sorted(cards)}")
-    for key, default in (("attention", "sdpa"), ("coordinate_descent", False)):  # the header states them once
+    for key, default in (("attention", "sdpa"), ("coordinate_descent", False),
+                         ("cache_length", "per layer")):  # the header states them once
         seen = {p["protocol"].get(key, default) for p in parts}
         if len(seen) != 1:
             raise SystemExit(f"refusing to merge results run with different {key} settings: {sorted(map(str, seen))}")
@@ -1020,7 +1025,8 @@ def run(args):
                 "prefill_len": args.prefill_len, "reps": args.reps, "warmup": args.warmup, "mode": mode,
                 "density": args.density, "score": args.score, "group_size": args.group_size,
                 "variants": args.variants, "fuse_siblings": not args.no_fuse, "attention": args.attn,
-                "coordinate_descent": args.coordinate_descent, "method": __doc__.strip()}
+                "coordinate_descent": args.coordinate_descent, "cache_length": "per layer" if args.per_layer_length
+                else "shared", "method": __doc__.strip()}
     if device.type == "cuda":
         from ..ops import cuda as cuda_ops
         protocol["decode_kernel"], protocol["pdl"] = cuda_ops.decode_kernel(), cuda_ops.pdl_enabled()
