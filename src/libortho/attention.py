@@ -48,14 +48,13 @@ def register() -> str:
 
 def kernel_fits(model, device) -> bool:
     """Whether decode_attention.cu takes ``model``'s decode steps on ``device`` (else the op would run its float32
-    reference): CUDA, fp16 / bf16, head dim 64 or 128, at most 8 query heads per cache head."""
+    reference): CUDA and what the kernel is built for (``libortho.ops.attention.kernel_takes_shape``)."""
+    from .ops.attention import kernel_takes_shape
     cfg = model.config
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     groups = heads // (getattr(cfg, "num_key_value_heads", None) or heads)
-    dtype = next(model.parameters()).dtype
-    return (torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-            and head_dim in (64, 128) and groups <= 8)
+    return torch.device(device).type == "cuda" and kernel_takes_shape(next(model.parameters()).dtype, head_dim, groups)
 
 
 def resolve(choice: str, model, device) -> str:

@@ -79,12 +79,15 @@ def _(q, k, v, mask, scale):
     return q.new_empty(q.shape[0], 1, q.shape[1], q.shape[3])
 
 
+def kernel_takes_shape(dtype: torch.dtype, head_dim: int, groups: int) -> bool:
+    """What decode_attention.cu is built for: fp16 / bf16, head dim 64 or 128, at most 8 query heads per cache head."""
+    return dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128) and groups <= 8
+
+
 def kernel_takes(q, k, v) -> bool:
-    """Whether decode_attention.cu runs this call (else the reference does): fp16 / bf16, head dim 64 or 128, at most 8
-    query heads per cache head, last dimensions contiguous and rows at 16-byte steps."""
-    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[3] not in (64, 128):
-        return False
-    if q.shape[1] // k.shape[1] > 8:
+    """Whether decode_attention.cu runs this call (else the reference does): a dtype, head dim and grouping it is built
+    for (kernel_takes_shape), last dimensions contiguous and rows at 16-byte steps."""
+    if not kernel_takes_shape(q.dtype, q.shape[3], q.shape[1] // k.shape[1]):
         return False
     step = 16 // q.element_size()
     for t in (q, k, v):
