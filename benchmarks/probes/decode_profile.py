@@ -7,7 +7,8 @@ category (LibOrtho's op, attention, the lm_head's GEMM, Triton kernels of the co
 code, other). Next to it: the graph replay's time per step, whose excess over the sum of kernel times is
 what launching the kernels back to back costs inside the graph.
 
-``--attn libortho`` profiles the step with LibOrtho's decode attention (``libortho.attention``) in place of SDPA.
+The step runs LibOrtho's decode attention (``libortho.attention``), as ``bench decode`` does on a GPU, and the
+shared-length static cache (``libortho.static_cache``); ``--attn sdpa`` profiles it with transformers' SDPA.
 ``--sdpa`` profiles other attention backends (torch's scaled_dot_product_attention restricted to one). The
 choice is made when the step is compiled, and neither dynamo's guards nor inductor's caches key on it: run
 with TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0, or every backend gets the first one's graph.
@@ -91,8 +92,9 @@ def main() -> None:
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.0, 1.0])
     ap.add_argument("--sdpa", nargs="+", default=["default"], choices=SDPA_BACKENDS,
                     help="attention backends to profile (each alpha with each)")
-    ap.add_argument("--attn", nargs="+", default=["sdpa"], choices=["sdpa", "libortho"],
-                    help="attention of the decode steps: transformers' SDPA (with --sdpa's backends) or LibOrtho's")
+    ap.add_argument("--attn", nargs="+", default=["libortho"], choices=["sdpa", "libortho"],
+                    help="attention of the decode steps: LibOrtho's (bench decode's default on a GPU since session 34) "
+                         "or transformers' SDPA (with --sdpa's backends)")
     ap.add_argument("--coordinate-descent", action="store_true",
                     help="inductor tunes its Triton kernels by coordinate descent (bench decode's option)")
     args = ap.parse_args()
