@@ -72,10 +72,27 @@ def test_models_with_other_layer_kinds_keep_transformers_cache():
                                                                                        16).layers]
 
 
-def test_cropping_is_refused_with_a_reason(tiny):
-    cache = shared_length_cache(tiny, 1, 16)
-    with pytest.raises(NotImplementedError, match="advanced by its owner"):
-        cache.layers[0].crop(-1)
+def test_crop_moves_the_shared_length_once_as_transformers_cache_does(tiny):
+    """cache.crop(-n) after a prompt: the length drops by n (once, not once per layer), and the next forward writes
+    and attends where transformers' cache does after the same crop: the same logits and K / V rows."""
+    ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(5))
+    new = torch.randint(3, 256, (1, 2), generator=torch.Generator().manual_seed(6))
+    outs, caches = [], []
+    for make in (plain_cache, shared_length_cache):
+        cache = make(tiny, 1, 16)
+        with torch.no_grad():
+            tiny(input_ids=ids, past_key_values=cache, use_cache=True)
+            if getattr(cache, "length", None) is not None:
+                cache.length.add_(ids.shape[1])
+            cache.crop(-3)
+            assert int(cache.get_seq_length()) == 6
+            outs.append(tiny(input_ids=new, past_key_values=cache, use_cache=True).logits)
+        caches.append(cache)
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
+    for a, b in zip(caches[0].layers, caches[1].layers):
+        assert torch.equal(a.keys[:, :, :8], b.keys[:, :, :8]) and torch.equal(a.values[:, :, :8], b.values[:, :, :8])
+    with pytest.raises(RuntimeError, match="negative"):
+        caches[1].crop(2)
 
 
 def test_bench_decode_records_which_cache_length_it_ran(tmp_path):

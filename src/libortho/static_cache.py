@@ -4,8 +4,8 @@ transformers' ``StaticLayer`` keeps a length per layer and advances it in every 
 one more launch per layer and decode step: 32 of ~390 launches in a compiled 7B step). Here every full-attention layer
 reads the same length tensor and none advances it; the owner adds each forward's token count once, after the model has
 run (``cache.length.add_(n)``; ``StaticDecoder`` does). The K / V rows are written where ``StaticLayer`` writes them,
-so the cache's contents, masks and positions are the same as transformers'. Models with other layer kinds (sliding
-windows, linear attention) keep transformers' cache unchanged.
+so the cache's contents, masks and positions are the same as transformers'; ``cache.crop`` moves the shared length
+once. Models with other layer kinds (sliding windows, linear attention) keep transformers' cache unchanged.
 """
 from __future__ import annotations
 
@@ -46,11 +46,18 @@ def _layer_class():
             self.values.index_copy_(2, pos, value_states)
             return self.keys, self.values
 
-        def crop(self, tokens_to_remove: int) -> None:
-            raise NotImplementedError("a shared-length cache is advanced by its owner only (StaticDecoder); "
-                                      "use transformers' StaticCache to crop")
-
     return SharedLengthLayer
+
+
+@functools.cache
+def _cache_class(base: type):
+    class SharedLengthCache(base):
+        """``base`` (transformers' StaticCache) whose crop moves the shared length once, not once per layer."""
+
+        def crop(self, tokens_to_remove: int) -> None:
+            self.layers[0].crop(tokens_to_remove)  # StaticLayer.crop: checks the sign, subtracts from the length
+
+    return SharedLengthCache
 
 
 def shared_length_cache(model, batch: int, max_cache_len: int):
@@ -72,5 +79,6 @@ def shared_length_cache(model, batch: int, max_cache_len: int):
     for layer in layers:
         layer.__class__ = cls
         layer.cumulative_length = length
+    cache.__class__ = _cache_class(type(cache))
     cache.length = length
     return cache
