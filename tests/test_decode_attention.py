@@ -251,3 +251,18 @@ def test_generate_cli_auto_takes_it_where_the_kernel_fits(tmp_path, capsys, monk
     assert spy.op == 0
     main(["generate", *args, "--mode", "eager"])
     assert spy.op > 0
+
+
+def test_bench_decode_auto_picks_per_model_and_says_so(tmp_path, monkeypatch):
+    """--attn auto in bench decode: each model gets what attention.resolve picks for it (recorded with the model); one
+    that differs from the header's choice is named under the table."""
+    import json
+    from libortho.cli import main
+    monkeypatch.setattr(attention, "kernel_fits", lambda model, device: True)  # as if the kernel took it
+    out = tmp_path / "d.json"
+    main(["bench", "decode", "--models", "tiny", "--device", "cpu", "--batches", "1", "--prompt-len", "8",
+          "--new-tokens", "4", "--prefill-len", "0", "--reps", "1", "--warmup", "0", "--variants", "bf16",
+          "--check-tokens", "0", "--no-progress", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["protocol"]["attention"] == "sdpa" and result["models"]["tiny"]["attention"] == "libortho"
+    assert "Attention of tiny: libortho" in out.with_suffix(".md").read_text()

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..attention import CHOICES as ATTENTIONS
+from ..attention import resolve as resolve_attention
 from ..attention import use_decode_attention
 from ..static_cache import plain_cache, shared_length_cache
 
@@ -769,10 +770,11 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
     mode = args.mode or ("graph" if device.type == "cuda" else "eager")
     t0 = time.perf_counter()
     model, tok, desc = load_bench_model(name, device)
-    if args.attn == "libortho":
+    attn = resolve_attention(args.attn, model, device)  # auto: LibOrtho's where its kernel takes this model
+    if attn == "libortho":
         use_decode_attention(model)
     info = {"description": desc, "load_s": time.perf_counter() - t0, "mode": mode, "errors": {},
-            "params": sum(p.numel() for p in model.parameters())}
+            "params": sum(p.numel() for p in model.parameters()), "attention": attn}
     vocab = model.config.vocab_size
     prompts = make_prompts(tok, vocab, max(args.batches), args.prompt_len)
     prefill_ids = make_prompts(tok, vocab, 1, args.prefill_len, seed=1) if args.prefill_len else None
@@ -965,6 +967,9 @@ def summary(result: dict) -> str:
                              f"{tf['dense_bf16']['max_abs_logit_diff']:.4f}, mean "
                              f"{tf['dense_bf16']['mean_abs_logit_diff']:.4f}, top-1 "
                              f"{tf['dense_bf16']['top1_agreement']:.3f}")
+        if info.get("attention", proto.get("attention", "sdpa")) != proto.get("attention", "sdpa"):
+            lines.append(f"\nAttention of {name}: {info['attention']} (--attn auto picks per model: LibOrtho's where its "
+                         "kernel takes the model)")
         if info.get("errors"):
             lines.append(f"\nErrors {name}: {info['errors']}")
     return "\n".join(lines)
@@ -1017,14 +1022,13 @@ def run(args):
                              "refusing to time the reference path as LibOrtho")
         print(f"{torch.cuda.get_device_name(device)}: LibOrtho CUDA extension ready in "
               f"{time.perf_counter() - t:.1f} s", flush=True)
-    if args.attn == "auto":
-        args.attn = "libortho" if device.type == "cuda" else "sdpa"
     env = environment(device)
     mode = args.mode or ("graph" if device.type == "cuda" else "eager")
     protocol = {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batches": args.batches,
                 "prefill_len": args.prefill_len, "reps": args.reps, "warmup": args.warmup, "mode": mode,
                 "density": args.density, "score": args.score, "group_size": args.group_size,
-                "variants": args.variants, "fuse_siblings": not args.no_fuse, "attention": args.attn,
+                "variants": args.variants, "fuse_siblings": not args.no_fuse,
+                "attention": args.attn if args.attn != "auto" else "libortho" if device.type == "cuda" else "sdpa",
                 "coordinate_descent": args.coordinate_descent, "cache_length": "per layer" if args.per_layer_length
                 else "shared", "method": __doc__.strip()}
     if device.type == "cuda":
