@@ -1,5 +1,6 @@
 """The decode harness of ``libortho bench decode`` (and ``libortho generate --compile``) on tiny models."""
 import json
+import operator
 import re
 
 import pytest
@@ -197,25 +198,29 @@ def test_bench_decode_cli_json_schema(tmp_path, capsys):
     assert not (tmp_path / "dup.json").exists()
 
 
-def test_coordinate_descent_is_on_while_the_rows_compile_and_recorded(tmp_path, monkeypatch):
-    """--coordinate-descent: inductor's coordinate-descent tuning is on while a model's rows run (when their steps
-    compile) and off again after, and the protocol says so; without the flag it stays off."""
+@pytest.mark.parametrize("flag,key,option,word", [
+    ("--coordinate-descent", "coordinate_descent", "coordinate_descent_tuning", "coordinate-descent"),
+    ("--inductor-pdl", "inductor_pdl", "triton.enable_pdl", "inductor PDL")])
+def test_inductor_options_are_on_while_the_rows_compile_and_recorded(tmp_path, monkeypatch, flag, key, option, word):
+    """--coordinate-descent / --inductor-pdl: the inductor option is on while a model's rows run (when their steps
+    compile) and off again after, and the protocol and the header say so; without the flag it stays off."""
     import torch._inductor.config as inductor_config
+    get = lambda: operator.attrgetter(option)(inductor_config)  # noqa: E731
     seen, bench_model = [], bd.bench_model
 
     def spy(*a, **k):
-        seen.append(inductor_config.coordinate_descent_tuning)
+        seen.append(get())
         return bench_model(*a, **k)
     monkeypatch.setattr(bd, "bench_model", spy)
     args = ["bench", "decode", "--models", "tiny", "--device", "cpu", "--batches", "1", "--prompt-len", "8",
             "--new-tokens", "3", "--prefill-len", "0", "--reps", "1", "--warmup", "0", "--no-progress", "--strict",
             "--variants", "bf16"]
-    for flag, on in (([], False), (["--coordinate-descent"], True)):
+    for flags, on in (([], False), ([flag], True)):
         out = tmp_path / f"decode-{on}.json"
-        main([*args, *flag, "--out", str(out)])
-        assert json.loads(out.read_text())["protocol"]["coordinate_descent"] is on
-        assert ("coordinate-descent" in out.with_suffix(".md").read_text().splitlines()[0]) is on
-        assert seen[-1] is on and inductor_config.coordinate_descent_tuning is False
+        main([*args, *flags, "--out", str(out)])
+        assert json.loads(out.read_text())["protocol"][key] is on
+        assert (word in out.with_suffix(".md").read_text().splitlines()[0]) is on
+        assert seen[-1] is on and get() is False
 
 
 def test_bench_decode_fused_bf16_control(tmp_path, capsys):
