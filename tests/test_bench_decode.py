@@ -295,6 +295,32 @@ def test_cuda_decode_step_never_syncs_and_graph_matches_eager():
             assert torch.equal(e, g), a
 
 
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] < 9, reason="no Hopper GPU")
+def test_cuda_compiled_step_with_pdl_gives_the_same_bits(monkeypatch):
+    """--inductor-pdl (Triton kernels launched with programmatic dependent launch) with and without LibOrtho's own
+    (LIBORTHO_PDL=1): the compiled, graph-captured decode gives the same tokens and bit-identical logits as without,
+    at alpha 1 and 0 (each kernel waits on the device before it reads what the kernel before it wrote)."""
+    import torch._inductor.config as inductor_config
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        pytest.skip("this torch's inductor has no triton.enable_pdl")
+    model = _decomposed().to("cuda", torch.bfloat16)
+    ids = _prompts(2, 8).cuda()
+
+    def run(inductor_pdl, libortho_pdl):
+        monkeypatch.setenv("LIBORTHO_PDL", "1" if libortho_pdl else "0")
+        torch._dynamo.reset()
+        with bd.inductor_tuning(False, inductor_pdl):
+            dec = bd.StaticDecoder(model, 2, 12, 8, mode="compile", keep_logits=True)
+            return dec.generate(ids), dec.step_logits(12).clone()
+
+    for a in (1.0, 0.0):
+        with libortho.alpha(model, a):
+            tokens, logits = run(False, False)
+            for inductor_pdl, libortho_pdl in ((True, False), (True, True)):
+                t, lg = run(inductor_pdl, libortho_pdl)
+                assert torch.equal(t, tokens) and torch.equal(lg, logits), (a, inductor_pdl, libortho_pdl)
+
+
 @pytest.mark.skipif(not CUDA, reason="no GPU")
 def test_cuda_graph_of_reference_backend_captures():
     model = _decomposed().to("cuda", torch.bfloat16)
