@@ -1,5 +1,6 @@
 """The decode harness of ``libortho bench decode`` (and ``libortho generate --compile``) on tiny models."""
 import json
+import operator
 import re
 
 import pytest
@@ -197,25 +198,29 @@ def test_bench_decode_cli_json_schema(tmp_path, capsys):
     assert not (tmp_path / "dup.json").exists()
 
 
-def test_coordinate_descent_is_on_while_the_rows_compile_and_recorded(tmp_path, monkeypatch):
-    """--coordinate-descent: inductor's coordinate-descent tuning is on while a model's rows run (when their steps
-    compile) and off again after, and the protocol says so; without the flag it stays off."""
+@pytest.mark.parametrize("flag,key,option,word", [
+    ("--coordinate-descent", "coordinate_descent", "coordinate_descent_tuning", "coordinate-descent"),
+    ("--inductor-pdl", "inductor_pdl", "triton.enable_pdl", "inductor PDL")])
+def test_inductor_options_are_on_while_the_rows_compile_and_recorded(tmp_path, monkeypatch, flag, key, option, word):
+    """--coordinate-descent / --inductor-pdl: the inductor option is on while a model's rows run (when their steps
+    compile) and off again after, and the protocol and the header say so; without the flag it stays off."""
     import torch._inductor.config as inductor_config
+    get = lambda: operator.attrgetter(option)(inductor_config)  # noqa: E731
     seen, bench_model = [], bd.bench_model
 
     def spy(*a, **k):
-        seen.append(inductor_config.coordinate_descent_tuning)
+        seen.append(get())
         return bench_model(*a, **k)
     monkeypatch.setattr(bd, "bench_model", spy)
     args = ["bench", "decode", "--models", "tiny", "--device", "cpu", "--batches", "1", "--prompt-len", "8",
             "--new-tokens", "3", "--prefill-len", "0", "--reps", "1", "--warmup", "0", "--no-progress", "--strict",
             "--variants", "bf16"]
-    for flag, on in (([], False), (["--coordinate-descent"], True)):
+    for flags, on in (([], False), ([flag], True)):
         out = tmp_path / f"decode-{on}.json"
-        main([*args, *flag, "--out", str(out)])
-        assert json.loads(out.read_text())["protocol"]["coordinate_descent"] is on
-        assert ("coordinate-descent" in out.with_suffix(".md").read_text().splitlines()[0]) is on
-        assert seen[-1] is on and inductor_config.coordinate_descent_tuning is False
+        main([*args, *flags, "--out", str(out)])
+        assert json.loads(out.read_text())["protocol"][key] is on
+        assert (word in out.with_suffix(".md").read_text().splitlines()[0]) is on
+        assert seen[-1] is on and get() is False
 
 
 def test_bench_decode_fused_bf16_control(tmp_path, capsys):
@@ -288,6 +293,32 @@ def test_cuda_decode_step_never_syncs_and_graph_matches_eager():
             e = bd.StaticDecoder(model, 2, 12, 8, mode="eager").generate(ids)
             g = bd.StaticDecoder(model, 2, 12, 8, mode="graph").generate(ids)
             assert torch.equal(e, g), a
+
+
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] < 9, reason="no Hopper GPU")
+def test_cuda_compiled_step_with_pdl_gives_the_same_bits(monkeypatch):
+    """--inductor-pdl (Triton kernels launched with programmatic dependent launch) with and without LibOrtho's own
+    (LIBORTHO_PDL=1): the compiled, graph-captured decode gives the same tokens and bit-identical logits as without,
+    at alpha 1 and 0 (each kernel waits on the device before it reads what the kernel before it wrote)."""
+    import torch._inductor.config as inductor_config
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        pytest.skip("this torch's inductor has no triton.enable_pdl")
+    model = _decomposed().to("cuda", torch.bfloat16)
+    ids = _prompts(2, 8).cuda()
+
+    def run(inductor_pdl, libortho_pdl):
+        monkeypatch.setenv("LIBORTHO_PDL", "1" if libortho_pdl else "0")
+        torch._dynamo.reset()
+        with bd.inductor_tuning(False, inductor_pdl):
+            dec = bd.StaticDecoder(model, 2, 12, 8, mode="compile", keep_logits=True)
+            return dec.generate(ids), dec.step_logits(12).clone()
+
+    for a in (1.0, 0.0):
+        with libortho.alpha(model, a):
+            tokens, logits = run(False, False)
+            for inductor_pdl, libortho_pdl in ((True, False), (True, True)):
+                t, lg = run(inductor_pdl, libortho_pdl)
+                assert torch.equal(t, tokens) and torch.equal(lg, logits), (a, inductor_pdl, libortho_pdl)
 
 
 @pytest.mark.skipif(not CUDA, reason="no GPU")

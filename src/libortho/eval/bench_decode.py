@@ -86,11 +86,18 @@ def _raise_recompile_limit(limit: int = 256) -> None:
             setattr(cfg, key, limit)
 
 
-def inductor_tuning(coordinate_descent: bool):
+def inductor_tuning(coordinate_descent: bool, pdl: bool = False):
     """A context in which torch.compile's inductor tunes (or not) each Triton kernel it generates by coordinate
-    descent over block sizes and warps; compiles inside it (they happen at a decoder's first steps) keep it."""
+    descent over block sizes and warps, and (``pdl``) launches them with programmatic dependent launch (Hopper:
+    a kernel may start while the one before it drains, waiting on the device before it reads that kernel's
+    output); compiles inside it (they happen at a decoder's first steps) keep it."""
     import torch._inductor.config as inductor_config
-    return inductor_config.patch(coordinate_descent_tuning=bool(coordinate_descent))
+    if pdl and not hasattr(inductor_config.triton, "enable_pdl"):
+        raise SystemExit(f"--inductor-pdl: torch {torch.__version__}'s inductor has no triton.enable_pdl option")
+    patch = {"coordinate_descent_tuning": bool(coordinate_descent)}
+    if hasattr(inductor_config.triton, "enable_pdl"):
+        patch["triton.enable_pdl"] = bool(pdl)
+    return inductor_config.patch(patch)
 
 
 class StaticDecoder:
@@ -728,6 +735,9 @@ def add_arguments(p):
     p.add_argument("--per-layer-length", action="store_true",
                    help="transformers' StaticCache as it is, each layer advancing its own length (default: one length "
                         "shared by the layers, advanced once a step; libortho.static_cache), every row alike")
+    p.add_argument("--inductor-pdl", action="store_true",
+                   help="compile modes: inductor launches its Triton kernels with programmatic dependent launch "
+                        "(Hopper), every row alike; with LIBORTHO_PDL=1 LibOrtho's decode kernel takes part too")
     p.add_argument("--coordinate-descent", action="store_true",
                    help="compile modes: inductor tunes each of its Triton kernels by coordinate descent (gpt-fast's "
                         "setting; longer compiles), every row alike")
@@ -924,7 +934,9 @@ def summary(result: dict) -> str:
              f"{date}; prompt {proto['prompt_len']} + {proto['new_tokens']} "
              f"new tokens, greedy, static cache (length {proto.get('cache_length', 'per layer')}), mode {mode}, "
              f"attention {proto.get('attention', 'sdpa')}"
-             f"{', inductor coordinate-descent tuning' if proto.get('coordinate_descent') else ''}, median of "
+             f"{', inductor coordinate-descent tuning' if proto.get('coordinate_descent') else ''}"
+             f"{', inductor PDL' if proto.get('inductor_pdl') else ''}"
+             f"{', LibOrtho PDL' if proto.get('pdl') else ''}, median of "
              f"{proto['reps']}. tokens/s over the whole batch (ms per decode step).", "",
              "| model | batch | bf16 tok/s (ms) | LibOrtho alpha=1 | alpha=0 | torch int4 | speed-up a=1 / a=0 / int4 "
              "| peak GiB bf16 / a=1 / a=0 / int4 |",
@@ -984,7 +996,7 @@ def merge(paths, out) -> dict:
     cards = {p["card"] for p in parts}
     if len(cards) != 1:
         raise SystemExit(f"refusing to merge results from different cards: {sorted(cards)}")
-    for key, default in (("attention", "sdpa"), ("coordinate_descent", False),
+    for key, default in (("attention", "sdpa"), ("coordinate_descent", False), ("inductor_pdl", False),
                          ("cache_length", "per layer")):  # the header states them once
         seen = {p["protocol"].get(key, default) for p in parts}
         if len(seen) != 1:
@@ -1029,8 +1041,8 @@ def run(args):
                 "density": args.density, "score": args.score, "group_size": args.group_size,
                 "variants": args.variants, "fuse_siblings": not args.no_fuse,
                 "attention": args.attn if args.attn != "auto" else "libortho" if device.type == "cuda" else "sdpa",
-                "coordinate_descent": args.coordinate_descent, "cache_length": "per layer" if args.per_layer_length
-                else "shared", "method": __doc__.strip()}
+                "coordinate_descent": args.coordinate_descent, "inductor_pdl": args.inductor_pdl,
+                "cache_length": "per layer" if args.per_layer_length else "shared", "method": __doc__.strip()}
     if device.type == "cuda":
         from ..ops import cuda as cuda_ops
         protocol["decode_kernel"], protocol["pdl"] = cuda_ops.decode_kernel(), cuda_ops.pdl_enabled()
@@ -1048,7 +1060,7 @@ def run(args):
     t_all = time.perf_counter()
     for name in args.models:
         t = time.perf_counter()
-        with inductor_tuning(args.coordinate_descent):
+        with inductor_tuning(args.coordinate_descent, args.inductor_pdl):
             rows, info = bench_model(name, args, device, on_variant=lambda r, i, n=name: save_partial(n, r, i))
         info["total_s"] = time.perf_counter() - t
         result["rows"] += rows
