@@ -87,7 +87,7 @@ def test_kernel_masks_and_chunks(mask_kind, chunk, one_launch):
             "batch-1": keep[:1]}[mask_kind]
     ext = cuda_backend.extension()
     poison_allocator()
-    out = cuda_backend._checked(ext.decode_attention(q, k, v, mask, 0.1, chunk, one_launch),
+    out = cuda_backend._checked(ext.decode_attention(q, k, v, mask, 0.1, chunk, one_launch, 0),
                                "decode attention")
     assert rel_err(out, reference64(q, k, v, mask, 0.1)) < TOL[torch.bfloat16]
 
@@ -99,12 +99,12 @@ def test_one_launch_results_hold_after_the_ticket_ring_wraps():
     q, k, v = cache(64, 16, 8, 96, 64, torch.bfloat16, gen)
     mask = filled_mask(64, 96, gen)
     ext = cuda_backend.extension()
-    first = cuda_backend._checked(ext.decode_attention(q, k, v, mask, 0.125, 16, True), "decode attention")
+    first = cuda_backend._checked(ext.decode_attention(q, k, v, mask, 0.125, 16, True, 0), "decode attention")
     assert rel_err(first, reference64(q, k, v, mask, 0.125)) < TOL[torch.bfloat16]
     for _ in range(2**19 // (64 * 8) + 7):
-        ext.decode_attention(q, k, v, mask, 0.125, 16, True)
+        ext.decode_attention(q, k, v, mask, 0.125, 16, True, 0)
     poison_allocator()
-    again = cuda_backend._checked(ext.decode_attention(q, k, v, mask, 0.125, 16, True), "decode attention")
+    again = cuda_backend._checked(ext.decode_attention(q, k, v, mask, 0.125, 16, True, 0), "decode attention")
     assert torch.equal(again, first)
 
 
@@ -194,6 +194,40 @@ def test_a_bf16_model_decodes_with_it_as_with_sdpa(mode):
     assert (diff < 0.05 * logits.abs().max()).all(), diff
     agree = (logits_op.argmax(-1) == tokens).float().mean().item()
     assert agree > 0.9, agree  # the op's own choices: SDPA's but for near-ties
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch: Hopper")
+@pytest.mark.parametrize("pdl", ["1", "late", "late-noprefetch"])
+def test_pdl_modes_keep_a_compiled_decode_bit_for_bit(pdl, monkeypatch):
+    """$LIBORTHO_PDL launches v1 and the decode attention with programmatic dependent launch, inductor's Triton kernels
+    are launched so too: each kernel may start while the one before it drains and waits on the device before it reads
+    that kernel's output. A decomposed model (head dim 64, so the attention kernel runs) decoded by a compiled,
+    captured step gives the tokens and bit-identical logits of plain launches, at alpha 1 and 0."""
+    import torch._inductor.config as inductor_config
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        pytest.skip("this torch's inductor has no triton.enable_pdl")
+    import libortho
+    cfg = bd.llama2_7b_config(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, vocab_size=1000)
+    model = bd.random_llama(cfg, torch.device("cpu"), dtype=torch.float32, seed=6)
+    libortho.decompose(model, libortho.OrthoConfig(bits=4, group_size=128, density=0.02), progress=False)
+    model = model.to("cuda", torch.bfloat16)
+    attention.use_decode_attention(model)
+    ids = torch.randint(3, 1000, (2, 8), device="cuda")
+
+    def run(mode, inductor_pdl):
+        monkeypatch.setenv("LIBORTHO_PDL", mode)
+        torch._dynamo.reset()
+        with bd.inductor_tuning(False, inductor_pdl):
+            dec = bd.StaticDecoder(model, 2, 16, 8, mode="compile", keep_logits=True)
+            return dec.generate(ids), dec.step_logits(16).clone()
+
+    for a in (1.0, 0.0):
+        with libortho.alpha(model, a):
+            tokens, logits = run("0", False)
+            t, lg = run(pdl, True)
+            assert torch.equal(t, tokens) and torch.equal(lg, logits), (a, pdl)
 
 
 class ForcedDecoder(bd.StaticDecoder):

@@ -83,25 +83,31 @@ def test_the_fake_implementation_lets_compile_trace_it():
     assert torch.allclose(fn(q, k, v, mask), 2 * torch.ops.libortho.decode_attention(q, k, v, mask, 0.125))
 
 
-def test_the_cuda_dispatch_hands_the_kernel_its_chunk(monkeypatch):
+@pytest.mark.parametrize("pdl,bits", [(None, 0), ("late", 3)])
+def test_the_cuda_dispatch_hands_the_kernel_its_chunk(monkeypatch, pdl, bits):
     """decode_attention_cuda (run here with a stand-in extension): the kernel gets the chunk attention_chunk picks for
-    the device's SM count (the linears' cached count), the one-launch combine, and its output is returned."""
+    the device's SM count (the linears' cached count), the one-launch combine and $LIBORTHO_PDL's mode bits, and its
+    output is returned."""
     from libortho.ops import attention as ops_attention
     from libortho.ops import cuda as cuda_ops
     calls = []
 
     class Ext:
-        def decode_attention(self, q, k, v, mask, scale, chunk, last_block_combines):
-            calls.append((chunk, last_block_combines, scale))
+        def decode_attention(self, q, k, v, mask, scale, chunk, last_block_combines, pdl_bits):
+            calls.append((chunk, last_block_combines, scale, pdl_bits))
             return torch.full((q.shape[0], 1, q.shape[1], q.shape[3]), 7.0, dtype=q.dtype), 0
 
     monkeypatch.setattr(cuda_ops, "available", lambda: True)
     monkeypatch.setattr(cuda_ops, "extension", lambda: Ext())
     monkeypatch.setattr(cuda_ops, "_sms", lambda device: 132)
+    if pdl is None:
+        monkeypatch.delenv("LIBORTHO_PDL", raising=False)
+    else:
+        monkeypatch.setenv("LIBORTHO_PDL", pdl)
     gen = torch.Generator().manual_seed(3)
     q, k, v, mask = make(1, 6, 3, 392, 64, "bool", gen, torch.bfloat16)
     out = ops_attention.decode_attention_cuda(q, k, v, mask, 0.125)
-    assert calls == [(attention_chunk(1, 3, 392, 132), True, 0.125)] and calls[0][0] == 16
+    assert calls == [(attention_chunk(1, 3, 392, 132), True, 0.125, bits)] and calls[0][0] == 16
     assert out.shape == (1, 1, 6, 64) and bool((out == 7).all())
 
 

@@ -936,7 +936,7 @@ def summary(result: dict) -> str:
              f"attention {proto.get('attention', 'sdpa')}"
              f"{', inductor coordinate-descent tuning' if proto.get('coordinate_descent') else ''}"
              f"{', inductor PDL' if proto.get('inductor_pdl') else ''}"
-             f"{', LibOrtho PDL' if proto.get('pdl') else ''}, median of "
+             f"{', LibOrtho PDL ' + proto.get('pdl_mode', 'early') if proto.get('pdl') else ''}, median of "
              f"{proto['reps']}. tokens/s over the whole batch (ms per decode step).", "",
              "| model | batch | bf16 tok/s (ms) | LibOrtho alpha=1 | alpha=0 | torch int4 | speed-up a=1 / a=0 / int4 "
              "| peak GiB bf16 / a=1 / a=0 / int4 |",
@@ -1046,6 +1046,7 @@ def run(args):
     if device.type == "cuda":
         from ..ops import cuda as cuda_ops
         protocol["decode_kernel"], protocol["pdl"] = cuda_ops.decode_kernel(), cuda_ops.pdl_enabled()
+        protocol["pdl_mode"] = cuda_ops.pdl_name()
         protocol["v1_lean"] = cuda_ops.v1_lean()
     result = {"card": card_name(device) if device.type == "cuda" else env["device"], "torch": torch.__version__,
               "cuda": torch.version.cuda, "transformers": env["transformers"], "date": env["date"],

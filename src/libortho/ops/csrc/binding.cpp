@@ -83,7 +83,7 @@ template <class F>
 Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
-               int64_t group_size, int64_t N, int64_t K, bool pdl, int64_t max_m, bool xt_small, bool xt_wide,
+               int64_t group_size, int64_t N, int64_t K, int64_t pdl, int64_t max_m, bool xt_small, bool xt_wide,
                F&& launch) {
   const at::Tensor none = at::empty({0}, x.options());
   if (!x.is_cuda() || x.dim() != 2 || x.size(1) != K || !x.is_contiguous())
@@ -95,7 +95,8 @@ Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     return {none, kBadArgs};
   if (bias && (bias->scalar_type() != x.scalar_type() || bias->numel() != N || !bias->is_contiguous()))
     return {none, kBadArgs};
-  op.pdl = pdl;
+  if (pdl < 0 || pdl > (libortho::kPdlOn | libortho::kPdlLate | libortho::kPdlNoPrefetch)) return {none, kBadArgs};
+  op.pdl = static_cast<int>(pdl);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   at::Tensor xt;  // alive until the launch is queued; the allocator reuses it in stream order
@@ -124,7 +125,7 @@ template <Launch launch>
 Result fused(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
              const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
              const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
-             int64_t group_size, int64_t N, int64_t K, bool pdl) {
+             int64_t group_size, int64_t N, int64_t K, int64_t pdl) {
   return small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, pdl, 64,
                  launch == &libortho::launch_fused_small_m, true, launch);
 }
@@ -134,7 +135,7 @@ Result fused_cfg(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
                  const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                  const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
                  int64_t group_size, int64_t N, int64_t K, int64_t cfg) {
-  return small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, false, 64,
+  return small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, 0, 64,
                  true, false, [cfg](const libortho::Operands& op, const void* xp, const void* bp, void* out, int M, cudaStream_t s) {
                    return libortho::launch_fused_small_m_cfg(op, xp, bp, out, M, static_cast<int>(cfg), s);
                  });
@@ -235,7 +236,7 @@ bool set_v1_table(const std::vector<int64_t>& table) {
 // (B, 1, Hq, D). ops/attention.py checks the arguments with clear messages first.
 Result decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const std::optional<at::Tensor>& mask, double scale, int64_t chunk,
-                        bool last_block_combines) {
+                        bool last_block_combines, int64_t pdl) {
   const at::Tensor none;
   const auto dt = q.scalar_type();
   if ((dt != at::kBFloat16 && dt != at::kHalf) || k.scalar_type() != dt || v.scalar_type() != dt) return {none, kBadArgs};
@@ -273,6 +274,8 @@ Result decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tens
   a.chunk = static_cast<int>(chunk); a.splits = static_cast<int>((L + chunk - 1) / chunk);
   a.scale = static_cast<float>(scale); a.bf16 = dt == at::kBFloat16;
   a.last_block_combines = last_block_combines;
+  if (pdl < 0 || pdl > (libortho::kPdlOn | libortho::kPdlLate | libortho::kPdlNoPrefetch)) return {none, kBadArgs};
+  a.pdl = static_cast<int>(pdl);
   if (!libortho::decode_attention_supported(a)) return {none, kBadArgs};
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -286,7 +289,7 @@ Result decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tens
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("fused_small_m", &fused<&libortho::launch_fused_small_m>, "(x @ deq(Q)^T + alpha x @ S^T + bias, error code), 1 <= M <= 64; last argument: PDL (v1)");
+  m.def("fused_small_m", &fused<&libortho::launch_fused_small_m>, "(x @ deq(Q)^T + alpha x @ S^T + bias, error code), 1 <= M <= 64; last argument: PDL mode bits (v1; kernels.h kPdl*)");
   m.def("fused_small_m_v2", &fused<&libortho::launch_fused_small_m_v2>, "the same by the v2 decode kernel (LIBORTHO_DECODE_KERNEL=v2)");
   m.def("fused_small_m_v3", &fused<&libortho::launch_fused_small_m_v3>, "the same by the v3 decode kernel (LIBORTHO_DECODE_KERNEL=v3)");
   m.def("ortho_xt_min", &ortho_xt_min, "v1 reads x transposed in its ortho stream when M >= 2 and nnz * M * max(M, 4) / 4 >= this (-1: never)");
@@ -311,7 +314,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_cutlass_built", &libortho::gemm_cutlass_built, "whether this build has the CUTLASS GEMM");
   m.def("decode_attention", &decode_attention, "(softmax(scale q k^T + mask) v for one query token, error code): q (B, Hq, 1, "
         "D), k and v (B, Hkv, L, D), out (B, 1, Hq, D); then cache positions per block, and whether the last block of "
-        "each head combines the blocks (one launch) rather than a second kernel");
+        "each head combines the blocks (one launch) rather than a second kernel, and the PDL mode bits (kernels.h kPdl*)");
   m.def("gemm_int4", &gemm_int4, "(x @ deq(Q)^T + alpha x @ S^T + bias, error code): INT4 base in one kernel (sm_90a), "
         "the ortho stream (M <= 64 only) in a second");
 }

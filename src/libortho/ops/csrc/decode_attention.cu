@@ -13,6 +13,7 @@
 #include <cuda_fp16.h>
 
 #include "kernels.h"
+#include "pdl.cuh"
 
 namespace libortho {
 namespace {
@@ -172,6 +173,10 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_split(AttnAr
   const int h0 = hk * G;
   const T* kb = static_cast<const T*>(a.k) + b * a.k_sb + hk * a.k_sh + lane * EPL;
   const T* vb = static_cast<const T*>(a.v) + b * a.v_sb + hk * a.v_sh + lane * EPL;
+  if (a.pdl) {  // launched with PDL: q, K and V (the rotary / cache kernel's output) only after the wait
+    pdl_wait();
+    if (!(a.pdl & kPdlLate)) pdl_trigger();
+  }
   float q[G][EPL], m[G], l[G], acc[G][EPL];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
@@ -290,6 +295,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_split(AttnAr
     }
     a.ws_acc[row * D + d] = at;
   }
+  if (a.pdl & kPdlLate) pdl_trigger();  // the dependents' launch overlaps the combine (or this block's exit)
   if (a.splits == 1 || a.tickets == nullptr) return;
   // Last block of (b, hk) combines: its parts are visible to the others before its ticket is (threadfence pattern).
   __shared__ bool last;
@@ -312,11 +318,9 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_combine(Attn
 
 template <typename T, int D, int G>
 cudaError_t launch_attn(const AttnArgs& a, cudaStream_t s) {
-  if (a.B == 1)
-    decode_attention_split<T, D, G, true><<<dim3(a.splits, a.Hkv, a.B), kAttnWarps * 32, 0, s>>>(a);
-  else
-    decode_attention_split<T, D, G, false><<<dim3(a.splits, a.Hkv, a.B), kAttnWarps * 32, 0, s>>>(a);
-  cudaError_t err = cudaGetLastError();
+  const dim3 grid(a.splits, a.Hkv, a.B), block(kAttnWarps * 32);
+  cudaError_t err = a.B == 1 ? launch_maybe_pdl(decode_attention_split<T, D, G, true>, grid, block, 0, s, a.pdl != 0, a)
+                             : launch_maybe_pdl(decode_attention_split<T, D, G, false>, grid, block, 0, s, a.pdl != 0, a);
   if (err != cudaSuccess || a.splits == 1 || a.tickets != nullptr) return err;
   decode_attention_combine<T, D, G><<<dim3(a.Hkv, a.B), kAttnWarps * 32, 0, s>>>(a);
   return cudaGetLastError();
