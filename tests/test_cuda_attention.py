@@ -196,40 +196,6 @@ def test_a_bf16_model_decodes_with_it_as_with_sdpa(mode):
     assert agree > 0.9, agree  # the op's own choices: SDPA's but for near-ties
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
-                    reason="programmatic dependent launch: Hopper")
-@pytest.mark.parametrize("pdl", ["1", "late", "late-noprefetch"])
-def test_pdl_modes_keep_a_compiled_decode_bit_for_bit(pdl, monkeypatch):
-    """$LIBORTHO_PDL launches v1 and the decode attention with programmatic dependent launch, inductor's Triton kernels
-    are launched so too: each kernel may start while the one before it drains and waits on the device before it reads
-    that kernel's output. A decomposed model (head dim 64, so the attention kernel runs) decoded by a compiled,
-    captured step gives the tokens and bit-identical logits of plain launches, at alpha 1 and 0."""
-    import torch._inductor.config as inductor_config
-    if not hasattr(inductor_config.triton, "enable_pdl"):
-        pytest.skip("this torch's inductor has no triton.enable_pdl")
-    import libortho
-    cfg = bd.llama2_7b_config(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, vocab_size=1000)
-    model = bd.random_llama(cfg, torch.device("cpu"), dtype=torch.float32, seed=6)
-    libortho.decompose(model, libortho.OrthoConfig(bits=4, group_size=128, density=0.02), progress=False)
-    model = model.to("cuda", torch.bfloat16)
-    attention.use_decode_attention(model)
-    ids = torch.randint(3, 1000, (2, 8), device="cuda")
-
-    def run(mode, inductor_pdl):
-        monkeypatch.setenv("LIBORTHO_PDL", mode)
-        torch._dynamo.reset()
-        with bd.inductor_tuning(False, inductor_pdl):
-            dec = bd.StaticDecoder(model, 2, 16, 8, mode="compile", keep_logits=True)
-            return dec.generate(ids), dec.step_logits(16).clone()
-
-    for a in (1.0, 0.0):
-        with libortho.alpha(model, a):
-            tokens, logits = run("0", False)
-            t, lg = run(pdl, True)
-            assert torch.equal(t, tokens) and torch.equal(lg, logits), (a, pdl)
-
-
 class ForcedDecoder(bd.StaticDecoder):
     """StaticDecoder whose next token is taken from ``forced`` (B, n) at the step's position (device side, so graphs
     and compile keep it); the argmax is still what the logits say."""
