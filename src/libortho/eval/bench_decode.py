@@ -41,7 +41,7 @@ from torch import nn
 
 from ..attention import CHOICES as ATTENTIONS
 from ..attention import resolve as resolve_attention
-from ..attention import use_decode_attention
+from ..attention import use_attention_step, use_decode_attention
 from ..static_cache import plain_cache, shared_length_cache
 
 VARIANTS = ("bf16", "alpha1", "alpha0", "int4", "bf16_fused")
@@ -730,8 +730,9 @@ def add_arguments(p):
                    help="decode step: graph (default on CUDA), compile, reduce-overhead, eager (default on CPU)")
     p.add_argument("--attn", default="auto", choices=ATTENTIONS,
                    help="attention of every row (the same for all): transformers' SDPA, or LibOrtho's decode attention "
-                        "for the one-token steps (libortho.attention; prefill stays SDPA); auto: libortho on a GPU "
-                        "(faster end to end on an H200), sdpa on the CPU")
+                        "for the one-token steps (libortho.attention; prefill stays SDPA); libortho-step: that, with the "
+                        "rotary embedding and the cache writes inside its op (use_attention_step); auto: libortho on a "
+                        "GPU (faster end to end on an H200), sdpa on the CPU")
     p.add_argument("--per-layer-length", action="store_true",
                    help="transformers' StaticCache as it is, each layer advancing its own length (default: one length "
                         "shared by the layers, advanced once a step; libortho.static_cache), every row alike")
@@ -781,8 +782,10 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
     t0 = time.perf_counter()
     model, tok, desc = load_bench_model(name, device)
     attn = resolve_attention(args.attn, model, device)  # auto: LibOrtho's where its kernel takes this model
-    if attn == "libortho":
+    if attn in ("libortho", "libortho-step"):
         use_decode_attention(model)
+    if attn == "libortho-step":
+        use_attention_step(model)  # the rotary embedding and the cache writes inside the attention op
     info = {"description": desc, "load_s": time.perf_counter() - t0, "mode": mode, "errors": {},
             "params": sum(p.numel() for p in model.parameters()), "attention": attn}
     vocab = model.config.vocab_size

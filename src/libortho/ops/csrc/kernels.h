@@ -144,6 +144,17 @@ struct AttnArgs {
   bool last_block_combines;
   unsigned* tickets;
   int pdl;  // kPdl* bits: the split kernel launched with programmatic dependent launch (kPdlNoPrefetch: no meaning here)
+  // The step form (decode_attention_step), or kn == nullptr: q is the projection before the rotary embedding; the
+  // kernel rotates it and, for each (b, KV head), the new key row kn, and writes that and the value row vn at cache
+  // position *pos (one position for every sequence; outside [0, L): nothing written) before reading them back.
+  const void* kn;
+  int64_t kn_sb, kn_sh;
+  const void* vn;
+  int64_t vn_sb, vn_sh;
+  const void* cos;  // (B, D) rows at cs_sb, the model's dtype (transformers' halves-duplicated cos and sin)
+  const void* sin;
+  int64_t cs_sb;
+  const int64_t* pos;
 };
 bool decode_attention_supported(const AttnArgs& a);
 cudaError_t launch_decode_attention(const AttnArgs& a, cudaStream_t stream);
