@@ -185,3 +185,33 @@ def test_bench_decode_runs_every_row_with_the_step_op(tmp_path):
     assert result["protocol"]["attention"] == "libortho-step"
     assert result["models"]["tiny"]["attention"] == "libortho-step"
     assert all(r["bf16_tok_s"] > 0 and r["alpha1_tok_s"] > 0 for r in result["rows"])
+
+
+def test_the_cuda_dispatch_hands_the_kernel_its_operands(monkeypatch):
+    """decode_attention_step_cuda with a stand-in extension: the kernel gets the operands, pos as one element, the
+    chunk attention_chunk picks, the one-launch combine and $LIBORTHO_PDL's bits; a head dim the kernel does not take
+    runs the reference (the caches written all the same)."""
+    from libortho.ops import attention_step
+    from libortho.ops.attention import attention_chunk
+    calls = []
+
+    class Ext:
+        def decode_attention_step(self, q, k_new, v_new, cos, sin, k_cache, v_cache, pos, mask, scale, chunk, last,
+                                  pdl):
+            calls.append((pos.shape, chunk, last, pdl, scale))
+            return torch.full((q.shape[0], 1, q.shape[1], q.shape[3]), 3.0, dtype=q.dtype), 0
+
+    monkeypatch.setattr(cuda_backend, "available", lambda: True)
+    monkeypatch.setattr(cuda_backend, "extension", lambda: Ext())
+    monkeypatch.setattr(cuda_backend, "_sms", lambda device: 132)
+    monkeypatch.setenv("LIBORTHO_PDL", "late")
+    a = step_inputs(b=1, hq=8, hkv=2, length=392, d=64, pos=9, dtype=torch.bfloat16)
+    out = attention_step.decode_attention_step_cuda(**a)
+    assert calls == [((1,), attention_chunk(1, 2, 392, 132), True, 3, a["scale"])] and bool((out == 3).all())
+    a = step_inputs(b=1, hq=8, hkv=2, length=40, d=96, pos=9, dtype=torch.bfloat16)
+    before = a["v_cache"].clone()
+    monkeypatch.setitem(cuda_backend._state, "warned", set())
+    with pytest.warns(RuntimeWarning, match="no CUDA decode-attention-step kernel"):
+        attention_step.decode_attention_step_cuda(**a)
+    assert len(calls) == 1 and torch.equal(a["v_cache"][:, :, 9:10], a["v_new"])
+    assert torch.equal(a["v_cache"][:, :, :9], before[:, :, :9])
