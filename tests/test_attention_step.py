@@ -45,6 +45,16 @@ def test_the_op_writes_the_rows_and_attends_as_the_separate_steps():
     assert torch.equal(out, want)
 
 
+def test_positions_past_the_step_are_never_attended():
+    """The op is causal at the step: mask None means the causal mask, and a mask letting later positions through
+    (rows of a static cache not written yet) does not make them count."""
+    a, b = step_inputs(pos=6, seed=3), step_inputs(pos=6, seed=3)
+    causal = torch.ops.libortho.decode_attention_step(**dict(a, mask=None))
+    assert torch.equal(causal, torch.ops.libortho.decode_attention_step(**b))  # b's mask: positions <= 6
+    c = step_inputs(pos=6, seed=3)
+    assert torch.equal(causal, torch.ops.libortho.decode_attention_step(**dict(c, mask=torch.ones_like(c["mask"]))))
+
+
 @pytest.mark.parametrize("change,match", [
     (dict(k_new=torch.zeros(2, 3, 1, 64)), "k_new has shape"),
     (dict(cos=torch.zeros(2, 1, 32)), "cos has shape"),
@@ -57,8 +67,9 @@ def test_bad_step_inputs_say_what_is_wrong(change, match):
         torch.ops.libortho.decode_attention_step(**a)
 
 
-def decode(model, ids, mode, steps=9):
+def decode(model, ids, mode, steps=9, causal_only=True):
     dec = bd.StaticDecoder(model, ids.shape[0], steps + 1, ids.shape[1], mode=mode, keep_logits=True, warmup_steps=0)
+    dec.cache.causal_only = causal_only  # False: the op gets the model's mask
     dec.prepare(ids)
     dec.prefill(ids)
     dec.decode(steps)
@@ -66,8 +77,8 @@ def decode(model, ids, mode, steps=9):
     return dec.tokens[:, :steps].clone(), dec.logits[:, :steps].clone(), layer.keys.clone(), layer.values.clone()
 
 
-@pytest.mark.parametrize("mode", ["eager", "compile"])
-def test_a_model_decodes_the_same_with_the_step_op(mode, monkeypatch):
+@pytest.mark.parametrize("mode,causal_only", [("eager", True), ("eager", False), ("compile", True)])
+def test_a_model_decodes_the_same_with_the_step_op(mode, causal_only, monkeypatch):
     """The tiny Llama (GQA 4 on 2), float32, shared-length static cache: with the step op every decode step of every
     layer goes through it (counted in eager mode), and the tokens, logits and cache contents equal those of
     transformers' rotary embedding + cache update + LibOrtho's attention in the same mode: bit for bit in eager mode
@@ -90,7 +101,7 @@ def test_a_model_decodes_the_same_with_the_step_op(mode, monkeypatch):
         assert key_states.shape[-2] > 1, "a decode step went through the cache's update, not the step op"
         return layer_update(self, key_states, *a, **kw)
     monkeypatch.setattr(_layer_class(), "update", update)
-    got = decode(model, ids, mode)
+    got = decode(model, ids, mode, causal_only=causal_only)
     if mode == "eager":
         assert len(calls) == 9 * model.config.num_hidden_layers
     assert torch.equal(got[0], want[0])  # tokens
@@ -126,13 +137,16 @@ pytestmark_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b,hq,hkv,d", [(1, 32, 32, 128), (8, 32, 32, 128), (2, 9, 3, 64), (3, 32, 8, 128)])
 @pytest.mark.parametrize("pos,length", [(0, 16), (127, 392), (128, 392), (391, 392), (200, 1000)])
-def test_cuda_step_matches_the_reference(dtype, b, hq, hkv, d, pos, length):
+@pytest.mark.parametrize("masked", [True, False])
+def test_cuda_step_matches_the_reference(dtype, b, hq, hkv, d, pos, length, masked):
     """The kernel's step form against the op's reference: the caches after the call equal the reference's bit for bit
     but for the rotated key row (one rounding of a float32 result either way: at most one unit in the last place),
     the output within the attention's tolerance; outputs poisoned first."""
     assert cuda_backend.build(verbose=False), cuda_backend._state["error"]
     from libortho.ops.attention_step import step_reference
     a = step_inputs(b, hq, hkv, length, d, pos, dtype, "cuda", seed=pos + b)
+    if not masked:
+        a["mask"] = None  # the causal limit alone (the kernel's own)
     ref = {n: t.clone() if isinstance(t, torch.Tensor) else t for n, t in a.items()}
     expected = step_reference(**ref)
     junk = torch.empty(64 << 20, dtype=torch.float32, device="cuda").fill_(float("nan"))

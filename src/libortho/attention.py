@@ -69,7 +69,10 @@ def _step_layer(module) -> bool:
 def step_takes(module, hidden_states, cache, attention_mask, position_embeddings, kwargs) -> bool:
     """Whether the step op replaces ``module``'s forward for this call: one token per sequence, LibOrtho's attention
     in use, a shared-length static cache (``libortho.static_cache``; its length is the step's position) whose layer is
-    filled already, a boolean (B|1, 1, 1, L) mask, no extras (attention sinks, soft-capping, dropout in training)."""
+    filled already, a boolean (B|1, 1, 1, L) mask or a cache marked ``causal_only`` (its owner passes no padding mask,
+    as StaticDecoder: the model's mask is then the causal one, which the op applies from the position, so the mask is
+    not passed and a compiled step need not build it in every layer), no extras (attention sinks, soft-capping,
+    dropout in training)."""
     if hidden_states.shape[1] != 1 or module.training or position_embeddings is None or cache is None:
         return False
     if getattr(module.config, "_attn_implementation", None) != NAME or getattr(cache, "length", None) is None:
@@ -79,6 +82,8 @@ def step_takes(module, hidden_states, cache, attention_mask, position_embeddings
     layers = getattr(cache, "layers", None)
     if not layers or module.layer_idx >= len(layers) or getattr(layers[module.layer_idx], "keys", None) is None:
         return False
+    if getattr(cache, "causal_only", False):
+        return True  # the mask is the causal one, which the op applies itself
     keys = layers[module.layer_idx].keys
     return (attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4
             and attention_mask.shape[1] == 1 and attention_mask.shape[2] == 1
@@ -103,8 +108,9 @@ def _step_forward(self, hidden_states, position_embeddings=None, attention_mask=
     v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
     layer = c.layers[self.layer_idx]
     cos, sin = position_embeddings
-    out = torch.ops.libortho.decode_attention_step(q, k, v, cos, sin, layer.keys, layer.values, c.length,
-                                                   attention_mask, float(self.scaling))
+    mask = None if getattr(c, "causal_only", False) else attention_mask
+    out = torch.ops.libortho.decode_attention_step(q, k, v, cos, sin, layer.keys, layer.values, c.length, mask,
+                                                   float(self.scaling))
     return self.o_proj(out.reshape(b, 1, -1)), None
 
 

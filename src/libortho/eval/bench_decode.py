@@ -132,6 +132,7 @@ class StaticDecoder:
         make_cache = shared_length_cache if shared_length else plain_cache
         self.cache = make_cache(model, batch, self.prompt_len + self.max_new_tokens + _PAD)
         self._length = getattr(self.cache, "length", None)  # None: the layers advance their own
+        self.cache.causal_only = True  # no padding mask is ever passed (libortho.attention.step_takes)
         params = _forward_params(model)
         self._kw = {("cache" if "cache" in params else "past_key_values"): self.cache, "use_cache": True}
         if "logits_to_keep" in params:

@@ -8,8 +8,9 @@ the value's cache write); ``decode_attention.cu`` does all of it in the attentio
 
 q (B, Hq, 1, D), k_new and v_new (B, Hkv, 1, D): the projections of the step, before the rotary embedding; cos and
 sin (B or 1, 1, D) as transformers' rotary module gives them; k_cache and v_cache (B, Hkv, L, D), written at ``pos`` (a
-one-element int64 tensor on the device, the same position for every sequence); mask and scale as ``decode_attention``.
-Returns (B, 1, Hq, D). The rotary embedding is computed in float32 and rounded to the activation dtype once, as
+one-element int64 tensor on the device, the same position for every sequence); mask and scale as ``decode_attention``,
+except that positions past ``pos`` are never attended (causal at the step: a static cache's later rows hold no keys
+yet), so ``mask=None`` means exactly the causal mask. Returns (B, 1, Hq, D). The rotary embedding is computed in float32 and rounded to the activation dtype once, as
 inductor computes the compiled model's rotary kernels (transformers' eager code rounds after each multiply).
 """
 from __future__ import annotations
@@ -67,6 +68,13 @@ def step_reference(q, k_new, v_new, cos, sin, k_cache, v_cache, pos, mask, scale
     at = pos.reshape(1)
     k_cache.index_copy_(2, at, rope(k_new, cos, sin))
     v_cache.index_copy_(2, at, v_new)
+    causal = (torch.arange(k_cache.shape[2], device=q.device) <= at).view(1, 1, 1, -1)
+    if mask is None:
+        mask = causal
+    elif mask.dtype == torch.bool:
+        mask = mask & causal
+    else:
+        mask = mask.masked_fill(~causal, float("-inf"))
     return decode_attention_reference(rope(q, cos, sin), k_cache, v_cache, mask, scale)
 
 

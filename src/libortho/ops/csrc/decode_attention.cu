@@ -238,7 +238,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_split(AttnAr
     bool take = false;
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      mk[g] = lane < kAttnRows && pw + lane < p1 ? mask_at(a, b, h0 + g, pw + lane) : -INFINITY;
+      mk[g] = lane < kAttnRows && pw + lane < p1 && (!step || pw + lane <= pos) ? mask_at(a, b, h0 + g, pw + lane)
+                                                                               : -INFINITY;
       take |= mk[g] != -INFINITY;
     }
     const unsigned taken = __ballot_sync(kAll, take);

@@ -147,6 +147,7 @@ struct AttnArgs {
   // The step form (decode_attention_step), or kn == nullptr: q is the projection before the rotary embedding; the
   // kernel rotates it and, for each (b, KV head), the new key row kn, and writes that and the value row vn at cache
   // position *pos (one position for every sequence; outside [0, L): nothing written) before reading them back.
+  // Positions past *pos are never attended (causal at the step; the mask, if any, further excludes).
   const void* kn;
   int64_t kn_sb, kn_sh;
   const void* vn;
