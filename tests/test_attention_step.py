@@ -187,20 +187,6 @@ def test_cuda_step_op_decodes_a_bf16_model_as_the_separate_steps():
     assert diff < 0.05 * logits.abs().max(), diff
 
 
-def test_bench_decode_runs_every_row_with_the_step_op(tmp_path):
-    import json
-
-    from libortho.cli import main
-    out = tmp_path / "d.json"
-    main(["bench", "decode", "--models", "tiny", "--device", "cpu", "--batches", "2", "--prompt-len", "8",
-          "--new-tokens", "6", "--prefill-len", "0", "--reps", "1", "--warmup", "0", "--variants", "bf16", "alpha1",
-          "--attn", "libortho-step", "--check-tokens", "0", "--no-progress", "--out", str(out)])
-    result = json.loads(out.read_text())
-    assert result["protocol"]["attention"] == "libortho-step"
-    assert result["models"]["tiny"]["attention"] == "libortho-step"
-    assert all(r["bf16_tok_s"] > 0 and r["alpha1_tok_s"] > 0 for r in result["rows"])
-
-
 def test_the_cuda_dispatch_hands_the_kernel_its_operands(monkeypatch):
     """decode_attention_step_cuda with a stand-in extension: the kernel gets the operands, pos as one element, the
     chunk attention_chunk picks, the one-launch combine and $LIBORTHO_PDL's bits; a head dim the kernel does not take

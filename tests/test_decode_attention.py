@@ -188,16 +188,19 @@ def test_a_model_decodes_the_same_tokens_with_it(mode, monkeypatch):
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_bench_decode_runs_every_row_with_it(tmp_path):
+@pytest.mark.parametrize("attn", ["libortho", "libortho-step"])
+def test_bench_decode_runs_every_row_with_it(tmp_path, attn):
+    """--attn libortho (and libortho-step: the step's attention as one op, libortho.ops.attention_step) in every row."""
     import json
     from libortho.cli import main
     out = tmp_path / "d.json"
-    main(["bench", "decode", "--models", "tiny", "--device", "cpu", "--batches", "1", "--prompt-len", "8",
+    main(["bench", "decode", "--models", "tiny", "--device", "cpu", "--batches", "1", "2", "--prompt-len", "8",
           "--new-tokens", "6", "--prefill-len", "0", "--reps", "1", "--warmup", "0", "--variants", "bf16", "alpha1",
-          "--attn", "libortho", "--check-tokens", "0", "--no-progress", "--out", str(out)])
+          "--attn", attn, "--check-tokens", "0", "--no-progress", "--out", str(out)])
     result = json.loads(out.read_text())
-    assert result["protocol"]["attention"] == "libortho"
-    assert {r["model"] for r in result["rows"]} == {"tiny"} and result["rows"][0]["bf16_tok_s"] > 0
+    assert result["protocol"]["attention"] == attn and result["models"]["tiny"]["attention"] == attn
+    assert {r["model"] for r in result["rows"]} == {"tiny"}
+    assert all(r["bf16_tok_s"] > 0 and r["alpha1_tok_s"] > 0 for r in result["rows"])
 
 
 def test_generate_cli_takes_it_in_the_fast_path(tmp_path, capsys, monkeypatch):
