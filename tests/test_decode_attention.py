@@ -140,12 +140,19 @@ def test_chunks_fill_two_waves_where_they_can():
 
 
 class Spy:
-    """Counts the calls of attention_forward that reach the op and those that fall back to SDPA."""
+    """Counts the calls of attention_forward that reach the op and those that fall back to SDPA, and the layer steps
+    that the step op takes (use_attention_step)."""
 
     def __init__(self, monkeypatch):
         from transformers.integrations import sdpa_attention
-        self.op = self.sdpa = 0
+        self.op = self.sdpa = self.step = 0
         real_op, real_sdpa = attention._decode_attention, sdpa_attention.sdpa_attention_forward
+        real_takes = attention.step_takes
+
+        def takes(*a):
+            took = real_takes(*a)
+            self.step += took
+            return took
 
         def op(*a):
             self.op += 1
@@ -156,6 +163,7 @@ class Spy:
             return real_sdpa(*a, **kw)
         monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", sdpa)
         monkeypatch.setattr(attention, "_decode_attention", op)
+        monkeypatch.setattr(attention, "step_takes", takes)
 
 
 def decode(model, ids, mode, steps=9):
@@ -233,8 +241,8 @@ def test_auto_picks_the_kernel_only_where_it_fits():
     """--attn auto: LibOrtho's attention on CUDA for fp16 / bf16 models with head dim 64 or 128 and at most 8 query heads
     per cache head (what decode_attention.cu takes); SDPA otherwise; an explicit choice is kept."""
     fits = _llama(64, torch.bfloat16)
-    assert attention.resolve("auto", fits, "cuda") == "libortho"
-    assert attention.resolve("auto", _llama(128, torch.float16), torch.device("cuda", 0)) == "libortho"
+    assert attention.resolve("auto", fits, "cuda") == "libortho-step"
+    assert attention.resolve("auto", _llama(128, torch.float16), torch.device("cuda", 0)) == "libortho-step"
     assert attention.resolve("auto", fits, "cpu") == "sdpa"
     assert attention.resolve("auto", _llama(32, torch.bfloat16), "cuda") == "sdpa"
     assert attention.resolve("auto", _llama(64, torch.float32), "cuda") == "sdpa"
@@ -245,7 +253,7 @@ def test_auto_picks_the_kernel_only_where_it_fits():
 
 def test_generate_cli_auto_takes_it_where_the_kernel_fits(tmp_path, capsys, monkeypatch):
     """`libortho generate` without --attn: SDPA on the CPU (the op's reference would only be slower), LibOrtho's
-    attention where the kernel fits (stood in for here), and never outside the fast path (no error either)."""
+    attention step op where the kernel fits (stood in for here), and never outside the fast path (no error either)."""
     from libortho.cli import main
     from conftest import char_tokenizer, tiny_model
     d = tmp_path / "tiny"
@@ -254,12 +262,12 @@ def test_generate_cli_auto_takes_it_where_the_kernel_fits(tmp_path, capsys, monk
     args = [str(d), "--max-new-tokens", "6", "--no-chat", "--prompt", "abc"]
     spy = Spy(monkeypatch)
     main(["generate", *args, "--mode", "eager"])
-    assert spy.op == 0
+    assert spy.op == spy.step == 0
     monkeypatch.setattr(attention, "kernel_fits", lambda model, device: True)
     main(["generate", *args])  # no fast path: SDPA, not a refusal
-    assert spy.op == 0
+    assert spy.op == spy.step == 0
     main(["generate", *args, "--mode", "eager"])
-    assert spy.op > 0
+    assert spy.step > 0  # the decode steps' layers go through the step op (the prompt through the attention op)
 
 
 def test_bench_decode_auto_picks_per_model_and_says_so(tmp_path, monkeypatch):
@@ -273,5 +281,5 @@ def test_bench_decode_auto_picks_per_model_and_says_so(tmp_path, monkeypatch):
           "--new-tokens", "4", "--prefill-len", "0", "--reps", "1", "--warmup", "0", "--variants", "bf16",
           "--check-tokens", "0", "--no-progress", "--out", str(out)])
     result = json.loads(out.read_text())
-    assert result["protocol"]["attention"] == "sdpa" and result["models"]["tiny"]["attention"] == "libortho"
-    assert "Attention of tiny: libortho" in out.with_suffix(".md").read_text()
+    assert result["protocol"]["attention"] == "sdpa" and result["models"]["tiny"]["attention"] == "libortho-step"
+    assert "Attention of tiny: libortho-step" in out.with_suffix(".md").read_text()

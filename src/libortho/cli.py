@@ -195,7 +195,7 @@ def build_parser():
     g.add_argument("--attn", default="auto", choices=ATTENTIONS,
                    help="fast path: attention of the one-token steps, transformers' SDPA or LibOrtho's decode attention "
                         "(libortho.attention; the prompt stays SDPA), libortho-step that with the rotary embedding and "
-                        "the cache writes in its op; auto: LibOrtho's where its CUDA kernel takes the model (GPU, "
+                        "the cache writes in its op; auto: libortho-step where its CUDA kernel takes the model (GPU, "
                         "fp16/bf16, head dim 64 or 128), else SDPA")
     g.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     g.set_defaults(fn=cmd_generate)

@@ -200,8 +200,8 @@ class StaticDecoder:
         if self.device.type == "cuda" and self.mode in ("graph", "compile"):
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):  # warm-up (compilation, lazy init, cuBLAS handles) off the graph
-                for _ in range(self.warmup_steps):
+            with torch.cuda.stream(stream):  # warm-up (compilation, lazy init, cuBLAS handles) off the graph:
+                for _ in range(max(1, self.warmup_steps)):  # at least once, none of them may run under capture
                     self._fn()
             torch.cuda.current_stream(self.device).wait_stream(stream)
             torch.cuda.synchronize(self.device)
@@ -732,8 +732,8 @@ def add_arguments(p):
     p.add_argument("--attn", default="auto", choices=ATTENTIONS,
                    help="attention of every row (the same for all): transformers' SDPA, or LibOrtho's decode attention "
                         "for the one-token steps (libortho.attention; prefill stays SDPA); libortho-step: that, with the "
-                        "rotary embedding and the cache writes inside its op (use_attention_step); auto: libortho on a "
-                        "GPU (faster end to end on an H200), sdpa on the CPU")
+                        "rotary embedding and the cache writes inside its op (use_attention_step); auto: libortho-step "
+                        "where the kernel takes the model (the fastest end to end on an H200), else sdpa")
     p.add_argument("--per-layer-length", action="store_true",
                    help="transformers' StaticCache as it is, each layer advancing its own length (default: one length "
                         "shared by the layers, advanced once a step; libortho.static_cache), every row alike")
@@ -1044,7 +1044,7 @@ def run(args):
                 "prefill_len": args.prefill_len, "reps": args.reps, "warmup": args.warmup, "mode": mode,
                 "density": args.density, "score": args.score, "group_size": args.group_size,
                 "variants": args.variants, "fuse_siblings": not args.no_fuse,
-                "attention": args.attn if args.attn != "auto" else "libortho" if device.type == "cuda" else "sdpa",
+                "attention": args.attn if args.attn != "auto" else "libortho-step" if device.type == "cuda" else "sdpa",
                 "coordinate_descent": args.coordinate_descent, "inductor_pdl": args.inductor_pdl,
                 "cache_length": "per layer" if args.per_layer_length else "shared", "method": __doc__.strip()}
     if device.type == "cuda":
