@@ -9,7 +9,7 @@ ci = torch.zeros(0, dtype=torch.int16, device="cuda")
 v = torch.zeros(0, dtype=torch.bfloat16, device="cuda")
 for m in (1, 65):
     try:
-        y = cuda._checked(ext.fused_small_m(torch.randn(m, 128, device="cuda", dtype=torch.bfloat16), q, s, None, rp, ci, v, None, 1.0, 4, 128, 64, 128, False))
+        y = cuda._checked(ext.fused_small_m(torch.randn(m, 128, device="cuda", dtype=torch.bfloat16), q, s, None, rp, ci, v, None, 1.0, 4, 128, 64, 128, 0))
         torch.cuda.synchronize(); print("ok", m, y.shape)
     except RuntimeError as e:
         print("raised", m, str(e)[:200])

@@ -296,29 +296,38 @@ def test_cuda_decode_step_never_syncs_and_graph_matches_eager():
 
 
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] < 9, reason="no Hopper GPU")
-def test_cuda_compiled_step_with_pdl_gives_the_same_bits(monkeypatch):
-    """--inductor-pdl (Triton kernels launched with programmatic dependent launch) with and without LibOrtho's own
-    (LIBORTHO_PDL=1): the compiled, graph-captured decode gives the same tokens and bit-identical logits as without,
-    at alpha 1 and 0 (each kernel waits on the device before it reads what the kernel before it wrote)."""
+@pytest.mark.parametrize("libortho_pdl", ["0", "1", "late", "late-noprefetch"])
+def test_cuda_compiled_step_with_pdl_gives_the_same_bits(monkeypatch, libortho_pdl):
+    """--inductor-pdl (Triton kernels launched with programmatic dependent launch), with LibOrtho's own in each
+    $LIBORTHO_PDL mode (v1 and the decode attention): every kernel may start while the one before it drains and waits on
+    the device before it reads that kernel's output. A decomposed model (head dim 64, so LibOrtho's attention kernel
+    runs) decoded by a compiled, captured step gives the tokens and bit-identical logits of plain launches, at alpha 1
+    and 0."""
     import torch._inductor.config as inductor_config
+
+    from libortho import attention
     if not hasattr(inductor_config.triton, "enable_pdl"):
         pytest.skip("this torch's inductor has no triton.enable_pdl")
-    model = _decomposed().to("cuda", torch.bfloat16)
-    ids = _prompts(2, 8).cuda()
+    cfg = bd.llama2_7b_config(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, vocab_size=1000)
+    model = bd.random_llama(cfg, torch.device("cpu"), dtype=torch.float32, seed=6)
+    libortho.decompose(model, libortho.OrthoConfig(bits=4, group_size=128, density=0.02), progress=False)
+    model = model.to("cuda", torch.bfloat16)
+    attention.use_decode_attention(model)
+    ids = torch.randint(3, 1000, (2, 8), device="cuda")
 
-    def run(inductor_pdl, libortho_pdl):
-        monkeypatch.setenv("LIBORTHO_PDL", "1" if libortho_pdl else "0")
+    def run(inductor_pdl, mode):
+        monkeypatch.setenv("LIBORTHO_PDL", mode)
         torch._dynamo.reset()
         with bd.inductor_tuning(False, inductor_pdl):
-            dec = bd.StaticDecoder(model, 2, 12, 8, mode="compile", keep_logits=True)
-            return dec.generate(ids), dec.step_logits(12).clone()
+            dec = bd.StaticDecoder(model, 2, 16, 8, mode="compile", keep_logits=True)
+            return dec.generate(ids), dec.step_logits(16).clone()
 
     for a in (1.0, 0.0):
         with libortho.alpha(model, a):
-            tokens, logits = run(False, False)
-            for inductor_pdl, libortho_pdl in ((True, False), (True, True)):
-                t, lg = run(inductor_pdl, libortho_pdl)
-                assert torch.equal(t, tokens) and torch.equal(lg, logits), (a, inductor_pdl, libortho_pdl)
+            tokens, logits = run(False, "0")
+            t, lg = run(True, libortho_pdl)
+            assert torch.equal(t, tokens) and torch.equal(lg, logits), (a, libortho_pdl)
 
 
 @pytest.mark.skipif(not CUDA, reason="no GPU")

@@ -512,7 +512,7 @@ def test_v3_binding_above_16_rows_runs_v1(m):
     x = torch.randn(m, 576, generator=gen, device="cuda").to(torch.bfloat16)
     ext = cuda_backend.extension()
     args = (x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values, layer.bias, 1.0,
-            4, 128, 256, 576, False)
+            4, 128, 256, 576, 0)
     assert torch.equal(cuda_backend._checked(ext.fused_small_m_v3(*args)), cuda_backend._checked(ext.fused_small_m(*args)))
 
 
@@ -532,11 +532,12 @@ def test_decode_kernel_switch(monkeypatch):
         cuda_backend.set_decode_kernel("v9")
 
 
+@pytest.mark.parametrize("mode", ["1", "late", "noprefetch", "late-noprefetch"])
 @pytest.mark.parametrize("m", [1, 4, 16])
-def test_pdl_chain_matches_plain_launches(m, monkeypatch):
-    """With LIBORTHO_PDL=1 a v1 launch may start while the previous kernel drains. In a chain where each layer
-    reads the previous output (directly, and through an ordinary elementwise kernel) the bits must equal
-    plain launches, eagerly and replayed from a CUDA graph."""
+def test_pdl_chain_matches_plain_launches(m, mode, monkeypatch):
+    """With $LIBORTHO_PDL on a v1 launch may start while the previous kernel drains (and, late, let its dependents
+    start after its main loop). In a chain where each layer reads the previous output (directly, and through an
+    ordinary elementwise kernel) the bits must equal plain launches, eagerly and replayed from a CUDA graph."""
     gen = torch.Generator(device="cuda").manual_seed(11)
     layers = [make_layer(512, 512, 4, 128, True, 0.01, torch.bfloat16, gen, bias=(i % 2 == 0)) for i in range(6)]
     x = torch.randn(m, 512, generator=gen, device="cuda").to(torch.bfloat16)
@@ -553,7 +554,7 @@ def test_pdl_chain_matches_plain_launches(m, monkeypatch):
     try:
         monkeypatch.setenv("LIBORTHO_PDL", "0")
         plain = chain()
-        monkeypatch.setenv("LIBORTHO_PDL", "1")
+        monkeypatch.setenv("LIBORTHO_PDL", mode)
         assert cuda_backend.pdl_enabled()
         poison_allocator()
         assert torch.equal(chain(), plain)
@@ -673,7 +674,7 @@ def test_bad_calls_raise_python_errors():
         cuda_backend._checked(ext.fused_small_m(torch.randn(1, 128, device="cuda", dtype=torch.bfloat16),
                                               layer.qweight[:, :, :64].contiguous(), layer.scales, None,
                                               layer.row_ptr, layer.col_idx, layer.values, None, 1.0, 4, 128, 64, 128,
-                                              False))
+                                              0))
     for fused in (ext.fused_small_m, ext.fused_small_m_v2, ext.fused_small_m_v3):
         with pytest.raises(RuntimeError, match="invalid arguments"):
             cuda_backend._checked(fused(torch.randn(65, 128, device="cuda", dtype=torch.bfloat16), layer.qweight,
@@ -792,9 +793,9 @@ def test_v1_at_17_to_64_tokens_matches_float64(shape, m, density, alpha, dtype):
     args = (layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx, layer.values, layer.bias)
     gsz = quant.effective_group_size(layer.group_size, k)
     poison_allocator()
-    y = cuda_backend._checked(ext.fused_small_m(x, *args, alpha, 4, gsz, n, k, False))
+    y = cuda_backend._checked(ext.fused_small_m(x, *args, alpha, 4, gsz, n, k, 0))
     assert rel_err(y, reference64(layer, x, alpha)) < TOL[dtype]
-    base = cuda_backend._checked(ext.fused_small_m(x, *args, 0.0, 4, gsz, n, k, False))
+    base = cuda_backend._checked(ext.fused_small_m(x, *args, 0.0, 4, gsz, n, k, 0))
     assert rel_err(base, reference64(layer, x, 0.0)) < TOL[dtype]
     assert torch.equal(y, base) == (layer.ortho_nnz == 0)
 
@@ -815,7 +816,7 @@ def test_v1_at_17_to_64_tokens_with_empty_rows_and_one_very_dense_row(m):
         poison_allocator()
         y = cuda_backend._checked(ext.fused_small_m(x, layer.qweight, layer.scales, layer.zeros, layer.row_ptr,
                                                     layer.col_idx, layer.values, layer.bias, alpha, 4, 128, n, k,
-                                                    False))
+                                                    0))
         assert rel_err(y, reference64(layer, x, alpha)) < TOL[dtype], alpha
 
 
@@ -879,7 +880,7 @@ def test_default_policy_runs_the_gemm_up_to_64_tokens(m, alpha, n, k, monkeypatc
     w = cuda_backend._checked(ext.dequant_merge(x, *args, alpha, 4, 128, n, k))
     dequant = torch.nn.functional.linear(x, w, layer.bias)
     assert cuda_backend.prefill() == "auto"
-    v1 = cuda_backend._checked(ext.fused_small_m(x, *args, layer.bias, alpha, 4, 128, n, k, False)) if m <= 64 else None
+    v1 = cuda_backend._checked(ext.fused_small_m(x, *args, layer.bias, alpha, 4, 128, n, k, 0)) if m <= 64 else None
     y, calls = with_counted_calls(monkeypatch, ext, lambda: layer(x))
     work = layer.ortho_nnz * m if alpha != 0 else 0
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count

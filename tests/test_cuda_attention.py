@@ -87,7 +87,7 @@ def test_kernel_masks_and_chunks(mask_kind, chunk, one_launch):
             "batch-1": keep[:1]}[mask_kind]
     ext = cuda_backend.extension()
     poison_allocator()
-    out = cuda_backend._checked(ext.decode_attention(q, k, v, mask, 0.1, chunk, one_launch),
+    out = cuda_backend._checked(ext.decode_attention(q, k, v, mask, 0.1, chunk, one_launch, 0),
                                "decode attention")
     assert rel_err(out, reference64(q, k, v, mask, 0.1)) < TOL[torch.bfloat16]
 
@@ -99,12 +99,12 @@ def test_one_launch_results_hold_after_the_ticket_ring_wraps():
     q, k, v = cache(64, 16, 8, 96, 64, torch.bfloat16, gen)
     mask = filled_mask(64, 96, gen)
     ext = cuda_backend.extension()
-    first = cuda_backend._checked(ext.decode_attention(q, k, v, mask, 0.125, 16, True), "decode attention")
+    first = cuda_backend._checked(ext.decode_attention(q, k, v, mask, 0.125, 16, True, 0), "decode attention")
     assert rel_err(first, reference64(q, k, v, mask, 0.125)) < TOL[torch.bfloat16]
     for _ in range(2**19 // (64 * 8) + 7):
-        ext.decode_attention(q, k, v, mask, 0.125, 16, True)
+        ext.decode_attention(q, k, v, mask, 0.125, 16, True, 0)
     poison_allocator()
-    again = cuda_backend._checked(ext.decode_attention(q, k, v, mask, 0.125, 16, True), "decode attention")
+    again = cuda_backend._checked(ext.decode_attention(q, k, v, mask, 0.125, 16, True, 0), "decode attention")
     assert torch.equal(again, first)
 
 

@@ -83,25 +83,31 @@ def test_the_fake_implementation_lets_compile_trace_it():
     assert torch.allclose(fn(q, k, v, mask), 2 * torch.ops.libortho.decode_attention(q, k, v, mask, 0.125))
 
 
-def test_the_cuda_dispatch_hands_the_kernel_its_chunk(monkeypatch):
+@pytest.mark.parametrize("pdl,bits", [(None, 0), ("late", 3)])
+def test_the_cuda_dispatch_hands_the_kernel_its_chunk(monkeypatch, pdl, bits):
     """decode_attention_cuda (run here with a stand-in extension): the kernel gets the chunk attention_chunk picks for
-    the device's SM count (the linears' cached count), the one-launch combine, and its output is returned."""
+    the device's SM count (the linears' cached count), the one-launch combine and $LIBORTHO_PDL's mode bits, and its
+    output is returned."""
     from libortho.ops import attention as ops_attention
     from libortho.ops import cuda as cuda_ops
     calls = []
 
     class Ext:
-        def decode_attention(self, q, k, v, mask, scale, chunk, last_block_combines):
-            calls.append((chunk, last_block_combines, scale))
+        def decode_attention(self, q, k, v, mask, scale, chunk, last_block_combines, pdl_bits):
+            calls.append((chunk, last_block_combines, scale, pdl_bits))
             return torch.full((q.shape[0], 1, q.shape[1], q.shape[3]), 7.0, dtype=q.dtype), 0
 
     monkeypatch.setattr(cuda_ops, "available", lambda: True)
     monkeypatch.setattr(cuda_ops, "extension", lambda: Ext())
     monkeypatch.setattr(cuda_ops, "_sms", lambda device: 132)
+    if pdl is None:
+        monkeypatch.delenv("LIBORTHO_PDL", raising=False)
+    else:
+        monkeypatch.setenv("LIBORTHO_PDL", pdl)
     gen = torch.Generator().manual_seed(3)
     q, k, v, mask = make(1, 6, 3, 392, 64, "bool", gen, torch.bfloat16)
     out = ops_attention.decode_attention_cuda(q, k, v, mask, 0.125)
-    assert calls == [(attention_chunk(1, 3, 392, 132), True, 0.125)] and calls[0][0] == 16
+    assert calls == [(attention_chunk(1, 3, 392, 132), True, 0.125, bits)] and calls[0][0] == 16
     assert out.shape == (1, 1, 6, 64) and bool((out == 7).all())
 
 
@@ -134,12 +140,19 @@ def test_chunks_fill_two_waves_where_they_can():
 
 
 class Spy:
-    """Counts the calls of attention_forward that reach the op and those that fall back to SDPA."""
+    """Counts the calls of attention_forward that reach the op and those that fall back to SDPA, and the layer steps
+    that the step op takes (use_attention_step)."""
 
     def __init__(self, monkeypatch):
         from transformers.integrations import sdpa_attention
-        self.op = self.sdpa = 0
+        self.op = self.sdpa = self.step = 0
         real_op, real_sdpa = attention._decode_attention, sdpa_attention.sdpa_attention_forward
+        real_takes = attention.step_takes
+
+        def takes(*a):
+            took = real_takes(*a)
+            self.step += took
+            return took
 
         def op(*a):
             self.op += 1
@@ -150,6 +163,7 @@ class Spy:
             return real_sdpa(*a, **kw)
         monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward", sdpa)
         monkeypatch.setattr(attention, "_decode_attention", op)
+        monkeypatch.setattr(attention, "step_takes", takes)
 
 
 def decode(model, ids, mode, steps=9):
@@ -182,16 +196,19 @@ def test_a_model_decodes_the_same_tokens_with_it(mode, monkeypatch):
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_bench_decode_runs_every_row_with_it(tmp_path):
+@pytest.mark.parametrize("attn", ["libortho", "libortho-step"])
+def test_bench_decode_runs_every_row_with_it(tmp_path, attn):
+    """--attn libortho (and libortho-step: the step's attention as one op, libortho.ops.attention_step) in every row."""
     import json
     from libortho.cli import main
     out = tmp_path / "d.json"
-    main(["bench", "decode", "--models", "tiny", "--device", "cpu", "--batches", "1", "--prompt-len", "8",
+    main(["bench", "decode", "--models", "tiny", "--device", "cpu", "--batches", "1", "2", "--prompt-len", "8",
           "--new-tokens", "6", "--prefill-len", "0", "--reps", "1", "--warmup", "0", "--variants", "bf16", "alpha1",
-          "--attn", "libortho", "--check-tokens", "0", "--no-progress", "--out", str(out)])
+          "--attn", attn, "--check-tokens", "0", "--no-progress", "--out", str(out)])
     result = json.loads(out.read_text())
-    assert result["protocol"]["attention"] == "libortho"
-    assert {r["model"] for r in result["rows"]} == {"tiny"} and result["rows"][0]["bf16_tok_s"] > 0
+    assert result["protocol"]["attention"] == attn and result["models"]["tiny"]["attention"] == attn
+    assert {r["model"] for r in result["rows"]} == {"tiny"}
+    assert all(r["bf16_tok_s"] > 0 and r["alpha1_tok_s"] > 0 for r in result["rows"])
 
 
 def test_generate_cli_takes_it_in_the_fast_path(tmp_path, capsys, monkeypatch):
@@ -224,8 +241,8 @@ def test_auto_picks_the_kernel_only_where_it_fits():
     """--attn auto: LibOrtho's attention on CUDA for fp16 / bf16 models with head dim 64 or 128 and at most 8 query heads
     per cache head (what decode_attention.cu takes); SDPA otherwise; an explicit choice is kept."""
     fits = _llama(64, torch.bfloat16)
-    assert attention.resolve("auto", fits, "cuda") == "libortho"
-    assert attention.resolve("auto", _llama(128, torch.float16), torch.device("cuda", 0)) == "libortho"
+    assert attention.resolve("auto", fits, "cuda") == "libortho-step"
+    assert attention.resolve("auto", _llama(128, torch.float16), torch.device("cuda", 0)) == "libortho-step"
     assert attention.resolve("auto", fits, "cpu") == "sdpa"
     assert attention.resolve("auto", _llama(32, torch.bfloat16), "cuda") == "sdpa"
     assert attention.resolve("auto", _llama(64, torch.float32), "cuda") == "sdpa"
@@ -236,7 +253,7 @@ def test_auto_picks_the_kernel_only_where_it_fits():
 
 def test_generate_cli_auto_takes_it_where_the_kernel_fits(tmp_path, capsys, monkeypatch):
     """`libortho generate` without --attn: SDPA on the CPU (the op's reference would only be slower), LibOrtho's
-    attention where the kernel fits (stood in for here), and never outside the fast path (no error either)."""
+    attention step op where the kernel fits (stood in for here), and never outside the fast path (no error either)."""
     from libortho.cli import main
     from conftest import char_tokenizer, tiny_model
     d = tmp_path / "tiny"
@@ -245,12 +262,12 @@ def test_generate_cli_auto_takes_it_where_the_kernel_fits(tmp_path, capsys, monk
     args = [str(d), "--max-new-tokens", "6", "--no-chat", "--prompt", "abc"]
     spy = Spy(monkeypatch)
     main(["generate", *args, "--mode", "eager"])
-    assert spy.op == 0
+    assert spy.op == spy.step == 0
     monkeypatch.setattr(attention, "kernel_fits", lambda model, device: True)
     main(["generate", *args])  # no fast path: SDPA, not a refusal
-    assert spy.op == 0
+    assert spy.op == spy.step == 0
     main(["generate", *args, "--mode", "eager"])
-    assert spy.op > 0
+    assert spy.step > 0  # the decode steps' layers go through the step op (the prompt through the attention op)
 
 
 def test_bench_decode_auto_picks_per_model_and_says_so(tmp_path, monkeypatch):
@@ -264,5 +281,5 @@ def test_bench_decode_auto_picks_per_model_and_says_so(tmp_path, monkeypatch):
           "--new-tokens", "4", "--prefill-len", "0", "--reps", "1", "--warmup", "0", "--variants", "bf16",
           "--check-tokens", "0", "--no-progress", "--out", str(out)])
     result = json.loads(out.read_text())
-    assert result["protocol"]["attention"] == "sdpa" and result["models"]["tiny"]["attention"] == "libortho"
-    assert "Attention of tiny: libortho" in out.with_suffix(".md").read_text()
+    assert result["protocol"]["attention"] == "sdpa" and result["models"]["tiny"]["attention"] == "libortho-step"
+    assert "Attention of tiny: libortho-step" in out.with_suffix(".md").read_text()

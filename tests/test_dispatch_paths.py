@@ -20,6 +20,7 @@ class RecordingExt:
         return torch.zeros(x.shape[0], n, dtype=x.dtype), 0
 
     def fused_small_m(self, x, *a):
+        self.pdl = a[-1]
         return self._out("fused_small_m", x, a[-3])
 
     def gemm_int4(self, x, *a):
@@ -87,3 +88,24 @@ def test_other_policies(ext, monkeypatch, policy, m, want):
     monkeypatch.setenv("LIBORTHO_PREFILL", policy)
     call(m, 4096, 4096)
     assert ext.calls == [want]
+
+
+@pytest.mark.parametrize("value,bits", [(None, 0), ("0", 0), ("1", 1), ("early", 1), ("late", 3), ("noprefetch", 5),
+                                        ("late-noprefetch", 7), (" Late ", 3)])
+def test_pdl_mode_reaches_the_decode_kernel(ext, monkeypatch, value, bits):
+    """$LIBORTHO_PDL picks the kernels.h kPdl* bits (on 1, late trigger 2, no prefetch 4) the decode kernel gets."""
+    if value is None:
+        monkeypatch.delenv("LIBORTHO_PDL", raising=False)
+    else:
+        monkeypatch.setenv("LIBORTHO_PDL", value)
+    call(1, 4096, 4096, 0.01)
+    assert ext.calls == ["fused_small_m"] and ext.pdl == bits
+    assert cuda.pdl_enabled() is (bits != 0)
+    assert cuda.pdl_name() == {0: "off", 1: "early", 3: "late", 5: "noprefetch", 7: "late-noprefetch"}[bits]
+
+
+def test_pdl_mode_refuses_an_unknown_value(ext, monkeypatch):
+    monkeypatch.setenv("LIBORTHO_PDL", "yes")
+    with pytest.raises(ValueError, match="LIBORTHO_PDL='yes'.*late"):
+        call(1, 4096, 4096)
+    assert ext.calls == []

@@ -29,11 +29,11 @@ for n, k in [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (4096, 1
         for m in (17, 24, 32):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             a = lambda L: (L.qweight, L.scales, L.zeros, L.row_ptr, L.col_idx, L.values)  # noqa: E731
-            v1 = [lambda L=L: ext.fused_small_m(x, *a(L), None, 1.0, 4, 128, n, k, False) for L in layers]
+            v1 = [lambda L=L: ext.fused_small_m(x, *a(L), None, 1.0, 4, 128, n, k, 0) for L in layers]
             merge = [lambda L=L: F.linear(x, ext.dequant_merge(x, *a(L), 1.0, 4, 128, n, k)[0]) for L in layers]
             gemm = [lambda L=L: ext.gemm_int4(x, *a(L), None, 1.0, 4, 128, n, k) for L in layers]
             ref = F.linear(x.double(), (base.base_weight().double() + base.ortho().to_dense().double()))
-            err = float((ext.fused_small_m(x, *a(base), None, 1.0, 4, 128, n, k, False)[0].double() - ref).norm() / ref.norm())
+            err = float((ext.fused_small_m(x, *a(base), None, 1.0, 4, 128, n, k, 0)[0].double() - ref).norm() / ref.norm())
             t = time_interleaved([v1, merge, gemm], 10, calls)
             r = {"N": n, "K": k, "M": m, "density": d, "nnz": base.ortho_nnz, "v1_add_us": t[0], "merge_us": t[1],
                  "gemm_add_us": t[2], "v1_rel_err": err,

@@ -10,11 +10,14 @@ the whole static cache.
 from __future__ import annotations
 
 import math
+import types
 
 import torch
 
 NAME = "libortho_decode"
-CHOICES = ("auto", "sdpa", "libortho")  # what --attn takes: auto, transformers' SDPA, or this module's attention
+# what --attn takes: auto, transformers' SDPA, this module's attention, or that and the whole step's attention in one
+# op (use_attention_step)
+CHOICES = ("auto", "sdpa", "libortho", "libortho-step")
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -35,6 +38,80 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
 def _decode_attention(q, k, v, mask, scale):
     """The op call, a seam of its own so that tests can count the calls that reach it."""
     return torch.ops.libortho.decode_attention(q, k, v, mask, scale)
+
+
+def use_attention_step(model, on: bool = True) -> int:
+    """Run each decode step's attention layers as one op (``torch.ops.libortho.decode_attention_step``: the rotary
+    embedding of q and k, the cache writes and the attention; ``libortho.ops.attention_step``) where the layer and the
+    call allow it (step_takes), else the layer's own forward; ``on=False`` restores the layers' forwards. Needs
+    ``use_decode_attention(model)`` (the masks it builds). Returns how many layers it changed."""
+    n = 0
+    for module in model.modules():
+        if not on:
+            if "forward" in vars(module) and getattr(module, "_libortho_step", False):
+                del module.forward
+                del module._libortho_step
+                n += 1
+        elif _step_layer(module) and not getattr(module, "_libortho_step", False):
+            module.forward = types.MethodType(_step_forward, module)
+            module._libortho_step = True
+            n += 1
+    return n
+
+
+def _step_layer(module) -> bool:
+    """A Llama-style attention layer: q/k/v/o projections, a layer index, no per-head norms of q and k."""
+    return (all(hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx", "head_dim"))
+            and not hasattr(module, "q_norm") and not hasattr(module, "k_norm")
+            and type(module).__name__.endswith("Attention"))
+
+
+def step_takes(module, hidden_states, cache, attention_mask, position_embeddings, kwargs) -> bool:
+    """Whether the step op replaces ``module``'s forward for this call: one token per sequence, LibOrtho's attention
+    in use, a shared-length static cache (``libortho.static_cache``; its length is the step's position) whose layer is
+    filled already, a boolean (B|1, 1, 1, L) mask or a cache marked ``causal_only`` (its owner passes no padding mask,
+    as StaticDecoder: the model's mask is then the causal one, which the op applies from the position, so the mask is
+    not passed and a compiled step need not build it in every layer), no extras (attention sinks, soft-capping,
+    dropout in training)."""
+    if hidden_states.shape[1] != 1 or module.training or position_embeddings is None or cache is None:
+        return False
+    if getattr(module.config, "_attn_implementation", None) != NAME or getattr(cache, "length", None) is None:
+        return False
+    if any(kwargs.get(k) is not None for k in ("s_aux", "softcap", "position_bias")) or kwargs.get("output_attentions"):
+        return False
+    layers = getattr(cache, "layers", None)
+    if not layers or module.layer_idx >= len(layers) or getattr(layers[module.layer_idx], "keys", None) is None:
+        return False
+    if getattr(cache, "causal_only", False):
+        return True  # the mask is the causal one, which the op applies itself
+    keys = layers[module.layer_idx].keys
+    return (attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4
+            and attention_mask.shape[1] == 1 and attention_mask.shape[2] == 1
+            and attention_mask.shape[3] == keys.shape[2])
+
+
+def _step_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                  cache=None, **kwargs):
+    """The layer's forward for a decode step (the same projections, then one op), or its own forward otherwise."""
+    c = cache if cache is not None else past_key_values
+    if not step_takes(self, hidden_states, c, attention_mask, position_embeddings, kwargs):
+        if cache is not None:
+            kwargs["cache"] = cache
+        if past_key_values is not None:
+            kwargs["past_key_values"] = past_key_values
+        return type(self).forward(self, hidden_states, position_embeddings=position_embeddings,
+                                  attention_mask=attention_mask, **kwargs)
+    b = hidden_states.shape[0]
+    shape = (b, 1, -1, self.head_dim)
+    q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+    k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+    v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+    layer = c.layers[self.layer_idx]
+    cos, sin = position_embeddings
+    mask = None if getattr(c, "causal_only", False) else attention_mask
+    out = torch.ops.libortho.decode_attention_step(q, k, v, cos, sin, layer.keys, layer.values, c.length, mask,
+                                                   float(self.scaling))
+    return self.o_proj(out.reshape(b, 1, -1)), None
 
 
 def register() -> str:
@@ -58,11 +135,12 @@ def kernel_fits(model, device) -> bool:
 
 
 def resolve(choice: str, model, device) -> str:
-    """``--attn``'s value for ``model`` on ``device``: "auto" is "libortho" where the CUDA kernel takes the model's
-    decode steps (measured faster than SDPA end to end on an H200, SmolLM2 and the 7B shape), else "sdpa"."""
+    """``--attn``'s value for ``model`` on ``device``: "auto" is "libortho-step" where the CUDA kernel takes the model's
+    decode steps (measured faster than SDPA end to end on an H200, SmolLM2 and the 7B shape, and the step op faster
+    than "libortho" in every row there), else "sdpa"."""
     if choice != "auto":
         return choice
-    return "libortho" if kernel_fits(model, device) else "sdpa"
+    return "libortho-step" if kernel_fits(model, device) else "sdpa"
 
 
 def use_decode_attention(model, on: bool = True) -> None:

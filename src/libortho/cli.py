@@ -10,7 +10,7 @@ import torch
 
 from .attention import CHOICES as ATTENTIONS
 from .attention import resolve as resolve_attention
-from .attention import use_decode_attention
+from .attention import use_attention_step, use_decode_attention
 
 DEFAULT_PROMPT = "The three most important things about a good breakfast are"
 
@@ -112,10 +112,12 @@ def cmd_generate(a):
     if mode is not None and not a.no_fuse:
         libortho.fuse_siblings(model)  # q/k/v and gate/up as one launch each
     attn = "sdpa" if mode is None and a.attn == "auto" else resolve_attention(a.attn, model, device)
-    if attn == "libortho":
+    if attn in ("libortho", "libortho-step"):
         if mode is None:
-            raise SystemExit("--attn libortho runs in the fast path's decode steps: add --compile or --mode")
+            raise SystemExit(f"--attn {attn} runs in the fast path's decode steps: add --compile or --mode")
         use_decode_attention(model)
+        if attn == "libortho-step":
+            use_attention_step(model)
     for value in a.alpha:
         has_ortho = bool(libortho.ortho_layers(model))
         if has_ortho:
@@ -192,8 +194,9 @@ def build_parser():
                    help="fast path: keep q/k/v and gate/up as separate launches (libortho.fuse_siblings)")
     g.add_argument("--attn", default="auto", choices=ATTENTIONS,
                    help="fast path: attention of the one-token steps, transformers' SDPA or LibOrtho's decode attention "
-                        "(libortho.attention; the prompt stays SDPA); auto: LibOrtho's where its CUDA kernel takes the "
-                        "model (GPU, fp16/bf16, head dim 64 or 128), else SDPA")
+                        "(libortho.attention; the prompt stays SDPA), libortho-step that with the rotary embedding and "
+                        "the cache writes in its op; auto: libortho-step where its CUDA kernel takes the model (GPU, "
+                        "fp16/bf16, head dim 64 or 128), else SDPA")
     g.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     g.set_defaults(fn=cmd_generate)
 

@@ -41,7 +41,7 @@ from torch import nn
 
 from ..attention import CHOICES as ATTENTIONS
 from ..attention import resolve as resolve_attention
-from ..attention import use_decode_attention
+from ..attention import use_attention_step, use_decode_attention
 from ..static_cache import plain_cache, shared_length_cache
 
 VARIANTS = ("bf16", "alpha1", "alpha0", "int4", "bf16_fused")
@@ -132,6 +132,7 @@ class StaticDecoder:
         make_cache = shared_length_cache if shared_length else plain_cache
         self.cache = make_cache(model, batch, self.prompt_len + self.max_new_tokens + _PAD)
         self._length = getattr(self.cache, "length", None)  # None: the layers advance their own
+        self.cache.causal_only = True  # no padding mask is ever passed (libortho.attention.step_takes)
         params = _forward_params(model)
         self._kw = {("cache" if "cache" in params else "past_key_values"): self.cache, "use_cache": True}
         if "logits_to_keep" in params:
@@ -199,8 +200,8 @@ class StaticDecoder:
         if self.device.type == "cuda" and self.mode in ("graph", "compile"):
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):  # warm-up (compilation, lazy init, cuBLAS handles) off the graph
-                for _ in range(self.warmup_steps):
+            with torch.cuda.stream(stream):  # warm-up (compilation, lazy init, cuBLAS handles) off the graph:
+                for _ in range(max(1, self.warmup_steps)):  # at least once, none of them may run under capture
                     self._fn()
             torch.cuda.current_stream(self.device).wait_stream(stream)
             torch.cuda.synchronize(self.device)
@@ -730,8 +731,9 @@ def add_arguments(p):
                    help="decode step: graph (default on CUDA), compile, reduce-overhead, eager (default on CPU)")
     p.add_argument("--attn", default="auto", choices=ATTENTIONS,
                    help="attention of every row (the same for all): transformers' SDPA, or LibOrtho's decode attention "
-                        "for the one-token steps (libortho.attention; prefill stays SDPA); auto: libortho on a GPU "
-                        "(faster end to end on an H200), sdpa on the CPU")
+                        "for the one-token steps (libortho.attention; prefill stays SDPA); libortho-step: that, with the "
+                        "rotary embedding and the cache writes inside its op (use_attention_step); auto: libortho-step "
+                        "where the kernel takes the model (the fastest end to end on an H200), else sdpa")
     p.add_argument("--per-layer-length", action="store_true",
                    help="transformers' StaticCache as it is, each layer advancing its own length (default: one length "
                         "shared by the layers, advanced once a step; libortho.static_cache), every row alike")
@@ -781,8 +783,10 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
     t0 = time.perf_counter()
     model, tok, desc = load_bench_model(name, device)
     attn = resolve_attention(args.attn, model, device)  # auto: LibOrtho's where its kernel takes this model
-    if attn == "libortho":
+    if attn in ("libortho", "libortho-step"):
         use_decode_attention(model)
+    if attn == "libortho-step":
+        use_attention_step(model)  # the rotary embedding and the cache writes inside the attention op
     info = {"description": desc, "load_s": time.perf_counter() - t0, "mode": mode, "errors": {},
             "params": sum(p.numel() for p in model.parameters()), "attention": attn}
     vocab = model.config.vocab_size
@@ -936,7 +940,7 @@ def summary(result: dict) -> str:
              f"attention {proto.get('attention', 'sdpa')}"
              f"{', inductor coordinate-descent tuning' if proto.get('coordinate_descent') else ''}"
              f"{', inductor PDL' if proto.get('inductor_pdl') else ''}"
-             f"{', LibOrtho PDL' if proto.get('pdl') else ''}, median of "
+             f"{', LibOrtho PDL ' + proto.get('pdl_mode', 'early') if proto.get('pdl') else ''}, median of "
              f"{proto['reps']}. tokens/s over the whole batch (ms per decode step).", "",
              "| model | batch | bf16 tok/s (ms) | LibOrtho alpha=1 | alpha=0 | torch int4 | speed-up a=1 / a=0 / int4 "
              "| peak GiB bf16 / a=1 / a=0 / int4 |",
@@ -1040,12 +1044,13 @@ def run(args):
                 "prefill_len": args.prefill_len, "reps": args.reps, "warmup": args.warmup, "mode": mode,
                 "density": args.density, "score": args.score, "group_size": args.group_size,
                 "variants": args.variants, "fuse_siblings": not args.no_fuse,
-                "attention": args.attn if args.attn != "auto" else "libortho" if device.type == "cuda" else "sdpa",
+                "attention": args.attn if args.attn != "auto" else "libortho-step" if device.type == "cuda" else "sdpa",
                 "coordinate_descent": args.coordinate_descent, "inductor_pdl": args.inductor_pdl,
                 "cache_length": "per layer" if args.per_layer_length else "shared", "method": __doc__.strip()}
     if device.type == "cuda":
         from ..ops import cuda as cuda_ops
         protocol["decode_kernel"], protocol["pdl"] = cuda_ops.decode_kernel(), cuda_ops.pdl_enabled()
+        protocol["pdl_mode"] = cuda_ops.pdl_name()
         protocol["v1_lean"] = cuda_ops.v1_lean()
     result = {"card": card_name(device) if device.type == "cuda" else env["device"], "torch": torch.__version__,
               "cuda": torch.version.cuda, "transformers": env["transformers"], "date": env["date"],

@@ -113,7 +113,8 @@ def decode_attention_cuda(q, k, v, mask, scale):
                         f"(dtype {q.dtype}, head dim {q.shape[3]}, layout); using the float32 reference")
         return decode_attention_reference(q, k, v, mask, scale)
     chunk = attention_chunk(q.shape[0], k.shape[1], k.shape[2], cuda._sms(q.device))  # the linears' cached count
-    return cuda._checked(cuda.extension().decode_attention(q, k, v, mask, float(scale), chunk, True), "decode attention")
+    out = cuda.extension().decode_attention(q, k, v, mask, float(scale), chunk, True, cuda.pdl_mode())
+    return cuda._checked(out, "decode attention")
 
 
 decode_attention.register_kernel("cuda")(decode_attention_cuda)

@@ -312,13 +312,34 @@ def use_gemm(policy: str, m: int, ortho_work: int = 0, weights: int = 0) -> bool
     return weights >= min_weights and ortho_work <= SIEVE_HEADROOM * GEMM_ORTHO_WORK_PER_WEIGHT * weights
 
 
+# $LIBORTHO_PDL values and their kernels.h kPdl* bits (on 1, late trigger 2, no prefetch 4)
+PDL_MODES = {"0": 0, "": 0, "1": 1, "early": 1, "late": 3, "noprefetch": 5, "late-noprefetch": 7}
+
+
+def pdl_mode() -> int:
+    """$LIBORTHO_PDL: how the v1 decode kernel and decode attention use programmatic dependent launch (Hopper).
+    Off by default ("0"). "1" / "early": launched with it, v1's blocks prefetch their weight strip into L2 while the
+    previous kernel drains (common.cuh), and each kernel lets its dependents launch right after its wait; "late": they
+    launch after the kernel's main loop (dependent blocks hold SM slots while they wait, crowding a multi-wave grid);
+    "noprefetch" / "late-noprefetch": the same without the prefetch. Measured (H200): "1" alone saved 0.4-0.7 us per
+    call on the two smallest Llama shapes at M = 1 but cost up to 0.6 us on 4096x11008 (results/probe-H200.json);
+    the 7B-shape decode lost with it (155 vs 158 tok/s, results/decode-H200-pdl.json), and with inductor's PDL too
+    (2.28 vs 2.10 ms a step, session 35)."""
+    value = os.environ.get("LIBORTHO_PDL", "0").strip().lower()
+    if value not in PDL_MODES:
+        raise ValueError(f"LIBORTHO_PDL={value!r}: expected one of {sorted(k for k in PDL_MODES if k)}")
+    return PDL_MODES[value]
+
+
 def pdl_enabled() -> bool:
-    """$LIBORTHO_PDL=1: the v1 decode kernel is launched with programmatic dependent launch (Hopper), so its
-    blocks can prefetch their weight strip into L2 while the previous kernel drains (common.cuh). Off by
-    default: on the H200 it saved 0.4-0.7 us per call on the two smallest Llama shapes at M = 1 but cost
-    up to 0.6 us on 4096x11008 (benchmarks/results/probe-H200.json), and the 7B-shape decode did not gain
-    (155 vs 158 tok/s at alpha 0, batch 1; benchmarks/results/decode-H200-pdl.json)."""
-    return os.environ.get("LIBORTHO_PDL") == "1"
+    """Whether LibOrtho's kernels are launched with programmatic dependent launch ($LIBORTHO_PDL, pdl_mode)."""
+    return pdl_mode() != 0
+
+
+def pdl_name() -> str:
+    """$LIBORTHO_PDL's mode by name, for result files: "off", "early", "late", "noprefetch" or "late-noprefetch"."""
+    mode = pdl_mode()
+    return "off" if mode == 0 else {1: "early", 3: "late", 5: "noprefetch", 7: "late-noprefetch"}[mode]
 
 
 def set_decode_kernel(variant: str | None) -> None:
@@ -462,7 +483,7 @@ def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
     if m <= SMALL_M_MAX:
         fused = getattr(_state["ext"], _FUSED[decode_kernel()])
         y = _checked(fused(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
-                           out_features, in_features, pdl_enabled()), "fused kernel")
+                           out_features, in_features, pdl_mode()), "fused kernel")
         return y.reshape(*x.shape[:-1], out_features)
     # M > 16: one reading of the policy ($LIBORTHO_PREFILL) and of what its rules weigh, for every path below
     policy, sms = prefill(), _sms(x2.device)
@@ -470,7 +491,7 @@ def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
     if (use_v1_wide(policy, m, work, weights, out_features, sms)
             and v1_wide_takes(x2, bits, group_size, in_features)):
         y = _checked(_state["ext"].fused_small_m(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits,
-                                                 group_size, out_features, in_features, pdl_enabled()), "fused kernel")
+                                                 group_size, out_features, in_features, pdl_mode()), "fused kernel")
     elif ((form := cutlass_form(policy, m, out_features, in_features, sms)) is not None
           and cutlass_takes(x2, bits, group_size, out_features, in_features, alpha, values)):
         y = _checked(_state["ext"].gemm_cutlass(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha,

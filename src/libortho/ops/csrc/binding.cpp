@@ -83,7 +83,7 @@ template <class F>
 Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
-               int64_t group_size, int64_t N, int64_t K, bool pdl, int64_t max_m, bool xt_small, bool xt_wide,
+               int64_t group_size, int64_t N, int64_t K, int64_t pdl, int64_t max_m, bool xt_small, bool xt_wide,
                F&& launch) {
   const at::Tensor none = at::empty({0}, x.options());
   if (!x.is_cuda() || x.dim() != 2 || x.size(1) != K || !x.is_contiguous())
@@ -95,7 +95,8 @@ Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     return {none, kBadArgs};
   if (bias && (bias->scalar_type() != x.scalar_type() || bias->numel() != N || !bias->is_contiguous()))
     return {none, kBadArgs};
-  op.pdl = pdl;
+  if (pdl < 0 || pdl > (libortho::kPdlOn | libortho::kPdlLate | libortho::kPdlNoPrefetch)) return {none, kBadArgs};
+  op.pdl = static_cast<int>(pdl);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   at::Tensor xt;  // alive until the launch is queued; the allocator reuses it in stream order
@@ -124,7 +125,7 @@ template <Launch launch>
 Result fused(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
              const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
              const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
-             int64_t group_size, int64_t N, int64_t K, bool pdl) {
+             int64_t group_size, int64_t N, int64_t K, int64_t pdl) {
   return small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, pdl, 64,
                  launch == &libortho::launch_fused_small_m, true, launch);
 }
@@ -134,7 +135,7 @@ Result fused_cfg(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
                  const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                  const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
                  int64_t group_size, int64_t N, int64_t K, int64_t cfg) {
-  return small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, false, 64,
+  return small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, 0, 64,
                  true, false, [cfg](const libortho::Operands& op, const void* xp, const void* bp, void* out, int M, cudaStream_t s) {
                    return libortho::launch_fused_small_m_cfg(op, xp, bp, out, M, static_cast<int>(cfg), s);
                  });
@@ -232,10 +233,12 @@ bool set_v1_table(const std::vector<int64_t>& table) {
 
 // Decode attention (decode_attention.cu): q (B, Hq, 1, D), k and v (B, Hkv, L, D), mask None or (B|1, Hq|1, 1, L)
 // boolean or additive (fp32 / the activation dtype), last dimensions contiguous and rows 16-byte aligned; out
-// (B, 1, Hq, D). ops/attention.py checks the arguments with clear messages first.
-Result decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                        const std::optional<at::Tensor>& mask, double scale, int64_t chunk,
-                        bool last_block_combines) {
+// (B, 1, Hq, D). ops/attention.py checks the arguments with clear messages first. `step` (may be null) adds the
+// step form's operands (decode_attention_step) before the launch; false from it: invalid arguments.
+template <class Step>
+Result attention_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const std::optional<at::Tensor>& mask, double scale, int64_t chunk, bool last_block_combines,
+                      int64_t pdl, Step&& step) {
   const at::Tensor none;
   const auto dt = q.scalar_type();
   if ((dt != at::kBFloat16 && dt != at::kHalf) || k.scalar_type() != dt || v.scalar_type() != dt) return {none, kBadArgs};
@@ -273,7 +276,9 @@ Result decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tens
   a.chunk = static_cast<int>(chunk); a.splits = static_cast<int>((L + chunk - 1) / chunk);
   a.scale = static_cast<float>(scale); a.bf16 = dt == at::kBFloat16;
   a.last_block_combines = last_block_combines;
-  if (!libortho::decode_attention_supported(a)) return {none, kBadArgs};
+  if (pdl < 0 || pdl > (libortho::kPdlOn | libortho::kPdlLate | libortho::kPdlNoPrefetch)) return {none, kBadArgs};
+  a.pdl = static_cast<int>(pdl);
+  if (!libortho::decode_attention_supported(a) || !step(a)) return {none, kBadArgs};
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   auto out = at::empty({B, 1, Hq, D}, q.options());
@@ -283,10 +288,49 @@ Result decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tens
   return {out, static_cast<int64_t>(libortho::launch_decode_attention(a, stream))};
 }
 
+Result decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const std::optional<at::Tensor>& mask, double scale, int64_t chunk,
+                        bool last_block_combines, int64_t pdl) {
+  return attention_call(q, k, v, mask, scale, chunk, last_block_combines, pdl,
+                        [](libortho::AttnArgs&) { return true; });
+}
+
+// The step form: q (B, Hq, 1, D) before the rotary embedding; k_new and v_new (B, Hkv, 1, D) the step's projections
+// (k_new before the rotary embedding); cos and sin (B or 1, 1, D) in the activation dtype; pos a one-element int64
+// tensor, the cache position of the step (the same for every sequence). k and v, the caches, get the new rows.
+Result decode_attention_step(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                             const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k, const at::Tensor& v,
+                             const at::Tensor& pos, const std::optional<at::Tensor>& mask, double scale,
+                             int64_t chunk, bool last_block_combines, int64_t pdl) {
+  return attention_call(q, k, v, mask, scale, chunk, last_block_combines, pdl, [&](libortho::AttnArgs& a) {
+    const int64_t B = a.B, Hkv = a.Hkv, D = a.D, align = 16 / q.element_size();
+    for (const at::Tensor* t : {&k_new, &v_new}) {
+      if (t->scalar_type() != q.scalar_type() || t->device() != q.device() || t->dim() != 4 || t->size(0) != B ||
+          t->size(1) != Hkv || t->size(2) != 1 || t->size(3) != D || t->stride(3) != 1 ||
+          reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 || (B > 1 && t->stride(0) % align) ||
+          (Hkv > 1 && t->stride(1) % align))
+        return false;
+    }
+    for (const at::Tensor* t : {&cos, &sin}) {
+      if (t->scalar_type() != q.scalar_type() || t->device() != q.device() || t->dim() != 3 ||
+          t->size(0) != cos.size(0) || (t->size(0) != B && t->size(0) != 1) || t->size(1) != 1 || t->size(2) != D ||
+          t->stride(2) != 1 || t->stride(0) != cos.stride(0) || reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 ||
+          (t->size(0) > 1 && t->stride(0) % align))
+        return false;
+    }
+    if (pos.scalar_type() != at::kLong || pos.numel() != 1 || pos.device() != q.device()) return false;
+    a.kn = k_new.data_ptr(); a.kn_sb = k_new.stride(0); a.kn_sh = k_new.stride(1);
+    a.vn = v_new.data_ptr(); a.vn_sb = v_new.stride(0); a.vn_sh = v_new.stride(1);
+    a.cos = cos.data_ptr(); a.sin = sin.data_ptr(); a.cs_sb = cos.size(0) == 1 ? 0 : cos.stride(0);
+    a.pos = pos.data_ptr<int64_t>();
+    return true;
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("fused_small_m", &fused<&libortho::launch_fused_small_m>, "(x @ deq(Q)^T + alpha x @ S^T + bias, error code), 1 <= M <= 64; last argument: PDL (v1)");
+  m.def("fused_small_m", &fused<&libortho::launch_fused_small_m>, "(x @ deq(Q)^T + alpha x @ S^T + bias, error code), 1 <= M <= 64; last argument: PDL mode bits (v1; kernels.h kPdl*)");
   m.def("fused_small_m_v2", &fused<&libortho::launch_fused_small_m_v2>, "the same by the v2 decode kernel (LIBORTHO_DECODE_KERNEL=v2)");
   m.def("fused_small_m_v3", &fused<&libortho::launch_fused_small_m_v3>, "the same by the v3 decode kernel (LIBORTHO_DECODE_KERNEL=v3)");
   m.def("ortho_xt_min", &ortho_xt_min, "v1 reads x transposed in its ortho stream when M >= 2 and nnz * M * max(M, 4) / 4 >= this (-1: never)");
@@ -311,7 +355,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_cutlass_built", &libortho::gemm_cutlass_built, "whether this build has the CUTLASS GEMM");
   m.def("decode_attention", &decode_attention, "(softmax(scale q k^T + mask) v for one query token, error code): q (B, Hq, 1, "
         "D), k and v (B, Hkv, L, D), out (B, 1, Hq, D); then cache positions per block, and whether the last block of "
-        "each head combines the blocks (one launch) rather than a second kernel");
+        "each head combines the blocks (one launch) rather than a second kernel, and the PDL mode bits (kernels.h kPdl*)");
+  m.def("decode_attention_step", &decode_attention_step, "(the decode step's attention, error code): q, k_new, v_new "
+        "before the rotary embedding, cos, sin, the K and V caches (the new rows written at pos), pos, mask, scale, "
+        "chunk, last-block combine, PDL mode bits");
   m.def("gemm_int4", &gemm_int4, "(x @ deq(Q)^T + alpha x @ S^T + bias, error code): INT4 base in one kernel (sm_90a), "
         "the ortho stream (M <= 64 only) in a second");
 }

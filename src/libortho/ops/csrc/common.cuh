@@ -13,6 +13,7 @@
 #include <cooperative_groups.h>
 
 #include "kernels.h"
+#include "pdl.cuh"
 
 namespace libortho {
 namespace {
@@ -32,21 +33,6 @@ cudaError_t with_bits(int bits, F&& f) {
     case 8: return f(std::integral_constant<int, 8>{});
     default: return cudaErrorInvalidValue;
   }
-}
-
-// Programmatic dependent launch (Hopper; LIBORTHO_PDL=1, v1 only, off by default). A kernel launched with
-// it may start while the previous kernel in the stream drains. Before griddepcontrol.wait it only issues
-// L2 prefetches of its own weight strip (hints: no value read before the wait is ever used, so results
-// cannot depend on the overlap); it triggers its own dependents right after the wait. Without PDL, or
-// before sm_90, both instructions are no-ops.
-__device__ inline void pdl_prologue(const void* strip, int bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const char* p = static_cast<const char*>(strip);
-  for (int off = threadIdx.x * 128; off < bytes; off += blockDim.x * 128)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p + off));
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
 }
 
 struct DeviceInfo {

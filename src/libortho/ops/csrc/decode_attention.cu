@@ -13,6 +13,7 @@
 #include <cuda_fp16.h>
 
 #include "kernels.h"
+#include "pdl.cuh"
 
 namespace libortho {
 namespace {
@@ -54,6 +55,30 @@ __device__ inline void unpack(const RowWord<EPL>& w, float (&out)[EPL]) {
   const T* e = reinterpret_cast<const T*>(&w);
 #pragma unroll
   for (int i = 0; i < EPL; ++i) out[i] = to_float(e[i]);
+}
+
+template <typename T, int EPL>
+__device__ inline RowWord<EPL> pack(const float (&in)[EPL]) {
+  RowWord<EPL> w;
+  T* e = reinterpret_cast<T*>(&w);
+#pragma unroll
+  for (int i = 0; i < EPL; ++i) e[i] = from_float<T>(in[i]);
+  return w;
+}
+
+// transformers' rotary embedding of one row, EPL elements a lane (lane l: elements l EPL ..): x cos + rotate_half(x)
+// sin, rotate_half(x) = (-x[D/2:], x[:D/2]); the partner half sits 16 lanes away. In fp32, rounded to T, as inductor
+// computes the compiled model's rotary kernels. The whole warp calls it.
+template <typename T, int EPL>
+__device__ inline void rope_row(float (&x)[EPL], const T* cs, const T* sn, int lane) {
+  float c[EPL], s[EPL], other[EPL];
+  unpack<T, EPL>(*reinterpret_cast<const RowWord<EPL>*>(cs), c);
+  unpack<T, EPL>(*reinterpret_cast<const RowWord<EPL>*>(sn), s);
+#pragma unroll
+  for (int i = 0; i < EPL; ++i) other[i] = __shfl_xor_sync(0xffffffffu, x[i], 16);
+  const float sign = lane < 16 ? -1.f : 1.f;
+#pragma unroll
+  for (int i = 0; i < EPL; ++i) x[i] = to_float(from_float<T>(x[i] * c[i] + sign * other[i] * s[i]));
 }
 
 __device__ inline float warp_sum(float v) {
@@ -172,11 +197,20 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_split(AttnAr
   const int h0 = hk * G;
   const T* kb = static_cast<const T*>(a.k) + b * a.k_sb + hk * a.k_sh + lane * EPL;
   const T* vb = static_cast<const T*>(a.v) + b * a.v_sb + hk * a.v_sh + lane * EPL;
+  if (a.pdl) {  // launched with PDL: nothing the kernels before write (q, K, V, the step form's rows) before the wait
+    pdl_wait();
+    if (!(a.pdl & kPdlLate)) pdl_trigger();
+  }
   float q[G][EPL], m[G], l[G], acc[G][EPL];
+  const bool step = a.kn != nullptr;
+  const T* cs = step ? static_cast<const T*>(a.cos) + b * a.cs_sb + lane * EPL : nullptr;
+  const T* sn = step ? static_cast<const T*>(a.sin) + b * a.cs_sb + lane * EPL : nullptr;
+  const int64_t pos = step ? *a.pos : -1;
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     unpack<T, EPL>(*reinterpret_cast<const RowWord<EPL>*>(static_cast<const T*>(a.q) + b * a.q_sb +
                                                          (h0 + g) * a.q_sh + lane * EPL), q[g]);
+    if (step) rope_row<T, EPL>(q[g], cs, sn, lane);
     m[g] = -INFINITY;
     l[g] = 0.f;
 #pragma unroll
@@ -186,6 +220,17 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_split(AttnAr
     }
   }
   for (int pw = p0 + warp * kAttnRows; pw < p1; pw += kAttnWarps * kAttnRows) {
+    if (step && pos >= pw && pos < min(pw + kAttnRows, p1)) {
+      // This warp's rows hold the new position: its key (rotated) and value rows go into the cache first; the loads
+      // below read them back (each lane its own elements: a thread sees its own writes).
+      float kf[EPL];
+      unpack<T, EPL>(*reinterpret_cast<const RowWord<EPL>*>(static_cast<const T*>(a.kn) + b * a.kn_sb + hk * a.kn_sh +
+                                                           lane * EPL), kf);
+      rope_row<T, EPL>(kf, cs, sn, lane);
+      *reinterpret_cast<RowWord<EPL>*>(const_cast<T*>(kb) + pos * a.k_sl) = pack<T, EPL>(kf);
+      *reinterpret_cast<RowWord<EPL>*>(const_cast<T*>(vb) + pos * a.v_sl) =
+          *reinterpret_cast<const RowWord<EPL>*>(static_cast<const T*>(a.vn) + b * a.vn_sb + hk * a.vn_sh + lane * EPL);
+    }
     RowWord<EPL> kr[kAttnRows], vr[kAttnRows];
     if constexpr (kSpec) load_kv_rows<T, EPL>(a, kb, vb, pw, [&](int j) { return pw + j < p1; }, kr, vr);
     // Lane j < kAttnRows: the mask of position pw + j per head (-inf past the chunk).
@@ -193,7 +238,8 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_split(AttnAr
     bool take = false;
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      mk[g] = lane < kAttnRows && pw + lane < p1 ? mask_at(a, b, h0 + g, pw + lane) : -INFINITY;
+      mk[g] = lane < kAttnRows && pw + lane < p1 && (!step || pw + lane <= pos) ? mask_at(a, b, h0 + g, pw + lane)
+                                                                               : -INFINITY;
       take |= mk[g] != -INFINITY;
     }
     const unsigned taken = __ballot_sync(kAll, take);
@@ -290,6 +336,7 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_split(AttnAr
     }
     a.ws_acc[row * D + d] = at;
   }
+  if (a.pdl & kPdlLate) pdl_trigger();  // the dependents' launch overlaps the combine (or this block's exit)
   if (a.splits == 1 || a.tickets == nullptr) return;
   // Last block of (b, hk) combines: its parts are visible to the others before its ticket is (threadfence pattern).
   __shared__ bool last;
@@ -312,11 +359,9 @@ __global__ void __launch_bounds__(kAttnWarps * 32) decode_attention_combine(Attn
 
 template <typename T, int D, int G>
 cudaError_t launch_attn(const AttnArgs& a, cudaStream_t s) {
-  if (a.B == 1)
-    decode_attention_split<T, D, G, true><<<dim3(a.splits, a.Hkv, a.B), kAttnWarps * 32, 0, s>>>(a);
-  else
-    decode_attention_split<T, D, G, false><<<dim3(a.splits, a.Hkv, a.B), kAttnWarps * 32, 0, s>>>(a);
-  cudaError_t err = cudaGetLastError();
+  const dim3 grid(a.splits, a.Hkv, a.B), block(kAttnWarps * 32);
+  cudaError_t err = a.B == 1 ? launch_maybe_pdl(decode_attention_split<T, D, G, true>, grid, block, 0, s, a.pdl != 0, a)
+                             : launch_maybe_pdl(decode_attention_split<T, D, G, false>, grid, block, 0, s, a.pdl != 0, a);
   if (err != cudaSuccess || a.splits == 1 || a.tickets != nullptr) return err;
   decode_attention_combine<T, D, G><<<dim3(a.Hkv, a.B), kAttnWarps * 32, 0, s>>>(a);
   return cudaGetLastError();

@@ -5,6 +5,10 @@
 
 namespace libortho {
 
+// Programmatic dependent launch modes ($LIBORTHO_PDL, ops/cuda.py pdl_mode; common.cuh): launched with the attribute,
+// dependents triggered after the main loop instead of right after the wait, no L2 prefetch before the wait.
+enum PdlBits : int { kPdlOn = 1, kPdlLate = 2, kPdlNoPrefetch = 4 };
+
 struct Operands {
   const int32_t* qweight;  // (N_pad/16, K_pad/64, 32*bits), see libortho/quant.py
   const void* scales;      // (N_pad/16, G, 16), activation dtype
@@ -17,7 +21,7 @@ struct Operands {
   float alpha;             // alpha == 0: the ortho arrays are never read
   int bits, group_size, N, K;
   bool bf16;               // activation dtype: bf16 (true) or fp16
-  bool pdl;                // v1 only: programmatic dependent launch (sm_90+), see common.cuh
+  int pdl;                 // v1 only: programmatic dependent launch (sm_90+), kPdl* bits, see common.cuh
   const void* xt;          // v1 and the GEMM's ortho add only, or nullptr: x transposed, (K, xt_ld), rows padded with zeros
   int xt_ld;               // 2, 4, 8 or 16 (v1), 32 or 64 (ortho add): the ortho stream's rows of x for one column
   float* gemm_ws;          // gemm_sm90.cu only, or nullptr: split-K's fp32 (splits, M, N) workspace
@@ -139,6 +143,19 @@ struct AttnArgs {
   bool bf16;
   bool last_block_combines;
   unsigned* tickets;
+  int pdl;  // kPdl* bits: the split kernel launched with programmatic dependent launch (kPdlNoPrefetch: no meaning here)
+  // The step form (decode_attention_step), or kn == nullptr: q is the projection before the rotary embedding; the
+  // kernel rotates it and, for each (b, KV head), the new key row kn, and writes that and the value row vn at cache
+  // position *pos (one position for every sequence; outside [0, L): nothing written) before reading them back.
+  // Positions past *pos are never attended (causal at the step; the mask, if any, further excludes).
+  const void* kn;
+  int64_t kn_sb, kn_sh;
+  const void* vn;
+  int64_t vn_sb, vn_sh;
+  const void* cos;  // (B, D) rows at cs_sb, the model's dtype (transformers' halves-duplicated cos and sin)
+  const void* sin;
+  int64_t cs_sb;
+  const int64_t* pos;
 };
 bool decode_attention_supported(const AttnArgs& a);
 cudaError_t launch_decode_attention(const AttnArgs& a, cudaStream_t stream);

@@ -264,7 +264,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   const T* sc = static_cast<const T*>(op.scales) + static_cast<size_t>(tn) * G * 16;
   const T* zp = static_cast<const T*>(op.zeros);
   if (zp) zp += static_cast<size_t>(tn) * G * 16;
-  if (op.pdl) pdl_prologue(op.qweight + static_cast<size_t>(tn) * Tk * 32 * BITS, Tk * 32 * BITS * 4 * rts);
+  if (op.pdl) pdl_prologue(op.pdl, op.qweight + static_cast<size_t>(tn) * Tk * 32 * BITS, Tk * 32 * BITS * 4 * rts);
 
   // The ortho stream (skipped entirely when alpha == 0, the kill switch). The tile's entries are
   // flattened and cut into equal contiguous runs, one per thread, whatever the row lengths (a dense
@@ -457,6 +457,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     };
     ortho_runs(run_b, run_e, entry_col, entry_val);
   }
+  if (op.pdl & kPdlLate) pdl_trigger();  // the dependents' launch overlaps the reduction and the stores
   __syncthreads();
   for (int i = threadIdx.x; i < R * M; i += blockDim.x) {
     const int r = i & (R - 1), m = i >> (RT == 1 ? 4 : 5), n = n0 + r;
@@ -477,21 +478,7 @@ cudaError_t launch_v1(void (*kernel)(Operands, const T*, const T*, T*, int), con
   auto xp = static_cast<const T*>(x);
   auto bp = static_cast<const T*>(bias);
   auto op_ = static_cast<T*>(out);
-  if (!op.pdl) {
-    kernel<<<grid, block, smem, s>>>(op, xp, bp, op_, M);
-    return cudaGetLastError();
-  }
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.stream = s;
-  cfg.dynamicSmemBytes = smem;
-  cfg.attrs = &attr;
-  cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, kernel, op, xp, bp, op_, M);
+  return launch_maybe_pdl(kernel, grid, block, smem, s, op.pdl != 0, op, xp, bp, op_, M);
 }
 
 // Two-row-tile blocks (RT = 2): how many hold two tiles (op.pairs; the rest one) and the grid. At M <= 16 an SM's
