@@ -314,6 +314,7 @@ def use_gemm(policy: str, m: int, ortho_work: int = 0, weights: int = 0) -> bool
 
 # $LIBORTHO_PDL values and their kernels.h kPdl* bits (on 1, late trigger 2, no prefetch 4)
 PDL_MODES = {"0": 0, "": 0, "1": 1, "early": 1, "late": 3, "noprefetch": 5, "late-noprefetch": 7}
+_PDL_NAMES = {0: "off", **{bits: name for name, bits in PDL_MODES.items() if name[:1].isalpha()}}
 
 
 def pdl_mode() -> int:
@@ -324,7 +325,8 @@ def pdl_mode() -> int:
     "noprefetch" / "late-noprefetch": the same without the prefetch. Measured (H200): "1" alone saved 0.4-0.7 us per
     call on the two smallest Llama shapes at M = 1 but cost up to 0.6 us on 4096x11008 (results/probe-H200.json);
     the 7B-shape decode lost with it (155 vs 158 tok/s, results/decode-H200-pdl.json), and with inductor's PDL too
-    (2.28 vs 2.10 ms a step, session 35)."""
+    (2.28 vs 2.10 ms a step, session 35); "late" lost too (alpha 0 437.7 vs 514.3 tok/s with the attention step op,
+    session 36). The "noprefetch" modes are not measured yet."""
     value = os.environ.get("LIBORTHO_PDL", "0").strip().lower()
     if value not in PDL_MODES:
         raise ValueError(f"LIBORTHO_PDL={value!r}: expected one of {sorted(k for k in PDL_MODES if k)}")
@@ -338,8 +340,7 @@ def pdl_enabled() -> bool:
 
 def pdl_name() -> str:
     """$LIBORTHO_PDL's mode by name, for result files: "off", "early", "late", "noprefetch" or "late-noprefetch"."""
-    mode = pdl_mode()
-    return "off" if mode == 0 else {1: "early", 3: "late", 5: "noprefetch", 7: "late-noprefetch"}[mode]
+    return _PDL_NAMES[pdl_mode()]
 
 
 def set_decode_kernel(variant: str | None) -> None:
