@@ -97,7 +97,11 @@ def profile_variant(model, prompts, steps: int) -> dict:
     kernels = device_kernels(prof)
     if not kernels:
         return {"graph_step_us": graph_us, "error": "the profiler recorded no kernel inside the graph replays"}
-    return dict(timeline(kernels, steps), graph_step_us=graph_us)
+    try:
+        return dict(timeline(kernels, steps), graph_step_us=graph_us)
+    except ValueError as e:  # e.g. the profiler missed or added activities: say so, keep the other settings going
+        names = collections.Counter(category(n) for n, _, _ in kernels)
+        return {"graph_step_us": graph_us, "error": str(e), "kernels_by_category": dict(names)}
 
 
 def show(name: str, r: dict) -> None:
