@@ -39,6 +39,16 @@ def test_gaps_overlaps_and_busy_time_per_step():
     assert t["gap_total_us"] == 2 and t["overlap_us"] == -1  # the 70 us between replays are not counted
 
 
+def test_device_kernels_reads_the_profilers_events():
+    """The probe's reader of kineto events, on the CPU's (the GPU's kernels come through the same records)."""
+    import torch
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.ones(64).sum()
+    evs = decode_timeline.device_kernels(prof, torch.autograd.DeviceType.CPU)
+    assert {"aten::ones", "aten::sum"} <= {n for n, _, _ in evs}
+    assert all(0 <= e - s < 1e7 for _, s, e in evs)  # microseconds, ends after starts
+
+
 @pytest.mark.parametrize("n,steps", [(7, 3), (0, 1), (4, 0)])
 def test_kernels_that_do_not_split_into_the_replays_are_refused(n, steps):
     with pytest.raises(ValueError, match="do not split"):

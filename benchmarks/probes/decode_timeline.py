@@ -70,13 +70,11 @@ def timeline(kernels: list[tuple[str, float, float]], steps: int) -> dict:
             "overlap_us": overlap}
 
 
-def device_kernels(prof) -> list[tuple[str, float, float]]:
-    """(name, start_us, end_us) of every device activity the profiler recorded."""
-    out = []
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            out.append((ev.name, float(ev.time_range.start), float(ev.time_range.end)))
-    return out
+def device_kernels(prof, device_type=torch.autograd.DeviceType.CUDA) -> list[tuple[str, float, float]]:
+    """(name, start_us, end_us) of every activity on ``device_type`` the profiler recorded, from kineto's own events
+    (a graph replay's kernels share the replay's correlation id; they need no CPU operator to be listed)."""
+    return [(ev.name(), ev.start_ns() / 1e3, ev.end_ns() / 1e3) for ev in prof.profiler.kineto_results.events()
+            if ev.device_type() == device_type]
 
 
 def profile_variant(model, prompts, steps: int) -> dict:
