@@ -17,11 +17,16 @@ from __future__ import annotations
 import argparse
 import collections
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 
 from libortho.eval import bench_decode as bd
 from libortho.eval.bench_kernels import write_probe_results
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling probe, also when loaded by path (tests)
+from decode_profile import captured_decoder  # noqa: E402
 
 CATEGORIES = ("libortho linear", "attention", "cuBLAS", "triton", "memcpy / memset", "other")
 
@@ -78,16 +83,8 @@ def device_kernels(prof, device_type=torch.autograd.DeviceType.CUDA) -> list[tup
 
 
 def profile_variant(model, prompts, steps: int) -> dict:
-    dec = bd.StaticDecoder(model, 1, steps + 8, prompts.shape[1], mode="compile")
-    dec.prepare(prompts)
-    dec.prefill(prompts)
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    dec.decode(steps)
-    e.record()
-    torch.cuda.synchronize()
-    graph_us = s.elapsed_time(e) * 1e3 / steps
-    dec.prefill(prompts)
+    dec, graph_ms = captured_decoder(model, prompts, steps)
+    graph_us = graph_ms * 1e3
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         dec.decode(steps)
