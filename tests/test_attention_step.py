@@ -130,6 +130,27 @@ def test_the_step_op_stays_out_where_it_does_not_apply(monkeypatch):
     assert calls == []
 
 
+def test_a_sliding_window_model_keeps_its_window(monkeypatch):
+    """The op is causal at the step and knows no window: a Mistral with a 4-token window, prompt 8, keeps transformers'
+    sliding cache layers, so the op never takes a step, and greedy decoding equals transformers' own generate."""
+    from transformers import MistralConfig
+
+    from libortho.compat import from_config
+    cfg = MistralConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, vocab_size=256, sliding_window=4)
+    torch.manual_seed(0)
+    model = from_config(cfg).float().eval()
+    ids = torch.randint(3, 256, (1, 8))
+    want = model.generate(ids, max_new_tokens=6, do_sample=False)[:, 8:]
+    taken, real = [], attention.step_takes
+    monkeypatch.setattr(attention, "step_takes", lambda *a: taken.append(real(*a)) or taken[-1])
+    attention.use_decode_attention(model)
+    assert attention.use_attention_step(model) == 2
+    tokens = decode(model, ids, "eager", steps=5)[0]
+    assert taken and not any(taken)
+    assert torch.equal(tokens, want[:, :5])
+
+
 pytestmark_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

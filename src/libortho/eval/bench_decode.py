@@ -659,12 +659,16 @@ def dense_bf16_linears(model):
     """Every OrthoLinear runs as a plain ``F.linear`` with the dense weight deq(Q) + alpha * S rounded to
     the activation dtype: what any correct bf16 implementation of the same layer may compute. Its distance
     from the fp32 reference op is the bf16 noise floor that the CUDA kernels are judged against."""
+    from ..glu import OrthoGLU
     from ..model import ortho_layers
+    from ..ops.reference import glu_from_interleaved
     layers = ortho_layers(model)
     dt = model.get_input_embeddings().weight.dtype  # the activation dtype
     for _, m in layers:
         w, b = m.dense_weight().to(dt), None if m.bias is None else m.bias.to(dt)
         m.forward = lambda x, w=w, b=b: nn.functional.linear(x, w, b)
+        if isinstance(m, OrthoGLU):  # its rows are gate's and up's interleaved, its output silu(gate) * up
+            m.forward = lambda x, w=w, b=b: glu_from_interleaved(nn.functional.linear(x, w, b))
     try:
         yield
     finally:
@@ -727,6 +731,9 @@ def add_arguments(p):
     p.add_argument("--no-fuse", action="store_true",
                    help="LibOrtho rows: keep q/k/v and gate/up as separate launches (default: one launch each, "
                         "libortho.fuse_siblings)")
+    p.add_argument("--glu", action="store_true",
+                   help="LibOrtho rows: gate_proj and up_proj as one layer whose kernel writes silu(gate) * up "
+                        "(libortho.fuse_glu; then q/k/v fused as siblings), no activation kernel")
     p.add_argument("--mode", default=None, choices=StaticDecoder.MODES,
                    help="decode step: graph (default on CUDA), compile, reduce-overhead, eager (default on CPU)")
     p.add_argument("--attn", default="auto", choices=ATTENTIONS,
@@ -777,6 +784,7 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
     (run() keeps it in a partial file, so a run cut off by a time limit still leaves its numbers)."""
     from ..config import OrthoConfig
     from ..fuse import fuse_linear_siblings, fuse_siblings, unfuse_siblings
+    from ..glu import fuse_glu, unfuse_glu
     from ..model import ortho_layers, report, set_alpha
     progress = not args.no_progress
     mode = args.mode or ("graph" if device.type == "cuda" else "eager")
@@ -839,6 +847,7 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
             info["decompose_s"] = bank.install(_ortho_maker(cfg), f"{name}: decompose (RTN INT4, {args.score} "
                                                f"{100 * args.density:g} %)", progress)
             print(f"[{name}] decomposed in {info['decompose_s']:.1f} s", flush=True)
+            info["glu_layers"] = len(fuse_glu(model)) if args.glu else 0
             info["fused_groups"] = 0 if args.no_fuse else len(fuse_siblings(model))
             tot = report(model)["total"]
             weight_bytes["libortho"] = tot["bytes"] + sum(m.storage_bytes()["bias"] for _, m in ortho_layers(model))
@@ -868,6 +877,7 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
                               f"{tf['dense_bf16']['top1_agreement']:.3f}", flush=True)
             set_alpha(model, 1.0)
             unfuse_siblings(model)  # the groups hold the buffers: let the next variant free them
+            unfuse_glu(model)  # gate_proj and up_proj back where the next variant installs its layers
         if "int4" in args.variants:
             with _keep_going(info, "int4", f"[{name}] torch int4", args.strict, device):
                 info["int4_convert_s"] = bank.install(
@@ -940,6 +950,7 @@ def summary(result: dict) -> str:
              f"attention {proto.get('attention', 'sdpa')}"
              f"{', inductor coordinate-descent tuning' if proto.get('coordinate_descent') else ''}"
              f"{', inductor PDL' if proto.get('inductor_pdl') else ''}"
+             f"{', LibOrtho gate / up as one GLU layer' if proto.get('glu') else ''}"
              f"{', LibOrtho PDL ' + proto.get('pdl_mode', 'early') if proto.get('pdl') else ''}, median of "
              f"{proto['reps']}. tokens/s over the whole batch (ms per decode step).", "",
              "| model | batch | bf16 tok/s (ms) | LibOrtho alpha=1 | alpha=0 | torch int4 | speed-up a=1 / a=0 / int4 "
@@ -1043,7 +1054,7 @@ def run(args):
     protocol = {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batches": args.batches,
                 "prefill_len": args.prefill_len, "reps": args.reps, "warmup": args.warmup, "mode": mode,
                 "density": args.density, "score": args.score, "group_size": args.group_size,
-                "variants": args.variants, "fuse_siblings": not args.no_fuse,
+                "variants": args.variants, "fuse_siblings": not args.no_fuse, "glu": args.glu,
                 "attention": args.attn if args.attn != "auto" else "libortho-step" if device.type == "cuda" else "sdpa",
                 "coordinate_descent": args.coordinate_descent, "inductor_pdl": args.inductor_pdl,
                 "cache_length": "per layer" if args.per_layer_length else "shared", "method": __doc__.strip()}
