@@ -9,8 +9,8 @@ output bytes. The MLP runs ``down_proj(glu_proj(x))``.
 
 The product is transformers' eager chain, each step rounded to the activation dtype: ``act_fn(gate_proj(x)) *
 up_proj(x)``. The two layers share one alpha while fused (a pattern given to ``set_alpha`` names ``glu_proj`` then).
-It is a run-time layout, like
-:func:`libortho.fuse_siblings`: save or cast after :func:`unfuse_glu`, which gives the two layers back.
+It is a run-time layout, like :func:`libortho.fuse_siblings`: save or cast after :func:`unfuse_glu`, which gives
+the two layers back.
 """
 from __future__ import annotations
 
