@@ -86,7 +86,9 @@ def test_above_16_rows_the_product_then_the_activation(m):
     fused = pair(1376, 4096, 4, 128, True, 0.01, torch.bfloat16, gen, False)
     x = torch.randn(m, 4096, generator=gen, device="cuda").to(torch.bfloat16)
     assert not cuda_backend.glu_epilogue_takes(x, fused.out_features, fused.in_features)
-    assert torch.equal(fused(x), fallback(fused, x))
+    y, want = fused(x).float(), fallback(fused, x).float()  # the same path twice (the ortho add's atomics may reorder)
+    assert ((y - want).abs() <= want.abs() * 2 ** -7 + 1e-6).all()
+    assert rel_err(fused(x), chain64(fused, x, fused.alpha)) < TOL[torch.bfloat16]
 
 
 def test_compiled_and_captured_decode_with_glu():
