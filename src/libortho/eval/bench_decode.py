@@ -1065,7 +1065,7 @@ def run(args):
                 "prefill_len": args.prefill_len, "reps": args.reps, "warmup": args.warmup, "mode": mode,
                 "density": args.density, "score": args.score, "group_size": args.group_size,
                 "variants": args.variants, "fuse_siblings": not args.no_fuse, "glu": args.glu,
-                "variants": args.variants, "fuse_siblings": not args.no_fuse, "targets": args.targets,
+                "targets": args.targets,
                 "attention": args.attn if args.attn != "auto" else "libortho-step" if device.type == "cuda" else "sdpa",
                 "coordinate_descent": args.coordinate_descent, "inductor_pdl": args.inductor_pdl,
                 "cache_length": "per layer" if args.per_layer_length else "shared", "method": __doc__.strip()}
