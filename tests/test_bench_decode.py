@@ -396,3 +396,38 @@ def test_a_cut_off_run_leaves_what_it_measured(tmp_path, monkeypatch):
     assert row["speedup_alpha1"] == pytest.approx(row["alpha1_tok_s"] / row["bf16_tok_s"])
     assert set(part["models"]["tiny"]["prefill"]) >= {"bf16_ms", "alpha1_ms"}
     assert "alpha0_ms" not in part["models"]["tiny"]["prefill"]
+
+
+def test_bench_decode_glu_fuses_the_libortho_rows_and_says_so(tmp_path):
+    """--glu: the LibOrtho rows run gate / up as one GLU layer (counted in the model's info, named in the header) and
+    decode the tokens the unfused rows decode (CPU: the reference op, the eager MLP's rounding steps)."""
+    got = {}
+    for flags in ([], ["--glu"]):
+        out = tmp_path / f"decode-{len(flags)}.json"
+        main(["bench", "decode", "--models", "tiny", "--device", "cpu", "--batches", "1", "--prompt-len", "8",
+              "--new-tokens", "6", "--prefill-len", "0", "--reps", "1", "--warmup", "0", "--no-progress", "--strict",
+              "--variants", "bf16", "alpha1", "alpha0", "--out", str(out), *flags])
+        got[bool(flags)] = r = json.loads(out.read_text())
+        assert r["protocol"]["glu"] is bool(flags)
+        assert r["models"]["tiny"]["glu_layers"] == (2 if flags else 0)
+        assert ("GLU layer" in out.with_suffix(".md").read_text().splitlines()[0]) is bool(flags)
+    for key in ("alpha1_tokens_matching_bf16_prefix", "alpha0_tokens_matching_bf16_prefix"):
+        assert got[True]["rows"][0][key] == got[False]["rows"][0][key]
+
+
+def test_bench_decode_targets_the_lm_head_too_and_counts_it_alike(tmp_path):
+    """--targets 'layers|lm_head': the LibOrtho rows decompose the (untied) head too, the bf16 row's bytes count the
+    same linears (the head's 2 x 256 x 128 bytes more than by default), the header names the pattern."""
+    got = {}
+    for flags in ([], ["--targets", "layers|lm_head"]):
+        out = tmp_path / f"decode-{len(flags)}.json"
+        main(["bench", "decode", "--models", "tiny", "--device", "cpu", "--batches", "1", "--prompt-len", "8",
+              "--new-tokens", "4", "--prefill-len", "0", "--reps", "1", "--warmup", "0", "--no-progress", "--strict",
+              "--variants", "bf16", "alpha0", "--out", str(out), *flags])
+        got[bool(flags)] = r = json.loads(out.read_text())
+        assert r["protocol"]["targets"] == (flags[1] if flags else None)
+        assert ("'layers|lm_head'" in out.with_suffix(".md").read_text().splitlines()[0]) is bool(flags)
+    row, row_head = got[False]["rows"][0], got[True]["rows"][0]
+    assert row_head["bf16_weight_bytes"] - row["bf16_weight_bytes"] == 256 * 128 * 2
+    assert row_head["alpha0_weight_bytes"] > row["alpha0_weight_bytes"]  # the head's INT4 base, scales, ortho
+    assert row_head["alpha0_weight_bytes"] - row["alpha0_weight_bytes"] < 256 * 128 * 2 / 2

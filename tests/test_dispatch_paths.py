@@ -109,3 +109,28 @@ def test_pdl_mode_refuses_an_unknown_value(ext, monkeypatch):
     with pytest.raises(ValueError, match="LIBORTHO_PDL='yes'.*late"):
         call(1, 4096, 4096)
     assert ext.calls == []
+
+
+def test_glu_runs_the_epilogue_at_decode_sizes_and_the_product_then_the_activation_otherwise(ext, monkeypatch):
+    """ortho_glu's CUDA entry: v1's GLU epilogue at M 1-16 on the decode kernel v1 (output (M, N / 2), PDL bits passed
+    on), else the product by ortho_linear's dispatch, de-interleaved and activated (the stand-in's zeros: silu(0) *
+    0); v2 / v3 have no epilogue."""
+    def glu_call(m, n=64, k=128):
+        x = torch.zeros(m, k, dtype=torch.bfloat16)
+        z = torch.zeros(1, dtype=torch.bfloat16)
+        return cuda.ortho_glu_cuda(x, z, z, z, z, z, z, None, 1.0, 4, 128, n, k)
+    ext.fused_small_m_glu = lambda x, *a: (ext.calls.append(("glu", a[-1])), (torch.ones(x.shape[0], a[-3] // 2), 0))[1]
+    monkeypatch.setenv("LIBORTHO_PDL", "late")
+    assert torch.equal(glu_call(16), torch.ones(16, 32))
+    assert ext.calls == [("glu", cuda.pdl_mode())] and cuda.pdl_mode() != 0
+    ext.calls.clear()
+    assert torch.equal(glu_call(17), torch.zeros(17, 32))
+    assert ext.calls and "glu" not in [c[0] for c in ext.calls if isinstance(c, tuple)]
+    ext.calls.clear()
+    ext.fused_small_m_v2 = lambda x, *a: ext._out("fused_small_m_v2", x, a[-3])
+    cuda.set_decode_kernel("v2")
+    try:
+        assert glu_call(1).shape == (1, 32)
+    finally:
+        cuda.set_decode_kernel(None)
+    assert ext.calls == ["fused_small_m_v2"]

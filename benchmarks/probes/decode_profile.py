@@ -7,8 +7,9 @@ category (LibOrtho's op, attention, the lm_head's GEMM, Triton kernels of the co
 code, other). Next to it: the graph replay's time per step, whose excess over the sum of kernel times is
 what launching the kernels back to back costs inside the graph.
 
-The step runs LibOrtho's decode attention (``libortho.attention``), as ``bench decode`` does on a GPU, and the
-shared-length static cache (``libortho.static_cache``); ``--attn sdpa`` profiles it with transformers' SDPA.
+The step runs LibOrtho's decode attention (``libortho.attention``) and the shared-length static cache
+(``libortho.static_cache``); ``--attn libortho-step`` profiles it with the attention step op (``bench decode``'s default
+on a GPU since session 36), ``--attn sdpa`` with transformers' SDPA.
 ``--sdpa`` profiles other attention backends (torch's scaled_dot_product_attention restricted to one). The
 choice is made when the step is compiled, and neither dynamo's guards nor inductor's caches key on it: run
 with TORCHINDUCTOR_FX_GRAPH_CACHE=0 TORCHINDUCTOR_AUTOGRAD_CACHE=0, or every backend gets the first one's graph.
@@ -51,9 +52,9 @@ def category(name: str) -> str:
     return "other"
 
 
-def profile_alpha(model, prompts, alpha, steps):
-    from libortho.model import set_alpha
-    set_alpha(model, alpha)
+def captured_decoder(model, prompts, steps: int):
+    """The compiled, captured decode step at batch 1 (as ``bench decode --mode compile`` runs it) and its time per
+    step over ``steps`` graph replays after a prefill, in ms; the decoder comes back prefilled again."""
     dec = bd.StaticDecoder(model, 1, steps + 8, prompts.shape[1], mode="compile")
     dec.prepare(prompts)
     dec.prefill(prompts)
@@ -64,6 +65,13 @@ def profile_alpha(model, prompts, alpha, steps):
     torch.cuda.synchronize()
     graph_ms = s.elapsed_time(e) / steps
     dec.prefill(prompts)
+    return dec, graph_ms
+
+
+def profile_alpha(model, prompts, alpha, steps):
+    from libortho.model import set_alpha
+    set_alpha(model, alpha)
+    dec, graph_ms = captured_decoder(model, prompts, steps)
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             dec._fn()
@@ -92,14 +100,15 @@ def main() -> None:
     ap.add_argument("--alphas", type=float, nargs="+", default=[0.0, 1.0])
     ap.add_argument("--sdpa", nargs="+", default=["default"], choices=SDPA_BACKENDS,
                     help="attention backends to profile (each alpha with each)")
-    ap.add_argument("--attn", nargs="+", default=["libortho"], choices=["sdpa", "libortho"],
-                    help="attention of the decode steps: LibOrtho's (bench decode's default on a GPU since session 34) "
-                         "or transformers' SDPA (with --sdpa's backends)")
+    ap.add_argument("--attn", nargs="+", default=["libortho"], choices=["sdpa", "libortho", "libortho-step"],
+                    help="attention of the decode steps: LibOrtho's, with the rotary embedding and the cache writes in "
+                         "its op (libortho-step, bench decode's default on a GPU since session 36) or not, or "
+                         "transformers' SDPA (with --sdpa's backends)")
     ap.add_argument("--coordinate-descent", action="store_true",
                     help="inductor tunes its Triton kernels by coordinate descent (bench decode's option)")
     args = ap.parse_args()
     from libortho.config import OrthoConfig
-    from libortho.attention import use_decode_attention
+    from libortho.attention import use_attention_step, use_decode_attention
     from libortho.fuse import fuse_siblings
     device = torch.device("cuda")
     model, tok, desc = bd.load_bench_model("llama2-7b-shape", device)
@@ -113,13 +122,15 @@ def main() -> None:
         cases = []  # (attention, SDPA backend, alpha)
         if "sdpa" in args.attn:
             cases += [("sdpa", b, a) for b in args.sdpa for a in args.alphas]
-        if "libortho" in args.attn:
-            cases += [("libortho", "default", a) for a in args.alphas]
+        for attn in ("libortho", "libortho-step"):
+            if attn in args.attn:
+                cases += [(attn, "default", a) for a in args.alphas]
         for attn, sdpa, alpha in cases:
             set_sdpa_backend(sdpa)
-            use_decode_attention(model, attn == "libortho")
+            use_decode_attention(model, attn != "sdpa")
+            use_attention_step(model, attn == "libortho-step")
             torch._dynamo.reset()  # the backend is chosen when the step is traced; dynamo's guards do not see it
-            name = "libortho attention" if attn == "libortho" else f"sdpa {sdpa}"
+            name = f"{attn} attention" if attn != "sdpa" else f"sdpa {sdpa}"
             try:
                 with bd.inductor_tuning(args.coordinate_descent):
                     r = dict(profile_alpha(model, prompts, alpha, args.steps), sdpa=sdpa, attn=attn,

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import LibOrthoError
+from .glu import refuse_glu
 from .layer import OrthoLinear, run_packed
 from .quant import TILE_N
 
@@ -252,3 +253,4 @@ def refuse_fused(model: nn.Module, what: str) -> None:
     if fused_groups(model):
         raise LibOrthoError(f"{what} needs the model unfused: its sibling layers share buffers "
                             "(libortho.fuse_siblings); call libortho.unfuse_siblings(model) first")
+    refuse_glu(model, what)

@@ -141,8 +141,8 @@ class StaticDecoder:
         self.cur = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self.tokens = torch.zeros(batch, width, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
-        vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None \
-            else model.config.vocab_size
+        head = model.get_output_embeddings()  # an nn.Linear, or an OrthoLinear (bench decode --targets)
+        vocab = getattr(head, "out_features", None) or model.config.vocab_size
         self.logits = (torch.zeros(batch, width, vocab, dtype=torch.float32, device=self.device)
                        if keep_logits else None)
         self.graph = None
@@ -426,13 +426,13 @@ def make_prompts(tok, vocab: int, batch: int, length: int, seed: int = 0) -> tor
 class LinearBank:
     """The target linears' bf16 weights kept on the CPU, so that only one variant is on the device."""
 
-    def __init__(self, model, progress: bool = True):
+    def __init__(self, model, progress: bool = True, pattern: str | None = None):
         from tqdm.auto import tqdm
 
         from ..surgery import find_targets, linear_weight
         self.model = model
         self.names, self.weights, self.biases = [], {}, {}
-        for name, lin in tqdm(find_targets(model), desc="stash linears to CPU", disable=not progress):
+        for name, lin in tqdm(find_targets(model, pattern), desc="stash linears to CPU", disable=not progress):
             self.names.append(name)
             self.weights[name] = linear_weight(lin).to("cpu", torch.bfloat16)
             self.biases[name] = None if lin.bias is None else lin.bias.detach().to("cpu", torch.bfloat16)
@@ -479,18 +479,21 @@ def _ortho_maker(config):
     return make
 
 
-def target_bytes(model) -> int:
+def _linear_bytes(m) -> int:
     from ..layer import OrthoLinear
-    total = 0
-    for m in model.modules():
-        if isinstance(m, OrthoLinear):
-            s = m.storage_bytes()
-            total += s["base"] + s["scales"] + s["zeros"] + s["ortho"] + s["bias"]
-        elif isinstance(m, Int4WeightOnlyLinear):
-            total += m.storage_bytes()
-        elif isinstance(m, nn.Linear) and m is not model.get_output_embeddings():
-            total += sum(p.numel() * p.element_size() for p in m.parameters())
-    return total
+    if isinstance(m, OrthoLinear):
+        s = m.storage_bytes()
+        return s["base"] + s["scales"] + s["zeros"] + s["ortho"] + s["bias"]
+    if isinstance(m, Int4WeightOnlyLinear):
+        return m.storage_bytes()
+    return sum(p.numel() * p.element_size() for p in m.parameters()) if isinstance(m, nn.Linear) else 0
+
+
+def target_bytes(model, names: list[str] | None = None) -> int:
+    """Bytes of the linears ``names`` (default: every linear but the output embedding), in whatever form they are."""
+    if names is not None:
+        return sum(_linear_bytes(model.get_submodule(n)) for n in names)
+    return sum(_linear_bytes(m) for m in model.modules() if m is not model.get_output_embeddings())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -659,12 +662,16 @@ def dense_bf16_linears(model):
     """Every OrthoLinear runs as a plain ``F.linear`` with the dense weight deq(Q) + alpha * S rounded to
     the activation dtype: what any correct bf16 implementation of the same layer may compute. Its distance
     from the fp32 reference op is the bf16 noise floor that the CUDA kernels are judged against."""
+    from ..glu import OrthoGLU
     from ..model import ortho_layers
+    from ..ops.reference import glu_from_interleaved
     layers = ortho_layers(model)
     dt = model.get_input_embeddings().weight.dtype  # the activation dtype
     for _, m in layers:
         w, b = m.dense_weight().to(dt), None if m.bias is None else m.bias.to(dt)
         m.forward = lambda x, w=w, b=b: nn.functional.linear(x, w, b)
+        if isinstance(m, OrthoGLU):  # its rows are gate's and up's interleaved, its output silu(gate) * up
+            m.forward = lambda x, w=w, b=b: glu_from_interleaved(nn.functional.linear(x, w, b))
     try:
         yield
     finally:
@@ -727,6 +734,13 @@ def add_arguments(p):
     p.add_argument("--no-fuse", action="store_true",
                    help="LibOrtho rows: keep q/k/v and gate/up as separate launches (default: one launch each, "
                         "libortho.fuse_siblings)")
+    p.add_argument("--glu", action="store_true",
+                   help="LibOrtho rows: gate_proj and up_proj as one layer whose kernel writes silu(gate) * up "
+                        "(libortho.fuse_glu; then q/k/v fused as siblings), no activation kernel")
+    p.add_argument("--targets", default=None,
+                   help="regex of the linears the LibOrtho and torch int4 rows convert (default: every linear of the "
+                        "decoder blocks); e.g. 'layers|lm_head' adds an untied lm_head (a tied one is refused); the "
+                        "bf16 rows run the model as it is, their bytes count the same linears")
     p.add_argument("--mode", default=None, choices=StaticDecoder.MODES,
                    help="decode step: graph (default on CUDA), compile, reduce-overhead, eager (default on CPU)")
     p.add_argument("--attn", default="auto", choices=ATTENTIONS,
@@ -777,7 +791,9 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
     (run() keeps it in a partial file, so a run cut off by a time limit still leaves its numbers)."""
     from ..config import OrthoConfig
     from ..fuse import fuse_linear_siblings, fuse_siblings, unfuse_siblings
+    from ..glu import fuse_glu, unfuse_glu
     from ..model import ortho_layers, report, set_alpha
+    from ..surgery import find_targets
     progress = not args.no_progress
     mode = args.mode or ("graph" if device.type == "cuda" else "eager")
     t0 = time.perf_counter()
@@ -819,16 +835,17 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
         info["prefill"] = _prefill_info(args.prefill_len, prefill)
         return _rows(name, args, mode, results, prefill, weight_bytes), info
 
+    targets = None if args.targets is None else [n for n, _ in find_targets(model, args.targets)]
     with torch.no_grad():
         if "bf16" in args.variants:
-            weight_bytes["bf16"] = target_bytes(model)
+            weight_bytes["bf16"] = target_bytes(model, targets)
             run_variant("bf16")
         if "bf16_fused" in args.variants:
-            weight_bytes["bf16_fused"] = target_bytes(model)
+            weight_bytes["bf16_fused"] = target_bytes(model, targets)
             fuse_linear_siblings(model)
             run_variant("bf16_fused")
             unfuse_siblings(model)
-        bank = LinearBank(model, progress)
+        bank = LinearBank(model, progress, args.targets)
         if "bf16" not in weight_bytes:
             weight_bytes["bf16"] = sum(w.numel() * 2 for w in bank.weights.values()) + \
                 sum(b.numel() * 2 for b in bank.biases.values() if b is not None)
@@ -839,6 +856,7 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
             info["decompose_s"] = bank.install(_ortho_maker(cfg), f"{name}: decompose (RTN INT4, {args.score} "
                                                f"{100 * args.density:g} %)", progress)
             print(f"[{name}] decomposed in {info['decompose_s']:.1f} s", flush=True)
+            info["glu_layers"] = len(fuse_glu(model)) if args.glu else 0
             info["fused_groups"] = 0 if args.no_fuse else len(fuse_siblings(model))
             tot = report(model)["total"]
             weight_bytes["libortho"] = tot["bytes"] + sum(m.storage_bytes()["bias"] for _, m in ortho_layers(model))
@@ -868,6 +886,7 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
                               f"{tf['dense_bf16']['top1_agreement']:.3f}", flush=True)
             set_alpha(model, 1.0)
             unfuse_siblings(model)  # the groups hold the buffers: let the next variant free them
+            unfuse_glu(model)  # gate_proj and up_proj back where the next variant installs its layers
         if "int4" in args.variants:
             with _keep_going(info, "int4", f"[{name}] torch int4", args.strict, device):
                 info["int4_convert_s"] = bank.install(
@@ -875,7 +894,7 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
                     f"{name}: torch int4", progress)
                 gs = sorted({m.group_size for m in model.modules() if isinstance(m, Int4WeightOnlyLinear)})
                 info["int4_group_sizes"] = gs
-                weight_bytes["int4"] = target_bytes(model)
+                weight_bytes["int4"] = target_bytes(model, targets)
                 run_variant("int4")
         bank.clear()
     rows, info = snapshot()
@@ -940,6 +959,8 @@ def summary(result: dict) -> str:
              f"attention {proto.get('attention', 'sdpa')}"
              f"{', inductor coordinate-descent tuning' if proto.get('coordinate_descent') else ''}"
              f"{', inductor PDL' if proto.get('inductor_pdl') else ''}"
+             f"{', LibOrtho gate / up as one GLU layer' if proto.get('glu') else ''}"
+             f"{', converted linears ' + repr(proto['targets']) if proto.get('targets') else ''}"
              f"{', LibOrtho PDL ' + proto.get('pdl_mode', 'early') if proto.get('pdl') else ''}, median of "
              f"{proto['reps']}. tokens/s over the whole batch (ms per decode step).", "",
              "| model | batch | bf16 tok/s (ms) | LibOrtho alpha=1 | alpha=0 | torch int4 | speed-up a=1 / a=0 / int4 "
@@ -1043,7 +1064,8 @@ def run(args):
     protocol = {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batches": args.batches,
                 "prefill_len": args.prefill_len, "reps": args.reps, "warmup": args.warmup, "mode": mode,
                 "density": args.density, "score": args.score, "group_size": args.group_size,
-                "variants": args.variants, "fuse_siblings": not args.no_fuse,
+                "variants": args.variants, "fuse_siblings": not args.no_fuse, "glu": args.glu,
+                "targets": args.targets,
                 "attention": args.attn if args.attn != "auto" else "libortho-step" if device.type == "cuda" else "sdpa",
                 "coordinate_descent": args.coordinate_descent, "inductor_pdl": args.inductor_pdl,
                 "cache_length": "per layer" if args.per_layer_length else "shared", "method": __doc__.strip()}

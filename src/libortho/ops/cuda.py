@@ -45,8 +45,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .reference import ortho_linear_reference
-from .registry import ortho_linear
+from .reference import glu_from_interleaved, ortho_linear_reference
+from .registry import ortho_glu, ortho_linear
 
 CSRC = Path(__file__).with_name("csrc")
 SMALL_M_MAX = 16  # measured: above this the dequantize + cuBLAS path is faster (see benchmarks)
@@ -462,6 +462,17 @@ def _checked(result, what: str = "kernel"):
     return out
 
 
+def _operands(x, scales, zeros, values, bias, in_features):
+    """x as a contiguous (M, K) matrix (4-byte aligned) and the floating buffers in its dtype."""
+    dt = x.dtype
+    scales, zeros, values, bias = (_as(scales, dt, "scales"), _as(zeros, dt, "zeros"),
+                                   _as(values, dt, "ortho values"), _as(bias, dt, "bias"))
+    x2 = x.reshape(-1, in_features)
+    if not x2.is_contiguous() or x2.data_ptr() % 4:
+        x2 = x2.contiguous()
+    return x2, scales, zeros, values, bias
+
+
 def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
                       out_features, in_features):
     supported = x.dtype in (torch.float16, torch.bfloat16) and in_features % 2 == 0
@@ -472,12 +483,7 @@ def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
                        "using the slow reference path")
         return ortho_linear_reference(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits,
                                       group_size, out_features, in_features)
-    dt = x.dtype
-    scales, zeros, values, bias = (_as(scales, dt, "scales"), _as(zeros, dt, "zeros"),
-                                   _as(values, dt, "ortho values"), _as(bias, dt, "bias"))
-    x2 = x.reshape(-1, in_features)
-    if not x2.is_contiguous() or x2.data_ptr() % 4:
-        x2 = x2.contiguous()
+    x2, scales, zeros, values, bias = _operands(x, scales, zeros, values, bias, in_features)
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*x.shape[:-1], out_features)
@@ -508,3 +514,27 @@ def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
 
 
 ortho_linear.register_kernel("cuda")(ortho_linear_cuda)
+
+
+def glu_epilogue_takes(x, out_features: int, in_features: int) -> bool:
+    """Whether v1 writes silu(gate) * up itself: the decode kernel v1 at M 1-16, fp16 / bf16, whole 16-row tiles."""
+    m = x.numel() // in_features if in_features else 0
+    return (x.dtype in (torch.float16, torch.bfloat16) and in_features % 2 == 0 and 1 <= m <= SMALL_M_MAX
+            and out_features % 16 == 0 and decode_kernel() == "v1" and available())
+
+
+def ortho_glu_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
+                   out_features, in_features):
+    """libortho::ortho_glu: v1's epilogue pairs each tile's gate and up rows where it runs (glu_epilogue_takes), else
+    the op's product followed by the same activation in PyTorch."""
+    if not glu_epilogue_takes(x, out_features, in_features):
+        return glu_from_interleaved(ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha,
+                                                      bits, group_size, out_features, in_features))
+    x2, scales, zeros, values, bias = _operands(x, scales, zeros, values, bias, in_features)
+    y = _checked(_state["ext"].fused_small_m_glu(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha,
+                                                 bits, group_size, out_features, in_features, pdl_mode()),
+                 "fused kernel (GLU epilogue)")
+    return y.reshape(*x.shape[:-1], out_features // 2)
+
+
+ortho_glu.register_kernel("cuda")(ortho_glu_cuda)

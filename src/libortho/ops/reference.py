@@ -7,6 +7,7 @@ product at the densities used here, and exact). At ``alpha == 0`` the ortho arra
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..quant import dequantize_packed
 from ..sieve import entry_rows
@@ -32,3 +33,13 @@ def ortho_linear_reference(x, qweight, scales, zeros, row_ptr, col_idx, values, 
     if bias is not None:
         y += bias.float()
     return y.to(x.dtype).reshape(*lead, out_features)
+
+
+GLU_ROWS = 8  # libortho.glu: rows of gate, then of up, in each 16-row tile of the product
+
+
+def glu_from_interleaved(y: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` from a product of rows interleaved by GLU_ROWS (..., 2 R) -> (..., R), each step rounded
+    to y's dtype (transformers' eager ``act_fn(gate_proj(x)) * up_proj(x)``)."""
+    pairs = y.unflatten(-1, (-1, 2, GLU_ROWS))
+    return (F.silu(pairs[..., 0, :]) * pairs[..., 1, :]).flatten(-2)

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .reference import ortho_linear_reference
+from .reference import glu_from_interleaved, ortho_linear_reference
 
 
 def check_inputs(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits,
@@ -50,3 +50,20 @@ def ortho_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 def _(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
       out_features, in_features):
     return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("libortho::ortho_glu", mutates_args=())
+def ortho_glu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+              zeros: Optional[torch.Tensor], row_ptr: torch.Tensor, col_idx: torch.Tensor,
+              values: torch.Tensor, bias: Optional[torch.Tensor], alpha: float, bits: int,
+              group_size: int, out_features: int, in_features: int) -> torch.Tensor:
+    """silu(gate) * up from ortho_linear's product of rows interleaved by 8 (libortho.glu): (..., out_features / 2),
+    each step rounded to x's dtype as transformers' eager MLP rounds it."""
+    return glu_from_interleaved(ortho_linear_reference(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
+                                                       alpha, bits, group_size, out_features, in_features))
+
+
+@ortho_glu.register_fake
+def _(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
+      out_features, in_features):
+    return x.new_empty(*x.shape[:-1], out_features // 2)

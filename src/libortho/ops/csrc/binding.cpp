@@ -76,7 +76,8 @@ int64_t g_xt_min = int64_t{1} << 21;
 // The rows of x transposed the ortho add reads per column (ortho_add.cu: 32 or 64 >= M).
 inline int add_xt_ld(int64_t M) { return M <= 32 ? 32 : 64; }
 
-// Checks the operands of a small-M product (1 <= M <= max_m) and runs launch(op, x, bias, out, M, stream).
+// Checks the operands of a small-M product (1 <= M <= max_m) and runs launch(op, x, bias, out, M, stream). glu: the
+// rows are a gate and an up layer interleaved by 8 (libortho.glu) and v1's epilogue writes silu(gate) * up, (M, N / 2).
 // x transposed for v1's ortho stream: xt_small, at M 2-16 by the g_xt_min rule (v1's own stream); xt_wide, always
 // at M 17-64 for INT4 (v1's base + ortho add; v2 and v3 hand those calls to v1).
 template <class F>
@@ -84,7 +85,7 @@ Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
                const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
                int64_t group_size, int64_t N, int64_t K, int64_t pdl, int64_t max_m, bool xt_small, bool xt_wide,
-               F&& launch) {
+               F&& launch, bool glu = false) {
   const at::Tensor none = at::empty({0}, x.options());
   if (!x.is_cuda() || x.dim() != 2 || x.size(1) != K || !x.is_contiguous())
     return {none, kBadArgs};
@@ -97,6 +98,8 @@ Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     return {none, kBadArgs};
   if (pdl < 0 || pdl > (libortho::kPdlOn | libortho::kPdlLate | libortho::kPdlNoPrefetch)) return {none, kBadArgs};
   op.pdl = static_cast<int>(pdl);
+  if (glu && N % 16 != 0) return {none, kBadArgs};
+  op.glu = glu ? 1 : 0;
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   at::Tensor xt;  // alive until the launch is queued; the allocator reuses it in stream order
@@ -113,7 +116,7 @@ Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     op.xt = xt.data_ptr();
     op.xt_ld = ld;
   }
-  auto out = at::empty({M, N}, x.options());
+  auto out = at::empty({M, glu ? N / 2 : N}, x.options());
   const cudaError_t err = launch(op, x.data_ptr(), bias ? bias->data_ptr() : nullptr, out.data_ptr(),
                                  static_cast<int>(M), stream);
   return {out, static_cast<int64_t>(err)};
@@ -128,6 +131,15 @@ Result fused(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& s
              int64_t group_size, int64_t N, int64_t K, int64_t pdl) {
   return small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, pdl, 64,
                  launch == &libortho::launch_fused_small_m, true, launch);
+}
+
+// v1 at M <= 16 with the GLU epilogue (small_m's glu).
+Result fused_glu(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                 const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                 const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
+                 int64_t group_size, int64_t N, int64_t K, int64_t pdl) {
+  return small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, pdl, 16,
+                 true, false, &libortho::launch_fused_small_m, true);
 }
 
 // v1 with tuning configuration `cfg` (benchmarks/probes/v1_configs.py), plain launches.
@@ -331,6 +343,8 @@ Result decode_attention_step(const at::Tensor& q, const at::Tensor& k_new, const
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_small_m", &fused<&libortho::launch_fused_small_m>, "(x @ deq(Q)^T + alpha x @ S^T + bias, error code), 1 <= M <= 64; last argument: PDL mode bits (v1; kernels.h kPdl*)");
+  m.def("fused_small_m_glu", &fused_glu, "v1 at 1 <= M <= 16 on a gate and an up layer interleaved by 8 rows: "
+        "(silu(gate) * up, (M, N / 2), error code); libortho.glu");
   m.def("fused_small_m_v2", &fused<&libortho::launch_fused_small_m_v2>, "the same by the v2 decode kernel (LIBORTHO_DECODE_KERNEL=v2)");
   m.def("fused_small_m_v3", &fused<&libortho::launch_fused_small_m_v3>, "the same by the v3 decode kernel (LIBORTHO_DECODE_KERNEL=v3)");
   m.def("ortho_xt_min", &ortho_xt_min, "v1 reads x transposed in its ortho stream when M >= 2 and nnz * M * max(M, 4) / 4 >= this (-1: never)");

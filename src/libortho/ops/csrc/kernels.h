@@ -26,6 +26,7 @@ struct Operands {
   int xt_ld;               // 2, 4, 8 or 16 (v1), 32 or 64 (ortho add): the ortho stream's rows of x for one column
   float* gemm_ws;          // gemm_sm90.cu only, or nullptr: split-K's fp32 (splits, M, N) workspace
   int pairs;               // v1 with two row tiles per block: blocks from this index on hold one (v1.cuh v1_row_pairs)
+  int glu;                 // v1 at M <= 16 only: rows 16 t..+7 gate, +8..+15 up; the epilogue writes silu(gate) * up
 };
 
 // xt (K, ld) = x (M, K) transposed, columns M..ld-1 zero (ld = 2, 4, 8, 16, 32, 64 >= M), for the ortho

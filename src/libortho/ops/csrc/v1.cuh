@@ -459,6 +459,23 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   }
   if (op.pdl & kPdlLate) pdl_trigger();  // the dependents' launch overlaps the reduction and the stores
   __syncthreads();
+  if (op.glu) {
+    // Each 16-row tile: 8 gate rows, then their 8 up rows (libortho.glu); out is (M, N / 2). transformers' eager
+    // act_fn(gate_proj(x)) * up_proj(x), each step rounded to T.
+    constexpr int H = R / 2;  // outputs of the block per batch row
+    for (int i = threadIdx.x; i < H * M; i += blockDim.x) {
+      const int h = i & (H - 1), m = i / H, rg = (h >> 3) * 16 + (h & 7), n = n0 + rg;
+      if (n >= N || (kCut && rg >= Rb)) continue;
+      float yg = 0.f, yu = 0.f;
+#pragma unroll
+      for (int w = 0; w < W; ++w) yg += sum_at(w, rg, m), yu += sum_at(w, rg + 8, m);
+      if (bias) yg += Num<T>::f(bias[n]), yu += Num<T>::f(bias[n + 8]);
+      const float g = Num<T>::f(Num<T>::from(yg)), u = Num<T>::f(Num<T>::from(yu));
+      const float a = Num<T>::f(Num<T>::from(g / (1.f + expf(-g))));
+      out[static_cast<size_t>(m) * (N / 2) + n0 / 2 + h] = Num<T>::from(a * u);
+    }
+    return;
+  }
   for (int i = threadIdx.x; i < R * M; i += blockDim.x) {
     const int r = i & (R - 1), m = i >> (RT == 1 ? 4 : 5), n = n0 + r;
     if (n >= N || (kCut && r >= Rb)) continue;

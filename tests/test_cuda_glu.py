@@ -1,0 +1,116 @@
+"""v1's GLU epilogue (libortho.glu, ``libortho::ortho_glu`` on CUDA) against the float64 chain and against the op's
+product followed by PyTorch's activation (skipped without a GPU; run on the GPU machine)."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from libortho import glu, quant
+from libortho.ops import cuda as cuda_backend
+from libortho.sieve import csr_from_indices
+from test_cuda import TOL, make_layer, poison_allocator, reference64, rel_err
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert cuda_backend.build(verbose=False), f"CUDA extension failed to build: {cuda_backend._state['error']}"
+
+
+def pair(n, k, bits, gs, sym, density, dtype, gen, bias, csr=None):
+    return glu.OrthoGLU.from_pair(make_layer(n, k, bits, gs, sym, density, dtype, gen, bias, csr),
+                                  make_layer(n, k, bits, gs, sym, density, dtype, gen, bias, csr))
+
+
+def chain64(fused, x, alpha):
+    """silu(gate) * up in float64 from the fused layer's own rows (de-interleaved)."""
+    y = reference64(fused, x, alpha).unflatten(-1, (-1, 2, glu.ROWS))
+    return (F.silu(y[..., 0, :]) * y[..., 1, :]).flatten(-2)
+
+
+def fallback(fused, x):
+    """The op's product by the same kernel without the epilogue, then PyTorch's silu and product."""
+    return glu.glu_from_interleaved(torch.ops.libortho.ortho_linear(
+        x, fused.qweight, fused.scales, fused.zeros, fused.row_ptr, fused.col_idx, fused.values, fused.bias,
+        fused.alpha, fused.bits, quant.effective_group_size(fused.group_size, fused.in_features),
+        fused.out_features, fused.in_features))
+
+
+def _cases(count=48, seed=11):
+    r = random.Random(seed)
+    shapes = [(8, 64), (24, 576), (136, 256), (520, 1000), (1376, 4096), (5504, 4096), (4096, 2048)]
+    return [(r.choice(shapes), r.choice([1, 2, 3, 5, 8, 9, 16]), r.choice([2, 3, 4, 4, 4]), r.choice([32, 64, 128, -1]),
+             r.choice([True, False]), r.choice([0.0, 0.01, 0.05]), r.choice([0.0, 0.5, 1.0]),
+             r.choice([torch.bfloat16, torch.float16]), r.choice([True, False])) for _ in range(count)]
+
+
+@pytest.mark.parametrize("case", _cases(), ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_glu_epilogue_matches_the_float64_chain_and_the_unfused_product(case):
+    (n, k), m, bits, gs, sym, density, alpha, dtype, bias = case
+    gen = torch.Generator(device="cuda").manual_seed(hash(case) % 2**31)
+    fused = pair(n, k, bits, gs, sym, density, dtype, gen, bias)
+    fused.alpha = alpha
+    x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+    assert cuda_backend.glu_epilogue_takes(x, fused.out_features, fused.in_features)
+    poison_allocator()
+    y = fused(x)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert rel_err(y, chain64(fused, x, alpha)) < TOL[dtype]
+    want = fallback(fused, x)  # the same sums, PyTorch's rounding steps: equal, or an ulp apart where expf differs
+    assert ((y.float() - want.float()).abs() <= want.float().abs() * 2 ** -7 + 1e-6).all()
+    assert (y == want).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("m", [1, 7, 16])
+def test_empty_rows_and_one_very_dense_row(m):
+    n, k, dtype = 200, 576, torch.bfloat16
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    dense = torch.zeros(n, k, device="cuda")
+    dense[7] = torch.randn(k, generator=gen, device="cuda")
+    dense[150, ::3] = torch.randn(192, generator=gen, device="cuda")
+    csr = csr_from_indices(dense, torch.nonzero(dense.reshape(-1)).reshape(-1), dtype)
+    fused = pair(n, k, 4, 128, True, 0.0, dtype, gen, False, csr)
+    x = torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+    for alpha in (0.0, 0.5, 1.0):
+        fused.alpha = alpha
+        poison_allocator()
+        assert rel_err(fused(x), chain64(fused, x, alpha)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("m", [17, 64, 300])
+def test_above_16_rows_the_product_then_the_activation(m):
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    fused = pair(1376, 4096, 4, 128, True, 0.01, torch.bfloat16, gen, False)
+    x = torch.randn(m, 4096, generator=gen, device="cuda").to(torch.bfloat16)
+    assert not cuda_backend.glu_epilogue_takes(x, fused.out_features, fused.in_features)
+    y, want = fused(x).float(), fallback(fused, x).float()  # the same path twice (the ortho add's atomics may reorder)
+    assert ((y - want).abs() <= want.abs() * 2 ** -7 + 1e-6).all()
+    assert rel_err(fused(x), chain64(fused, x, fused.alpha)) < TOL[torch.bfloat16]
+
+
+def test_compiled_and_captured_decode_with_glu():
+    """A small random bf16 Llama decomposed (RTN, 1 %), compiled and captured: with gate / up as one GLU layer the
+    greedy tokens are those without it (a near-tie may part them late) and the logits agree to the bf16 level."""
+    from libortho import OrthoConfig, decompose, fuse_siblings
+    from libortho.eval import bench_decode as bd
+    cfg = bd.llama2_7b_config(hidden_size=512, intermediate_size=1376, num_hidden_layers=2, num_attention_heads=8,
+                              num_key_value_heads=2, vocab_size=1000)
+    model = bd.random_llama(cfg, torch.device("cuda"), seed=5)
+    decompose(model, OrthoConfig(bits=4, group_size=128, density=0.01, method="rtn", dtype="bfloat16"), progress=False)
+    ids = torch.randint(3, 1000, (1, 20), device="cuda")
+
+    def run():
+        torch._dynamo.reset()
+        dec = bd.StaticDecoder(model, 1, 33, 20, mode="compile", keep_logits=True)
+        dec.prepare(ids), dec.prefill(ids), dec.decode(32)
+        return dec.tokens[:, :32].clone(), dec.logits[:, :32].float().clone()
+    tokens, logits = run()
+    assert glu.fuse_glu(model) and fuse_siblings(model)
+    tokens_glu, logits_glu = run()
+    first = (tokens_glu != tokens).any(0).nonzero()
+    upto = int(first[0]) if len(first) else tokens.shape[1]
+    assert upto >= 16, upto
+    assert (logits_glu[:, :upto] - logits[:, :upto]).abs().max() < 0.25
