@@ -235,7 +235,11 @@ def test_bench_decode_fused_bf16_control(tmp_path, capsys):
     assert "Control, tiny batch 1: bf16 with q/k/v and gate/up fused" in out.with_suffix(".md").read_text()
 
 
-def test_generate_cli_fast_path_matches_plain(tmp_path, capsys):
+def test_generate_cli_fast_path_matches_plain(tmp_path, capsys, monkeypatch):
+    """The fast path (gate / up as one GLU layer, q / k / v fused) generates the plain path's text."""
+    import libortho
+    glu_mlps, fuse_glu = [], libortho.fuse_glu
+    monkeypatch.setattr(libortho, "fuse_glu", lambda model: glu_mlps.extend(fuse_glu(model)) or glu_mlps)
     d = tmp_path / "tiny"
     tiny_model("llama").save_pretrained(d)
     char_tokenizer().save_pretrained(d)
@@ -248,6 +252,7 @@ def test_generate_cli_fast_path_matches_plain(tmp_path, capsys):
     main(["generate", *args, "--mode", "eager"])
     fast = [ln.split("] ", 1)[1] for ln in capsys.readouterr().out.splitlines() if ln.startswith("[alpha=")]
     assert len(plain) == 2 and fast == plain
+    assert len(glu_mlps) == 2  # both of the tiny model's MLPs ran as GLU layers
 
 
 # ------------------------------------------------------------------------------------------------ GPU only
@@ -399,20 +404,22 @@ def test_a_cut_off_run_leaves_what_it_measured(tmp_path, monkeypatch):
 
 
 def test_bench_decode_glu_fuses_the_libortho_rows_and_says_so(tmp_path):
-    """--glu: the LibOrtho rows run gate / up as one GLU layer (counted in the model's info, named in the header) and
-    decode the tokens the unfused rows decode (CPU: the reference op, the eager MLP's rounding steps)."""
+    """By default (--glu) the LibOrtho rows run gate / up as one GLU layer (counted in the model's info, named in the
+    header) and decode the tokens the unfused rows (--no-glu, or --no-fuse) decode (CPU: the reference op, the eager
+    MLP's rounding steps)."""
     got = {}
-    for flags in ([], ["--glu"]):
+    for flags in (["--no-glu"], ["--glu"], [], ["--no-fuse"]):
+        glu = "--no-glu" not in flags and "--no-fuse" not in flags
         out = tmp_path / f"decode-{len(flags)}.json"
         main(["bench", "decode", "--models", "tiny", "--device", "cpu", "--batches", "1", "--prompt-len", "8",
               "--new-tokens", "6", "--prefill-len", "0", "--reps", "1", "--warmup", "0", "--no-progress", "--strict",
               "--variants", "bf16", "alpha1", "alpha0", "--out", str(out), *flags])
-        got[bool(flags)] = r = json.loads(out.read_text())
-        assert r["protocol"]["glu"] is bool(flags)
-        assert r["models"]["tiny"]["glu_layers"] == (2 if flags else 0)
-        assert ("GLU layer" in out.with_suffix(".md").read_text().splitlines()[0]) is bool(flags)
+        got[" ".join(flags)] = r = json.loads(out.read_text())
+        assert r["protocol"]["glu"] is glu
+        assert r["models"]["tiny"]["glu_layers"] == (2 if glu else 0)
+        assert ("GLU layer" in out.with_suffix(".md").read_text().splitlines()[0]) is glu
     for key in ("alpha1_tokens_matching_bf16_prefix", "alpha0_tokens_matching_bf16_prefix"):
-        assert got[True]["rows"][0][key] == got[False]["rows"][0][key]
+        assert len({r["rows"][0][key] for r in got.values()}) == 1, key
 
 
 def test_bench_decode_targets_the_lm_head_too_and_counts_it_alike(tmp_path):

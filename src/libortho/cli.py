@@ -110,7 +110,8 @@ def cmd_generate(a):
         libortho.cast_model(model, dtype)  # one activation dtype end to end (no per-call casts)
     mode = a.mode or ("compile" if a.compile else None)
     if mode is not None and not a.no_fuse:
-        libortho.fuse_siblings(model)  # q/k/v and gate/up as one launch each
+        libortho.fuse_glu(model)  # gate/up as one launch that writes silu(gate) * up (decomposed MLPs)
+        libortho.fuse_siblings(model)  # q/k/v (and gate/up where not a GLU layer) as one launch each
     attn = "sdpa" if mode is None and a.attn == "auto" else resolve_attention(a.attn, model, device)
     if attn in ("libortho", "libortho-step"):
         if mode is None:

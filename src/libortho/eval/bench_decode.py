@@ -26,6 +26,7 @@ The shared decode path (:class:`StaticDecoder`) is also what ``libortho generate
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import inspect
@@ -734,9 +735,10 @@ def add_arguments(p):
     p.add_argument("--no-fuse", action="store_true",
                    help="LibOrtho rows: keep q/k/v and gate/up as separate launches (default: one launch each, "
                         "libortho.fuse_siblings)")
-    p.add_argument("--glu", action="store_true",
+    p.add_argument("--glu", action=argparse.BooleanOptionalAction, default=True,
                    help="LibOrtho rows: gate_proj and up_proj as one layer whose kernel writes silu(gate) * up "
-                        "(libortho.fuse_glu; then q/k/v fused as siblings), no activation kernel")
+                        "(libortho.fuse_glu; then q/k/v fused as siblings), no activation kernel (default; "
+                        "--no-glu or --no-fuse: gate and up apart)")
     p.add_argument("--targets", default=None,
                    help="regex of the linears the LibOrtho and torch int4 rows convert (default: every linear of the "
                         "decoder blocks); e.g. 'layers|lm_head' adds an untied lm_head (a tied one is refused); the "
@@ -856,7 +858,7 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
             info["decompose_s"] = bank.install(_ortho_maker(cfg), f"{name}: decompose (RTN INT4, {args.score} "
                                                f"{100 * args.density:g} %)", progress)
             print(f"[{name}] decomposed in {info['decompose_s']:.1f} s", flush=True)
-            info["glu_layers"] = len(fuse_glu(model)) if args.glu else 0
+            info["glu_layers"] = len(fuse_glu(model)) if args.glu and not args.no_fuse else 0
             info["fused_groups"] = 0 if args.no_fuse else len(fuse_siblings(model))
             tot = report(model)["total"]
             weight_bytes["libortho"] = tot["bytes"] + sum(m.storage_bytes()["bias"] for _, m in ortho_layers(model))
@@ -1064,7 +1066,7 @@ def run(args):
     protocol = {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batches": args.batches,
                 "prefill_len": args.prefill_len, "reps": args.reps, "warmup": args.warmup, "mode": mode,
                 "density": args.density, "score": args.score, "group_size": args.group_size,
-                "variants": args.variants, "fuse_siblings": not args.no_fuse, "glu": args.glu,
+                "variants": args.variants, "fuse_siblings": not args.no_fuse, "glu": args.glu and not args.no_fuse,
                 "targets": args.targets,
                 "attention": args.attn if args.attn != "auto" else "libortho-step" if device.type == "cuda" else "sdpa",
                 "coordinate_descent": args.coordinate_descent, "inductor_pdl": args.inductor_pdl,
@@ -1103,7 +1105,6 @@ def run(args):
 
 
 if __name__ == "__main__":
-    import argparse
     _p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(_p)
     run(_p.parse_args())
