@@ -163,7 +163,8 @@ def test_bench_decode_cli_json_schema(tmp_path, capsys):
     wb = info["weight_bytes"]
     assert wb["libortho_base_only"] < wb["libortho"] < wb["bf16"] and wb["int4"] < wb["bf16"]
     assert info["libortho_config"]["density"] == 0.01 and info["libortho_ortho_nnz"] > 0
-    assert info["fused_groups"] == 4 and res["protocol"]["fuse_siblings"] is True  # q/k/v, gate/up per block
+    assert info["fused_groups"] == 2 and res["protocol"]["fuse_siblings"] is True  # q/k/v per block
+    assert info["glu_layers"] == 2 and res["protocol"]["glu"] is True  # gate/up per block: one GLU layer
     md = out.with_suffix(".md").read_text()
     assert "| tiny | 1 |" in md and "| tiny | 2 |" in md
     assert not (tmp_path / "decode-cpu.partial.json").exists()  # removed once the full result is written
