@@ -11,8 +11,8 @@ from pathlib import Path
 
 from plot_common import RESULTS, card_arg, card_title, save
 
-SOURCES = ("decode-{card}-llama2-7b-shape-compile-s36-b1-step-1.json",  # the attention step op in every row
-           "decode-{card}-llama2-7b-shape-compile-s36-b8-step.json")   # (2026-11-30 21:2x UTC, one machine)
+SOURCES = ("decode-{card}-llama2-7b-shape-compile-s37-glu.json",)  # today's defaults (step op, GLU layer), b1 + b8
+# (2026-11-30 23:4x UTC, one run)
 VARIANTS = (("bf16", "bf16"), ("alpha1", "LibOrtho alpha = 1 (1 %)"), ("alpha0", "LibOrtho alpha = 0"))
 GOALS = {("alpha0", 1): 2.8, ("alpha1", 1): 2.5}
 
