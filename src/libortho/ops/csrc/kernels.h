@@ -27,6 +27,15 @@ struct Operands {
   float* gemm_ws;          // gemm_sm90.cu only, or nullptr: split-K's fp32 (splits, M, N) workspace
   int pairs;               // v1 with two row tiles per block: blocks from this index on hold one (v1.cuh v1_row_pairs)
   int glu;                 // v1 at M <= 16 only: rows 16 t..+7 gate, +8..+15 up; the epilogue writes silu(gate) * up
+  // v1 at M <= 16 only, the RMSNorm around the product (libortho.norms). add-norm (residual given): the epilogue writes
+  // h = residual + y (each rounded as eager), out2 = norm_weight * h and part (M, N / 16) = h's sums of squares per 16
+  // outputs. rms (part given, no residual): the sums are scaled by r = rsqrt(sum of part's row (M, K / 16) / K + eps)
+  // before the bias (and the GLU activation): the product of x = g * h normalized by h's RMS.
+  const void* residual;    // (M, N), activation dtype, or nullptr
+  const void* norm_weight; // (N,), activation dtype (add-norm)
+  void* out2;              // (M, N), activation dtype (add-norm)
+  float* part;             // add-norm: written; rms: read
+  float rms_eps;
 };
 
 // xt (K, ld) = x (M, K) transposed, columns M..ld-1 zero (ld = 2, 4, 8, 16, 32, 64 >= M), for the ortho

@@ -340,6 +340,25 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     __syncwarp();
     ortho_done = staged = true;
   };
+  // rms (op.part without op.residual): r of the warp's batch rows warp and warp + W (M <= 16 <= 2 W), from the
+  // producer's sums of squares (K / 16 per row, L2 hits); computed while the ring's first tiles are in flight.
+  const bool rms = op.part != nullptr && op.residual == nullptr;
+  float rr[2] = {1.f, 1.f};
+  bool have_r = !rms;
+  auto rms_rows = [&]() {
+    const int kp = K >> 4;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int m = warp + j * W;
+      if (m >= M) break;  // warp-uniform
+      float s = 0.f;
+      for (int c = lane; c < kp; c += 32) s += op.part[static_cast<size_t>(m) * kp + c];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      rr[j] = rsqrtf(s / static_cast<float>(K) + op.rms_eps);
+    }
+    have_r = true;
+  };
   float acc[RT][NT][4];
   // This lane's rows of x (batch rows t*8 + g; past M: row 0) as offsets, in 32-bit pairs, from xb.
   const uint32_t* xb = reinterpret_cast<const uint32_t*>(x) + tig;
@@ -393,6 +412,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
                                                  } else if (!staged) {
                                                    stage_ortho();
                                                  }
+                                                 if (rms) rms_rows();
                                                });
       swept = true;
     }
@@ -434,6 +454,14 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
       put(sum_at(warp, rt * 16 + g + 8, t * 8 + 2 * tig + 1), acc[rt][t][3]);
     }
   }
+  if (rms) {  // the pad column (MT) of the warp's sums holds r of its rows (nothing else writes it)
+    if (!have_r) rms_rows();
+    if (lane == 0) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        if (warp + j * W < M) sum_at(warp, j, MT) = rr[j];
+    }
+  }
   if (!Cfg::kLean && !staged) stage_ortho();  // a warp without K tiles (the ring stages them for every warp)
   if (ortho && !base_adds) {
     // The warp adds alpha times its threads' runs into its own red slot, as soon as its sweep is done.
@@ -469,10 +497,42 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
       float yg = 0.f, yu = 0.f;
 #pragma unroll
       for (int w = 0; w < W; ++w) yg += sum_at(w, rg, m), yu += sum_at(w, rg + 8, m);
+      if (rms) {
+        const float r = sum_at(m % W, m / W, MT);
+        yg *= r, yu *= r;
+      }
       if (bias) yg += Num<T>::f(bias[n]), yu += Num<T>::f(bias[n + 8]);
       const float g = Num<T>::f(Num<T>::from(yg)), u = Num<T>::f(Num<T>::from(yu));
       const float a = Num<T>::f(Num<T>::from(g / (1.f + expf(-g))));
       out[static_cast<size_t>(m) * (N / 2) + n0 / 2 + h] = Num<T>::from(a * u);
+    }
+    return;
+  }
+  if (op.residual != nullptr) {
+    // add-norm: h = residual + y and g * h (eager's roundings), and h's sum of squares over each 16-row tile, reduced
+    // over the 16 consecutive threads of the tile (R * M and blockDim are multiples of 16: a half-warp is all in).
+    const T* res = static_cast<const T*>(op.residual);
+    const T* gw = static_cast<const T*>(op.norm_weight);
+    T* out2 = static_cast<T*>(op.out2);
+    for (int i = threadIdx.x; i < R * M; i += blockDim.x) {
+      const int r = i & (R - 1), m = i >> (RT == 1 ? 4 : 5), n = n0 + r;
+      const bool live = n < N && !(kCut && r >= Rb);
+      float h = 0.f;
+      if (live) {
+        float y = 0.f;
+#pragma unroll
+        for (int w = 0; w < W; ++w) y += sum_at(w, r, m);
+        if (bias) y += Num<T>::f(bias[n]);
+        const size_t o = static_cast<size_t>(m) * N + n;
+        h = Num<T>::f(Num<T>::from(Num<T>::f(Num<T>::from(y)) + Num<T>::f(res[o])));
+        out[o] = Num<T>::from(h);
+        out2[o] = Num<T>::from(Num<T>::f(gw[n]) * h);
+      }
+      float ss = h * h;
+      const unsigned half = 0xffffu << (lane & 16);
+#pragma unroll
+      for (int s2 = 8; s2 > 0; s2 >>= 1) ss += __shfl_xor_sync(half, ss, s2);
+      if ((r & 15) == 0 && live) op.part[static_cast<size_t>(m) * (N >> 4) + (n >> 4)] = ss;
     }
     return;
   }
@@ -482,6 +542,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     float y = 0.f;
 #pragma unroll
     for (int w = 0; w < W; ++w) y += sum_at(w, r, m);
+    if (rms) y *= sum_at(m % W, m / W, MT);
     if (bias) y += Num<T>::f(bias[n]);
     out[static_cast<size_t>(m) * N + n] = Num<T>::from(y);
   }
