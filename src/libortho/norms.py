@@ -185,6 +185,6 @@ def unfuse_norms(model: nn.Module) -> int:
             del layer.forward
             object.__delattr__(layer, "_libortho_next_norm")
             n += 1
-    if final is not None and "forward" in vars(final):
+    if n and final is not None and "forward" in vars(final):
         del final.forward
     return n
