@@ -340,11 +340,13 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     __syncwarp();
     ortho_done = staged = true;
   };
-  // rms (op.part without op.residual): r of the warp's batch rows warp and warp + W (M <= 16 <= 2 W), from the
-  // producer's sums of squares (K / 16 per row, L2 hits); computed while the ring's first tiles are in flight.
-  const bool rms = op.part != nullptr && op.residual == nullptr;
-  float rr[2] = {1.f, 1.f};
-  bool have_r = !rms;
+  // rms (op.part without op.residual): r of the warp's batch rows warp and warp + W (M <= 16 <= 2 W) into rms_r, from
+  // the producer's sums of squares (K / 16 per row, L2 hits); the lean ring computes them while its first tiles are
+  // in flight (on_first), the other forms after their sweep (there the extra code in the ring's prologue made the
+  // 3-block full forms spill). Nothing held in registers through the sweep.
+  constexpr bool kNorms = NT <= 2;  // M <= 16 (the binding's limit): the other kernels compile none of it
+  const bool rms = kNorms && op.part != nullptr && op.residual == nullptr;
+  __shared__ float rms_r[16];
   auto rms_rows = [&]() {
     const int kp = K >> 4;
 #pragma unroll
@@ -352,12 +354,12 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
       const int m = warp + j * W;
       if (m >= M) break;  // warp-uniform
       float s = 0.f;
+#pragma unroll 1
       for (int c = lane; c < kp; c += 32) s += op.part[static_cast<size_t>(m) * kp + c];
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      rr[j] = rsqrtf(s / static_cast<float>(K) + op.rms_eps);
+      if (lane == 0) rms_r[m] = rsqrtf(s / static_cast<float>(K) + op.rms_eps);
     }
-    have_r = true;
   };
   float acc[RT][NT][4];
   // This lane's rows of x (batch rows t*8 + g; past M: row 0) as offsets, in 32-bit pairs, from xb.
@@ -412,7 +414,9 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
                                                  } else if (!staged) {
                                                    stage_ortho();
                                                  }
-                                                 if (rms) rms_rows();
+                                                 if constexpr (Cfg::kLean) {
+                                                   if (rms) rms_rows();
+                                                 }
                                                });
       swept = true;
     }
@@ -454,14 +458,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
       put(sum_at(warp, rt * 16 + g + 8, t * 8 + 2 * tig + 1), acc[rt][t][3]);
     }
   }
-  if (rms) {  // the pad column (MT) of the warp's sums holds r of its rows (nothing else writes it)
-    if (!have_r) rms_rows();
-    if (lane == 0) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-        if (warp + j * W < M) sum_at(warp, j, MT) = rr[j];
-    }
-  }
+  if (rms && !Cfg::kLean) rms_rows();  // (the lean ring's sweep computed them in its on_first)
   if (!Cfg::kLean && !staged) stage_ortho();  // a warp without K tiles (the ring stages them for every warp)
   if (ortho && !base_adds) {
     // The warp adds alpha times its threads' runs into its own red slot, as soon as its sweep is done.
@@ -497,10 +494,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
       float yg = 0.f, yu = 0.f;
 #pragma unroll
       for (int w = 0; w < W; ++w) yg += sum_at(w, rg, m), yu += sum_at(w, rg + 8, m);
-      if (rms) {
-        const float r = sum_at(m % W, m / W, MT);
-        yg *= r, yu *= r;
-      }
+      if (rms) yg *= rms_r[m], yu *= rms_r[m];
       if (bias) yg += Num<T>::f(bias[n]), yu += Num<T>::f(bias[n + 8]);
       const float g = Num<T>::f(Num<T>::from(yg)), u = Num<T>::f(Num<T>::from(yu));
       const float a = Num<T>::f(Num<T>::from(g / (1.f + expf(-g))));
@@ -508,7 +502,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     }
     return;
   }
-  if (op.residual != nullptr) {
+  if (kNorms && op.residual != nullptr) {
     // add-norm: h = residual + y and g * h (eager's roundings), and h's sum of squares over each 16-row tile, reduced
     // over the 16 consecutive threads of the tile (R * M and blockDim are multiples of 16: a half-warp is all in).
     const T* res = static_cast<const T*>(op.residual);
@@ -542,7 +536,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     float y = 0.f;
 #pragma unroll
     for (int w = 0; w < W; ++w) y += sum_at(w, r, m);
-    if (rms) y *= sum_at(m % W, m / W, MT);
+    if (rms) y *= rms_r[m];
     if (bias) y += Num<T>::f(bias[n]);
     out[static_cast<size_t>(m) * N + n] = Num<T>::from(y);
   }
