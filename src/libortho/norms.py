@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import quant
-from .attention import step_takes
+from .attention import step_attention, step_takes
 from .fuse import OrthoGroup
 from .glu import OrthoGLU
 from .layer import OrthoLinear
@@ -133,15 +133,9 @@ def _fused_forward(self, hidden_states, *args, **kwargs):
     _, gh, part = hidden_states if carried else carry(h, self.input_layernorm.weight)
     group = attn.q_proj._group
     qkv = rms_product(group, gh, part, self.input_layernorm.variance_epsilon, attn.q_proj.alpha)
-    b = h.shape[0]
-    shape = (b, 1, -1, attn.head_dim)
-    q, k, v = (t.view(shape).transpose(1, 2) for t in torch.split(qkv, group.sizes, dim=-1))
-    layer = cache.layers[attn.layer_idx]
-    cos, sin = kwargs["position_embeddings"]
-    mask = None if getattr(cache, "causal_only", False) else kwargs.get("attention_mask")
-    out = torch.ops.libortho.decode_attention_step(q, k, v, cos, sin, layer.keys, layer.values, cache.length, mask,
-                                                   float(attn.scaling))
-    h1, gh1, part1 = add_norm(attn.o_proj, out.reshape(b, 1, -1), h, self.post_attention_layernorm.weight)
+    out = step_attention(attn, *torch.split(qkv, group.sizes, dim=-1), cache, kwargs["position_embeddings"],
+                         kwargs.get("attention_mask"))
+    h1, gh1, part1 = add_norm(attn.o_proj, out, h, self.post_attention_layernorm.weight)
     act = rms_product(mlp.glu_proj, gh1, part1, self.post_attention_layernorm.variance_epsilon, mlp.glu_proj.alpha)
     return add_norm(mlp.down_proj, act, h1, self._libortho_next_norm.weight)
 
