@@ -1,0 +1,34 @@
+"""benchmarks/ptxas_compare.py's reading of ptxas's report (CPU only; the nvcc runs are not tested here)."""
+import importlib.util
+from pathlib import Path
+
+spec = importlib.util.spec_from_file_location("ptxas_compare",
+                                              Path(__file__).resolve().parents[1] / "benchmarks" / "ptxas_compare.py")
+pc = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(pc)
+
+KERNEL = "_ZN8libortho37_GLOBAL__N__{}_5_v1_cu_{}20fused_small_m_kernelI6__halfLi8ELi1ENS0_5V1CfgILi2ELb1EEE"
+REPORT = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '{k}' for 'sm_90a'
+ptxas info    : Function properties for {k}
+    {stack} bytes stack frame, {st} bytes spill stores, {ld} bytes spill loads
+ptxas info    : Used {regs} registers, used 1 barriers, {stack} bytes cumulative stack size, {smem} bytes smem
+ptxas info    : Function properties for other_kernel
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 40 registers, used 0 barriers
+"""
+
+
+def test_parse_reads_each_kernel_and_drops_the_path_hash():
+    a = pc.parse(REPORT.format(k=KERNEL.format("831023ca", "3629bc41"), stack=8, st=8, ld=4, regs=128, smem=17536))
+    b = pc.parse(REPORT.format(k=KERNEL.format("0e6269e5", "27932f2a"), stack=8, st=8, ld=4, regs=128, smem=17536))
+    assert a == b  # the same kernel from two paths: one name
+    assert sorted(a.values()) == [(40, 0, 0, 0, 0), (128, 8, 8, 4, 17536)]
+
+
+def test_differences_name_only_the_kernels_that_changed():
+    base = pc.parse(REPORT.format(k=KERNEL.format("1", "2"), stack=8, st=12, ld=8, regs=80, smem=100))
+    head = pc.parse(REPORT.format(k=KERNEL.format("3", "4"), stack=32, st=42, ld=56, regs=80, smem=164))
+    rows = pc.differences(base, head)
+    assert len(rows) == 1 and "(80, 8, 12, 8, 100) -> (80, 32, 42, 56, 164)" in rows[0] and "Li2ELb1" in rows[0]
+    assert pc.differences(base, base) == []
