@@ -341,11 +341,14 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     ortho_done = staged = true;
   };
   // rms (op.part without op.residual): r of the warp's batch rows warp and warp + W (M <= 16 <= 2 W) into rms_r, from
-  // the producer's sums of squares (K / 16 per row, L2 hits); the lean ring computes them while its first tiles are
-  // in flight (on_first), the other forms after their sweep (there the extra code in the ring's prologue made the
-  // 3-block full forms spill). Nothing held in registers through the sweep.
+  // the producer's sums of squares (K / 16 per row, L2 hits): while the ring's first tiles are in flight (on_first,
+  // kRmsEarly) or after the sweep. Nothing held in registers through the sweep.
   constexpr bool kNorms = NT <= 2;  // M <= 16 (the binding's limit): the other kernels compile none of it
   const bool rms = kNorms && op.part != nullptr && op.residual == nullptr;
+  // Early in the lean forms (their ring always runs); the full forms after their sweep: there the code in the ring's
+  // prologue made the 3-block forms spill (ptxas, benchmarks/ptxas_compare.py). The 3-block lean forms with two row
+  // tiles spill 8 bytes either way (none on main): to be timed against main's kernels before this lands.
+  constexpr bool kRmsEarly = Cfg::kLean;
   __shared__ float rms_r[16];
   auto rms_rows = [&]() {
     const int kp = K >> 4;
@@ -414,7 +417,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
                                                  } else if (!staged) {
                                                    stage_ortho();
                                                  }
-                                                 if constexpr (Cfg::kLean) {
+                                                 if constexpr (kRmsEarly) {
                                                    if (rms) rms_rows();
                                                  }
                                                });
@@ -458,7 +461,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
       put(sum_at(warp, rt * 16 + g + 8, t * 8 + 2 * tig + 1), acc[rt][t][3]);
     }
   }
-  if (rms && !Cfg::kLean) rms_rows();  // (the lean ring's sweep computed them in its on_first)
+  if (rms && !kRmsEarly) rms_rows();  // (else the ring's on_first computed them)
   if (!Cfg::kLean && !staged) stage_ortho();  // a warp without K tiles (the ring stages them for every warp)
   if (ortho && !base_adds) {
     // The warp adds alpha times its threads' runs into its own red slot, as soon as its sweep is done.
