@@ -48,6 +48,11 @@ def compile_report(tree: Path, source: str) -> dict:
     return parse(r.stdout + r.stderr)
 
 
+def spills_grew(base: dict, head: dict) -> list[str]:
+    """The kernels whose stack, spill stores or spill loads grew (or that are new with any)."""
+    return sorted(name for name, b in head.items() if any(x > y for x, y in zip(b[1:4], base.get(name, (0,) * 5)[1:4])))
+
+
 def differences(base: dict, head: dict) -> list[str]:
     rows = []
     for name in sorted(set(base) | set(head)):
@@ -73,7 +78,8 @@ def main(argv=None) -> None:
     for i, source in enumerate(a.sources):
         base, head = reports[2 * i], reports[2 * i + 1]
         rows = differences(base, head)
-        print(f"{source}: {len(head)} kernels, {len(rows)} differ from {a.base}")
+        print(f"{source}: {len(head)} kernels, {len(rows)} differ from {a.base}, "
+              f"spills grew in {len(spills_grew(base, head))}")
         print("\n".join(rows) if rows else "  (none)")
     sys.stdout.flush()
 

@@ -32,3 +32,4 @@ def test_differences_name_only_the_kernels_that_changed():
     rows = pc.differences(base, head)
     assert len(rows) == 1 and "(80, 8, 12, 8, 100) -> (80, 32, 42, 56, 164)" in rows[0] and "Li2ELb1" in rows[0]
     assert pc.differences(base, base) == []
+    assert len(pc.spills_grew(base, head)) == 1 and pc.spills_grew(head, base) == []
