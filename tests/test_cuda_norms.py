@@ -116,3 +116,24 @@ def test_compiled_and_captured_decode_with_the_norms_in_the_products():
     def change(model):
         assert norms.fuse_norms(model) == [0, 1]
     assert_decodes_alike(model, change)
+
+
+def test_a_configuration_without_a_norm_form_falls_back():
+    """With every M <= 4 class of the v1 table on configuration 5 (no norm form, v1_norms.cu), the norm ops take the
+    product and PyTorch's steps: the binding says so (kNotTaken), the results stay at the reference level."""
+    ext = cuda_backend.extension()
+    old = list(ext.v1_table())
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    layer = make_layer(576, 576, 4, 128, True, 0.01, torch.bfloat16, gen, True)
+    h = (3 * torch.randn(2, 576, generator=gen, device="cuda")).to(torch.bfloat16)
+    _, gh, part = norms.carry(h, torch.ones(576, device="cuda", dtype=torch.bfloat16))
+    want = _rms64(layer, gh, part, 1e-5, layer.alpha)
+    assert rel_err(norms.rms_product(layer, gh, part, 1e-5, layer.alpha), want) < TOL[torch.bfloat16]
+    try:
+        assert ext.set_v1_table([5, 5] + old[2:3] + [5] + old[4:])  # classes 0, 1, 3: M <= 4
+        assert cuda_backend._norm_call(gh, layer.qweight, layer.scales, layer.zeros, layer.row_ptr, layer.col_idx,
+                                       layer.values, layer.bias, layer.alpha, 4, 128, 576, 576, None, None, part,
+                                       1e-5, False, "test") is None
+        assert rel_err(norms.rms_product(layer, gh, part, 1e-5, layer.alpha), want) < TOL[torch.bfloat16]
+    finally:
+        assert ext.set_v1_table(old)

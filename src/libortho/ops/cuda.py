@@ -540,6 +540,9 @@ def ortho_glu_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, al
 ortho_glu.register_kernel("cuda")(ortho_glu_cuda)
 
 
+NORM_NOT_TAKEN = -2  # binding.cpp kNotTaken
+
+
 def norm_epilogue_takes(x, out_features: int, in_features: int) -> bool:
     """Whether v1's epilogue does the RMSNorm's work (libortho.norms): v1 at M 1-16, fp16 / bf16, whole 16-row tiles
     and 16-column tiles of partial sums."""
@@ -548,10 +551,12 @@ def norm_epilogue_takes(x, out_features: int, in_features: int) -> bool:
 
 def _norm_call(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, out_features,
                in_features, residual, norm_weight, part, eps, glu, what):
+    """The binding's result, or None where the call's v1 configuration has no norm form (a table set for tuning)."""
     x2, scales, zeros, values, bias = _operands(x, scales, zeros, values, bias, in_features)
-    return _checked(_state["ext"].fused_small_m_norm(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha,
-                                                     bits, group_size, out_features, in_features, pdl_mode(), residual,
-                                                     norm_weight, part, eps, glu), what)
+    result = _state["ext"].fused_small_m_norm(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits,
+                                              group_size, out_features, in_features, pdl_mode(), residual, norm_weight,
+                                              part, eps, glu)
+    return None if result[1] == NORM_NOT_TAKEN else _checked(result, what)
 
 
 def ortho_linear_add_norm_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
@@ -568,20 +573,27 @@ def ortho_linear_add_norm_cuda(x, qweight, scales, zeros, row_ptr, col_idx, valu
     hg = _norm_call(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, out_features,
                     in_features, residual.reshape(m, out_features).contiguous(), norm_weight.contiguous(), part, 0.0,
                     False, "fused kernel (add-norm epilogue)")
+    if hg is None:
+        return add_norm_reference(ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha,
+                                                    bits, group_size, out_features, in_features), residual, norm_weight)
     return hg.reshape(2, *lead, out_features), part.reshape(*lead, out_features // NORM_TILE)
 
 
 def _rms_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, out_features,
               in_features, part, eps, glu):
-    if not norm_epilogue_takes(x, out_features, in_features):  # the product, then r and the bias in PyTorch
-        y = ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, None, alpha, bits, group_size,
-                              out_features, in_features).float() * rms_scale(part, eps).reshape(*x.shape[:-1], 1)
-        y = (y if bias is None else y + bias.float()).to(x.dtype)
-        return glu_from_interleaved(y) if glu else y
-    m = x.numel() // in_features
-    y = _norm_call(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, out_features,
-                   in_features, None, None, part.reshape(m, -1).contiguous(), eps, glu, "fused kernel (rms epilogue)")
-    return y.reshape(*x.shape[:-1], out_features // 2 if glu else out_features)
+    y = None
+    if norm_epilogue_takes(x, out_features, in_features):
+        m = x.numel() // in_features
+        y = _norm_call(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
+                       out_features, in_features, None, None, part.reshape(m, -1).contiguous(), eps, glu,
+                       "fused kernel (rms epilogue)")
+    if y is not None:
+        return y.reshape(*x.shape[:-1], out_features // 2 if glu else out_features)
+    # the product, then r and the bias in PyTorch
+    y = ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, None, alpha, bits, group_size,
+                          out_features, in_features).float() * rms_scale(part, eps).reshape(*x.shape[:-1], 1)
+    y = (y if bias is None else y + bias.float()).to(x.dtype)
+    return glu_from_interleaved(y) if glu else y
 
 
 def ortho_linear_rms_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,

@@ -21,6 +21,7 @@ namespace {
 
 using Result = std::tuple<at::Tensor, int64_t>;
 constexpr int64_t kBadArgs = -1;
+constexpr int64_t kNotTaken = -2;  // fused_small_m_norm: the call's configuration has no norm form (nothing launched)
 
 bool operands(libortho::Operands& op, const at::Tensor& ref, const at::Tensor& qweight,
                      const at::Tensor& scales, const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr,
@@ -173,15 +174,17 @@ Result fused_glu(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
 }
 
 // v1 at M <= 16 with an RMSNorm epilogue (NormArgs): add-norm -> (2, M, N) = (h, g * h), part written; rms ->
-// (M, N) or, glu, (M, N / 2), part read.
+// (M, N) or, glu, (M, N / 2), part read. kNotTaken where the table's configuration has no norm form.
 Result fused_norm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                   const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                   const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
                   int64_t group_size, int64_t N, int64_t K, int64_t pdl, const std::optional<at::Tensor>& residual,
                   const std::optional<at::Tensor>& norm_weight, const at::Tensor& part, double eps, bool glu) {
   const NormArgs norm{residual, norm_weight, part, eps};
-  return small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, pdl, 16,
-                 true, false, &libortho::launch_fused_small_m, glu, &norm);
+  Result r = small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, pdl, 16,
+                     true, false, &libortho::launch_fused_small_m, glu, &norm);
+  if (std::get<1>(r) == static_cast<int64_t>(cudaErrorNotSupported)) std::get<1>(r) = kNotTaken;
+  return r;
 }
 
 // v1 with tuning configuration `cfg` (benchmarks/probes/v1_configs.py), plain launches.

@@ -214,10 +214,24 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
 
 template <int NT> using V1Default = V1Cfg<NT == 1 ? 2 : 1, NT <= 2, 2>;
 
+// The configurations of the default table at M <= 16 (v1.cu g_v1_table), named: the configuration files and the norm
+// forms (v1_norms.cu) instantiate the same types.
+using V1Cfg10 = V1Cfg<1, true, 2, 4, 16>;
+using V1Cfg12 = V1Cfg<1, true, 2, 3, 16, 2>;
+using V1Cfg16 = V1Cfg<1, true, 2, 4, 4, 1, true>;
+using V1Cfg18 = V1Cfg<1, true, 2, 4, 8, 1, false, false, 12>;
+using V1Cfg20 = V1Cfg<1, true, 1, 4, 8, 2, false, false, 16>;
+using V1Cfg22 = V1Cfg<1, true, 1, 3, 16, 2, false, false, 16>;
+using V1Cfg24 = V1Cfg<1, true, 3, 3, 8, 2>;
+using V1Cfg25 = V1Cfg<1, true, 3, 3, 4, 2>;
+
 // kCut (two-row-tile lean forms at M <= 16 only): blocks from op.pairs on hold one row tile (the launcher cut the
 // last wave's work, v1_row_pairs). A template flag so that launches without the cut run the code without its checks:
 // as a run-time switch they cost the uncut shapes 1-3 % (H200, 2026-11-30, benchmarks/NOTES-kernels.md).
-template <typename T, int BITS, int NT, class Cfg = V1Default<NT>, bool kCut = false>
+// kNorm: the RMSNorm epilogues (libortho.norms; Operands.residual / part) compiled in, M <= 16 only. Their own
+// instantiations (v1_norms.cu), so that the kernels without them are the code they were (ptxas: the norm code made
+// some 3-block forms spill).
+template <typename T, int BITS, int NT, class Cfg = V1Default<NT>, bool kCut = false, bool kNorm = false>
 __global__ void __launch_bounds__(Cfg::kBlockWarps * 32, Cfg::kMinBlocks)
 fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ out,
                      int M) {
@@ -343,7 +357,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
   // rms (op.part without op.residual): r of the warp's batch rows warp and warp + W (M <= 16 <= 2 W) into rms_r, from
   // the producer's sums of squares (K / 16 per row, L2 hits): while the ring's first tiles are in flight (on_first,
   // kRmsEarly) or after the sweep. Nothing held in registers through the sweep.
-  constexpr bool kNorms = NT <= 2;  // M <= 16 (the binding's limit): the other kernels compile none of it
+  constexpr bool kNorms = kNorm && NT <= 2;  // M <= 16 (the binding's limit): the other kernels compile none of it
   const bool rms = kNorms && op.part != nullptr && op.residual == nullptr;
   // Early in the lean forms (their ring always runs); the full forms after their sweep: there the code in the ring's
   // prologue made the 3-block forms spill (ptxas, benchmarks/ptxas_compare.py). The 3-block lean forms with two row
@@ -571,10 +585,10 @@ inline void v1_row_pairs(int tiles, int sms, bool split, int& pairs, int& blocks
 
 // One configuration's kernel (kCut or not) on a grid of `blocks` (0: one per 16 * kRowTiles rows). A ring in
 // dynamic shared memory: the kernel is allowed its kRingBytes (over the default 48 KB) once per device first.
-template <typename T, int NT, class Cfg, bool kCut>
+template <typename T, int NT, class Cfg, bool kCut, bool kNorm = false>
 cudaError_t launch_v1_kernel(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s,
                              int blocks) {
-  constexpr auto kernel = fused_small_m_kernel<T, 4, NT, Cfg, kCut>;
+  constexpr auto kernel = fused_small_m_kernel<T, 4, NT, Cfg, kCut, kNorm>;
   if constexpr (Cfg::kDynRing) {
     static bool allowed[64] = {};
     int dev = 0;
@@ -600,7 +614,7 @@ bool v1_lean_ok(const Operands& op, const void* x, int M) {
   return op.bits == 4 && op.K % 64 == 0 && groups && x_ok;
 }
 
-template <typename T, int NT, class Cfg>
+template <typename T, int NT, class Cfg, bool kNorm = false>
 cudaError_t launch_v1_one(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
   // M <= 16 only: at M 24-32 (configuration 32) the cut was 0.6-0.8 % faster on 14336x4096 and 1.0-1.2 % slower on
   // 22016x4096 (H200, 2026-11-30, results/row-pairs-ab-H200-s30-m32.json).
@@ -609,21 +623,21 @@ cudaError_t launch_v1_one(const Operands& op, const void* x, const void* bias, v
     Operands o = op;
     int blocks = 0;
     v1_row_pairs(tiles, device_info().sms, v1_row_pairs_split(), o.pairs, blocks);
-    if (blocks != (tiles + 1) / 2) return launch_v1_kernel<T, NT, Cfg, true>(o, x, bias, out, M, s, blocks);
+    if (blocks != (tiles + 1) / 2) return launch_v1_kernel<T, NT, Cfg, true, kNorm>(o, x, bias, out, M, s, blocks);
   }
-  return launch_v1_kernel<T, NT, Cfg, false>(op, x, bias, out, M, s, 0);
+  return launch_v1_kernel<T, NT, Cfg, false, kNorm>(op, x, bias, out, M, s, 0);
 }
 
 // A ring configuration in its lean form where the call allows it (and v1_lean() is on), else in full (with
 // other warp counts than kWarps: the same configuration with kWarps, in full).
-template <typename T, int NT, class Cfg>
+template <typename T, int NT, class Cfg, bool kNorm = false>
 cudaError_t launch_v1_ring(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
   constexpr bool kOwnWarps = Cfg::kBlockWarps != kWarps;
   const bool lean = (kOwnWarps || !Cfg::kOrthoFirst || M <= v1_lean_ortho_first_max_m()) && v1_lean() &&
                     v1_lean_ok<Cfg>(op, x, M);
-  if (!lean) return launch_v1_one<T, NT, typename Cfg::Eight>(op, x, bias, out, M, s);
+  if (!lean) return launch_v1_one<T, NT, typename Cfg::Eight, kNorm>(op, x, bias, out, M, s);
   ++v1_lean_launches();
-  return launch_v1_one<T, NT, typename Cfg::Lean>(op, x, bias, out, M, s);
+  return launch_v1_one<T, NT, typename Cfg::Lean, kNorm>(op, x, bias, out, M, s);
 }
 
 // The largest M of each v1 configuration below (cuda.py V1_CONFIG_MAX_M mirrors it).
@@ -636,6 +650,11 @@ constexpr int kV1Cfgs = sizeof(kV1CfgMaxM) / sizeof(kV1CfgMaxM[0]);
 // Configurations 11 and up (v1_configs_hi.cu: another translation unit, built in parallel).
 cudaError_t launch_v1_cfg_hi(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
                              cudaStream_t s);
+// The RMSNorm epilogues (Operands.part set; M <= 16): INT4 by the table's configuration `cfg` where it has a norm
+// form (v1_norms.cu), other widths by the default configuration; cudaErrorNotSupported for a configuration without
+// one (the caller then takes the product and PyTorch's steps).
+cudaError_t launch_v1_norm(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
+                           cudaStream_t s);
 // Configurations 26 and up, M 17-64 (v1_configs_m32.cu).
 cudaError_t launch_v1_cfg_m32(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
                               cudaStream_t s);
