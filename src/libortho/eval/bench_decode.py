@@ -3,10 +3,12 @@
 Protocol (the same for every row): the model's target linears (every linear of the decoder blocks)
 are bf16 ``nn.Linear`` (baseline), ``OrthoLinear`` (INT4 g128 RTN base + 1 % ortho stream, run at
 alpha = 1 and alpha = 0) or a wrapper of torch's tinygemm int4 kernel (``aten._weight_int4pack_mm``,
-asymmetric INT4, bf16 scale+zero). Embeddings, norms and the lm_head stay bf16 in every row. The
-LibOrtho rows run q/k/v and gate/up as one launch each (``libortho.fuse_siblings``; ``--no-fuse``
-keeps them apart); the bf16 and int4 rows run the model's own separate linears. Attention, the same in every
-row: on a GPU LibOrtho's decode attention in the one-token steps (``libortho.attention``; the prefill stays SDPA),
+asymmetric INT4, bf16 scale+zero). Embeddings, norms and the lm_head stay bf16 in every row (``--targets``
+converts other linears, e.g. an untied lm_head). The LibOrtho rows run q/k/v as one launch (``libortho.fuse_siblings``)
+and gate/up as one GLU layer whose kernel writes silu(gate) * up (``libortho.fuse_glu``; ``--no-glu``: one launch
+of siblings; ``--no-fuse`` keeps all apart); the bf16 and int4 rows run the model's own separate linears. Attention,
+the same in every row: on a GPU LibOrtho's attention step op in the one-token steps (``libortho.attention``; the
+prefill stays SDPA),
 on the CPU transformers' SDPA (``--attn sdpa`` / ``libortho`` choose). ``--coordinate-descent``: inductor tunes its
 Triton kernels (norms, rotary, elementwise) by coordinate descent in every row's compile.
 A prompt of ``prompt_len`` tokens per sequence is prefilled (eager) into a transformers ``StaticCache`` whose layers
@@ -862,7 +864,7 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
             info["decompose_s"] = bank.install(_ortho_maker(cfg), f"{name}: decompose (RTN INT4, {args.score} "
                                                f"{100 * args.density:g} %)", progress)
             print(f"[{name}] decomposed in {info['decompose_s']:.1f} s", flush=True)
-            info["glu_layers"] = len(fuse_glu(model)) if args.glu and not args.no_fuse else 0
+            info["glu_layers"] = len(fuse_glu(model)) if args.glu else 0
             info["fused_groups"] = 0 if args.no_fuse else len(fuse_siblings(model))
             info["norm_layers"] = len(fuse_norms(model)) if args.norms else 0
             if args.norms and not info["norm_layers"]:
@@ -1062,6 +1064,7 @@ def run(args):
         if not args.out:
             raise SystemExit("--merge needs --out")
         return merge(args.merge, args.out)
+    args.glu = args.glu and not args.no_fuse  # --no-fuse keeps gate and up apart too
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         from ..ops import cuda as ocuda
@@ -1076,7 +1079,7 @@ def run(args):
     protocol = {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batches": args.batches,
                 "prefill_len": args.prefill_len, "reps": args.reps, "warmup": args.warmup, "mode": mode,
                 "density": args.density, "score": args.score, "group_size": args.group_size,
-                "variants": args.variants, "fuse_siblings": not args.no_fuse, "glu": args.glu and not args.no_fuse, "norms": args.norms,
+                "variants": args.variants, "fuse_siblings": not args.no_fuse, "glu": args.glu, "norms": args.norms,
                 "targets": args.targets,
                 "attention": args.attn if args.attn != "auto" else "libortho-step" if device.type == "cuda" else "sdpa",
                 "coordinate_descent": args.coordinate_descent, "inductor_pdl": args.inductor_pdl,

@@ -326,7 +326,8 @@ def pdl_mode() -> int:
     call on the two smallest Llama shapes at M = 1 but cost up to 0.6 us on 4096x11008 (results/probe-H200.json);
     the 7B-shape decode lost with it (155 vs 158 tok/s, results/decode-H200-pdl.json), and with inductor's PDL too
     (2.28 vs 2.10 ms a step, session 35); "late" lost too (alpha 0 437.7 vs 514.3 tok/s with the attention step op,
-    session 36). The "noprefetch" modes are not measured yet."""
+    session 36), and so did "noprefetch" and "late-noprefetch" (499.7 and 509.9 vs 511.6, session 37: the linear
+    overlaps the attention before it but its own time grows more; results/decode-timeline-H200-s37-*.json)."""
     value = os.environ.get("LIBORTHO_PDL", "0").strip().lower()
     if value not in PDL_MODES:
         raise ValueError(f"LIBORTHO_PDL={value!r}: expected one of {sorted(k for k in PDL_MODES if k)}")
