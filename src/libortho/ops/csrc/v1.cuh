@@ -354,30 +354,52 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     __syncwarp();
     ortho_done = staged = true;
   };
-  // rms (op.part without op.residual): r of the warp's batch rows warp and warp + W (M <= 16 <= 2 W) into rms_r, from
-  // the producer's sums of squares (K / 16 per row, L2 hits): while the ring's first tiles are in flight (on_first,
-  // kRmsEarly) or after the sweep. Nothing held in registers through the sweep.
+  // rms (op.part without op.residual): r = rsqrt(sum(part) / K + eps) of each batch row from the producer's sums of
+  // squares (K / 16 per row, L2 hits: the kernel before wrote them). Every warp sums a slice of the columns for every
+  // row into rms_part (loads issued together, not one chain), and the epilogue adds the W slices (rms_of): while the
+  // ring's first tiles are in flight (on_first, kRmsEarly) or after the block's barrier (then a second one). Nothing
+  // held through the sweep.
+  // (Session 38: warp 0 alone walking K / 16 columns in a chain of L2 loads cost 1-4 us a call.)
   constexpr bool kNorms = kNorm && NT <= 2;  // M <= 16 (the binding's limit): the other kernels compile none of it
   const bool rms = kNorms && op.part != nullptr && op.residual == nullptr;
-  // Early in the lean forms (their ring always runs); the full forms after their sweep: there the code in the ring's
-  // prologue made the 3-block forms spill (ptxas, benchmarks/ptxas_compare.py). The 3-block lean forms with two row
-  // tiles spill 8 bytes either way (none on main): to be timed against main's kernels before this lands.
+  // Early in the lean forms (their ring always runs); the full forms after the barrier: there the code in the ring's
+  // prologue made the 3-block forms spill (ptxas, benchmarks/ptxas_compare.py). Their norm forms (the fallback where
+  // the ring cannot take a call) spill 188 / 324 bytes against 72 / 76 before session 38 wherever r is computed.
   constexpr bool kRmsEarly = Cfg::kLean;
-  __shared__ float rms_r[16];
+  constexpr int MR = kNorms ? 8 * NT : 1;  // batch rows the norm code handles
+  __shared__ float rms_part[kNorms ? W : 1][MR];
   auto rms_rows = [&]() {
     const int kp = K >> 4;
+    float s[MR];
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int m = warp + j * W;
-      if (m >= M) break;  // warp-uniform
-      float s = 0.f;
-#pragma unroll 1
-      for (int c = lane; c < kp; c += 32) s += op.part[static_cast<size_t>(m) * kp + c];
+    for (int m = 0; m < MR; ++m) s[m] = 0.f;
+    for (int c = warp * 32 + lane; c < kp; c += W * 32) {
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      if (lane == 0) rms_r[m] = rsqrtf(s / static_cast<float>(K) + op.rms_eps);
+      for (int m = 0; m < MR; ++m)
+        if (m < M) s[m] += op.part[static_cast<size_t>(m) * kp + c];
+    }
+#pragma unroll
+    for (int m = 0; m < MR; ++m) {
+      if (m >= M) break;  // block-uniform
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) s[m] += __shfl_xor_sync(0xffffffffu, s[m], o);
+      if (lane == 0) rms_part[warp][m] = s[m];
     }
   };
+  auto rms_of = [&](int m) {  // after the block's barrier
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < (kNorms ? W : 1); ++w) s += rms_part[w][m];
+    return rsqrtf(s / static_cast<float>(K) + op.rms_eps);
+  };
+  if (kNorms && op.residual != nullptr && threadIdx.x <= M) {
+    // add-norm: the residual rows and norm weights the epilogue reads (written layers ago, likely out of L2) on their
+    // way to L2 now, so that the epilogue's loads after the sweep hit it (threads 0..M-1: residual row m; M: weights).
+    const T* p = threadIdx.x < M ? static_cast<const T*>(op.residual) + static_cast<size_t>(threadIdx.x) * N
+                                 : static_cast<const T*>(op.norm_weight);
+    prefetch_l2(p + n0);
+    prefetch_l2(p + min(n0 + R, N) - 1);
+  }
   float acc[RT][NT][4];
   // This lane's rows of x (batch rows t*8 + g; past M: row 0) as offsets, in 32-bit pairs, from xb.
   const uint32_t* xb = reinterpret_cast<const uint32_t*>(x) + tig;
@@ -475,7 +497,6 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
       put(sum_at(warp, rt * 16 + g + 8, t * 8 + 2 * tig + 1), acc[rt][t][3]);
     }
   }
-  if (rms && !kRmsEarly) rms_rows();  // (else the ring's on_first computed them)
   if (!Cfg::kLean && !staged) stage_ortho();  // a warp without K tiles (the ring stages them for every warp)
   if (ortho && !base_adds) {
     // The warp adds alpha times its threads' runs into its own red slot, as soon as its sweep is done.
@@ -499,8 +520,21 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     };
     ortho_runs(run_b, run_e, entry_col, entry_val);
   }
+  // add-norm: this thread's first residual and weight (the epilogue's i = threadIdx.x), loaded before the barrier
+  float res0 = 0.f, g0 = 0.f;
+  if (kNorms && op.residual != nullptr && threadIdx.x < R * M) {
+    const int r = threadIdx.x & (R - 1), m = threadIdx.x >> (RT == 1 ? 4 : 5), n = n0 + r;
+    if (n < N && !(kCut && r >= Rb)) {
+      res0 = Num<T>::f(static_cast<const T*>(op.residual)[static_cast<size_t>(m) * N + n]);
+      g0 = Num<T>::f(static_cast<const T*>(op.norm_weight)[n]);
+    }
+  }
   if (op.pdl & kPdlLate) pdl_trigger();  // the dependents' launch overlaps the reduction and the stores
   __syncthreads();
+  if (rms && !kRmsEarly) {  // (else the ring's on_first computed them)
+    rms_rows();
+    __syncthreads();
+  }
   if (op.glu) {
     // Each 16-row tile: 8 gate rows, then their 8 up rows (libortho.glu); out is (M, N / 2). transformers' eager
     // act_fn(gate_proj(x)) * up_proj(x), each step rounded to T.
@@ -511,7 +545,10 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
       float yg = 0.f, yu = 0.f;
 #pragma unroll
       for (int w = 0; w < W; ++w) yg += sum_at(w, rg, m), yu += sum_at(w, rg + 8, m);
-      if (rms) yg *= rms_r[m], yu *= rms_r[m];
+      if (rms) {
+        const float r = rms_of(m);
+        yg *= r, yu *= r;
+      }
       if (bias) yg += Num<T>::f(bias[n]), yu += Num<T>::f(bias[n + 8]);
       const float g = Num<T>::f(Num<T>::from(yg)), u = Num<T>::f(Num<T>::from(yu));
       const float a = Num<T>::f(Num<T>::from(g / (1.f + expf(-g))));
@@ -535,9 +572,10 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
         for (int w = 0; w < W; ++w) y += sum_at(w, r, m);
         if (bias) y += Num<T>::f(bias[n]);
         const size_t o = static_cast<size_t>(m) * N + n;
-        h = Num<T>::f(Num<T>::from(Num<T>::f(Num<T>::from(y)) + Num<T>::f(res[o])));
+        const bool first = i == static_cast<int>(threadIdx.x);
+        h = Num<T>::f(Num<T>::from(Num<T>::f(Num<T>::from(y)) + (first ? res0 : Num<T>::f(res[o]))));
         out[o] = Num<T>::from(h);
-        out2[o] = Num<T>::from(Num<T>::f(gw[n]) * h);
+        out2[o] = Num<T>::from((first ? g0 : Num<T>::f(gw[n])) * h);
       }
       float ss = h * h;
       const unsigned half = 0xffffu << (lane & 16);
@@ -553,7 +591,7 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     float y = 0.f;
 #pragma unroll
     for (int w = 0; w < W; ++w) y += sum_at(w, r, m);
-    if (rms) y *= rms_r[m];
+    if (rms) y *= rms_of(m);
     if (bias) y += Num<T>::f(bias[n]);
     out[static_cast<size_t>(m) * N + n] = Num<T>::from(y);
   }
