@@ -81,7 +81,7 @@ inline int add_xt_ld(int64_t M) { return M <= 32 ? 32 : 64; }
 // rows are a gate and an up layer interleaved by 8 (libortho.glu) and v1's epilogue writes silu(gate) * up, (M, N / 2).
 // x transposed for v1's ortho stream: xt_small, at M 2-16 by the g_xt_min rule (v1's own stream); xt_wide, always
 // at M 17-64 for INT4 (v1's base + ortho add; v2 and v3 hand those calls to v1).
-// The RMSNorm around a v1 product at M <= 16 (kernels.h Operands: add-norm with a residual, else rms from part).
+// The RMSNorm around a v1 product at M <= 16 (kernels.h NormOperands: add-norm with a residual, else rms from part).
 struct NormArgs {
   const std::optional<at::Tensor>& residual;     // (M, N), x's dtype: add-norm
   const std::optional<at::Tensor>& norm_weight;  // (N,), x's dtype: add-norm
@@ -100,7 +100,7 @@ Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     return {none, kBadArgs};
   const int64_t M = x.size(0);
   if (M < 1 || M > max_m) return {none, kBadArgs};
-  libortho::Operands op{};
+  libortho::NormOperands op{};  // the norm fields read only by the norm launch (kernels.h)
   if (!operands(op, x, qweight, scales, zeros, row_ptr, col_idx, values, alpha, bits, group_size, N, K))
     return {none, kBadArgs};
   if (bias && (bias->scalar_type() != x.scalar_type() || bias->numel() != N || !bias->is_contiguous()))
@@ -124,11 +124,11 @@ Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
       const at::Tensor& g = *norm->norm_weight;
       if (g.scalar_type() != x.scalar_type() || !g.is_contiguous() || g.numel() != N || g.device() != x.device())
         return {none, kBadArgs};
-      op.residual = r.data_ptr();
-      op.norm_weight = g.data_ptr();
+      op.norm.residual = r.data_ptr();
+      op.norm.norm_weight = g.data_ptr();
     }
-    op.part = p.data_ptr<float>();
-    op.rms_eps = static_cast<float>(norm->eps);
+    op.norm.part = p.data_ptr<float>();
+    op.norm.rms_eps = static_cast<float>(norm->eps);
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -147,7 +147,7 @@ Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     op.xt_ld = ld;
   }
   auto out = add_norm ? at::empty({2, M, N}, x.options()) : at::empty({M, glu ? N / 2 : N}, x.options());
-  if (add_norm) op.out2 = out[1].data_ptr();  // plane 0 (h) is where the kernel's out points
+  if (add_norm) op.norm.out2 = out[1].data_ptr();  // plane 0 (h) is where the kernel's out points
   const cudaError_t err = launch(op, x.data_ptr(), bias ? bias->data_ptr() : nullptr, out.data_ptr(),
                                  static_cast<int>(M), stream);
   return {out, static_cast<int64_t>(err)};
@@ -182,7 +182,7 @@ Result fused_norm(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
                   const std::optional<at::Tensor>& norm_weight, const at::Tensor& part, double eps, bool glu) {
   const NormArgs norm{residual, norm_weight, part, eps};
   Result r = small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, pdl, 16,
-                     true, false, &libortho::launch_fused_small_m, glu, &norm);
+                     true, false, &libortho::launch_fused_small_m_norm, glu, &norm);
   if (std::get<1>(r) == static_cast<int64_t>(cudaErrorNotSupported)) std::get<1>(r) = kNotTaken;
   return r;
 }

@@ -54,8 +54,6 @@ inline int v1_class(const Operands& op, int M) {
 template <typename T, int BITS>
 cudaError_t fused_dispatch_nt(const Operands& op, const void* x, const void* bias, void* out, int M,
                               cudaStream_t s) {
-  if (op.part != nullptr)  // the RMSNorm epilogues: the class's configuration in its norm form (v1_norms.cu)
-    return launch_v1_norm(op, x, bias, out, M, BITS == 4 ? g_v1_table[v1_class(op, M)] : -1, s);
   if constexpr (BITS == 4) {
     if (M <= 16 || op.alpha == 0.f || op.nnz == 0)
       return launch_fused_small_m_cfg(op, x, bias, out, M, g_v1_table[v1_class(op, M)], s);
@@ -86,6 +84,12 @@ cudaError_t launch_fused_small_m(const Operands& op, const void* x, const void* 
   if (M < 1 || M > 64 || op.K % 2 != 0) return cudaErrorInvalidValue;
   return op.bf16 ? fused_dispatch<__nv_bfloat16>(op, x, bias, out, M, stream)
                  : fused_dispatch<__half>(op, x, bias, out, M, stream);
+}
+
+cudaError_t launch_fused_small_m_norm(const NormOperands& op, const void* x, const void* bias, void* out, int M,
+                                      cudaStream_t stream) {
+  // the class's configuration in its norm form (v1_norms.cu)
+  return launch_v1_norm(op, x, bias, out, M, op.bits == 4 ? g_v1_table[v1_class(op, M)] : -1, stream);
 }
 
 bool set_v1_table(const int (&table)[kV1Classes]) {

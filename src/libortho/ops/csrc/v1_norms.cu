@@ -1,4 +1,4 @@
-// v1's RMSNorm epilogues (libortho.norms: Operands.residual / part, M <= 16) as instantiations of their own: the
+// v1's RMSNorm epilogues (libortho.norms: NormOperands, M <= 16) as instantiations of their own: the
 // default table's configurations at M <= 16 and, for other widths, the default configuration. Its own translation
 // unit, so that these compile in parallel with the rest and the kernels without the epilogues stay as they were.
 #include "v1.cuh"
@@ -7,7 +7,7 @@ namespace libortho {
 namespace {
 
 template <typename T>
-cudaError_t norm_cfg_dispatch(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
+cudaError_t norm_cfg_dispatch(const NormOperands& op, const void* x, const void* bias, void* out, int M, int cfg,
                               cudaStream_t s) {
   switch (cfg) {
     case 10: return launch_v1_ring<T, 2, V1Cfg10, true>(op, x, bias, out, M, s);
@@ -23,7 +23,7 @@ cudaError_t norm_cfg_dispatch(const Operands& op, const void* x, const void* bia
 }
 
 template <typename T>
-cudaError_t norm_dispatch(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
+cudaError_t norm_dispatch(const NormOperands& op, const void* x, const void* bias, void* out, int M, int cfg,
                           cudaStream_t s) {
   if (op.bits == 4) return norm_cfg_dispatch<T>(op, x, bias, out, M, cfg, s);
   return with_bits(op.bits, [&](auto b) {
@@ -37,7 +37,7 @@ cudaError_t norm_dispatch(const Operands& op, const void* x, const void* bias, v
 
 }  // namespace
 
-cudaError_t launch_v1_norm(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
+cudaError_t launch_v1_norm(const NormOperands& op, const void* x, const void* bias, void* out, int M, int cfg,
                            cudaStream_t s) {
   if (M < 1 || M > 16 || op.K % 16 != 0 || op.N % 16 != 0) return cudaErrorInvalidValue;
   return op.bf16 ? norm_dispatch<__nv_bfloat16>(op, x, bias, out, M, cfg, s)
