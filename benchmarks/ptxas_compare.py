@@ -29,7 +29,7 @@ def parse(text: str) -> dict[str, tuple[int, int, int, int, int]]:
     out, name, frame = {}, None, (0, 0, 0)
     for line in text.splitlines():
         if m := re.search(r"Function properties for (\S+)", line):
-            name = re.sub(r"_GLOBAL__N__\w+?_cu_[0-9a-f]+", "_anon_", m.group(1))
+            name = short_name(re.sub(r"_GLOBAL__N__\w+?_cu_[0-9a-f]{8}", "_anon_", m.group(1)))
         elif (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)) and name:
             frame = tuple(map(int, m.groups()))
         elif (m := re.search(r"Used (\d+) registers", line)) and name:
@@ -53,13 +53,24 @@ def spills_grew(base: dict, head: dict) -> list[str]:
     return sorted(name for name, b in head.items() if any(x > y for x, y in zip(b[1:4], base.get(name, (0,) * 5)[1:4])))
 
 
+def short_name(name: str) -> str:
+    """A v1 kernel's template arguments in brief (type, bits, NT, configuration, kCut, kNorm), else the name: the key
+    of a kernel in both trees whatever its parameter type or template arguments' spelling."""
+    m = re.search(r"fused_small_m_kernelI(\w+?)Li(\d+)ELi(\d+)ENS\d+_5V1CfgI(.*?)EEELb(\d)E(?:Lb(\d)E)?", name)
+    if not m:
+        return name
+    dtype, bits, nt, cfg, cut, norm = m.groups()
+    norm = norm or "0"  # revisions before the norm forms: no such argument
+    args = ",".join(re.findall(r"L[ib](\d+)E", cfg + "E"))
+    return f"{dtype.lstrip('0123456789')} int{bits} NT{nt} cfg<{args}> cut{cut} norm{norm}"
+
+
 def differences(base: dict, head: dict) -> list[str]:
     rows = []
     for name in sorted(set(base) | set(head)):
         a, b = base.get(name), head.get(name)
         if a != b:
-            short = re.search(r"V1CfgI(.*?)EE", name)
-            rows.append(f"  {(short.group(1) if short else name)[:60]:60s} base {a} -> {b}")
+            rows.append(f"  {name[:90]:90s} base {a} -> {b}")
     return rows
 
 

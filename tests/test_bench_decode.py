@@ -423,6 +423,29 @@ def test_bench_decode_glu_fuses_the_libortho_rows_and_says_so(tmp_path):
         assert len({r["rows"][0][key] for r in got.values()}) == 1, key
 
 
+def test_bench_decode_norms_runs_them_in_the_products_and_says_so(tmp_path):
+    """--norms (with the step op): the LibOrtho rows' layers run their norms in their products (counted, named in the
+    header) and decode the tokens they decode without (CPU: the reference ops); without the step op it is refused."""
+    got = {}
+    for flags in ([], ["--norms"]):
+        out = tmp_path / f"decode-{len(flags)}.json"
+        main(["bench", "decode", "--models", "tiny", "--device", "cpu", "--batches", "1", "--prompt-len", "8",
+              "--new-tokens", "6", "--prefill-len", "0", "--reps", "1", "--warmup", "0", "--no-progress", "--strict",
+              "--attn", "libortho-step", "--variants", "bf16", "alpha1", "alpha0", "--out", str(out), *flags])
+        got[bool(flags)] = r = json.loads(out.read_text())
+        assert r["protocol"]["norms"] is bool(flags)
+        assert r["models"]["tiny"]["norm_layers"] == (2 if flags else 0)
+        assert ("norms in the products" in out.with_suffix(".md").read_text().splitlines()[0]) is bool(flags)
+    for key in ("alpha1_tokens_matching_bf16_prefix", "alpha0_tokens_matching_bf16_prefix"):
+        assert got[True]["rows"][0][key] == got[False]["rows"][0][key] is not None
+    for key in ("alpha1_tok_s", "alpha0_tok_s"):
+        assert got[True]["rows"][0][key] > 0
+    with pytest.raises(SystemExit, match="--norms: tiny's layers cannot"):
+        main(["bench", "decode", "--models", "tiny", "--device", "cpu", "--batches", "1", "--prompt-len", "8",
+              "--new-tokens", "4", "--prefill-len", "0", "--reps", "1", "--warmup", "0", "--no-progress", "--strict",
+              "--attn", "sdpa", "--variants", "alpha1", "--out", str(tmp_path / "x.json"), "--norms"])
+
+
 def test_bench_decode_targets_the_lm_head_too_and_counts_it_alike(tmp_path):
     """--targets 'layers|lm_head': the LibOrtho rows decompose the (untied) head too, the bf16 row's bytes count the
     same linears (the head's 2 x 256 x 128 bytes more than by default), the header names the pattern."""

@@ -37,6 +37,9 @@ def test_gaps_overlaps_and_busy_time_per_step():
     assert t["gaps_per_step"] == {"libortho linear -> triton": 1, "attention -> libortho linear": 1,
                                   "triton -> attention": 1}
     assert t["gap_total_us"] == 2 and t["overlap_us"] == -1  # the 70 us between replays are not counted
+    assert t["kernels_us"] == {"fused_small_m_kernel": {"us": 19, "per_step": 2},
+                               "decode_attention_split": {"us": 7, "per_step": 1},
+                               "triton_poi_x": {"us": 2, "per_step": 1}}
 
 
 def test_device_kernels_reads_the_profilers_events():

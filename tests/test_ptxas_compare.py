@@ -27,9 +27,21 @@ def test_parse_reads_each_kernel_and_drops_the_path_hash():
 
 
 def test_differences_name_only_the_kernels_that_changed():
-    base = pc.parse(REPORT.format(k=KERNEL.format("1", "2"), stack=8, st=12, ld=8, regs=80, smem=100))
-    head = pc.parse(REPORT.format(k=KERNEL.format("3", "4"), stack=32, st=42, ld=56, regs=80, smem=164))
+    base = pc.parse(REPORT.format(k=KERNEL.format("00000001", "00000002"), stack=8, st=12, ld=8, regs=80, smem=100))
+    head = pc.parse(REPORT.format(k=KERNEL.format("00000003", "00000004"), stack=32, st=42, ld=56, regs=80, smem=164))
     rows = pc.differences(base, head)
     assert len(rows) == 1 and "(80, 8, 12, 8, 100) -> (80, 32, 42, 56, 164)" in rows[0] and "Li2ELb1" in rows[0]
     assert pc.differences(base, base) == []
     assert len(pc.spills_grew(base, head)) == 1 and pc.spills_grew(head, base) == []
+
+
+def test_short_name_spells_out_a_v1_kernels_template_arguments():
+    real = ("_ZN8libortho_anon_20fused_small_m_kernelI13__nv_bfloat16Li4ELi2ENS0_5V1CfgILi1ELb1ELi3ELi3ELi4ELi2ELb0ELb1"
+            "ELi8ELb0EEELb1ELb0EEEvNS_8OperandsEPKT_S8_PS6_i")
+    short = "__nv_bfloat16 int4 NT2 cfg<1,1,3,3,4,2,0,1,8,0> cut1 norm0"
+    assert pc.short_name(real) == short
+    assert pc.parse(REPORT.format(k=real.replace("_anon_", "_GLOBAL__N__8cb56bc3_11_v1_norms_cu_b1be8565"), stack=0,
+                                  st=0, ld=0, regs=80, smem=0)).keys() >= {short}  # the hash's 8 digits, not the 20f
+    before = real.replace("ELb1ELb0EEEv", "ELb1EEEv")  # a revision without the kNorm argument: the same key
+    assert pc.short_name(before) == short
+    assert pc.short_name("other_kernel") == "other_kernel"

@@ -28,6 +28,7 @@ from libortho.eval.bench_kernels import write_probe_results
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling probe, also when loaded by path (tests)
 from decode_profile import captured_decoder  # noqa: E402
 
+TOP_KERNELS = 16  # the kernel names listed per variant, by busy time
 CATEGORIES = ("libortho linear", "attention", "cuBLAS", "triton", "memcpy / memset", "other")
 
 
@@ -56,12 +57,15 @@ def timeline(kernels: list[tuple[str, float, float]], steps: int) -> dict:
     kernels = sorted(kernels, key=lambda k: k[1])
     per = len(kernels) // steps
     busy, gap_sum, gap_n, overlap = collections.Counter(), collections.Counter(), collections.Counter(), 0.0
+    by_name, count = collections.Counter(), collections.Counter()
     spans = []
     for s in range(steps):
         step = kernels[s * per:(s + 1) * per]
         spans.append(max(e for _, _, e in step) - step[0][1])
         for i, (name, start, end) in enumerate(step):
             busy[category(name)] += (end - start) / steps
+            by_name[name[:200]] += (end - start) / steps
+            count[name[:200]] += 1
             if i:
                 prev = step[i - 1]
                 pair = f"{category(prev[0])} -> {category(name)}"
@@ -72,7 +76,8 @@ def timeline(kernels: list[tuple[str, float, float]], steps: int) -> dict:
     return {"kernels_per_step": per, "span_us": statistics.median(spans), "busy_us": dict(busy.most_common()),
             "busy_total_us": sum(busy.values()), "gaps_us": dict(gap_sum.most_common()),
             "gaps_per_step": {k: gap_n[k] for k in gap_sum}, "gap_total_us": sum(gap_sum.values()),
-            "overlap_us": overlap}
+            "overlap_us": overlap,
+            "kernels_us": {n: {"us": us, "per_step": count[n] / steps} for n, us in by_name.most_common(TOP_KERNELS)}}
 
 
 def device_kernels(prof, device_type=torch.autograd.DeviceType.CUDA) -> list[tuple[str, float, float]]:
@@ -108,6 +113,8 @@ def show(name: str, r: dict) -> None:
           f"(overlap {r['overlap_us']:.1f})", flush=True)
     for c, us in r["busy_us"].items():
         print(f"  busy {c:18s} {us:8.1f} us", flush=True)
+    for n, k in r["kernels_us"].items():
+        print(f"  kernel {k['us']:8.1f} us  x{k['per_step']:.0f}  {n}", flush=True)
     for p, us in r["gaps_us"].items():
         print(f"  gap  {p:40s} {us:8.1f} us over {r['gaps_per_step'][p]:.0f} ({us / r['gaps_per_step'][p]:.2f} each)",
               flush=True)
@@ -120,11 +127,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--variants", nargs="+", default=["bf16", "alpha1", "alpha0"], choices=["bf16", "alpha1", "alpha0"])
     ap.add_argument("--attn", default="libortho-step", choices=["sdpa", "libortho", "libortho-step"])
+    ap.add_argument("--glu", action="store_true", help="gate/up as one GLU layer (bench decode's default)")
+    ap.add_argument("--norms", action="store_true", help="the norms in the products (bench decode --norms)")
     ap.add_argument("--inductor-pdl", action="store_true", help="inductor's Triton kernels with PDL (bench decode's)")
     args = ap.parse_args()
     from libortho.attention import use_attention_step, use_decode_attention
     from libortho.config import OrthoConfig
     from libortho.fuse import fuse_siblings
+    from libortho.glu import fuse_glu
+    from libortho.norms import fuse_norms
     from libortho.model import ortho_layers, set_alpha
     from libortho.ops import cuda as cuda_ops
     device = torch.device("cuda")
@@ -134,7 +145,7 @@ def main() -> None:
         use_decode_attention(model)
     if args.attn == "libortho-step":
         use_attention_step(model)
-    setting = {"tag": args.tag, "attn": args.attn, "inductor_pdl": args.inductor_pdl, "pdl_mode": cuda_ops.pdl_name()}
+    setting = {"tag": args.tag, "attn": args.attn, "glu": args.glu, "norms": args.norms, "inductor_pdl": args.inductor_pdl, "pdl_mode": cuda_ops.pdl_name()}
     rows = []
     with torch.no_grad(), bd.inductor_tuning(False, args.inductor_pdl):
         for v in sorted(set(args.variants), key=("bf16", "alpha1", "alpha0").index):  # bf16 before decomposing
@@ -143,7 +154,11 @@ def main() -> None:
                 cfg = OrthoConfig(bits=4, group_size=128, density=0.01, score="magnitude", method="rtn",
                                   dtype="bfloat16")
                 bank.install(bd._ortho_maker(cfg), "decompose", progress=False)
+                if args.glu:
+                    fuse_glu(model)
                 fuse_siblings(model)
+                if args.norms and not fuse_norms(model):
+                    raise SystemExit("--norms: the layers cannot take it (libortho.norms.why_not_norms)")
             if v != "bf16":
                 set_alpha(model, 1.0 if v == "alpha1" else 0.0)
             torch._dynamo.reset()

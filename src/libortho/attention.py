@@ -101,17 +101,23 @@ def _step_forward(self, hidden_states, position_embeddings=None, attention_mask=
             kwargs["past_key_values"] = past_key_values
         return type(self).forward(self, hidden_states, position_embeddings=position_embeddings,
                                   attention_mask=attention_mask, **kwargs)
-    b = hidden_states.shape[0]
-    shape = (b, 1, -1, self.head_dim)
-    q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-    k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-    v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-    layer = c.layers[self.layer_idx]
+    out = step_attention(self, self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states), c,
+                         position_embeddings, attention_mask)
+    return self.o_proj(out), None
+
+
+def step_attention(module, q, k, v, cache, position_embeddings, attention_mask):
+    """The step op for ``module`` (a layer step_takes took) on its projections q, k, v (B, 1, heads * head_dim):
+    the attention output (B, 1, heads * head_dim), before o_proj."""
+    b = q.shape[0]
+    shape = (b, 1, -1, module.head_dim)
+    q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
+    layer = cache.layers[module.layer_idx]
     cos, sin = position_embeddings
-    mask = None if getattr(c, "causal_only", False) else attention_mask
-    out = torch.ops.libortho.decode_attention_step(q, k, v, cos, sin, layer.keys, layer.values, c.length, mask,
-                                                   float(self.scaling))
-    return self.o_proj(out.reshape(b, 1, -1)), None
+    mask = None if getattr(cache, "causal_only", False) else attention_mask
+    out = torch.ops.libortho.decode_attention_step(q, k, v, cos, sin, layer.keys, layer.values, cache.length, mask,
+                                                   float(module.scaling))
+    return out.reshape(b, 1, -1)
 
 
 def register() -> str:

@@ -741,6 +741,9 @@ def add_arguments(p):
                    help="LibOrtho rows: gate_proj and up_proj as one layer whose kernel writes silu(gate) * up "
                         "(libortho.fuse_glu; then q/k/v fused as siblings), no activation kernel (default; "
                         "--no-glu or --no-fuse: gate and up apart)")
+    p.add_argument("--norms", action="store_true",
+                   help="LibOrtho rows: each layer's RMSNorms and residual adds in its products' epilogues during the "
+                        "decode steps (libortho.fuse_norms; needs the step op, the GLU layer and fused q/k/v)")
     p.add_argument("--targets", default=None,
                    help="regex of the linears the LibOrtho and torch int4 rows convert (default: every linear of the "
                         "decoder blocks); e.g. 'layers|lm_head' adds an untied lm_head (a tied one is refused); the "
@@ -797,6 +800,7 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
     from ..fuse import fuse_linear_siblings, fuse_siblings, unfuse_siblings
     from ..glu import fuse_glu, unfuse_glu
     from ..model import ortho_layers, report, set_alpha
+    from ..norms import fuse_norms, unfuse_norms
     from ..surgery import find_targets
     progress = not args.no_progress
     mode = args.mode or ("graph" if device.type == "cuda" else "eager")
@@ -862,6 +866,10 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
             print(f"[{name}] decomposed in {info['decompose_s']:.1f} s", flush=True)
             info["glu_layers"] = len(fuse_glu(model)) if args.glu else 0
             info["fused_groups"] = 0 if args.no_fuse else len(fuse_siblings(model))
+            info["norm_layers"] = len(fuse_norms(model)) if args.norms else 0
+            if args.norms and not info["norm_layers"]:
+                raise SystemExit(f"--norms: {name}'s layers cannot run their norms in the products (libortho.norms."
+                                 "why_not_norms; they need --attn libortho-step, the GLU layer and fused q/k/v)")
             tot = report(model)["total"]
             weight_bytes["libortho"] = tot["bytes"] + sum(m.storage_bytes()["bias"] for _, m in ortho_layers(model))
             weight_bytes["libortho_base_only"] = tot["base_bytes"]
@@ -889,6 +897,7 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
                               f"{tf['dense_bf16']['mean_abs_logit_diff']:.4f} top-1 "
                               f"{tf['dense_bf16']['top1_agreement']:.3f}", flush=True)
             set_alpha(model, 1.0)
+            unfuse_norms(model)
             unfuse_siblings(model)  # the groups hold the buffers: let the next variant free them
             unfuse_glu(model)  # gate_proj and up_proj back where the next variant installs its layers
         if "int4" in args.variants:
@@ -964,6 +973,7 @@ def summary(result: dict) -> str:
              f"{', inductor coordinate-descent tuning' if proto.get('coordinate_descent') else ''}"
              f"{', inductor PDL' if proto.get('inductor_pdl') else ''}"
              f"{', LibOrtho gate / up as one GLU layer' if proto.get('glu') else ''}"
+             f"{', LibOrtho norms in the products' if proto.get('norms') else ''}"
              f"{', converted linears ' + repr(proto['targets']) if proto.get('targets') else ''}"
              f"{', LibOrtho PDL ' + proto.get('pdl_mode', 'early') if proto.get('pdl') else ''}, median of "
              f"{proto['reps']}. tokens/s over the whole batch (ms per decode step).", "",
@@ -1069,7 +1079,7 @@ def run(args):
     protocol = {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batches": args.batches,
                 "prefill_len": args.prefill_len, "reps": args.reps, "warmup": args.warmup, "mode": mode,
                 "density": args.density, "score": args.score, "group_size": args.group_size,
-                "variants": args.variants, "fuse_siblings": not args.no_fuse, "glu": args.glu,
+                "variants": args.variants, "fuse_siblings": not args.no_fuse, "glu": args.glu, "norms": args.norms,
                 "targets": args.targets,
                 "attention": args.attn if args.attn != "auto" else "libortho-step" if device.type == "cuda" else "sdpa",
                 "coordinate_descent": args.coordinate_descent, "inductor_pdl": args.inductor_pdl,

@@ -45,8 +45,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .reference import glu_from_interleaved, ortho_linear_reference
-from .registry import ortho_glu, ortho_linear
+from .reference import NORM_TILE, add_norm_reference, glu_from_interleaved, ortho_linear_reference, rms_scale
+from .registry import ortho_glu, ortho_glu_rms, ortho_linear, ortho_linear_add_norm, ortho_linear_rms
 
 CSRC = Path(__file__).with_name("csrc")
 SMALL_M_MAX = 16  # measured: above this the dequantize + cuBLAS path is faster (see benchmarks)
@@ -539,3 +539,79 @@ def ortho_glu_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, al
 
 
 ortho_glu.register_kernel("cuda")(ortho_glu_cuda)
+
+
+NORM_NOT_TAKEN = -2  # binding.cpp kNotTaken
+
+
+def norm_epilogue_takes(x, out_features: int, in_features: int) -> bool:
+    """Whether v1's epilogue does the RMSNorm's work (libortho.norms): v1 at M 1-16, fp16 / bf16, whole 16-row tiles
+    and 16-column tiles of partial sums."""
+    return glu_epilogue_takes(x, out_features, in_features) and in_features % 16 == 0
+
+
+def _norm_call(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, out_features,
+               in_features, residual, norm_weight, part, eps, glu, what):
+    """The binding's result, or None where the call's v1 configuration has no norm form (a table set for tuning)."""
+    x2, scales, zeros, values, bias = _operands(x, scales, zeros, values, bias, in_features)
+    result = _state["ext"].fused_small_m_norm(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits,
+                                              group_size, out_features, in_features, pdl_mode(), residual, norm_weight,
+                                              part, eps, glu)
+    return None if result[1] == NORM_NOT_TAKEN else _checked(result, what)
+
+
+def ortho_linear_add_norm_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
+                               out_features, in_features, residual, norm_weight):
+    """libortho::ortho_linear_add_norm: v1's epilogue adds the residual and writes g * h and the sums of squares where
+    it runs (norm_epilogue_takes), else the op's product and the same steps in PyTorch."""
+    lead = x.shape[:-1]
+    if not norm_epilogue_takes(x, out_features, in_features):
+        y = ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
+                              out_features, in_features)
+        return add_norm_reference(y, residual, norm_weight)
+    m = x.numel() // in_features
+    part = torch.empty(m, out_features // NORM_TILE, dtype=torch.float32, device=x.device)
+    hg = _norm_call(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, out_features,
+                    in_features, residual.reshape(m, out_features).contiguous(), norm_weight.contiguous(), part, 0.0,
+                    False, "fused kernel (add-norm epilogue)")
+    if hg is None:
+        return add_norm_reference(ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha,
+                                                    bits, group_size, out_features, in_features), residual, norm_weight)
+    return hg.reshape(2, *lead, out_features), part.reshape(*lead, out_features // NORM_TILE)
+
+
+def _rms_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, out_features,
+              in_features, part, eps, glu):
+    y = None
+    if norm_epilogue_takes(x, out_features, in_features):
+        m = x.numel() // in_features
+        y = _norm_call(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
+                       out_features, in_features, None, None, part.reshape(m, -1).contiguous(), eps, glu,
+                       "fused kernel (rms epilogue)")
+    if y is not None:
+        return y.reshape(*x.shape[:-1], out_features // 2 if glu else out_features)
+    # the product, then r and the bias in PyTorch
+    y = ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, None, alpha, bits, group_size,
+                          out_features, in_features).float() * rms_scale(part, eps).reshape(*x.shape[:-1], 1)
+    y = (y if bias is None else y + bias.float()).to(x.dtype)
+    return glu_from_interleaved(y) if glu else y
+
+
+def ortho_linear_rms_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
+                          out_features, in_features, part, eps):
+    """libortho::ortho_linear_rms: v1's epilogue scales its sums by the RMS from part (norm_epilogue_takes), else the
+    op's product scaled in PyTorch (one more rounding)."""
+    return _rms_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, out_features,
+                     in_features, part, eps, False)
+
+
+def ortho_glu_rms_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
+                       out_features, in_features, part, eps):
+    """libortho::ortho_glu_rms: as ortho_linear_rms_cuda, with the GLU activation (v1's epilogue or PyTorch)."""
+    return _rms_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, out_features,
+                     in_features, part, eps, True)
+
+
+ortho_linear_add_norm.register_kernel("cuda")(ortho_linear_add_norm_cuda)
+ortho_linear_rms.register_kernel("cuda")(ortho_linear_rms_cuda)
+ortho_glu_rms.register_kernel("cuda")(ortho_glu_rms_cuda)

@@ -1,4 +1,4 @@
-"""Pure-PyTorch backend of ``libortho::ortho_linear``: the ground truth, on any device.
+"""Pure-PyTorch backend of ``libortho::ortho_linear`` (and its GLU and RMSNorm forms): the ground truth, on any device.
 
 Everything is computed in fp32 from the packed buffers and cast to the activation dtype at the end:
 ``y = x @ (deq(Q) + alpha * S)^T + bias``, with S scattered into a dense matrix (cheaper than a sparse
@@ -21,18 +21,43 @@ def scatter_csr(w: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, v
     return w
 
 
-def ortho_linear_reference(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
-                           alpha: float, bits: int, group_size: int, out_features: int,
-                           in_features: int) -> torch.Tensor:
+def ortho_product_float(x, qweight, scales, zeros, row_ptr, col_idx, values, alpha: float, bits: int,
+                        group_size: int, out_features: int, in_features: int) -> torch.Tensor:
+    """x @ (deq(Q) + alpha * S)^T in fp32, (..., out_features), no bias."""
     lead = x.shape[:-1]
     x2d = x.reshape(-1, in_features).float()
     w = dequantize_packed(qweight, scales, zeros, bits, group_size, out_features, in_features)
     if alpha != 0.0:  # the kill switch: at alpha == 0 the ortho arrays are never read
         scatter_csr(w, row_ptr, col_idx, values, alpha)
-    y = x2d @ w.t()
+    return (x2d @ w.t()).reshape(*lead, out_features)
+
+
+def ortho_linear_reference(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
+                           alpha: float, bits: int, group_size: int, out_features: int,
+                           in_features: int) -> torch.Tensor:
+    y = ortho_product_float(x, qweight, scales, zeros, row_ptr, col_idx, values, alpha, bits, group_size,
+                            out_features, in_features)
     if bias is not None:
         y += bias.float()
-    return y.to(x.dtype).reshape(*lead, out_features)
+    return y.to(x.dtype)
+
+
+NORM_TILE = 16  # libortho.norms: features per partial sum of squares (the decode kernel's row tile)
+
+
+def add_norm_reference(y: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor):
+    """From a product y (..., N) in the activation dtype: ``(stack(h, weight * h), part)`` with h = residual + y and
+    part (..., N / 16) the fp32 sums of squares of h per 16 features, each step rounded as transformers' eager
+    decoder layer and RMSNorm round it (the norm's division by the RMS is left to the consumer: rms_scale)."""
+    h = (residual.float() + y.float()).to(y.dtype)
+    gh = (weight.float() * h.float()).to(y.dtype)
+    part = h.float().square().unflatten(-1, (-1, NORM_TILE)).sum(-1)
+    return torch.stack([h, gh]), part
+
+
+def rms_scale(part: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / RMS of the rows whose partial sums of squares ``part`` (..., K / 16) holds: (..., 1), fp32."""
+    return torch.rsqrt(part.float().sum(-1, keepdim=True) / (NORM_TILE * part.shape[-1]) + eps)
 
 
 GLU_ROWS = 8  # libortho.glu: rows of gate, then of up, in each 16-row tile of the product

@@ -11,7 +11,8 @@ from typing import Optional
 
 import torch
 
-from .reference import glu_from_interleaved, ortho_linear_reference
+from .reference import (NORM_TILE, add_norm_reference, glu_from_interleaved, ortho_linear_reference,
+                        ortho_product_float, rms_scale)
 
 
 def check_inputs(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits,
@@ -66,4 +67,72 @@ def ortho_glu(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 @ortho_glu.register_fake
 def _(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
       out_features, in_features):
+    return x.new_empty(*x.shape[:-1], out_features // 2)
+
+
+# The RMSNorm around the products (libortho.norms): a residual-adding product writes h, g * h and h's sums of squares
+# per 16 features; the next product reads g * h and scales its sums by h's 1 / RMS. W (g * h) r = r (W (g * h)), so
+# the normalized input never exists: no norm kernel between the products.
+
+@torch.library.custom_op("libortho::ortho_linear_add_norm", mutates_args=())
+def ortho_linear_add_norm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                          zeros: Optional[torch.Tensor], row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                          values: torch.Tensor, bias: Optional[torch.Tensor], alpha: float, bits: int,
+                          group_size: int, out_features: int, in_features: int, residual: torch.Tensor,
+                          norm_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(stack(h, norm_weight * h), part)``: h = residual + ortho_linear(x) (2, ..., N) and part (..., N / 16) fp32,
+    h's sums of squares per 16 features (reference.add_norm_reference)."""
+    y = ortho_linear_reference(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
+                               out_features, in_features)
+    return add_norm_reference(y, residual, norm_weight)
+
+
+@ortho_linear_add_norm.register_fake
+def _(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, out_features, in_features,
+      residual, norm_weight):
+    return (x.new_empty(2, *x.shape[:-1], out_features),
+            x.new_empty(*x.shape[:-1], out_features // NORM_TILE, dtype=torch.float32))
+
+
+def _rms_product(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, out_features,
+                 in_features, part, eps):
+    y = ortho_product_float(x, qweight, scales, zeros, row_ptr, col_idx, values, alpha, bits, group_size,
+                            out_features, in_features) * rms_scale(part, eps).reshape(*x.shape[:-1], 1)
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype)
+
+
+@torch.library.custom_op("libortho::ortho_linear_rms", mutates_args=())
+def ortho_linear_rms(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                     zeros: Optional[torch.Tensor], row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                     values: torch.Tensor, bias: Optional[torch.Tensor], alpha: float, bits: int,
+                     group_size: int, out_features: int, in_features: int, part: torch.Tensor,
+                     eps: float) -> torch.Tensor:
+    """``r * (x @ (deq(Q) + alpha S)^T) + bias`` with r = 1 / RMS of the rows part (..., K / 16) sums up (fp32, then
+    rounded): the layer applied to x normalized by the RMS of the h whose g * h x is."""
+    return _rms_product(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
+                        out_features, in_features, part, eps)
+
+
+@ortho_linear_rms.register_fake
+def _(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, out_features, in_features,
+      part, eps):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("libortho::ortho_glu_rms", mutates_args=())
+def ortho_glu_rms(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                  zeros: Optional[torch.Tensor], row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                  values: torch.Tensor, bias: Optional[torch.Tensor], alpha: float, bits: int,
+                  group_size: int, out_features: int, in_features: int, part: torch.Tensor,
+                  eps: float) -> torch.Tensor:
+    """silu(gate) * up of ortho_linear_rms's product (rows interleaved by 8, libortho.glu), (..., out_features / 2)."""
+    return glu_from_interleaved(_rms_product(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits,
+                                             group_size, out_features, in_features, part, eps))
+
+
+@ortho_glu_rms.register_fake
+def _(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, out_features, in_features,
+      part, eps):
     return x.new_empty(*x.shape[:-1], out_features // 2)

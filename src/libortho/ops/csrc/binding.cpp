@@ -21,6 +21,7 @@ namespace {
 
 using Result = std::tuple<at::Tensor, int64_t>;
 constexpr int64_t kBadArgs = -1;
+constexpr int64_t kNotTaken = -2;  // fused_small_m_norm: the call's configuration has no norm form (nothing launched)
 
 bool operands(libortho::Operands& op, const at::Tensor& ref, const at::Tensor& qweight,
                      const at::Tensor& scales, const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr,
@@ -80,18 +81,26 @@ inline int add_xt_ld(int64_t M) { return M <= 32 ? 32 : 64; }
 // rows are a gate and an up layer interleaved by 8 (libortho.glu) and v1's epilogue writes silu(gate) * up, (M, N / 2).
 // x transposed for v1's ortho stream: xt_small, at M 2-16 by the g_xt_min rule (v1's own stream); xt_wide, always
 // at M 17-64 for INT4 (v1's base + ortho add; v2 and v3 hand those calls to v1).
+// The RMSNorm around a v1 product at M <= 16 (kernels.h NormOperands: add-norm with a residual, else rms from part).
+struct NormArgs {
+  const std::optional<at::Tensor>& residual;     // (M, N), x's dtype: add-norm
+  const std::optional<at::Tensor>& norm_weight;  // (N,), x's dtype: add-norm
+  const at::Tensor& part;                        // float32: (M, N / 16) written (add-norm), (M, K / 16) read (rms)
+  double eps;
+};
+
 template <class F>
 Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
                int64_t group_size, int64_t N, int64_t K, int64_t pdl, int64_t max_m, bool xt_small, bool xt_wide,
-               F&& launch, bool glu = false) {
+               F&& launch, bool glu = false, const NormArgs* norm = nullptr) {
   const at::Tensor none = at::empty({0}, x.options());
   if (!x.is_cuda() || x.dim() != 2 || x.size(1) != K || !x.is_contiguous())
     return {none, kBadArgs};
   const int64_t M = x.size(0);
   if (M < 1 || M > max_m) return {none, kBadArgs};
-  libortho::Operands op{};
+  libortho::NormOperands op{};  // the norm fields read only by the norm launch (kernels.h)
   if (!operands(op, x, qweight, scales, zeros, row_ptr, col_idx, values, alpha, bits, group_size, N, K))
     return {none, kBadArgs};
   if (bias && (bias->scalar_type() != x.scalar_type() || bias->numel() != N || !bias->is_contiguous()))
@@ -100,6 +109,27 @@ Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
   op.pdl = static_cast<int>(pdl);
   if (glu && N % 16 != 0) return {none, kBadArgs};
   op.glu = glu ? 1 : 0;
+  const bool add_norm = norm != nullptr && norm->residual.has_value();
+  if (norm != nullptr) {
+    const at::Tensor& p = norm->part;
+    const int64_t cols = add_norm ? N / 16 : K / 16;
+    if (M > 16 || N % 16 != 0 || K % 16 != 0 || (add_norm && glu) || !p.is_cuda() || p.device() != x.device() ||
+        p.scalar_type() != at::kFloat || !p.is_contiguous() || p.dim() != 2 || p.size(0) != M || p.size(1) != cols)
+      return {none, kBadArgs};
+    if (add_norm) {
+      const at::Tensor& r = *norm->residual;
+      if (!norm->norm_weight || r.scalar_type() != x.scalar_type() || !r.is_contiguous() || r.dim() != 2 ||
+          r.size(0) != M || r.size(1) != N || r.device() != x.device())
+        return {none, kBadArgs};
+      const at::Tensor& g = *norm->norm_weight;
+      if (g.scalar_type() != x.scalar_type() || !g.is_contiguous() || g.numel() != N || g.device() != x.device())
+        return {none, kBadArgs};
+      op.norm.residual = r.data_ptr();
+      op.norm.norm_weight = g.data_ptr();
+    }
+    op.norm.part = p.data_ptr<float>();
+    op.norm.rms_eps = static_cast<float>(norm->eps);
+  }
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   at::Tensor xt;  // alive until the launch is queued; the allocator reuses it in stream order
@@ -116,7 +146,8 @@ Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     op.xt = xt.data_ptr();
     op.xt_ld = ld;
   }
-  auto out = at::empty({M, glu ? N / 2 : N}, x.options());
+  auto out = add_norm ? at::empty({2, M, N}, x.options()) : at::empty({M, glu ? N / 2 : N}, x.options());
+  if (add_norm) op.norm.out2 = out[1].data_ptr();  // plane 0 (h) is where the kernel's out points
   const cudaError_t err = launch(op, x.data_ptr(), bias ? bias->data_ptr() : nullptr, out.data_ptr(),
                                  static_cast<int>(M), stream);
   return {out, static_cast<int64_t>(err)};
@@ -140,6 +171,20 @@ Result fused_glu(const at::Tensor& x, const at::Tensor& qweight, const at::Tenso
                  int64_t group_size, int64_t N, int64_t K, int64_t pdl) {
   return small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, pdl, 16,
                  true, false, &libortho::launch_fused_small_m, true);
+}
+
+// v1 at M <= 16 with an RMSNorm epilogue (NormArgs): add-norm -> (2, M, N) = (h, g * h), part written; rms ->
+// (M, N) or, glu, (M, N / 2), part read. kNotTaken where the table's configuration has no norm form.
+Result fused_norm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                  const std::optional<at::Tensor>& zeros, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                  const at::Tensor& values, const std::optional<at::Tensor>& bias, double alpha, int64_t bits,
+                  int64_t group_size, int64_t N, int64_t K, int64_t pdl, const std::optional<at::Tensor>& residual,
+                  const std::optional<at::Tensor>& norm_weight, const at::Tensor& part, double eps, bool glu) {
+  const NormArgs norm{residual, norm_weight, part, eps};
+  Result r = small_m(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, N, K, pdl, 16,
+                     true, false, &libortho::launch_fused_small_m_norm, glu, &norm);
+  if (std::get<1>(r) == static_cast<int64_t>(cudaErrorNotSupported)) std::get<1>(r) = kNotTaken;
+  return r;
 }
 
 // v1 with tuning configuration `cfg` (benchmarks/probes/v1_configs.py), plain launches.
@@ -345,6 +390,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_small_m", &fused<&libortho::launch_fused_small_m>, "(x @ deq(Q)^T + alpha x @ S^T + bias, error code), 1 <= M <= 64; last argument: PDL mode bits (v1; kernels.h kPdl*)");
   m.def("fused_small_m_glu", &fused_glu, "v1 at 1 <= M <= 16 on a gate and an up layer interleaved by 8 rows: "
         "(silu(gate) * up, (M, N / 2), error code); libortho.glu");
+  m.def("fused_small_m_norm", &fused_norm, "v1 at 1 <= M <= 16 with the RMSNorm epilogue: residual given, "
+        "((h, g * h) as (2, M, N), error code) and part (M, N / 16) written; else the sums scaled by the RMS from part "
+        "(M, K / 16), glu as fused_small_m_glu; libortho.norms");
   m.def("fused_small_m_v2", &fused<&libortho::launch_fused_small_m_v2>, "the same by the v2 decode kernel (LIBORTHO_DECODE_KERNEL=v2)");
   m.def("fused_small_m_v3", &fused<&libortho::launch_fused_small_m_v3>, "the same by the v3 decode kernel (LIBORTHO_DECODE_KERNEL=v3)");
   m.def("ortho_xt_min", &ortho_xt_min, "v1 reads x transposed in its ortho stream when M >= 2 and nnz * M * max(M, 4) / 4 >= this (-1: never)");

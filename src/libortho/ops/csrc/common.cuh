@@ -82,6 +82,9 @@ __device__ inline void cp_async4_part(void* dst, const void* src, int src_bytes)
 
 __device__ inline void cp_async4(void* dst, const void* src, bool valid) { cp_async4_part(dst, src, valid ? 4 : 0); }
 
+// The line holding p on its way to L2 (no register, no wait): for data a kernel reads only at its end.
+__device__ inline void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
 __device__ inline void cp_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::: "memory");

@@ -29,6 +29,25 @@ struct Operands {
   int glu;                 // v1 at M <= 16 only: rows 16 t..+7 gate, +8..+15 up; the epilogue writes silu(gate) * up
 };
 
+// v1 at M <= 16 only, the RMSNorm around the product (libortho.norms). add-norm (residual given): the epilogue writes
+// h = residual + y (each rounded as eager), out2 = norm_weight * h and part (M, N / 16) = h's sums of squares per 16
+// outputs. rms (part given, no residual): the sums are scaled by r = rsqrt(sum of part's row (M, K / 16) / K + eps)
+// before the bias (and the GLU activation): the product of x = g * h normalized by h's RMS.
+struct NormFields {
+  const void* residual;    // (M, N), activation dtype, or nullptr
+  const void* norm_weight; // (N,), activation dtype (add-norm)
+  void* out2;              // (M, N), activation dtype (add-norm)
+  float* part;             // add-norm: written; rms: read
+  float rms_eps;
+};
+
+// The norm kernels' parameters. Apart from Operands so that every other kernel's parameter block stays as it was: with
+// these fields in Operands the v1 kernels without them ran 1-3 % slower at M 1-4 (H200, session 38, gpu_ab.sh against
+// main: 11008x4096 M = 1 10.22 -> 10.50 us; ptxas: spills in the 3-block forms).
+struct NormOperands : Operands {
+  NormFields norm;
+};
+
 // xt (K, ld) = x (M, K) transposed, columns M..ld-1 zero (ld = 2, 4, 8, 16, 32, 64 >= M), for the ortho
 // streams of v1 and of the GEMM: one column's M values are then one 4-128 byte load instead of M loads K apart.
 cudaError_t launch_transpose_x(const void* x, void* xt, int M, int K, int ld, bool bf16, cudaStream_t stream);
@@ -38,6 +57,12 @@ cudaError_t launch_transpose_x(const void* x, void* xt, int M, int K, int ld, bo
 // kernel runs).
 cudaError_t launch_fused_small_m(const Operands& op, const void* x, const void* bias, void* out, int M,
                                  cudaStream_t stream);
+
+// The same product with an RMSNorm epilogue (NormOperands; M <= 16, N and K multiples of 16): INT4 by the v1 table's
+// configuration in its norm form, other widths by the default configuration; cudaErrorNotSupported where the table's
+// configuration has none (v1_norms.cu; the caller then takes the product and PyTorch's steps).
+cudaError_t launch_fused_small_m_norm(const NormOperands& op, const void* x, const void* bias, void* out, int M,
+                                      cudaStream_t stream);
 
 // The same product by one of the v1 tuning configurations (INT4, M up to 4-64 by configuration; see fused_cfg_dispatch).
 cudaError_t launch_fused_small_m_cfg(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,

@@ -86,6 +86,12 @@ cudaError_t launch_fused_small_m(const Operands& op, const void* x, const void* 
                  : fused_dispatch<__half>(op, x, bias, out, M, stream);
 }
 
+cudaError_t launch_fused_small_m_norm(const NormOperands& op, const void* x, const void* bias, void* out, int M,
+                                      cudaStream_t stream) {
+  // the class's configuration in its norm form (v1_norms.cu)
+  return launch_v1_norm(op, x, bias, out, M, op.bits == 4 ? g_v1_table[v1_class(op, M)] : -1, stream);
+}
+
 bool set_v1_table(const int (&table)[kV1Classes]) {
   // A class takes the configurations of its kernel (M <= 8, 16, 32 or 64) that reach its largest M.
   constexpr int kClassMaxM[kV1Classes] = {4, 4, 8, 4, 8, 16, 16, 8, 16, 32, 32, 64};

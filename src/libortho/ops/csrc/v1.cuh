@@ -214,12 +214,31 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
 
 template <int NT> using V1Default = V1Cfg<NT == 1 ? 2 : 1, NT <= 2, 2>;
 
+// The configurations of the default table at M <= 16 (v1.cu g_v1_table), named: the configuration files and the norm
+// forms (v1_norms.cu) instantiate the same types.
+using V1Cfg10 = V1Cfg<1, true, 2, 4, 16>;
+using V1Cfg12 = V1Cfg<1, true, 2, 3, 16, 2>;
+using V1Cfg16 = V1Cfg<1, true, 2, 4, 4, 1, true>;
+using V1Cfg18 = V1Cfg<1, true, 2, 4, 8, 1, false, false, 12>;
+using V1Cfg20 = V1Cfg<1, true, 1, 4, 8, 2, false, false, 16>;
+using V1Cfg22 = V1Cfg<1, true, 1, 3, 16, 2, false, false, 16>;
+using V1Cfg24 = V1Cfg<1, true, 3, 3, 8, 2>;
+using V1Cfg25 = V1Cfg<1, true, 3, 3, 4, 2>;
+
 // kCut (two-row-tile lean forms at M <= 16 only): blocks from op.pairs on hold one row tile (the launcher cut the
 // last wave's work, v1_row_pairs). A template flag so that launches without the cut run the code without its checks:
 // as a run-time switch they cost the uncut shapes 1-3 % (H200, 2026-11-30, benchmarks/NOTES-kernels.md).
-template <typename T, int BITS, int NT, class Cfg = V1Default<NT>, bool kCut = false>
+// kNorm: the RMSNorm epilogues (libortho.norms; NormOperands, the kernel's parameters then) compiled in, M <= 16 only. Their own
+// instantiations (v1_norms.cu), so that the kernels without them are the code they were (ptxas: the norm code made
+// some 3-block forms spill).
+template <bool kNorm>
+using V1Operands = std::conditional_t<kNorm, NormOperands, Operands>;  // the norm forms' parameters (kernels.h)
+__device__ inline NormFields norm_fields(const Operands&) { return {}; }  // kernels without the norm epilogues
+__device__ inline NormFields norm_fields(const NormOperands& op) { return op.norm; }
+
+template <typename T, int BITS, int NT, class Cfg = V1Default<NT>, bool kCut = false, bool kNorm = false>
 __global__ void __launch_bounds__(Cfg::kBlockWarps * 32, Cfg::kMinBlocks)
-fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ out,
+fused_small_m_kernel(V1Operands<kNorm> op, const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ out,
                      int M) {
   constexpr int W = Cfg::kBlockWarps;         // warps per block
   static_assert(W == kWarps || Cfg::kLean, "other warp counts: lean kernels only (the fallback sweep steps by kWarps)");
@@ -340,6 +359,53 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     __syncwarp();
     ortho_done = staged = true;
   };
+  // rms (part without a residual): r = rsqrt(sum(part) / K + eps) of each batch row from the producer's sums of
+  // squares (K / 16 per row, L2 hits: the kernel before wrote them). Every warp sums a slice of the columns for every
+  // row into rms_part (loads issued together, not one chain), and the epilogue adds the W slices (rms_of): while the
+  // ring's first tiles are in flight (on_first, kRmsEarly) or after the block's barrier (then a second one). Nothing
+  // held through the sweep.
+  // (Session 38: warp 0 alone walking K / 16 columns in a chain of L2 loads cost 1-4 us a call.)
+  const NormFields nf = norm_fields(op);
+  constexpr bool kNorms = kNorm && NT <= 2;  // M <= 16 (the binding's limit): the other kernels compile none of it
+  const bool rms = kNorms && nf.part != nullptr && nf.residual == nullptr;
+  // Early in the lean forms (their ring always runs); the full forms after the barrier: there the code in the ring's
+  // prologue made the 3-block forms spill (ptxas, benchmarks/ptxas_compare.py). Their norm forms (the fallback where
+  // the ring cannot take a call) spill 188 / 324 bytes against 72 / 76 before session 38 wherever r is computed.
+  constexpr bool kRmsEarly = Cfg::kLean;
+  constexpr int MR = kNorms ? 8 * NT : 1;  // batch rows the norm code handles
+  __shared__ float rms_part[kNorms ? W : 1][MR];
+  auto rms_rows = [&]() {
+    const int kp = K >> 4;
+    float s[MR];
+#pragma unroll
+    for (int m = 0; m < MR; ++m) s[m] = 0.f;
+    for (int c = warp * 32 + lane; c < kp; c += W * 32) {
+#pragma unroll
+      for (int m = 0; m < MR; ++m)
+        if (m < M) s[m] += nf.part[static_cast<size_t>(m) * kp + c];
+    }
+#pragma unroll
+    for (int m = 0; m < MR; ++m) {
+      if (m >= M) break;  // block-uniform
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) s[m] += __shfl_xor_sync(0xffffffffu, s[m], o);
+      if (lane == 0) rms_part[warp][m] = s[m];
+    }
+  };
+  auto rms_of = [&](int m) {  // after the block's barrier
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < (kNorms ? W : 1); ++w) s += rms_part[w][m];
+    return rsqrtf(s / static_cast<float>(K) + nf.rms_eps);
+  };
+  if (kNorms && nf.residual != nullptr && threadIdx.x <= M) {
+    // add-norm: the residual rows and norm weights the epilogue reads (written layers ago, likely out of L2) on their
+    // way to L2 now, so that the epilogue's loads after the sweep hit it (threads 0..M-1: residual row m; M: weights).
+    const T* p = threadIdx.x < M ? static_cast<const T*>(nf.residual) + static_cast<size_t>(threadIdx.x) * N
+                                 : static_cast<const T*>(nf.norm_weight);
+    prefetch_l2(p + n0);
+    prefetch_l2(p + min(n0 + R, N) - 1);
+  }
   float acc[RT][NT][4];
   // This lane's rows of x (batch rows t*8 + g; past M: row 0) as offsets, in 32-bit pairs, from xb.
   const uint32_t* xb = reinterpret_cast<const uint32_t*>(x) + tig;
@@ -392,6 +458,9 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
                                                    if (ortho) ortho_first();
                                                  } else if (!staged) {
                                                    stage_ortho();
+                                                 }
+                                                 if constexpr (kRmsEarly) {
+                                                   if (rms) rms_rows();
                                                  }
                                                });
       swept = true;
@@ -457,8 +526,21 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     };
     ortho_runs(run_b, run_e, entry_col, entry_val);
   }
+  // add-norm: this thread's first residual and weight (the epilogue's i = threadIdx.x), loaded before the barrier
+  float res0 = 0.f, g0 = 0.f;
+  if (kNorms && nf.residual != nullptr && threadIdx.x < R * M) {
+    const int r = threadIdx.x & (R - 1), m = threadIdx.x >> (RT == 1 ? 4 : 5), n = n0 + r;
+    if (n < N && !(kCut && r >= Rb)) {
+      res0 = Num<T>::f(static_cast<const T*>(nf.residual)[static_cast<size_t>(m) * N + n]);
+      g0 = Num<T>::f(static_cast<const T*>(nf.norm_weight)[n]);
+    }
+  }
   if (op.pdl & kPdlLate) pdl_trigger();  // the dependents' launch overlaps the reduction and the stores
   __syncthreads();
+  if (rms && !kRmsEarly) {  // (else the ring's on_first computed them)
+    rms_rows();
+    __syncthreads();
+  }
   if (op.glu) {
     // Each 16-row tile: 8 gate rows, then their 8 up rows (libortho.glu); out is (M, N / 2). transformers' eager
     // act_fn(gate_proj(x)) * up_proj(x), each step rounded to T.
@@ -469,10 +551,43 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
       float yg = 0.f, yu = 0.f;
 #pragma unroll
       for (int w = 0; w < W; ++w) yg += sum_at(w, rg, m), yu += sum_at(w, rg + 8, m);
+      if (rms) {
+        const float r = rms_of(m);
+        yg *= r, yu *= r;
+      }
       if (bias) yg += Num<T>::f(bias[n]), yu += Num<T>::f(bias[n + 8]);
       const float g = Num<T>::f(Num<T>::from(yg)), u = Num<T>::f(Num<T>::from(yu));
       const float a = Num<T>::f(Num<T>::from(g / (1.f + expf(-g))));
       out[static_cast<size_t>(m) * (N / 2) + n0 / 2 + h] = Num<T>::from(a * u);
+    }
+    return;
+  }
+  if (kNorms && nf.residual != nullptr) {
+    // add-norm: h = residual + y and g * h (eager's roundings), and h's sum of squares over each 16-row tile, reduced
+    // over the 16 consecutive threads of the tile (R * M and blockDim are multiples of 16: a half-warp is all in).
+    const T* res = static_cast<const T*>(nf.residual);
+    const T* gw = static_cast<const T*>(nf.norm_weight);
+    T* out2 = static_cast<T*>(nf.out2);
+    for (int i = threadIdx.x; i < R * M; i += blockDim.x) {
+      const int r = i & (R - 1), m = i >> (RT == 1 ? 4 : 5), n = n0 + r;
+      const bool live = n < N && !(kCut && r >= Rb);
+      float h = 0.f;
+      if (live) {
+        float y = 0.f;
+#pragma unroll
+        for (int w = 0; w < W; ++w) y += sum_at(w, r, m);
+        if (bias) y += Num<T>::f(bias[n]);
+        const size_t o = static_cast<size_t>(m) * N + n;
+        const bool first = i == static_cast<int>(threadIdx.x);
+        h = Num<T>::f(Num<T>::from(Num<T>::f(Num<T>::from(y)) + (first ? res0 : Num<T>::f(res[o]))));
+        out[o] = Num<T>::from(h);
+        out2[o] = Num<T>::from((first ? g0 : Num<T>::f(gw[n])) * h);
+      }
+      float ss = h * h;
+      const unsigned half = 0xffffu << (lane & 16);
+#pragma unroll
+      for (int s2 = 8; s2 > 0; s2 >>= 1) ss += __shfl_xor_sync(half, ss, s2);
+      if ((r & 15) == 0 && live) nf.part[static_cast<size_t>(m) * (N >> 4) + (n >> 4)] = ss;
     }
     return;
   }
@@ -482,13 +597,14 @@ fused_small_m_kernel(Operands op, const T* __restrict__ x, const T* __restrict__
     float y = 0.f;
 #pragma unroll
     for (int w = 0; w < W; ++w) y += sum_at(w, r, m);
+    if (rms) y *= rms_of(m);
     if (bias) y += Num<T>::f(bias[n]);
     out[static_cast<size_t>(m) * N + n] = Num<T>::from(y);
   }
 }
 
-template <typename T>
-cudaError_t launch_v1(void (*kernel)(Operands, const T*, const T*, T*, int), const Operands& op, const void* x,
+template <typename T, class Ops>
+cudaError_t launch_v1(void (*kernel)(Ops, const T*, const T*, T*, int), const Ops& op, const void* x,
                       const void* bias, void* out, int M, cudaStream_t s, int smem = 0, int rows = 16,
                       int warps = kWarps, int blocks = 0) {
   const dim3 grid(blocks > 0 ? blocks : (op.N + rows - 1) / rows), block(warps * 32);
@@ -513,10 +629,10 @@ inline void v1_row_pairs(int tiles, int sms, bool split, int& pairs, int& blocks
 
 // One configuration's kernel (kCut or not) on a grid of `blocks` (0: one per 16 * kRowTiles rows). A ring in
 // dynamic shared memory: the kernel is allowed its kRingBytes (over the default 48 KB) once per device first.
-template <typename T, int NT, class Cfg, bool kCut>
-cudaError_t launch_v1_kernel(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s,
+template <typename T, int NT, class Cfg, bool kCut, bool kNorm = false>
+cudaError_t launch_v1_kernel(const V1Operands<kNorm>& op, const void* x, const void* bias, void* out, int M, cudaStream_t s,
                              int blocks) {
-  constexpr auto kernel = fused_small_m_kernel<T, 4, NT, Cfg, kCut>;
+  constexpr auto kernel = fused_small_m_kernel<T, 4, NT, Cfg, kCut, kNorm>;
   if constexpr (Cfg::kDynRing) {
     static bool allowed[64] = {};
     int dev = 0;
@@ -542,30 +658,30 @@ bool v1_lean_ok(const Operands& op, const void* x, int M) {
   return op.bits == 4 && op.K % 64 == 0 && groups && x_ok;
 }
 
-template <typename T, int NT, class Cfg>
-cudaError_t launch_v1_one(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
+template <typename T, int NT, class Cfg, bool kNorm = false>
+cudaError_t launch_v1_one(const V1Operands<kNorm>& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
   // M <= 16 only: at M 24-32 (configuration 32) the cut was 0.6-0.8 % faster on 14336x4096 and 1.0-1.2 % slower on
   // 22016x4096 (H200, 2026-11-30, results/row-pairs-ab-H200-s30-m32.json).
   if constexpr (Cfg::kRowTiles == 2 && Cfg::kLean && NT <= 2) {
     const int tiles = (op.N + 15) / 16;
-    Operands o = op;
+    V1Operands<kNorm> o = op;
     int blocks = 0;
     v1_row_pairs(tiles, device_info().sms, v1_row_pairs_split(), o.pairs, blocks);
-    if (blocks != (tiles + 1) / 2) return launch_v1_kernel<T, NT, Cfg, true>(o, x, bias, out, M, s, blocks);
+    if (blocks != (tiles + 1) / 2) return launch_v1_kernel<T, NT, Cfg, true, kNorm>(o, x, bias, out, M, s, blocks);
   }
-  return launch_v1_kernel<T, NT, Cfg, false>(op, x, bias, out, M, s, 0);
+  return launch_v1_kernel<T, NT, Cfg, false, kNorm>(op, x, bias, out, M, s, 0);
 }
 
 // A ring configuration in its lean form where the call allows it (and v1_lean() is on), else in full (with
 // other warp counts than kWarps: the same configuration with kWarps, in full).
-template <typename T, int NT, class Cfg>
-cudaError_t launch_v1_ring(const Operands& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
+template <typename T, int NT, class Cfg, bool kNorm = false>
+cudaError_t launch_v1_ring(const V1Operands<kNorm>& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
   constexpr bool kOwnWarps = Cfg::kBlockWarps != kWarps;
   const bool lean = (kOwnWarps || !Cfg::kOrthoFirst || M <= v1_lean_ortho_first_max_m()) && v1_lean() &&
                     v1_lean_ok<Cfg>(op, x, M);
-  if (!lean) return launch_v1_one<T, NT, typename Cfg::Eight>(op, x, bias, out, M, s);
+  if (!lean) return launch_v1_one<T, NT, typename Cfg::Eight, kNorm>(op, x, bias, out, M, s);
   ++v1_lean_launches();
-  return launch_v1_one<T, NT, typename Cfg::Lean>(op, x, bias, out, M, s);
+  return launch_v1_one<T, NT, typename Cfg::Lean, kNorm>(op, x, bias, out, M, s);
 }
 
 // The largest M of each v1 configuration below (cuda.py V1_CONFIG_MAX_M mirrors it).
@@ -578,6 +694,11 @@ constexpr int kV1Cfgs = sizeof(kV1CfgMaxM) / sizeof(kV1CfgMaxM[0]);
 // Configurations 11 and up (v1_configs_hi.cu: another translation unit, built in parallel).
 cudaError_t launch_v1_cfg_hi(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
                              cudaStream_t s);
+// The RMSNorm epilogues (NormOperands; M <= 16): INT4 by the table's configuration `cfg` where it has a norm
+// form (v1_norms.cu), other widths by the default configuration; cudaErrorNotSupported for a configuration without
+// one (the caller then takes the product and PyTorch's steps).
+cudaError_t launch_v1_norm(const NormOperands& op, const void* x, const void* bias, void* out, int M, int cfg,
+                           cudaStream_t s);
 // Configurations 26 and up, M 17-64 (v1_configs_m32.cu).
 cudaError_t launch_v1_cfg_m32(const Operands& op, const void* x, const void* bias, void* out, int M, int cfg,
                               cudaStream_t s);

@@ -25,7 +25,7 @@ cudaError_t fused_cfg_dispatch(const Operands& op, const void* x, const void* bi
     case 8: return launch_v1_ring<T, 1, V1Cfg<1, true, 3, 4, 4>>(op, x, bias, out, M, s);
     // the x ring for M <= 8 and M <= 16 (dynamic shared memory: 51 / 84 KB of ring per block)
     case 9: return launch_v1_ring<T, 1, V1Cfg<1, true, 3, 4, 8>>(op, x, bias, out, M, s);
-    case 10: return launch_v1_ring<T, 2, V1Cfg<1, true, 2, 4, 16>>(op, x, bias, out, M, s);
+    case 10: return launch_v1_ring<T, 2, V1Cfg10>(op, x, bias, out, M, s);
     default: return launch_v1_cfg_hi(op, x, bias, out, M, cfg, s);  // v1_configs_hi.cu
   }
 }
