@@ -228,9 +228,9 @@ using V1Cfg25 = V1Cfg<1, true, 3, 3, 4, 2>;
 // kCut (two-row-tile lean forms at M <= 16 only): blocks from op.pairs on hold one row tile (the launcher cut the
 // last wave's work, v1_row_pairs). A template flag so that launches without the cut run the code without its checks:
 // as a run-time switch they cost the uncut shapes 1-3 % (H200, 2026-11-30, benchmarks/NOTES-kernels.md).
-// kNorm: the RMSNorm epilogues (libortho.norms; NormOperands, the kernel's parameters then) compiled in, M <= 16 only. Their own
-// instantiations (v1_norms.cu), so that the kernels without them are the code they were (ptxas: the norm code made
-// some 3-block forms spill).
+// kNorm: the RMSNorm epilogues (libortho.norms) compiled in, M <= 16 only, with NormOperands as the kernel's
+// parameters. Their own instantiations (v1_norms.cu) and parameter type, so that the kernels without them are the
+// code they were (ptxas: the norm code, and the norm fields in Operands, made some 3-block forms spill).
 template <bool kNorm>
 using V1Operands = std::conditional_t<kNorm, NormOperands, Operands>;  // the norm forms' parameters (kernels.h)
 __device__ inline NormFields norm_fields(const Operands&) { return {}; }  // kernels without the norm epilogues
@@ -630,8 +630,8 @@ inline void v1_row_pairs(int tiles, int sms, bool split, int& pairs, int& blocks
 // One configuration's kernel (kCut or not) on a grid of `blocks` (0: one per 16 * kRowTiles rows). A ring in
 // dynamic shared memory: the kernel is allowed its kRingBytes (over the default 48 KB) once per device first.
 template <typename T, int NT, class Cfg, bool kCut, bool kNorm = false>
-cudaError_t launch_v1_kernel(const V1Operands<kNorm>& op, const void* x, const void* bias, void* out, int M, cudaStream_t s,
-                             int blocks) {
+cudaError_t launch_v1_kernel(const V1Operands<kNorm>& op, const void* x, const void* bias, void* out, int M,
+                             cudaStream_t s, int blocks) {
   constexpr auto kernel = fused_small_m_kernel<T, 4, NT, Cfg, kCut, kNorm>;
   if constexpr (Cfg::kDynRing) {
     static bool allowed[64] = {};
@@ -659,7 +659,8 @@ bool v1_lean_ok(const Operands& op, const void* x, int M) {
 }
 
 template <typename T, int NT, class Cfg, bool kNorm = false>
-cudaError_t launch_v1_one(const V1Operands<kNorm>& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
+cudaError_t launch_v1_one(const V1Operands<kNorm>& op, const void* x, const void* bias, void* out, int M,
+                          cudaStream_t s) {
   // M <= 16 only: at M 24-32 (configuration 32) the cut was 0.6-0.8 % faster on 14336x4096 and 1.0-1.2 % slower on
   // 22016x4096 (H200, 2026-11-30, results/row-pairs-ab-H200-s30-m32.json).
   if constexpr (Cfg::kRowTiles == 2 && Cfg::kLean && NT <= 2) {
@@ -675,7 +676,8 @@ cudaError_t launch_v1_one(const V1Operands<kNorm>& op, const void* x, const void
 // A ring configuration in its lean form where the call allows it (and v1_lean() is on), else in full (with
 // other warp counts than kWarps: the same configuration with kWarps, in full).
 template <typename T, int NT, class Cfg, bool kNorm = false>
-cudaError_t launch_v1_ring(const V1Operands<kNorm>& op, const void* x, const void* bias, void* out, int M, cudaStream_t s) {
+cudaError_t launch_v1_ring(const V1Operands<kNorm>& op, const void* x, const void* bias, void* out, int M,
+                           cudaStream_t s) {
   constexpr bool kOwnWarps = Cfg::kBlockWarps != kWarps;
   const bool lean = (kOwnWarps || !Cfg::kOrthoFirst || M <= v1_lean_ortho_first_max_m()) && v1_lean() &&
                     v1_lean_ok<Cfg>(op, x, M);
