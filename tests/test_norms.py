@@ -55,6 +55,35 @@ def test_the_rms_product_is_the_layer_on_the_normalized_input(glu_layer):
         assert err < tol, (dtype, err)
 
 
+@pytest.mark.parametrize("glu_layer", [False, True])
+def test_the_cuda_backends_fallback_finishes_the_rounded_product(glu_layer, monkeypatch):
+    """Where v1 has no norm epilogue the CUDA backend takes the op's product (rounded to bf16) and finishes r, the bias
+    and the GLU in PyTorch. With the product stubbed by the reference op (CPU): that chain written out here bit for
+    bit, and the reference rms op (no rounding before r) to the bf16 level."""
+    from libortho.ops import cuda as cuda_backend
+    from libortho.ops.reference import glu_from_interleaved, ortho_linear_reference
+    monkeypatch.setattr(cuda_backend, "norm_epilogue_takes", lambda *a: False)
+    monkeypatch.setattr(cuda_backend, "ortho_linear_cuda", ortho_linear_reference)
+    lay = (libortho.glu.OrthoGLU.from_pair(layer(32, 64, 1, bias=True, dtype=torch.bfloat16),
+                                           layer(32, 64, 2, bias=True, dtype=torch.bfloat16))
+           if glu_layer else layer(48, 64, seed=4, bias=True, dtype=torch.bfloat16))
+    gen = torch.Generator().manual_seed(5)
+    h = (3 * torch.randn(2, 1, 64, generator=gen)).to(torch.bfloat16)
+    _, gh, part = norms.carry(h, (1 + 0.1 * torch.randn(64, generator=gen)).to(torch.bfloat16))
+    args = norms._args(lay, gh, lay.alpha)
+    backend = cuda_backend.ortho_glu_rms_cuda if glu_layer else cuda_backend.ortho_linear_rms_cuda
+    got = backend(gh, *args, part, 1e-5)
+    y = ortho_linear_reference(gh, *args[:6], None, *args[7:]).float()  # the product without its bias, in bf16
+    r = torch.rsqrt(part.sum(-1, keepdim=True) / 64 + 1e-5)
+    chain = (y * r + lay.bias.float()).to(torch.bfloat16)
+    chain = glu_from_interleaved(chain) if glu_layer else chain
+    assert got.shape == chain.shape == (2, 1, lay.out_features // (2 if glu_layer else 1))
+    assert torch.equal(got, chain)
+    op = torch.ops.libortho.ortho_glu_rms if glu_layer else torch.ops.libortho.ortho_linear_rms
+    want = op(gh, *args, part, 1e-5).float()
+    assert (got.float() - want).norm() / want.norm() < 2e-2
+
+
 def test_bad_norm_inputs_say_what_is_wrong():
     lay = layer(64, 48, seed=0)
     x = torch.randn(2, 48)

@@ -32,7 +32,7 @@ from .fuse import OrthoGroup
 from .glu import OrthoGLU
 from .layer import OrthoLinear
 from .ops import check_inputs
-from .ops.reference import NORM_TILE
+from .ops.reference import NORM_TILE, norm_carry
 
 _LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
 
@@ -79,8 +79,7 @@ def rms_product(layer, x: torch.Tensor, part: torch.Tensor, eps: float, alpha: f
 
 def carry(h: torch.Tensor, weight: torch.Tensor):
     """``(h, g * h, part)`` of a plain hidden state (the embeddings, or a layer's own forward's output)."""
-    gh = (weight.float() * h.float()).to(h.dtype)
-    return h, gh, h.float().square().unflatten(-1, (-1, NORM_TILE)).sum(-1)
+    return norm_carry(h, weight)
 
 
 def _plain_rmsnorm(norm: nn.Module) -> bool:

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .reference import NORM_TILE, add_norm_reference, glu_from_interleaved, ortho_linear_reference, rms_scale
+from .reference import NORM_TILE, add_norm_reference, glu_from_interleaved, ortho_linear_reference, rms_finish
 from .registry import ortho_glu, ortho_glu_rms, ortho_linear, ortho_linear_add_norm, ortho_linear_rms
 
 CSRC = Path(__file__).with_name("csrc")
@@ -591,9 +591,8 @@ def _rms_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, 
     if y is not None:
         return y.reshape(*x.shape[:-1], out_features // 2 if glu else out_features)
     # the product, then r and the bias in PyTorch
-    y = ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, None, alpha, bits, group_size,
-                          out_features, in_features).float() * rms_scale(part, eps).reshape(*x.shape[:-1], 1)
-    y = (y if bias is None else y + bias.float()).to(x.dtype)
+    y = rms_finish(ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, None, alpha, bits,
+                                     group_size, out_features, in_features), part, eps, bias, x.dtype)
     return glu_from_interleaved(y) if glu else y
 
 

@@ -50,14 +50,25 @@ def add_norm_reference(y: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     part (..., N / 16) the fp32 sums of squares of h per 16 features, each step rounded as transformers' eager
     decoder layer and RMSNorm round it (the norm's division by the RMS is left to the consumer: rms_scale)."""
     h = (residual.float() + y.float()).to(y.dtype)
-    gh = (weight.float() * h.float()).to(y.dtype)
-    part = h.float().square().unflatten(-1, (-1, NORM_TILE)).sum(-1)
+    _, gh, part = norm_carry(h, weight)
     return torch.stack([h, gh]), part
+
+
+def norm_carry(h: torch.Tensor, weight: torch.Tensor):
+    """``(h, weight * h, part)``: what a layer hands the next product (eager's rounding of the weight's product; part
+    the fp32 sums of squares of h per 16 features)."""
+    return h, (weight.float() * h.float()).to(h.dtype), h.float().square().unflatten(-1, (-1, NORM_TILE)).sum(-1)
 
 
 def rms_scale(part: torch.Tensor, eps: float) -> torch.Tensor:
     """1 / RMS of the rows whose partial sums of squares ``part`` (..., K / 16) holds: (..., 1), fp32."""
     return torch.rsqrt(part.float().sum(-1, keepdim=True) / (NORM_TILE * part.shape[-1]) + eps)
+
+
+def rms_finish(y: torch.Tensor, part: torch.Tensor, eps: float, bias, dtype: torch.dtype) -> torch.Tensor:
+    """A product's sums y (..., N) scaled by rms_scale(part), plus the bias, rounded to dtype once."""
+    y = y.float() * rms_scale(part, eps).reshape(*y.shape[:-1], 1)
+    return (y if bias is None else y + bias.float()).to(dtype)
 
 
 GLU_ROWS = 8  # libortho.glu: rows of gate, then of up, in each 16-row tile of the product

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from .reference import (NORM_TILE, add_norm_reference, glu_from_interleaved, ortho_linear_reference,
-                        ortho_product_float, rms_scale)
+                        ortho_product_float, rms_finish)
 
 
 def check_inputs(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits,
@@ -96,11 +96,8 @@ def _(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, gr
 
 def _rms_product(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size, out_features,
                  in_features, part, eps):
-    y = ortho_product_float(x, qweight, scales, zeros, row_ptr, col_idx, values, alpha, bits, group_size,
-                            out_features, in_features) * rms_scale(part, eps).reshape(*x.shape[:-1], 1)
-    if bias is not None:
-        y += bias.float()
-    return y.to(x.dtype)
+    return rms_finish(ortho_product_float(x, qweight, scales, zeros, row_ptr, col_idx, values, alpha, bits, group_size,
+                                          out_features, in_features), part, eps, bias, x.dtype)
 
 
 @torch.library.custom_op("libortho::ortho_linear_rms", mutates_args=())
