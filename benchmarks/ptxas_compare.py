@@ -39,9 +39,9 @@ def parse(text: str) -> dict[str, tuple[int, int, int, int, int]]:
     return out
 
 
-def compile_report(tree: Path, source: str) -> dict:
+def compile_report(tree: Path, source: str, flags: tuple[str, ...] = ()) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        r = subprocess.run(["nvcc", *FLAGS, "-c", str(tree / CSRC / source), "-o", os.path.join(tmp, "k.o")],
+        r = subprocess.run(["nvcc", *FLAGS, *flags, "-c", str(tree / CSRC / source), "-o", os.path.join(tmp, "k.o")],
                            capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"nvcc failed on {tree / CSRC / source}:\n{r.stderr[-3000:]}")
@@ -78,11 +78,12 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("sources", nargs="+", help="files under src/libortho/ops/csrc")
     ap.add_argument("--base", default="main", help="git revision to compare the working tree with")
+    ap.add_argument("--flags", nargs="*", default=[], help="more nvcc flags for the working tree only (a draft's -D switch)")
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", a.base, CSRC], capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
-        jobs = [(tree, s) for s in a.sources for tree in (Path(tmp), ROOT)]
+        jobs = [(tree, s, flags) for s in a.sources for tree, flags in ((Path(tmp), ()), (ROOT, tuple(a.flags)))]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
             reports = list(pool.map(lambda job: compile_report(*job), jobs))
     print("(registers, stack, spill stores, spill loads, static smem) per kernel that differs")
