@@ -45,3 +45,22 @@ def test_short_name_spells_out_a_v1_kernels_template_arguments():
     before = real.replace("ELb1ELb0EEEv", "ELb1EEEv")  # a revision without the kNorm argument: the same key
     assert pc.short_name(before) == short
     assert pc.short_name("other_kernel") == "other_kernel"
+
+
+def test_flags_reach_the_working_trees_nvcc_only(monkeypatch, tmp_path):
+    calls = []
+
+    class Done:
+        returncode, stdout, stderr = 0, "", REPORT.format(k="k", stack=0, st=0, ld=0, regs=40, smem=0)
+
+    def run(cmd, **kw):
+        if cmd[0] == "nvcc":
+            calls.append(cmd)
+            return Done()
+        return type("R", (), {"stdout": b""})()  # git archive, tar: nothing to extract
+
+    monkeypatch.setattr(pc.subprocess, "run", run)
+    pc.main(["v1.cu", "--base", "HEAD", "--flags=-DLIBORTHO_X=1"])
+    assert len(calls) == 2
+    with_flag = [c for c in calls if "-DLIBORTHO_X=1" in c]
+    assert len(with_flag) == 1 and str(pc.ROOT) in with_flag[0][-3]  # the working tree's source, not the base's
