@@ -77,9 +77,8 @@ def rms_product(layer, x: torch.Tensor, part: torch.Tensor, eps: float, alpha: f
     return op(x, *_args(layer, x, alpha), part, eps)
 
 
-def carry(h: torch.Tensor, weight: torch.Tensor):
-    """``(h, g * h, part)`` of a plain hidden state (the embeddings, or a layer's own forward's output)."""
-    return norm_carry(h, weight)
+# (h, g * h, part) of a plain hidden state (the embeddings, or a layer's own forward's output)
+carry = norm_carry
 
 
 def _plain_rmsnorm(norm: nn.Module) -> bool:
