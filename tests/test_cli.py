@@ -36,6 +36,21 @@ def test_calibrated_decompose_needs_calib(tiny_dir, tmp_path):
         main(["decompose", str(tiny_dir), "--out", str(tmp_path / "x"), "--method", "gptq"])
 
 
+def test_bad_options_fail_before_the_model_loads(tmp_path, monkeypatch):
+    import libortho
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(libortho, "load_model", no_load)
+    for args, message in ((["--density", "1.5"], "density"), (["--bits", "5"], "bits=5"),
+                          (["--group-size", "100"], "group"), (["--method", "gptq"], "needs --calib")):
+        with pytest.raises(SystemExit, match=message):
+            main(["decompose", "smollm2", "--out", str(tmp_path / "x"), *args])
+    with pytest.raises(SystemExit, match="density"):
+        main(["demo", "--density", "1.5"])
+
+
 def test_bad_input_is_a_message(tiny_dir, tmp_path):
     with pytest.raises(SystemExit, match="density"):
         main(["decompose", str(tiny_dir), "--out", str(tmp_path / "x"), "--density", "1.5"])

