@@ -49,6 +49,11 @@ def test_bad_options_fail_before_the_model_loads(tmp_path, monkeypatch):
             main(["decompose", "smollm2", "--out", str(tmp_path / "x"), *args])
     with pytest.raises(SystemExit, match="density"):
         main(["demo", "--density", "1.5"])
+    missing = str(tmp_path / "missing.txt")
+    with pytest.raises(SystemExit, match="missing.txt does not exist"):
+        main(["decompose", "smollm2", "--out", str(tmp_path / "x"), "--method", "gptq", "--calib", missing])
+    with pytest.raises(SystemExit, match="missing.txt does not exist"):
+        main(["eval", "ppl", "smollm2", "--text", missing])
 
 
 def test_bad_input_is_a_message(tiny_dir, tmp_path):

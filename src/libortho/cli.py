@@ -46,9 +46,12 @@ def _device(a):
 
 def _checked_config(a):
     """The decomposition's config from the options, checked before any model is loaded (a bad option costs no load)."""
+    from .data import text_files
     cfg = _config_from_args(a)
     if cfg.needs_calibration and not a.calib:
         sys.exit(f"--method {cfg.method} / --score {cfg.score} needs --calib FILE [FILE ...]")
+    if a.calib:
+        text_files(a.calib)
     return cfg
 
 
@@ -155,8 +158,8 @@ def cmd_demo(a):
 def cmd_eval_ppl(a):
     import libortho
     from .eval.ppl import perplexity
+    text = libortho.read_text(a.text)  # a missing file costs no model load
     model, tok = libortho.load_model(a.model, device=a.device)
-    text = libortho.read_text(a.text)
     rows = []
     alphas = a.alpha if libortho.ortho_layers(model) else [None]
     for value in alphas:

@@ -132,17 +132,20 @@ def load_model(name_or_path, dtype: torch.dtype | None = None, device=None):
     return (model.to(device) if device is not None else model), tok
 
 
-def read_text(paths) -> str:
-    """Concatenated UTF-8 text of one path or several."""
+def text_files(paths) -> list[Path]:
+    """One path or several as Paths, each checked to be a file (callers check before loading a model)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    parts = []
-    for p in paths:
-        p = Path(p)
+    out = [Path(p) for p in paths]
+    for p in out:
         if not p.is_file():
             raise LibOrthoError(f"text file {p} does not exist")
-        parts.append(p.read_text(encoding="utf-8"))
-    return "\n\n".join(parts)
+    return out
+
+
+def read_text(paths) -> str:
+    """Concatenated UTF-8 text of one path or several."""
+    return "\n\n".join(p.read_text(encoding="utf-8") for p in text_files(paths))
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
