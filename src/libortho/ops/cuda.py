@@ -312,8 +312,9 @@ def use_gemm(policy: str, m: int, ortho_work: int = 0, weights: int = 0) -> bool
     return weights >= min_weights and ortho_work <= SIEVE_HEADROOM * GEMM_ORTHO_WORK_PER_WEIGHT * weights
 
 
-# $LIBORTHO_PDL values and their kernels.h kPdl* bits (on 1, late trigger 2, no prefetch 4)
-PDL_MODES = {"0": 0, "": 0, "1": 1, "early": 1, "late": 3, "noprefetch": 5, "late-noprefetch": 7}
+# $LIBORTHO_PDL values and their kernels.h kPdl* bits (on 1, late trigger 2, no prefetch 4, first tiles only 8)
+PDL_MODES = {"0": 0, "": 0, "1": 1, "early": 1, "late": 3, "noprefetch": 5, "late-noprefetch": 7, "first": 9,
+             "late-first": 11}
 _PDL_NAMES = {0: "off", **{bits: name for name, bits in PDL_MODES.items() if name[:1].isalpha()}}
 
 
@@ -322,7 +323,8 @@ def pdl_mode() -> int:
     Off by default ("0"). "1" / "early": launched with it, v1's blocks prefetch their weight strip into L2 while the
     previous kernel drains (common.cuh), and each kernel lets its dependents launch right after its wait; "late": they
     launch after the kernel's main loop (dependent blocks hold SM slots while they wait, crowding a multi-wave grid);
-    "noprefetch" / "late-noprefetch": the same without the prefetch. Measured (H200): "1" alone saved 0.4-0.7 us per
+    "noprefetch" / "late-noprefetch": the same without the prefetch; "first" / "late-first": the prefetch cut to the
+    tiles each warp requests first (their HBM latency overlaps the kernel before; a draft, not measured yet). Measured (H200): "1" alone saved 0.4-0.7 us per
     call on the two smallest Llama shapes at M = 1 but cost up to 0.6 us on 4096x11008 (results/probe-H200.json);
     the 7B-shape decode lost with it (155 vs 158 tok/s, results/decode-H200-pdl.json), and with inductor's PDL too
     (2.28 vs 2.10 ms a step, session 35); "late" lost too (alpha 0 437.7 vs 514.3 tok/s with the attention step op,
