@@ -143,3 +143,29 @@ def test_a_configuration_without_a_norm_form_falls_back():
         assert rel_err(norms.rms_product(layer, gh, part, 1e-5, layer.alpha), want) < TOL[torch.bfloat16]
     finally:
         assert ext.set_v1_table(old)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="no Hopper GPU")
+@pytest.mark.parametrize("mode", ["1", "first", "late-first"])
+def test_compiled_decode_with_the_norms_gives_the_bits_of_plain_launches_under_pdl(monkeypatch, mode):
+    """The model of the test above with its norms fused, compiled and captured, three times with $LIBORTHO_PDL at
+    `mode`: 32 greedy tokens and their logits bit-identical to plain launches every time (PDL moves only when a kernel
+    starts; a difference is a race, not a rounding)."""
+    from libortho import attention, fuse_glu, fuse_siblings
+    from libortho.eval import bench_decode as bd
+    model = small_llama(norm_weights=True)
+    fuse_glu(model), fuse_siblings(model)
+    attention.use_decode_attention(model), attention.use_attention_step(model)
+    assert norms.fuse_norms(model) == [0, 1]
+    ids = torch.randint(3, 1000, (1, 20), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+
+    def run(pdl):
+        monkeypatch.setenv("LIBORTHO_PDL", pdl)
+        torch._dynamo.reset()
+        dec = bd.StaticDecoder(model, 1, 33, 20, mode="compile", keep_logits=True)
+        dec.prepare(ids), dec.prefill(ids), dec.decode(32)
+        return dec.tokens[:, :32].clone(), dec.logits[:, :32].clone()
+    tokens, logits = run("0")
+    for i in range(3):
+        t, lg = run(mode)
+        assert torch.equal(t, tokens) and torch.equal(lg, logits), (i, (lg.float() - logits.float()).abs().max())
