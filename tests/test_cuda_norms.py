@@ -173,3 +173,52 @@ def test_compiled_decode_with_the_norms_gives_the_bits_of_plain_launches_under_p
     for i in range(3):
         t, lg = run(mode)
         assert torch.equal(t, tokens) and torch.equal(lg, logits), (i, (lg.float() - logits.float()).abs().max())
+
+
+# One fresh process's compiled decode of the norms model (as above, norms fused): a hash of its tokens and logits.
+_FRESH_DECODE = """
+import hashlib, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from libortho import attention, fuse_glu, fuse_siblings, norms
+from libortho.eval import bench_decode as bd
+from test_cuda_glu import small_llama
+model = small_llama(norm_weights=True)
+fuse_glu(model), fuse_siblings(model)
+attention.use_decode_attention(model), attention.use_attention_step(model)
+norms.fuse_norms(model)
+ids = torch.randint(3, 1000, (1, 20), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+dec = bd.StaticDecoder(model, 1, 33, 20, mode="compile", keep_logits=True)
+dec.prepare(ids), dec.prefill(ids), dec.decode(32)
+raw = dec.tokens[:, :32].cpu().numpy().tobytes() + dec.logits[:, :32].view(torch.int16).cpu().numpy().tobytes()
+print("BITS", hashlib.sha1(raw).hexdigest())
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="no Hopper GPU")
+def test_fresh_processes_give_one_set_of_bits_under_pdl():
+    """The compiled decode above in four fresh processes at once, two with plain launches and two with PDL `first`,
+    inductor in its deterministic mode (no timing-picked reduction configurations): one set of bits. Within one
+    process the PDL test above cannot see a race that only a cold process meets (the first calls, lazy allocations,
+    the compile's own launches); across processes inductor's timing picks made every process's bits differ (session
+    42), which this mode removes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    import torch._inductor.config as inductor_config
+    if not hasattr(inductor_config, "deterministic"):
+        pytest.skip(f"torch {torch.__version__}'s inductor has no deterministic mode")
+    tests = str(Path(__file__).resolve().parent)
+    modes = ["0", "first", "0", "first"]
+    procs = [subprocess.Popen([sys.executable, "-c", _FRESH_DECODE, tests], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "TORCHINDUCTOR_DETERMINISTIC": "1", "LIBORTHO_PDL": mode})
+             for mode in modes]
+    bits = []
+    for mode, p in zip(modes, procs):
+        out, err = p.communicate(timeout=300)
+        lines = [line for line in out.splitlines() if line.startswith("BITS ")]
+        assert p.returncode == 0 and lines, (mode, err[-2000:])
+        bits.append((mode, lines[-1].split()[1][:12]))
+    assert len({b for _, b in bits}) == 1, bits
