@@ -121,19 +121,30 @@ def inductor_deterministic():
     return inductor_config.patch(deterministic=True)
 
 
+def decode_prompt():
+    """The decode tests' prompt: 20 seeded token ids, batch 1."""
+    return torch.randint(3, 1000, (1, 20), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+
+
+def compiled_decode(model, ids):
+    """32 greedy tokens after ``ids`` and their logits, ``model``'s step compiled (from a fresh dynamo) and captured."""
+    from libortho.eval import bench_decode as bd
+    torch._dynamo.reset()
+    dec = bd.StaticDecoder(model, 1, 33, ids.shape[1], mode="compile", keep_logits=True)
+    dec.prepare(ids), dec.prefill(ids), dec.decode(32)
+    return dec.tokens[:, :32].clone(), dec.logits[:, :32].clone()
+
+
 def assert_decodes_alike(model, change):
     """32 greedy tokens compiled and captured before and after ``change(model)``: the same tokens (a near-tie may part
     them late, not before 16) and logits that agree to the bf16 level up to where they part. Compiled under inductor's
     deterministic mode, so that the outcome is the same in every process."""
-    from libortho.eval import bench_decode as bd
-    ids = torch.randint(3, 1000, (1, 20), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    ids = decode_prompt()
 
     def run():
-        torch._dynamo.reset()
         with inductor_deterministic():
-            dec = bd.StaticDecoder(model, 1, 33, 20, mode="compile", keep_logits=True)
-            dec.prepare(ids), dec.prefill(ids), dec.decode(32)
-        return dec.tokens[:, :32].clone(), dec.logits[:, :32].float().clone()
+            tokens, logits = compiled_decode(model, ids)
+        return tokens, logits.float()
     tokens, logits = run()
     change(model)
     tokens_2, logits_2 = run()

@@ -11,7 +11,7 @@ from libortho import norms
 from libortho.ops import cuda as cuda_backend
 from libortho.ops.reference import NORM_TILE
 from test_cuda import TOL, make_layer, poison_allocator, reference64, rel_err
-from test_cuda_glu import assert_decodes_alike, pair, small_llama
+from test_cuda_glu import assert_decodes_alike, compiled_decode, decode_prompt, pair, small_llama
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -109,18 +109,25 @@ def test_glu_rms_epilogue_matches_the_float64_chain(case):
     assert rel_err(y, want) < 2 * TOL[dtype]
 
 
-def test_compiled_and_captured_decode_with_the_norms_in_the_products():
-    """A small random bf16 Llama decomposed (RTN, 1 %, norms with weights), GLU + fused q/k/v + the step op, compiled
-    and captured: with fuse_norms the greedy tokens are those without it (a near-tie may part them late), the logits
-    agree to the bf16 level."""
+def norms_model(fused=True):
+    """The small random bf16 Llama with norm weights, GLU, fused q/k/v and the attention step op; with ``fused`` its
+    norms in the products."""
     from libortho import attention, fuse_glu, fuse_siblings
     model = small_llama(norm_weights=True)
     fuse_glu(model), fuse_siblings(model)
     attention.use_decode_attention(model), attention.use_attention_step(model)
+    if fused:
+        assert norms.fuse_norms(model) == [0, 1]
+    return model
 
+
+def test_compiled_and_captured_decode_with_the_norms_in_the_products():
+    """A small random bf16 Llama decomposed (RTN, 1 %, norms with weights), GLU + fused q/k/v + the step op, compiled
+    and captured: with fuse_norms the greedy tokens are those without it (a near-tie may part them late), the logits
+    agree to the bf16 level."""
     def change(model):
         assert norms.fuse_norms(model) == [0, 1]
-    assert_decodes_alike(model, change)
+    assert_decodes_alike(norms_model(fused=False), change)
 
 
 def test_a_configuration_without_a_norm_form_falls_back():
@@ -154,21 +161,11 @@ def test_compiled_decode_with_the_norms_gives_the_bits_of_plain_launches_under_p
     starts; a difference is a race, not a rounding). Mode "0" is the control: plain launches against themselves (the
     prompt's prefill, M = 20, takes v1's M <= 32 forms). `fused` False: the same model with its norms apart (inductor's
     norm kernels between the products), to tell the norm forms from the rest."""
-    from libortho import attention, fuse_glu, fuse_siblings
-    from libortho.eval import bench_decode as bd
-    model = small_llama(norm_weights=True)
-    fuse_glu(model), fuse_siblings(model)
-    attention.use_decode_attention(model), attention.use_attention_step(model)
-    if fused:
-        assert norms.fuse_norms(model) == [0, 1]
-    ids = torch.randint(3, 1000, (1, 20), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    model, ids = norms_model(fused), decode_prompt()
 
     def run(pdl):
         monkeypatch.setenv("LIBORTHO_PDL", pdl)
-        torch._dynamo.reset()
-        dec = bd.StaticDecoder(model, 1, 33, 20, mode="compile", keep_logits=True)
-        dec.prepare(ids), dec.prefill(ids), dec.decode(32)
-        return dec.tokens[:, :32].clone(), dec.logits[:, :32].clone()
+        return compiled_decode(model, ids)
     tokens, logits = run("0")
     for i in range(3):
         t, lg = run(mode)
@@ -180,17 +177,10 @@ _FRESH_DECODE = """
 import hashlib, sys
 import torch
 sys.path.insert(0, sys.argv[1])
-from libortho import attention, fuse_glu, fuse_siblings, norms
-from libortho.eval import bench_decode as bd
-from test_cuda_glu import small_llama
-model = small_llama(norm_weights=True)
-fuse_glu(model), fuse_siblings(model)
-attention.use_decode_attention(model), attention.use_attention_step(model)
-norms.fuse_norms(model)
-ids = torch.randint(3, 1000, (1, 20), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
-dec = bd.StaticDecoder(model, 1, 33, 20, mode="compile", keep_logits=True)
-dec.prepare(ids), dec.prefill(ids), dec.decode(32)
-raw = dec.tokens[:, :32].cpu().numpy().tobytes() + dec.logits[:, :32].view(torch.int16).cpu().numpy().tobytes()
+from test_cuda_glu import compiled_decode, decode_prompt
+from test_cuda_norms import norms_model
+tokens, logits = compiled_decode(norms_model(), decode_prompt())
+raw = tokens.cpu().numpy().tobytes() + logits.view(torch.int16).cpu().numpy().tobytes()
 print("BITS", hashlib.sha1(raw).hexdigest())
 """
 
