@@ -99,11 +99,12 @@ def small_llama(norm_weights=False):
     cfg = bd.llama2_7b_config(hidden_size=512, intermediate_size=1376, num_hidden_layers=2, num_attention_heads=8,
                               num_key_value_heads=2, vocab_size=1000)
     model = bd.random_llama(cfg, torch.device("cuda"), seed=5)
-    if norm_weights:
+    if norm_weights:  # seeded: the same model in every process (session 43: unseeded, each process built its own)
+        gen = torch.Generator(device="cuda").manual_seed(6)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("norm.weight"):
-                    p.copy_(1 + 0.2 * torch.randn_like(p))
+                    p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype))
     decompose(model, OrthoConfig(bits=4, group_size=128, density=0.01, method="rtn", dtype="bfloat16"), progress=False)
     return model
 

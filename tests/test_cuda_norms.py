@@ -186,24 +186,20 @@ print("BITS", hashlib.sha1(raw).hexdigest())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="no Hopper GPU")
-def test_fresh_processes_give_one_set_of_bits_under_pdl():
-    """The compiled decode above in four fresh processes at once, two with plain launches and two with PDL `first`,
-    inductor in its deterministic mode (no timing-picked reduction configurations): one set of bits. Within one
-    process the PDL test above cannot see a race that only a cold process meets (the first calls, lazy allocations,
-    the compile's own launches); across processes inductor's timing picks made every process's bits differ (session
-    42), which this mode removes."""
+@pytest.mark.parametrize("deterministic", ["0", "1"])
+def test_fresh_processes_give_one_set_of_bits_under_pdl(deterministic):
+    """The compiled decode above in four fresh processes at once, two with plain launches and two with PDL `first`:
+    one set of bits, with inductor as it comes and in its deterministic mode. Within one process the PDL test above
+    cannot see a race that only a cold process meets (the first calls, lazy allocations, the compile's own launches)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
-    import torch._inductor.config as inductor_config
-    if not hasattr(inductor_config, "deterministic"):
-        pytest.skip(f"torch {torch.__version__}'s inductor has no deterministic mode")
     tests = str(Path(__file__).resolve().parent)
     modes = ["0", "first", "0", "first"]
     procs = [subprocess.Popen([sys.executable, "-c", _FRESH_DECODE, tests], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "TORCHINDUCTOR_DETERMINISTIC": "1", "LIBORTHO_PDL": mode})
+                              env={**os.environ, "TORCHINDUCTOR_DETERMINISTIC": deterministic, "LIBORTHO_PDL": mode})
              for mode in modes]
     bits = []
     for mode, p in zip(modes, procs):
