@@ -110,10 +110,10 @@ def small_llama(norm_weights=False):
 
 
 def inductor_deterministic():
-    """Inductor without its on-device benchmarking of choices that change numerics (reduction configurations), where
-    each process picks among near-tied ones by timing: session 42's 24 processes gave a compiled decode 24 different
-    bits, PDL off included, and where a near-tie parts two decodes moved with them (the likely source; to be shown on
-    the GPU machine: one set of bits over fresh processes under this mode)."""
+    """Inductor without its on-device benchmarking of choices that change numerics (reduction configurations), so
+    that a decode's bits cannot depend on one process's timings. A guard, not a found cause: session 42's differing
+    bits across processes came from an unseeded model (small_llama's norm weights); seeded, fresh processes give one
+    set of bits with inductor as it comes too (test_cuda_norms)."""
     import contextlib
 
     import torch._inductor.config as inductor_config
@@ -139,7 +139,7 @@ def compiled_decode(model, ids):
 def assert_decodes_alike(model, change):
     """32 greedy tokens compiled and captured before and after ``change(model)``: the same tokens (a near-tie may part
     them late, not before 16) and logits that agree to the bf16 level up to where they part. Compiled under inductor's
-    deterministic mode, so that the outcome is the same in every process."""
+    deterministic mode (inductor_deterministic)."""
     ids = decode_prompt()
 
     def run():

@@ -102,7 +102,6 @@ def test_the_cuda_dispatch_hands_the_kernel_its_chunk(monkeypatch, pdl, bits):
     monkeypatch.setattr(cuda_ops, "_sms", lambda device: 132)
     if pdl is None:
         monkeypatch.delenv("LIBORTHO_PDL", raising=False)
-        monkeypatch.setattr(cuda_ops, "_hopper", lambda: False)
     else:
         monkeypatch.setenv("LIBORTHO_PDL", pdl)
     gen = torch.Generator().manual_seed(3)

@@ -97,7 +97,6 @@ def test_pdl_mode_reaches_the_decode_kernel(ext, monkeypatch, value, bits):
     kernel gets."""
     if value is None:
         monkeypatch.delenv("LIBORTHO_PDL", raising=False)
-        monkeypatch.setattr(cuda, "_hopper", lambda: False)
     else:
         monkeypatch.setenv("LIBORTHO_PDL", value)
     call(1, 4096, 4096, 0.01)
@@ -105,17 +104,6 @@ def test_pdl_mode_reaches_the_decode_kernel(ext, monkeypatch, value, bits):
     assert cuda.pdl_enabled() is (bits != 0)
     assert cuda.pdl_name() == {0: "off", 1: "early", 3: "late", 5: "noprefetch", 7: "late-noprefetch", 9: "first",
                                11: "late-first"}[bits]
-
-
-@pytest.mark.parametrize("hopper,bits", [(True, 9), (False, 0)])
-def test_pdl_mode_unset_is_first_on_hopper_and_off_before(ext, monkeypatch, hopper, bits):
-    """Without $LIBORTHO_PDL the decode kernel gets "first" (PDL, first ring tiles prefetched) on a GPU that has
-    programmatic dependent launch, and plain launches on one that does not."""
-    monkeypatch.delenv("LIBORTHO_PDL", raising=False)
-    monkeypatch.setattr(cuda, "_hopper", lambda: hopper)
-    call(1, 4096, 4096, 0.01)
-    assert ext.calls == ["fused_small_m"] and ext.pdl == bits
-    assert cuda.pdl_name() == ("first" if hopper else "off")
 
 
 def test_pdl_mode_refuses_an_unknown_value(ext, monkeypatch):

@@ -38,7 +38,6 @@ runs instead, and a warning says so once.
 """
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from pathlib import Path
@@ -321,33 +320,26 @@ _PDL_NAMES = {0: "off", **{bits: name for name, bits in PDL_MODES.items() if nam
 
 def pdl_mode() -> int:
     """$LIBORTHO_PDL: how the v1 decode kernel and decode attention use programmatic dependent launch (Hopper).
-    Unset: "first" on a Hopper or later GPU (the fastest 7B-shape decode measured, below), else "0" (off). "1" / "early": launched with it, v1's blocks prefetch their weight strip into L2 while the
+    Off by default ("0"). "1" / "early": launched with it, v1's blocks prefetch their weight strip into L2 while the
     previous kernel drains (common.cuh), and each kernel lets its dependents launch right after its wait; "late": they
     launch after the kernel's main loop (dependent blocks hold SM slots while they wait, crowding a multi-wave grid);
     "noprefetch" / "late-noprefetch": the same without the prefetch; "first" / "late-first": the prefetch cut to the
-    tiles each warp requests first (their HBM latency overlaps the kernel before). Measured (H200): "1" alone saved 0.4-0.7 us per
-    call on the two smallest Llama shapes at M = 1 but cost up to 0.6 us on 4096x11008 (results/probe-H200.json);
+    tiles each warp requests first (their HBM latency overlaps the kernel before). Measured (H200): "1" alone saved
+    0.4-0.7 us per call on the two smallest Llama shapes at M = 1 but cost up to 0.6 us on 4096x11008
+    (results/probe-H200.json);
     the 7B-shape decode lost with it (155 vs 158 tok/s, results/decode-H200-pdl.json), and with inductor's PDL too
     (2.28 vs 2.10 ms a step, session 35); "late" lost too (alpha 0 437.7 vs 514.3 tok/s with the attention step op,
     session 36), and so did "noprefetch" and "late-noprefetch" (499.7 and 509.9 vs 511.6, session 37: the linear
     overlaps the attention before it but its own time grows more; results/decode-timeline-H200-s37-*.json); "first"
-    won, alpha 0 533.5 / 532.2 vs 518.0 / 518.4 tok/s off, alpha 1 433.0 / 432.9 vs 428.3 / 429.2, A B A B in one
-    session (session 41, results/logs/decode-pdl-first-H200-s41.log). A draft as the default: under "first" the
-    small model's compiled decode with the norms fused parted from the unfused one at step 4-5 in 2 of 3 runs
-    (test_cuda_norms; "0" 3 of 3 and "1" 1 of 1 passed), so bits changed somewhere: a race to find before this lands."""
-    value = os.environ.get("LIBORTHO_PDL")
-    if value is None:
-        return PDL_MODES["first"] if _hopper() else 0
-    value = value.strip().lower()
+    won at batch 1, alpha 0 533.5 / 532.2 vs 518.0 / 518.4 tok/s off, alpha 1 433.0 / 432.9 vs 428.3 / 429.2 (session
+    41; session 43: 532.0 vs 517.3, 431.8 vs 427.8), but lost at batch 8, alpha 1 2351.3 / 2351.4 vs 2479.8 / 2480.2
+    (-5.2 %; alpha 0 3568.9 / 3569.6 vs 3531.3 / 3525.6), A B A B in one session (session 43, H200,
+    results/decode-H200-llama2-7b-shape-compile-s43-*.json), so it is not the default. Its bits are those of plain
+    launches (test_cuda_norms)."""
+    value = os.environ.get("LIBORTHO_PDL", "0").strip().lower()
     if value not in PDL_MODES:
         raise ValueError(f"LIBORTHO_PDL={value!r}: expected one of {sorted(k for k in PDL_MODES if k)}")
     return PDL_MODES[value]
-
-
-@functools.cache
-def _hopper() -> bool:
-    """Whether the current GPU has programmatic dependent launch (compute capability 9.0 or later)."""
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
 def pdl_enabled() -> bool:
