@@ -532,7 +532,7 @@ def test_decode_kernel_switch(monkeypatch):
         cuda_backend.set_decode_kernel("v9")
 
 
-@pytest.mark.parametrize("mode", ["1", "late", "noprefetch", "late-noprefetch"])
+@pytest.mark.parametrize("mode", ["1", "late", "noprefetch", "late-noprefetch", "first", "late-first"])
 @pytest.mark.parametrize("m", [1, 4, 16])
 def test_pdl_chain_matches_plain_launches(m, mode, monkeypatch):
     """With $LIBORTHO_PDL on a v1 launch may start while the previous kernel drains (and, late, let its dependents

@@ -99,26 +99,53 @@ def small_llama(norm_weights=False):
     cfg = bd.llama2_7b_config(hidden_size=512, intermediate_size=1376, num_hidden_layers=2, num_attention_heads=8,
                               num_key_value_heads=2, vocab_size=1000)
     model = bd.random_llama(cfg, torch.device("cuda"), seed=5)
-    if norm_weights:
+    if norm_weights:  # seeded: the same model in every process (session 43: unseeded, each process built its own)
+        gen = torch.Generator(device="cuda").manual_seed(6)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("norm.weight"):
-                    p.copy_(1 + 0.2 * torch.randn_like(p))
+                    p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype))
     decompose(model, OrthoConfig(bits=4, group_size=128, density=0.01, method="rtn", dtype="bfloat16"), progress=False)
     return model
 
 
+def inductor_deterministic():
+    """Inductor without its on-device benchmarking of choices that change numerics (reduction configurations), so
+    that a decode's bits cannot depend on one process's timings. A guard, not a found cause: session 42's differing
+    bits across processes came from an unseeded model (small_llama's norm weights); seeded, fresh processes give one
+    set of bits with inductor as it comes too (test_cuda_norms)."""
+    import contextlib
+
+    import torch._inductor.config as inductor_config
+    if not hasattr(inductor_config, "deterministic"):
+        return contextlib.nullcontext()
+    return inductor_config.patch(deterministic=True)
+
+
+def decode_prompt():
+    """The decode tests' prompt: 20 seeded token ids, batch 1."""
+    return torch.randint(3, 1000, (1, 20), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+
+
+def compiled_decode(model, ids):
+    """32 greedy tokens after ``ids`` and their logits, ``model``'s step compiled (from a fresh dynamo) and captured."""
+    from libortho.eval import bench_decode as bd
+    torch._dynamo.reset()
+    dec = bd.StaticDecoder(model, 1, 33, ids.shape[1], mode="compile", keep_logits=True)
+    dec.prepare(ids), dec.prefill(ids), dec.decode(32)
+    return dec.tokens[:, :32].clone(), dec.logits[:, :32].clone()
+
+
 def assert_decodes_alike(model, change):
     """32 greedy tokens compiled and captured before and after ``change(model)``: the same tokens (a near-tie may part
-    them late, not before 16) and logits that agree to the bf16 level up to where they part."""
-    from libortho.eval import bench_decode as bd
-    ids = torch.randint(3, 1000, (1, 20), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    them late, not before 16) and logits that agree to the bf16 level up to where they part. Compiled under inductor's
+    deterministic mode (inductor_deterministic)."""
+    ids = decode_prompt()
 
     def run():
-        torch._dynamo.reset()
-        dec = bd.StaticDecoder(model, 1, 33, 20, mode="compile", keep_logits=True)
-        dec.prepare(ids), dec.prefill(ids), dec.decode(32)
-        return dec.tokens[:, :32].clone(), dec.logits[:, :32].float().clone()
+        with inductor_deterministic():
+            tokens, logits = compiled_decode(model, ids)
+        return tokens, logits.float()
     tokens, logits = run()
     change(model)
     tokens_2, logits_2 = run()

@@ -11,7 +11,7 @@ from libortho import norms
 from libortho.ops import cuda as cuda_backend
 from libortho.ops.reference import NORM_TILE
 from test_cuda import TOL, make_layer, poison_allocator, reference64, rel_err
-from test_cuda_glu import assert_decodes_alike, pair, small_llama
+from test_cuda_glu import assert_decodes_alike, compiled_decode, decode_prompt, pair, small_llama
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -109,18 +109,25 @@ def test_glu_rms_epilogue_matches_the_float64_chain(case):
     assert rel_err(y, want) < 2 * TOL[dtype]
 
 
-def test_compiled_and_captured_decode_with_the_norms_in_the_products():
-    """A small random bf16 Llama decomposed (RTN, 1 %, norms with weights), GLU + fused q/k/v + the step op, compiled
-    and captured: with fuse_norms the greedy tokens are those without it (a near-tie may part them late), the logits
-    agree to the bf16 level."""
+def norms_model(fused=True):
+    """The small random bf16 Llama with norm weights, GLU, fused q/k/v and the attention step op; with ``fused`` its
+    norms in the products."""
     from libortho import attention, fuse_glu, fuse_siblings
     model = small_llama(norm_weights=True)
     fuse_glu(model), fuse_siblings(model)
     attention.use_decode_attention(model), attention.use_attention_step(model)
+    if fused:
+        assert norms.fuse_norms(model) == [0, 1]
+    return model
 
+
+def test_compiled_and_captured_decode_with_the_norms_in_the_products():
+    """A small random bf16 Llama decomposed (RTN, 1 %, norms with weights), GLU + fused q/k/v + the step op, compiled
+    and captured: with fuse_norms the greedy tokens are those without it (a near-tie may part them late), the logits
+    agree to the bf16 level."""
     def change(model):
         assert norms.fuse_norms(model) == [0, 1]
-    assert_decodes_alike(model, change)
+    assert_decodes_alike(norms_model(fused=False), change)
 
 
 def test_a_configuration_without_a_norm_form_falls_back():
@@ -143,3 +150,61 @@ def test_a_configuration_without_a_norm_form_falls_back():
         assert rel_err(norms.rms_product(layer, gh, part, 1e-5, layer.alpha), want) < TOL[torch.bfloat16]
     finally:
         assert ext.set_v1_table(old)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="no Hopper GPU")
+@pytest.mark.parametrize("mode,fused", [("0", True), ("1", True), ("first", True), ("late-first", True),
+                                        ("first", False)])
+def test_compiled_decode_with_the_norms_gives_the_bits_of_plain_launches_under_pdl(monkeypatch, mode, fused):
+    """The model of the test above with its norms fused, compiled and captured, three times with $LIBORTHO_PDL at
+    `mode`: 32 greedy tokens and their logits bit-identical to plain launches every time (PDL moves only when a kernel
+    starts; a difference is a race, not a rounding). Mode "0" is the control: plain launches against themselves (the
+    prompt's prefill, M = 20, takes v1's M <= 32 forms). `fused` False: the same model with its norms apart (inductor's
+    norm kernels between the products), to tell the norm forms from the rest."""
+    model, ids = norms_model(fused), decode_prompt()
+
+    def run(pdl):
+        monkeypatch.setenv("LIBORTHO_PDL", pdl)
+        return compiled_decode(model, ids)
+    tokens, logits = run("0")
+    for i in range(3):
+        t, lg = run(mode)
+        assert torch.equal(t, tokens) and torch.equal(lg, logits), (i, (lg.float() - logits.float()).abs().max())
+
+
+# One fresh process's compiled decode of the norms model (as above, norms fused): a hash of its tokens and logits.
+_FRESH_DECODE = """
+import hashlib, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from test_cuda_glu import compiled_decode, decode_prompt
+from test_cuda_norms import norms_model
+tokens, logits = compiled_decode(norms_model(), decode_prompt())
+raw = tokens.cpu().numpy().tobytes() + logits.view(torch.int16).cpu().numpy().tobytes()
+print("BITS", hashlib.sha1(raw).hexdigest())
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="no Hopper GPU")
+@pytest.mark.parametrize("deterministic", ["0", "1"])
+def test_fresh_processes_give_one_set_of_bits_under_pdl(deterministic):
+    """The compiled decode above in four fresh processes at once, two with plain launches and two with PDL `first`:
+    one set of bits, with inductor as it comes and in its deterministic mode. Within one process the PDL test above
+    cannot see a race that only a cold process meets (the first calls, lazy allocations, the compile's own launches)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    tests = str(Path(__file__).resolve().parent)
+    modes = ["0", "first", "0", "first"]
+    procs = [subprocess.Popen([sys.executable, "-c", _FRESH_DECODE, tests], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "TORCHINDUCTOR_DETERMINISTIC": deterministic, "LIBORTHO_PDL": mode})
+             for mode in modes]
+    bits = []
+    for mode, p in zip(modes, procs):
+        out, err = p.communicate(timeout=300)
+        lines = [line for line in out.splitlines() if line.startswith("BITS ")]
+        assert p.returncode == 0 and lines, (mode, err[-2000:])
+        bits.append((mode, lines[-1].split()[1][:12]))
+    assert len({b for _, b in bits}) == 1, bits

@@ -91,9 +91,10 @@ def test_other_policies(ext, monkeypatch, policy, m, want):
 
 
 @pytest.mark.parametrize("value,bits", [(None, 0), ("0", 0), ("1", 1), ("early", 1), ("late", 3), ("noprefetch", 5),
-                                        ("late-noprefetch", 7), (" Late ", 3)])
+                                        ("late-noprefetch", 7), (" Late ", 3), ("first", 9), ("late-first", 11)])
 def test_pdl_mode_reaches_the_decode_kernel(ext, monkeypatch, value, bits):
-    """$LIBORTHO_PDL picks the kernels.h kPdl* bits (on 1, late trigger 2, no prefetch 4) the decode kernel gets."""
+    """$LIBORTHO_PDL picks the kernels.h kPdl* bits (on 1, late trigger 2, no prefetch 4, first tiles 8) the decode
+    kernel gets."""
     if value is None:
         monkeypatch.delenv("LIBORTHO_PDL", raising=False)
     else:
@@ -101,7 +102,8 @@ def test_pdl_mode_reaches_the_decode_kernel(ext, monkeypatch, value, bits):
     call(1, 4096, 4096, 0.01)
     assert ext.calls == ["fused_small_m"] and ext.pdl == bits
     assert cuda.pdl_enabled() is (bits != 0)
-    assert cuda.pdl_name() == {0: "off", 1: "early", 3: "late", 5: "noprefetch", 7: "late-noprefetch"}[bits]
+    assert cuda.pdl_name() == {0: "off", 1: "early", 3: "late", 5: "noprefetch", 7: "late-noprefetch", 9: "first",
+                               11: "late-first"}[bits]
 
 
 def test_pdl_mode_refuses_an_unknown_value(ext, monkeypatch):

@@ -312,8 +312,9 @@ def use_gemm(policy: str, m: int, ortho_work: int = 0, weights: int = 0) -> bool
     return weights >= min_weights and ortho_work <= SIEVE_HEADROOM * GEMM_ORTHO_WORK_PER_WEIGHT * weights
 
 
-# $LIBORTHO_PDL values and their kernels.h kPdl* bits (on 1, late trigger 2, no prefetch 4)
-PDL_MODES = {"0": 0, "": 0, "1": 1, "early": 1, "late": 3, "noprefetch": 5, "late-noprefetch": 7}
+# $LIBORTHO_PDL values and their kernels.h kPdl* bits (on 1, late trigger 2, no prefetch 4, first tiles only 8)
+PDL_MODES = {"0": 0, "": 0, "1": 1, "early": 1, "late": 3, "noprefetch": 5, "late-noprefetch": 7, "first": 9,
+             "late-first": 11}
 _PDL_NAMES = {0: "off", **{bits: name for name, bits in PDL_MODES.items() if name[:1].isalpha()}}
 
 
@@ -322,12 +323,19 @@ def pdl_mode() -> int:
     Off by default ("0"). "1" / "early": launched with it, v1's blocks prefetch their weight strip into L2 while the
     previous kernel drains (common.cuh), and each kernel lets its dependents launch right after its wait; "late": they
     launch after the kernel's main loop (dependent blocks hold SM slots while they wait, crowding a multi-wave grid);
-    "noprefetch" / "late-noprefetch": the same without the prefetch. Measured (H200): "1" alone saved 0.4-0.7 us per
-    call on the two smallest Llama shapes at M = 1 but cost up to 0.6 us on 4096x11008 (results/probe-H200.json);
+    "noprefetch" / "late-noprefetch": the same without the prefetch; "first" / "late-first": the prefetch cut to the
+    tiles each warp requests first (their HBM latency overlaps the kernel before). Measured (H200): "1" alone saved
+    0.4-0.7 us per call on the two smallest Llama shapes at M = 1 but cost up to 0.6 us on 4096x11008
+    (results/probe-H200.json);
     the 7B-shape decode lost with it (155 vs 158 tok/s, results/decode-H200-pdl.json), and with inductor's PDL too
     (2.28 vs 2.10 ms a step, session 35); "late" lost too (alpha 0 437.7 vs 514.3 tok/s with the attention step op,
     session 36), and so did "noprefetch" and "late-noprefetch" (499.7 and 509.9 vs 511.6, session 37: the linear
-    overlaps the attention before it but its own time grows more; results/decode-timeline-H200-s37-*.json)."""
+    overlaps the attention before it but its own time grows more; results/decode-timeline-H200-s37-*.json); "first"
+    won at batch 1, alpha 0 533.5 / 532.2 vs 518.0 / 518.4 tok/s off, alpha 1 433.0 / 432.9 vs 428.3 / 429.2 (session
+    41; session 43: 532.0 vs 517.3, 431.8 vs 427.8), but lost at batch 8, alpha 1 2351.3 / 2351.4 vs 2479.8 / 2480.2
+    (-5.2 %; alpha 0 3568.9 / 3569.6 vs 3531.3 / 3525.6), A B A B in one session (session 43, H200,
+    results/decode-H200-llama2-7b-shape-compile-s43-*.json), so it is not the default. Its bits are those of plain
+    launches (test_cuda_norms)."""
     value = os.environ.get("LIBORTHO_PDL", "0").strip().lower()
     if value not in PDL_MODES:
         raise ValueError(f"LIBORTHO_PDL={value!r}: expected one of {sorted(k for k in PDL_MODES if k)}")
@@ -340,7 +348,8 @@ def pdl_enabled() -> bool:
 
 
 def pdl_name() -> str:
-    """$LIBORTHO_PDL's mode by name, for result files: "off", "early", "late", "noprefetch" or "late-noprefetch"."""
+    """$LIBORTHO_PDL's mode by name, for result files: "off", "early", "late", "noprefetch", "late-noprefetch", "first"
+    or "late-first"."""
     return _PDL_NAMES[pdl_mode()]
 
 

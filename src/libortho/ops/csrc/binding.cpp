@@ -105,7 +105,7 @@ Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     return {none, kBadArgs};
   if (bias && (bias->scalar_type() != x.scalar_type() || bias->numel() != N || !bias->is_contiguous()))
     return {none, kBadArgs};
-  if (pdl < 0 || pdl > (libortho::kPdlOn | libortho::kPdlLate | libortho::kPdlNoPrefetch)) return {none, kBadArgs};
+  if (pdl < 0 || pdl > libortho::kPdlAll) return {none, kBadArgs};
   op.pdl = static_cast<int>(pdl);
   if (glu && N % 16 != 0) return {none, kBadArgs};
   op.glu = glu ? 1 : 0;
@@ -333,7 +333,7 @@ Result attention_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   a.chunk = static_cast<int>(chunk); a.splits = static_cast<int>((L + chunk - 1) / chunk);
   a.scale = static_cast<float>(scale); a.bf16 = dt == at::kBFloat16;
   a.last_block_combines = last_block_combines;
-  if (pdl < 0 || pdl > (libortho::kPdlOn | libortho::kPdlLate | libortho::kPdlNoPrefetch)) return {none, kBadArgs};
+  if (pdl < 0 || pdl > libortho::kPdlAll) return {none, kBadArgs};
   a.pdl = static_cast<int>(pdl);
   if (!libortho::decode_attention_supported(a) || !step(a)) return {none, kBadArgs};
   const c10::cuda::CUDAGuard guard(q.device());

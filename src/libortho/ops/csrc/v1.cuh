@@ -283,7 +283,11 @@ fused_small_m_kernel(V1Operands<kNorm> op, const T* __restrict__ x, const T* __r
   const T* sc = static_cast<const T*>(op.scales) + static_cast<size_t>(tn) * G * 16;
   const T* zp = static_cast<const T*>(op.zeros);
   if (zp) zp += static_cast<size_t>(tn) * G * 16;
-  if (op.pdl) pdl_prologue(op.pdl, op.qweight + static_cast<size_t>(tn) * Tk * 32 * BITS, Tk * 32 * BITS * 4 * rts);
+  // kPdlFirstTiles: the tiles every warp requests first (its ring's S - 1, or two chunks without a ring)
+  constexpr int kFirstTiles = W * (Cfg::kStages > 0 ? Cfg::kStages - 1 : 2 * Cfg::kU);
+  if (op.pdl)
+    pdl_prologue(op.pdl, op.qweight + static_cast<size_t>(tn) * Tk * 32 * BITS, Tk * 32 * BITS * 4, rts,
+                 kFirstTiles * 32 * BITS * 4);
 
   // The ortho stream (skipped entirely when alpha == 0, the kill switch). The tile's entries are
   // flattened and cut into equal contiguous runs, one per thread, whatever the row lengths (a dense
