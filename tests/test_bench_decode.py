@@ -462,3 +462,17 @@ def test_bench_decode_targets_the_lm_head_too_and_counts_it_alike(tmp_path):
     assert row_head["bf16_weight_bytes"] - row["bf16_weight_bytes"] == 256 * 128 * 2
     assert row_head["alpha0_weight_bytes"] > row["alpha0_weight_bytes"]  # the head's INT4 base, scales, ortho
     assert row_head["alpha0_weight_bytes"] - row["alpha0_weight_bytes"] < 256 * 128 * 2 / 2
+
+
+@pytest.mark.parametrize("pdl,limit,says", [(True, 1, ", LibOrtho PDL first up to M = 1, "),
+                                            (True, None, ", LibOrtho PDL first, "),
+                                            (False, 1, "one GLU layer, median")])
+def test_the_summary_names_the_pdl_mode_and_its_row_limit(pdl, limit, says):
+    """A result's summary line says LibOrtho's PDL mode and $LIBORTHO_PDL_MAX_M where PDL was on (session 43's file)."""
+    from pathlib import Path
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    path = results / "decode-H200-llama2-7b-shape-compile-s43-b1-first.json"
+    result = json.loads(path.read_text())
+    result["protocol"].update(pdl=pdl, pdl_max_m=limit)
+    head = bd.summary(result).splitlines()[0]
+    assert says in head and (pdl or "PDL" not in head)

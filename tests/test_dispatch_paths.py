@@ -47,6 +47,7 @@ def ext(monkeypatch):
     monkeypatch.setattr(cuda, "F", SimpleNamespace(linear=lambda x, w, b=None: torch.zeros(x.shape[0], w.shape[0])))
     monkeypatch.delenv("LIBORTHO_PREFILL", raising=False)
     monkeypatch.delenv("LIBORTHO_DECODE_KERNEL", raising=False)
+    monkeypatch.delenv("LIBORTHO_PDL_MAX_M", raising=False)
     return rec
 
 
@@ -104,6 +105,30 @@ def test_pdl_mode_reaches_the_decode_kernel(ext, monkeypatch, value, bits):
     assert cuda.pdl_enabled() is (bits != 0)
     assert cuda.pdl_name() == {0: "off", 1: "early", 3: "late", 5: "noprefetch", 7: "late-noprefetch", 9: "first",
                                11: "late-first"}[bits]
+
+
+@pytest.mark.parametrize("limit,m,bits", [(None, 16, 9), ("1", 1, 9), ("1", 2, 0), ("8", 8, 9), ("8", 16, 0),
+                                          ("4", 32, 0), (" 16 ", 16, 9)])
+def test_pdl_max_m_keeps_pdl_to_calls_of_that_many_rows(ext, monkeypatch, limit, m, bits):
+    """$LIBORTHO_PDL_MAX_M: a call of more rows than it says gets plain launches (bits 0), the others $LIBORTHO_PDL's
+    bits; unset, every call; M > 16 calls of v1 (here M = 32, 4096 x 4096, no ortho) are held to it too."""
+    monkeypatch.setenv("LIBORTHO_PDL", "first")
+    if limit is None:
+        monkeypatch.delenv("LIBORTHO_PDL_MAX_M", raising=False)
+    else:
+        monkeypatch.setenv("LIBORTHO_PDL_MAX_M", limit)
+    call(m, 4096, 4096)
+    assert ext.calls == ["fused_small_m"] and ext.pdl == bits
+    assert cuda.pdl_mode() == 9 and cuda.pdl_name() == "first"  # the mode itself, for result files
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "two", "1.5"])
+def test_pdl_max_m_refuses_what_is_not_a_positive_count(ext, monkeypatch, limit):
+    monkeypatch.setenv("LIBORTHO_PDL", "first")
+    monkeypatch.setenv("LIBORTHO_PDL_MAX_M", limit)
+    with pytest.raises(ValueError, match="LIBORTHO_PDL_MAX_M=.*positive number of rows"):
+        call(1, 4096, 4096)
+    assert ext.calls == []
 
 
 def test_pdl_mode_refuses_an_unknown_value(ext, monkeypatch):

@@ -318,9 +318,10 @@ PDL_MODES = {"0": 0, "": 0, "1": 1, "early": 1, "late": 3, "noprefetch": 5, "lat
 _PDL_NAMES = {0: "off", **{bits: name for name, bits in PDL_MODES.items() if name[:1].isalpha()}}
 
 
-def pdl_mode() -> int:
-    """$LIBORTHO_PDL: how the v1 decode kernel and decode attention use programmatic dependent launch (Hopper).
-    Off by default ("0"). "1" / "early": launched with it, v1's blocks prefetch their weight strip into L2 while the
+def pdl_mode(m: int | None = None) -> int:
+    """The kPdl* bits of a call of ``m`` rows (None: the mode itself): $LIBORTHO_PDL's, or 0 where ``m`` exceeds
+    $LIBORTHO_PDL_MAX_M (pdl_max_m). $LIBORTHO_PDL: how the v1 decode kernel and decode attention use programmatic
+    dependent launch (Hopper). Off by default ("0"). "1" / "early": launched with it, v1's blocks prefetch their weight strip into L2 while the
     previous kernel drains (common.cuh), and each kernel lets its dependents launch right after its wait; "late": they
     launch after the kernel's main loop (dependent blocks hold SM slots while they wait, crowding a multi-wave grid);
     "noprefetch" / "late-noprefetch": the same without the prefetch; "first" / "late-first": the prefetch cut to the
@@ -339,7 +340,19 @@ def pdl_mode() -> int:
     value = os.environ.get("LIBORTHO_PDL", "0").strip().lower()
     if value not in PDL_MODES:
         raise ValueError(f"LIBORTHO_PDL={value!r}: expected one of {sorted(k for k in PDL_MODES if k)}")
-    return PDL_MODES[value]
+    limit = pdl_max_m()
+    return 0 if m is not None and limit is not None and m > limit else PDL_MODES[value]
+
+
+def pdl_max_m() -> int | None:
+    """$LIBORTHO_PDL_MAX_M: the most rows (tokens; the batch for decode attention) a call may have to be launched with
+    PDL; unset: no limit. A draft to keep "first" where it won (batch 1) without batch 8's loss (session 43)."""
+    value = os.environ.get("LIBORTHO_PDL_MAX_M", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"LIBORTHO_PDL_MAX_M={value!r}: expected a positive number of rows, or unset for no limit")
+    return int(value)
 
 
 def pdl_enabled() -> bool:
@@ -500,7 +513,7 @@ def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
     if m <= SMALL_M_MAX:
         fused = getattr(_state["ext"], _FUSED[decode_kernel()])
         y = _checked(fused(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
-                           out_features, in_features, pdl_mode()), "fused kernel")
+                           out_features, in_features, pdl_mode(m)), "fused kernel")
         return y.reshape(*x.shape[:-1], out_features)
     # M > 16: one reading of the policy ($LIBORTHO_PREFILL) and of what its rules weigh, for every path below
     policy, sms = prefill(), _sms(x2.device)
@@ -508,7 +521,8 @@ def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
     if (use_v1_wide(policy, m, work, weights, out_features, sms)
             and v1_wide_takes(x2, bits, group_size, in_features)):
         y = _checked(_state["ext"].fused_small_m(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits,
-                                                 group_size, out_features, in_features, pdl_mode()), "fused kernel")
+                                                 group_size, out_features, in_features, pdl_mode(m)),
+                     "fused kernel")
     elif ((form := cutlass_form(policy, m, out_features, in_features, sms)) is not None
           and cutlass_takes(x2, bits, group_size, out_features, in_features, alpha, values)):
         y = _checked(_state["ext"].gemm_cutlass(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha,
@@ -542,8 +556,8 @@ def ortho_glu_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, al
                                                       bits, group_size, out_features, in_features))
     x2, scales, zeros, values, bias = _operands(x, scales, zeros, values, bias, in_features)
     y = _checked(_state["ext"].fused_small_m_glu(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha,
-                                                 bits, group_size, out_features, in_features, pdl_mode()),
-                 "fused kernel (GLU epilogue)")
+                                                 bits, group_size, out_features, in_features,
+                                                 pdl_mode(x2.shape[0])), "fused kernel (GLU epilogue)")
     return y.reshape(*x.shape[:-1], out_features // 2)
 
 
@@ -564,8 +578,8 @@ def _norm_call(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha,
     """The binding's result, or None where the call's v1 configuration has no norm form (a table set for tuning)."""
     x2, scales, zeros, values, bias = _operands(x, scales, zeros, values, bias, in_features)
     result = _state["ext"].fused_small_m_norm(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits,
-                                              group_size, out_features, in_features, pdl_mode(), residual, norm_weight,
-                                              part, eps, glu)
+                                              group_size, out_features, in_features, pdl_mode(x2.shape[0]), residual,
+                                              norm_weight, part, eps, glu)
     return None if result[1] == NORM_NOT_TAKEN else _checked(result, what)
 
 
