@@ -13,6 +13,9 @@ from libortho.ops.reference import NORM_TILE
 from test_cuda import TOL, make_layer, poison_allocator, reference64, rel_err
 from test_cuda_glu import assert_decodes_alike, compiled_decode, decode_prompt, pair, small_llama
 
+# programmatic dependent launch: compute capability 9.0 or later
+needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                                  reason="no Hopper GPU")
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -152,7 +155,7 @@ def test_a_configuration_without_a_norm_form_falls_back():
         assert ext.set_v1_table(old)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="no Hopper GPU")
+@needs_hopper
 @pytest.mark.parametrize("mode,fused", [("0", True), ("1", True), ("first", True), ("late-first", True),
                                         ("first", False)])
 def test_compiled_decode_with_the_norms_gives_the_bits_of_plain_launches_under_pdl(monkeypatch, mode, fused):
@@ -185,7 +188,7 @@ print("BITS", hashlib.sha1(raw).hexdigest())
 """
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="no Hopper GPU")
+@needs_hopper
 @pytest.mark.parametrize("deterministic", ["0", "1"])
 def test_fresh_processes_give_one_set_of_bits_under_pdl(deterministic):
     """The compiled decode above in four fresh processes at once, two with plain launches and two with PDL `first`:
