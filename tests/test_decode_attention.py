@@ -83,7 +83,8 @@ def test_the_fake_implementation_lets_compile_trace_it():
     assert torch.allclose(fn(q, k, v, mask), 2 * torch.ops.libortho.decode_attention(q, k, v, mask, 0.125))
 
 
-@pytest.mark.parametrize("pdl,limit,batch,bits", [(None, None, 1, 0), ("late", None, 1, 3), ("first", "1", 1, 9),
+@pytest.mark.parametrize("pdl,limit,batch,bits", [(None, None, 1, 9), (None, None, 2, 0), ("0", None, 1, 0),
+                                                  ("late", None, 1, 3), ("late", "none", 2, 3), ("first", "1", 1, 9),
                                                   ("first", "1", 2, 0)])
 def test_the_cuda_dispatch_hands_the_kernel_its_chunk(monkeypatch, pdl, limit, batch, bits):
     """decode_attention_cuda (run here with a stand-in extension): the kernel gets the chunk attention_chunk picks for
@@ -101,6 +102,7 @@ def test_the_cuda_dispatch_hands_the_kernel_its_chunk(monkeypatch, pdl, limit, b
     monkeypatch.setattr(cuda_ops, "available", lambda: True)
     monkeypatch.setattr(cuda_ops, "extension", lambda: Ext())
     monkeypatch.setattr(cuda_ops, "_sms", lambda device: 132)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))  # unset: "first", one row
     if pdl is None:
         monkeypatch.delenv("LIBORTHO_PDL", raising=False)
     else:
