@@ -210,7 +210,8 @@ def test_cuda_step_op_decodes_a_bf16_model_as_the_separate_steps():
 
 def test_the_cuda_dispatch_hands_the_kernel_its_operands(monkeypatch):
     """decode_attention_step_cuda with a stand-in extension: the kernel gets the operands, pos as one element, the
-    chunk attention_chunk picks, the one-launch combine and $LIBORTHO_PDL's bits; a head dim the kernel does not take
+    chunk attention_chunk picks, the one-launch combine and $LIBORTHO_PDL's bits (none for a batch over
+    $LIBORTHO_PDL_MAX_M); a head dim the kernel does not take
     runs the reference (the caches written all the same)."""
     from libortho.ops import attention_step
     from libortho.ops.attention import attention_chunk
@@ -226,13 +227,19 @@ def test_the_cuda_dispatch_hands_the_kernel_its_operands(monkeypatch):
     monkeypatch.setattr(cuda_backend, "extension", lambda: Ext())
     monkeypatch.setattr(cuda_backend, "_sms", lambda device: 132)
     monkeypatch.setenv("LIBORTHO_PDL", "late")
+    monkeypatch.delenv("LIBORTHO_PDL_MAX_M", raising=False)
     a = step_inputs(b=1, hq=8, hkv=2, length=392, d=64, pos=9, dtype=torch.bfloat16)
     out = attention_step.decode_attention_step_cuda(**a)
     assert calls == [((1,), attention_chunk(1, 2, 392, 132), True, 3, a["scale"])] and bool((out == 3).all())
+    monkeypatch.setenv("LIBORTHO_PDL_MAX_M", "1")  # a batch over it: plain launches
+    attention_step.decode_attention_step_cuda(**step_inputs(b=2, hq=8, hkv=2, length=392, d=64, pos=9,
+                                                            dtype=torch.bfloat16))
+    assert calls[1:] == [((1,), attention_chunk(2, 2, 392, 132), True, 0, a["scale"])]
+    calls.clear()
     a = step_inputs(b=1, hq=8, hkv=2, length=40, d=96, pos=9, dtype=torch.bfloat16)
     before = a["v_cache"].clone()
     monkeypatch.setitem(cuda_backend._state, "warned", set())
     with pytest.warns(RuntimeWarning, match="no CUDA decode-attention-step kernel"):
         attention_step.decode_attention_step_cuda(**a)
-    assert len(calls) == 1 and torch.equal(a["v_cache"][:, :, 9:10], a["v_new"])
+    assert not calls and torch.equal(a["v_cache"][:, :, 9:10], a["v_new"])
     assert torch.equal(a["v_cache"][:, :, :9], before[:, :, :9])

@@ -302,13 +302,14 @@ def test_cuda_decode_step_never_syncs_and_graph_matches_eager():
 
 
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] < 9, reason="no Hopper GPU")
-@pytest.mark.parametrize("libortho_pdl", ["0", "1", "late", "late-noprefetch", "first", "late-first"])
+@pytest.mark.parametrize("libortho_pdl", ["0", "1", "late", "late-noprefetch", "first", "late-first", "default"])
 def test_cuda_compiled_step_with_pdl_gives_the_same_bits(monkeypatch, libortho_pdl):
     """--inductor-pdl (Triton kernels launched with programmatic dependent launch), with LibOrtho's own in each
     $LIBORTHO_PDL mode (v1 and the decode attention): every kernel may start while the one before it drains and waits on
     the device before it reads that kernel's output. A decomposed model (head dim 64, so LibOrtho's attention kernel
     runs) decoded by a compiled, captured step gives the tokens and bit-identical logits of plain launches, at alpha 1
-    and 0."""
+    and 0. Every M under PDL ($LIBORTHO_PDL_MAX_M none; batch 2), or "default": neither variable set ("first" for
+    one-row calls)."""
     import torch._inductor.config as inductor_config
 
     from libortho import attention
@@ -323,7 +324,12 @@ def test_cuda_compiled_step_with_pdl_gives_the_same_bits(monkeypatch, libortho_p
     ids = torch.randint(3, 1000, (2, 8), device="cuda")
 
     def run(inductor_pdl, mode):
-        monkeypatch.setenv("LIBORTHO_PDL", mode)
+        if mode == "default":
+            monkeypatch.delenv("LIBORTHO_PDL", raising=False)
+            monkeypatch.delenv("LIBORTHO_PDL_MAX_M", raising=False)
+        else:
+            monkeypatch.setenv("LIBORTHO_PDL", mode)
+            monkeypatch.setenv("LIBORTHO_PDL_MAX_M", "none")
         torch._dynamo.reset()
         with bd.inductor_tuning(False, inductor_pdl):
             dec = bd.StaticDecoder(model, 2, 16, 8, mode="compile", keep_logits=True)
@@ -462,3 +468,17 @@ def test_bench_decode_targets_the_lm_head_too_and_counts_it_alike(tmp_path):
     assert row_head["bf16_weight_bytes"] - row["bf16_weight_bytes"] == 256 * 128 * 2
     assert row_head["alpha0_weight_bytes"] > row["alpha0_weight_bytes"]  # the head's INT4 base, scales, ortho
     assert row_head["alpha0_weight_bytes"] - row["alpha0_weight_bytes"] < 256 * 128 * 2 / 2
+
+
+@pytest.mark.parametrize("pdl,limit,says", [(True, 1, ", LibOrtho PDL first up to M = 1, "),
+                                            (True, None, ", LibOrtho PDL first, "),
+                                            (False, 1, "one GLU layer, median")])
+def test_the_summary_names_the_pdl_mode_and_its_row_limit(pdl, limit, says):
+    """A result's summary line says LibOrtho's PDL mode and $LIBORTHO_PDL_MAX_M where PDL was on (session 43's file)."""
+    from pathlib import Path
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    path = results / "decode-H200-llama2-7b-shape-compile-s43-b1-first.json"
+    result = json.loads(path.read_text())
+    result["protocol"].update(pdl=pdl, pdl_max_m=limit)
+    head = bd.summary(result).splitlines()[0]
+    assert says in head and (pdl or "PDL" not in head)

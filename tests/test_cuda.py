@@ -551,6 +551,7 @@ def test_pdl_chain_matches_plain_launches(m, mode, monkeypatch):
         return y
 
     cuda_backend.set_decode_kernel("v1")
+    monkeypatch.setenv("LIBORTHO_PDL_MAX_M", "none")  # PDL at every M here, not only the default's one row
     try:
         monkeypatch.setenv("LIBORTHO_PDL", "0")
         plain = chain()

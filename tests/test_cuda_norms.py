@@ -157,17 +157,23 @@ def test_a_configuration_without_a_norm_form_falls_back():
 
 @needs_hopper
 @pytest.mark.parametrize("mode,fused", [("0", True), ("1", True), ("first", True), ("late-first", True),
-                                        ("first", False)])
+                                        ("first", False), ("default", True)])
 def test_compiled_decode_with_the_norms_gives_the_bits_of_plain_launches_under_pdl(monkeypatch, mode, fused):
     """The model of the test above with its norms fused, compiled and captured, three times with $LIBORTHO_PDL at
     `mode`: 32 greedy tokens and their logits bit-identical to plain launches every time (PDL moves only when a kernel
     starts; a difference is a race, not a rounding). Mode "0" is the control: plain launches against themselves (the
-    prompt's prefill, M = 20, takes v1's M <= 32 forms). `fused` False: the same model with its norms apart (inductor's
-    norm kernels between the products), to tell the norm forms from the rest."""
+    prompt's prefill, M = 20, takes v1's M <= 32 forms; no row limit). `fused` False: the same model with its norms
+    apart (inductor's norm kernels between the products), to tell the norm forms from the rest. "default": neither
+    variable set ("first" for one-row calls, plain launches for the prefill)."""
     model, ids = norms_model(fused), decode_prompt()
 
     def run(pdl):
-        monkeypatch.setenv("LIBORTHO_PDL", pdl)
+        if pdl == "default":
+            monkeypatch.delenv("LIBORTHO_PDL", raising=False)
+            monkeypatch.delenv("LIBORTHO_PDL_MAX_M", raising=False)
+        else:
+            monkeypatch.setenv("LIBORTHO_PDL", pdl)
+            monkeypatch.setenv("LIBORTHO_PDL_MAX_M", "none")
         return compiled_decode(model, ids)
     tokens, logits = run("0")
     for i in range(3):
@@ -191,18 +197,20 @@ print("BITS", hashlib.sha1(raw).hexdigest())
 @needs_hopper
 @pytest.mark.parametrize("deterministic", ["0", "1"])
 def test_fresh_processes_give_one_set_of_bits_under_pdl(deterministic):
-    """The compiled decode above in four fresh processes at once, two with plain launches and two with PDL `first`:
-    one set of bits, with inductor as it comes and in its deterministic mode. Within one process the PDL test above
+    """The compiled decode above in four fresh processes at once, two with plain launches, one with PDL `first` at
+    every M and one with neither variable set (`first` for one-row calls): one set of bits, with inductor as it comes and in its deterministic mode. Within one process the PDL test above
     cannot see a race that only a cold process meets (the first calls, lazy allocations, the compile's own launches)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
     tests = str(Path(__file__).resolve().parent)
-    modes = ["0", "first", "0", "first"]
+    base = {k: v for k, v in os.environ.items() if k not in ("LIBORTHO_PDL", "LIBORTHO_PDL_MAX_M")}
+    envs = {"0": {"LIBORTHO_PDL": "0"}, "first": {"LIBORTHO_PDL": "first", "LIBORTHO_PDL_MAX_M": "none"}, "default": {}}
+    modes = ["0", "first", "0", "default"]
     procs = [subprocess.Popen([sys.executable, "-c", _FRESH_DECODE, tests], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "TORCHINDUCTOR_DETERMINISTIC": deterministic, "LIBORTHO_PDL": mode})
+                              env={**base, "TORCHINDUCTOR_DETERMINISTIC": deterministic, **envs[mode]})
              for mode in modes]
     bits = []
     for mode, p in zip(modes, procs):

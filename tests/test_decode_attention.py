@@ -83,11 +83,13 @@ def test_the_fake_implementation_lets_compile_trace_it():
     assert torch.allclose(fn(q, k, v, mask), 2 * torch.ops.libortho.decode_attention(q, k, v, mask, 0.125))
 
 
-@pytest.mark.parametrize("pdl,bits", [(None, 0), ("late", 3)])
-def test_the_cuda_dispatch_hands_the_kernel_its_chunk(monkeypatch, pdl, bits):
+@pytest.mark.parametrize("pdl,limit,batch,bits", [(None, None, 1, 9), (None, None, 2, 0), ("0", None, 1, 0),
+                                                  ("late", None, 1, 3), ("late", "none", 2, 3), ("first", "1", 1, 9),
+                                                  ("first", "1", 2, 0)])
+def test_the_cuda_dispatch_hands_the_kernel_its_chunk(monkeypatch, pdl, limit, batch, bits):
     """decode_attention_cuda (run here with a stand-in extension): the kernel gets the chunk attention_chunk picks for
-    the device's SM count (the linears' cached count), the one-launch combine and $LIBORTHO_PDL's mode bits, and its
-    output is returned."""
+    the device's SM count (the linears' cached count), the one-launch combine and $LIBORTHO_PDL's mode bits (none for
+    a batch over $LIBORTHO_PDL_MAX_M), and its output is returned."""
     from libortho.ops import attention as ops_attention
     from libortho.ops import cuda as cuda_ops
     calls = []
@@ -100,15 +102,21 @@ def test_the_cuda_dispatch_hands_the_kernel_its_chunk(monkeypatch, pdl, bits):
     monkeypatch.setattr(cuda_ops, "available", lambda: True)
     monkeypatch.setattr(cuda_ops, "extension", lambda: Ext())
     monkeypatch.setattr(cuda_ops, "_sms", lambda device: 132)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))  # unset: "first", one row
     if pdl is None:
         monkeypatch.delenv("LIBORTHO_PDL", raising=False)
     else:
         monkeypatch.setenv("LIBORTHO_PDL", pdl)
+    if limit is None:
+        monkeypatch.delenv("LIBORTHO_PDL_MAX_M", raising=False)
+    else:
+        monkeypatch.setenv("LIBORTHO_PDL_MAX_M", limit)
     gen = torch.Generator().manual_seed(3)
-    q, k, v, mask = make(1, 6, 3, 392, 64, "bool", gen, torch.bfloat16)
+    q, k, v, mask = make(batch, 6, 3, 392, 64, "bool", gen, torch.bfloat16)
     out = ops_attention.decode_attention_cuda(q, k, v, mask, 0.125)
-    assert calls == [(attention_chunk(1, 3, 392, 132), True, 0.125, bits)] and calls[0][0] == 16
-    assert out.shape == (1, 1, 6, 64) and bool((out == 7).all())
+    assert calls == [(attention_chunk(batch, 3, 392, 132), True, 0.125, bits)]
+    assert batch != 1 or calls[0][0] == 16
+    assert out.shape == (batch, 1, 6, 64) and bool((out == 7).all())
 
 
 def test_the_cuda_dispatch_runs_the_reference_quietly_when_the_reference_backend_is_chosen(monkeypatch):

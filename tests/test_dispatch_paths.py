@@ -47,6 +47,7 @@ def ext(monkeypatch):
     monkeypatch.setattr(cuda, "F", SimpleNamespace(linear=lambda x, w, b=None: torch.zeros(x.shape[0], w.shape[0])))
     monkeypatch.delenv("LIBORTHO_PREFILL", raising=False)
     monkeypatch.delenv("LIBORTHO_DECODE_KERNEL", raising=False)
+    monkeypatch.delenv("LIBORTHO_PDL_MAX_M", raising=False)
     return rec
 
 
@@ -90,11 +91,11 @@ def test_other_policies(ext, monkeypatch, policy, m, want):
     assert ext.calls == [want]
 
 
-@pytest.mark.parametrize("value,bits", [(None, 0), ("0", 0), ("1", 1), ("early", 1), ("late", 3), ("noprefetch", 5),
+@pytest.mark.parametrize("value,bits", [(None, 9), ("", 9), ("0", 0), ("1", 1), ("early", 1), ("late", 3), ("noprefetch", 5),
                                         ("late-noprefetch", 7), (" Late ", 3), ("first", 9), ("late-first", 11)])
 def test_pdl_mode_reaches_the_decode_kernel(ext, monkeypatch, value, bits):
     """$LIBORTHO_PDL picks the kernels.h kPdl* bits (on 1, late trigger 2, no prefetch 4, first tiles 8) the decode
-    kernel gets."""
+    kernel gets; unset or empty on a Hopper card (the fixture's capability 9.0): "first"."""
     if value is None:
         monkeypatch.delenv("LIBORTHO_PDL", raising=False)
     else:
@@ -106,11 +107,52 @@ def test_pdl_mode_reaches_the_decode_kernel(ext, monkeypatch, value, bits):
                                11: "late-first"}[bits]
 
 
+@pytest.mark.parametrize("limit,m,bits", [(None, 1, 9), (None, 2, 0), (None, 16, 0), ("1", 1, 9), ("1", 2, 0),
+                                          ("8", 8, 9), ("8", 16, 0), ("4", 32, 0), (" 16 ", 16, 9), ("none", 16, 9),
+                                          (" None ", 32, 9)])
+def test_pdl_max_m_keeps_pdl_to_calls_of_that_many_rows(ext, monkeypatch, limit, m, bits):
+    """$LIBORTHO_PDL_MAX_M: a call of more rows than it says gets plain launches (bits 0), the others $LIBORTHO_PDL's
+    bits; unset, one row; "none", every call; M > 16 calls of v1 (here M = 32, 4096 x 4096, no ortho) are held to it
+    too."""
+    monkeypatch.setenv("LIBORTHO_PDL", "first")
+    if limit is None:
+        monkeypatch.delenv("LIBORTHO_PDL_MAX_M", raising=False)
+    else:
+        monkeypatch.setenv("LIBORTHO_PDL_MAX_M", limit)
+    call(m, 4096, 4096)
+    assert ext.calls == ["fused_small_m"] and ext.pdl == bits
+    assert cuda.pdl_mode() == 9 and cuda.pdl_name() == "first"  # the mode itself, for result files
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "two", "1.5"])
+def test_pdl_max_m_refuses_what_is_not_a_positive_count(ext, monkeypatch, limit):
+    monkeypatch.setenv("LIBORTHO_PDL", "first")
+    monkeypatch.setenv("LIBORTHO_PDL_MAX_M", limit)
+    with pytest.raises(ValueError, match="LIBORTHO_PDL_MAX_M=.*positive number of rows, or none"):
+        call(1, 4096, 4096)
+    assert ext.calls == []
+
+
 def test_pdl_mode_refuses_an_unknown_value(ext, monkeypatch):
     monkeypatch.setenv("LIBORTHO_PDL", "yes")
     with pytest.raises(ValueError, match="LIBORTHO_PDL='yes'.*late"):
         call(1, 4096, 4096)
     assert ext.calls == []
+
+
+@pytest.mark.parametrize("capability,bits", [((8, 0), 0), ((8, 9), 0), ((9, 0), 9), ((10, 0), 9), (None, 0)])
+def test_the_default_mode_is_first_only_where_the_card_has_pdl(ext, monkeypatch, capability, bits):
+    """$LIBORTHO_PDL unset: "first" on compute capability 9.0 and later, plain launches before it, and on a machine
+    without CUDA (torch's capability query raises there)."""
+    def query(*args):
+        if capability is None:
+            raise AssertionError("Torch not compiled with CUDA enabled")
+        return capability
+    monkeypatch.setattr(torch.cuda, "get_device_capability", query)
+    monkeypatch.delenv("LIBORTHO_PDL", raising=False)
+    call(1, 4096, 4096, 0.01)
+    assert ext.calls == ["fused_small_m"] and ext.pdl == bits
+    assert cuda.pdl_default() == ("first" if bits else "0") and cuda.pdl_name() == ("first" if bits else "off")
 
 
 def test_glu_runs_the_epilogue_at_decode_sizes_and_the_product_then_the_activation_otherwise(ext, monkeypatch):
@@ -123,6 +165,7 @@ def test_glu_runs_the_epilogue_at_decode_sizes_and_the_product_then_the_activati
         return cuda.ortho_glu_cuda(x, z, z, z, z, z, z, None, 1.0, 4, 128, n, k)
     ext.fused_small_m_glu = lambda x, *a: (ext.calls.append(("glu", a[-1])), (torch.ones(x.shape[0], a[-3] // 2), 0))[1]
     monkeypatch.setenv("LIBORTHO_PDL", "late")
+    monkeypatch.setenv("LIBORTHO_PDL_MAX_M", "none")  # PDL at M = 16 too
     assert torch.equal(glu_call(16), torch.ones(16, 32))
     assert ext.calls == [("glu", cuda.pdl_mode())] and cuda.pdl_mode() != 0
     ext.calls.clear()

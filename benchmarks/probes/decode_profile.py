@@ -53,9 +53,9 @@ def category(name: str) -> str:
 
 
 def captured_decoder(model, prompts, steps: int):
-    """The compiled, captured decode step at batch 1 (as ``bench decode --mode compile`` runs it) and its time per
-    step over ``steps`` graph replays after a prefill, in ms; the decoder comes back prefilled again."""
-    dec = bd.StaticDecoder(model, 1, steps + 8, prompts.shape[1], mode="compile")
+    """The compiled, captured decode step at the batch of ``prompts`` (as ``bench decode --mode compile`` runs it) and
+    its time per step over ``steps`` graph replays after a prefill, in ms; the decoder comes back prefilled again."""
+    dec = bd.StaticDecoder(model, prompts.shape[0], steps + 8, prompts.shape[1], mode="compile")
     dec.prepare(prompts)
     dec.prefill(prompts)
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

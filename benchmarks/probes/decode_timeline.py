@@ -1,5 +1,6 @@
 """Kernel timeline of the captured decode step (GPU machine): the 7B-shaped model of ``libortho bench decode``,
-compiled and captured as ``--mode compile`` runs it, batch 1, its CUDA graph replayed under torch.profiler.
+compiled and captured as ``--mode compile`` runs it (batch 1, or ``--batch``), its CUDA graph replayed under
+torch.profiler.
 
 decode_profile.py times the compiled step's kernels called outside the graph. Here they run as in the benchmark (one
 graph replay a step, with programmatic dependent launch where it is on), so the timeline shows what running them back
@@ -125,6 +126,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--tag", default="", help="a name for this run's setting, kept in the rows (e.g. the PDL mode)")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded at once (bench decode's --batches)")
     ap.add_argument("--variants", nargs="+", default=["bf16", "alpha1", "alpha0"], choices=["bf16", "alpha1", "alpha0"])
     ap.add_argument("--attn", default="libortho-step", choices=["sdpa", "libortho", "libortho-step"])
     ap.add_argument("--glu", action="store_true", help="gate/up as one GLU layer (bench decode's default)")
@@ -140,12 +142,15 @@ def main() -> None:
     from libortho.ops import cuda as cuda_ops
     device = torch.device("cuda")
     model, tok, desc = bd.load_bench_model("llama2-7b-shape", device)
-    prompts = bd.make_prompts(tok, model.config.vocab_size, 1, 128).to(device)
+    if args.batch < 1:
+        raise SystemExit(f"--batch {args.batch}: expected a positive number of sequences")
+    prompts = bd.make_prompts(tok, model.config.vocab_size, args.batch, 128).to(device)
     if args.attn != "sdpa":
         use_decode_attention(model)
     if args.attn == "libortho-step":
         use_attention_step(model)
-    setting = {"tag": args.tag, "attn": args.attn, "glu": args.glu, "norms": args.norms, "inductor_pdl": args.inductor_pdl, "pdl_mode": cuda_ops.pdl_name()}
+    setting = {"tag": args.tag, "batch": args.batch, "attn": args.attn, "glu": args.glu, "norms": args.norms,
+               "inductor_pdl": args.inductor_pdl, "pdl_mode": cuda_ops.pdl_name()}
     rows = []
     with torch.no_grad(), bd.inductor_tuning(False, args.inductor_pdl):
         for v in sorted(set(args.variants), key=("bf16", "alpha1", "alpha0").index):  # bf16 before decomposing

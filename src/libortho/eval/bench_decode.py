@@ -975,7 +975,9 @@ def summary(result: dict) -> str:
              f"{', LibOrtho gate / up as one GLU layer' if proto.get('glu') else ''}"
              f"{', LibOrtho norms in the products' if proto.get('norms') else ''}"
              f"{', converted linears ' + repr(proto['targets']) if proto.get('targets') else ''}"
-             f"{', LibOrtho PDL ' + proto.get('pdl_mode', 'early') if proto.get('pdl') else ''}, median of "
+             f"{', LibOrtho PDL ' + proto.get('pdl_mode', 'early') if proto.get('pdl') else ''}"
+             f"{' up to M = ' + str(proto['pdl_max_m']) if proto.get('pdl') and proto.get('pdl_max_m') else ''}"
+             ", median of "
              f"{proto['reps']}. tokens/s over the whole batch (ms per decode step).", "",
              "| model | batch | bf16 tok/s (ms) | LibOrtho alpha=1 | alpha=0 | torch int4 | speed-up a=1 / a=0 / int4 "
              "| peak GiB bf16 / a=1 / a=0 / int4 |",
@@ -1087,7 +1089,7 @@ def run(args):
     if device.type == "cuda":
         from ..ops import cuda as cuda_ops
         protocol["decode_kernel"], protocol["pdl"] = cuda_ops.decode_kernel(), cuda_ops.pdl_enabled()
-        protocol["pdl_mode"] = cuda_ops.pdl_name()
+        protocol["pdl_mode"], protocol["pdl_max_m"] = cuda_ops.pdl_name(), cuda_ops.pdl_max_m()
         protocol["v1_lean"] = cuda_ops.v1_lean()
     result = {"card": card_name(device) if device.type == "cuda" else env["device"], "torch": torch.__version__,
               "cuda": torch.version.cuda, "transformers": env["transformers"], "date": env["date"],

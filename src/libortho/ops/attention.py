@@ -113,7 +113,7 @@ def decode_attention_cuda(q, k, v, mask, scale):
                         f"(dtype {q.dtype}, head dim {q.shape[3]}, layout); using the float32 reference")
         return decode_attention_reference(q, k, v, mask, scale)
     chunk = attention_chunk(q.shape[0], k.shape[1], k.shape[2], cuda._sms(q.device))  # the linears' cached count
-    out = cuda.extension().decode_attention(q, k, v, mask, float(scale), chunk, True, cuda.pdl_mode())
+    out = cuda.extension().decode_attention(q, k, v, mask, float(scale), chunk, True, cuda.pdl_mode(q.shape[0]))
     return cuda._checked(out, "decode attention")
 
 

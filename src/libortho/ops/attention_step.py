@@ -101,7 +101,7 @@ def decode_attention_step_cuda(q, k_new, v_new, cos, sin, k_cache, v_cache, pos,
         return step_reference(q, k_new, v_new, cos, sin, k_cache, v_cache, pos, mask, scale)
     chunk = attention_chunk(q.shape[0], k_cache.shape[1], k_cache.shape[2], cuda._sms(q.device))
     out = cuda.extension().decode_attention_step(q, k_new, v_new, cos, sin, k_cache, v_cache, pos.reshape(1), mask,
-                                                 float(scale), chunk, True, cuda.pdl_mode())
+                                                 float(scale), chunk, True, cuda.pdl_mode(q.shape[0]))
     return cuda._checked(out, "decode attention step")
 
 

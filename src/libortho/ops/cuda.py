@@ -318,28 +318,52 @@ PDL_MODES = {"0": 0, "": 0, "1": 1, "early": 1, "late": 3, "noprefetch": 5, "lat
 _PDL_NAMES = {0: "off", **{bits: name for name, bits in PDL_MODES.items() if name[:1].isalpha()}}
 
 
-def pdl_mode() -> int:
-    """$LIBORTHO_PDL: how the v1 decode kernel and decode attention use programmatic dependent launch (Hopper).
-    Off by default ("0"). "1" / "early": launched with it, v1's blocks prefetch their weight strip into L2 while the
-    previous kernel drains (common.cuh), and each kernel lets its dependents launch right after its wait; "late": they
-    launch after the kernel's main loop (dependent blocks hold SM slots while they wait, crowding a multi-wave grid);
-    "noprefetch" / "late-noprefetch": the same without the prefetch; "first" / "late-first": the prefetch cut to the
-    tiles each warp requests first (their HBM latency overlaps the kernel before). Measured (H200): "1" alone saved
-    0.4-0.7 us per call on the two smallest Llama shapes at M = 1 but cost up to 0.6 us on 4096x11008
-    (results/probe-H200.json);
-    the 7B-shape decode lost with it (155 vs 158 tok/s, results/decode-H200-pdl.json), and with inductor's PDL too
-    (2.28 vs 2.10 ms a step, session 35); "late" lost too (alpha 0 437.7 vs 514.3 tok/s with the attention step op,
-    session 36), and so did "noprefetch" and "late-noprefetch" (499.7 and 509.9 vs 511.6, session 37: the linear
-    overlaps the attention before it but its own time grows more; results/decode-timeline-H200-s37-*.json); "first"
-    won at batch 1, alpha 0 533.5 / 532.2 vs 518.0 / 518.4 tok/s off, alpha 1 433.0 / 432.9 vs 428.3 / 429.2 (session
-    41; session 43: 532.0 vs 517.3, 431.8 vs 427.8), but lost at batch 8, alpha 1 2351.3 / 2351.4 vs 2479.8 / 2480.2
-    (-5.2 %; alpha 0 3568.9 / 3569.6 vs 3531.3 / 3525.6), A B A B in one session (session 43, H200,
-    results/decode-H200-llama2-7b-shape-compile-s43-*.json), so it is not the default. Its bits are those of plain
-    launches (test_cuda_norms)."""
-    value = os.environ.get("LIBORTHO_PDL", "0").strip().lower()
+def pdl_mode(m: int | None = None) -> int:
+    """The kPdl* bits of a call of ``m`` rows (None: the mode itself): $LIBORTHO_PDL's, or 0 where ``m`` exceeds
+    $LIBORTHO_PDL_MAX_M (pdl_max_m). $LIBORTHO_PDL: how the v1 decode kernel and decode attention use programmatic
+    dependent launch (Hopper). Unset: "first" on sm_90 and later, else off ("0"; pdl_default). "1" / "early": launched
+    with it, v1's blocks prefetch their weight strip into L2 while the previous kernel drains (common.cuh), and each
+    kernel lets its dependents launch right after its wait; "late": they launch after the kernel's main loop (dependent
+    blocks hold SM slots while they wait, crowding a multi-wave grid); "noprefetch" / "late-noprefetch": the same
+    without the prefetch; "first" / "late-first": the prefetch cut to the tiles each warp requests first (their HBM
+    latency overlaps the kernel before). Measured (H200): "1" alone saved 0.4-0.7 us per call on the two smallest
+    Llama shapes at M = 1 but cost up to 0.6 us on 4096x11008 (results/probe-H200.json); the 7B-shape decode lost with
+    it (155 vs 158 tok/s, results/decode-H200-pdl.json), and with inductor's PDL too (2.28 vs 2.10 ms a step, session
+    35); "late" lost too (alpha 0 437.7 vs 514.3 tok/s with the attention step op, session 36), and so did "noprefetch"
+    and "late-noprefetch" (499.7 and 509.9 vs 511.6, session 37: the linear overlaps the attention before it but its
+    own time grows more; results/decode-timeline-H200-s37-*.json). "first" won at batch 1, alpha 0 533.5 / 532.2 vs
+    518.0 / 518.4 tok/s off, alpha 1 433.0 / 432.9 vs 428.3 / 429.2 (session 41; session 43: 532.0 vs 517.3, 431.8 vs
+    427.8) but lost at batch 8, alpha 1 (2351.3 / 2351.4 vs 2479.8 / 2480.2, session 43: v1's calls grow and the
+    linear-to-linear gaps double, results/decode-timeline-H200-s44-b8-*.json); held to one row (pdl_max_m's default)
+    it keeps batch 1's gain and batch 8 equals off (session 44, H200, A B A B: alpha 0 531.8 / 532.2 vs 517.0 / 517.6,
+    alpha 1 431.0 / 431.2 vs 426.8 / 427.4; batch 8 3514.7 / 3512.6 vs 3516.8 / 3523.4 and 2473.5 / 2474.9 vs
+    2475.0 / 2471.2; results/decode-H200-llama2-7b-shape-compile-s44-*.json). Its bits are those of plain launches
+    (test_cuda_norms)."""
+    value = os.environ.get("LIBORTHO_PDL", "").strip().lower() or pdl_default()
     if value not in PDL_MODES:
         raise ValueError(f"LIBORTHO_PDL={value!r}: expected one of {sorted(k for k in PDL_MODES if k)}")
-    return PDL_MODES[value]
+    limit = pdl_max_m()
+    return 0 if m is not None and limit is not None and m > limit else PDL_MODES[value]
+
+
+def pdl_default() -> str:
+    """$LIBORTHO_PDL's value when unset: "first" where the current card has programmatic dependent launch (compute
+    capability 9.0 and later), else "0"."""
+    try:
+        return "first" if torch.cuda.get_device_capability()[0] >= 9 else "0"
+    except (AssertionError, RuntimeError):  # a build or machine without CUDA
+        return "0"
+
+
+def pdl_max_m() -> int | None:
+    """$LIBORTHO_PDL_MAX_M: the most rows (tokens; the batch for decode attention) a call may have to be launched with
+    PDL; "none": no limit. Unset: 1, where "first" won (batch 1) without batch 8's loss (sessions 43 and 44)."""
+    value = os.environ.get("LIBORTHO_PDL_MAX_M", "").strip().lower() or "1"
+    if value == "none":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"LIBORTHO_PDL_MAX_M={value!r}: expected a positive number of rows, or none for no limit")
+    return int(value)
 
 
 def pdl_enabled() -> bool:
@@ -500,7 +524,7 @@ def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
     if m <= SMALL_M_MAX:
         fused = getattr(_state["ext"], _FUSED[decode_kernel()])
         y = _checked(fused(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits, group_size,
-                           out_features, in_features, pdl_mode()), "fused kernel")
+                           out_features, in_features, pdl_mode(m)), "fused kernel")
         return y.reshape(*x.shape[:-1], out_features)
     # M > 16: one reading of the policy ($LIBORTHO_PREFILL) and of what its rules weigh, for every path below
     policy, sms = prefill(), _sms(x2.device)
@@ -508,7 +532,8 @@ def ortho_linear_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias,
     if (use_v1_wide(policy, m, work, weights, out_features, sms)
             and v1_wide_takes(x2, bits, group_size, in_features)):
         y = _checked(_state["ext"].fused_small_m(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits,
-                                                 group_size, out_features, in_features, pdl_mode()), "fused kernel")
+                                                 group_size, out_features, in_features, pdl_mode(m)),
+                     "fused kernel")
     elif ((form := cutlass_form(policy, m, out_features, in_features, sms)) is not None
           and cutlass_takes(x2, bits, group_size, out_features, in_features, alpha, values)):
         y = _checked(_state["ext"].gemm_cutlass(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha,
@@ -542,8 +567,8 @@ def ortho_glu_cuda(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, al
                                                       bits, group_size, out_features, in_features))
     x2, scales, zeros, values, bias = _operands(x, scales, zeros, values, bias, in_features)
     y = _checked(_state["ext"].fused_small_m_glu(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha,
-                                                 bits, group_size, out_features, in_features, pdl_mode()),
-                 "fused kernel (GLU epilogue)")
+                                                 bits, group_size, out_features, in_features,
+                                                 pdl_mode(x2.shape[0])), "fused kernel (GLU epilogue)")
     return y.reshape(*x.shape[:-1], out_features // 2)
 
 
@@ -564,8 +589,8 @@ def _norm_call(x, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha,
     """The binding's result, or None where the call's v1 configuration has no norm form (a table set for tuning)."""
     x2, scales, zeros, values, bias = _operands(x, scales, zeros, values, bias, in_features)
     result = _state["ext"].fused_small_m_norm(x2, qweight, scales, zeros, row_ptr, col_idx, values, bias, alpha, bits,
-                                              group_size, out_features, in_features, pdl_mode(), residual, norm_weight,
-                                              part, eps, glu)
+                                              group_size, out_features, in_features, pdl_mode(x2.shape[0]), residual,
+                                              norm_weight, part, eps, glu)
     return None if result[1] == NORM_NOT_TAKEN else _checked(result, what)
 
 

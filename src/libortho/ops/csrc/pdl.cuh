@@ -9,7 +9,7 @@
 namespace libortho {
 namespace {
 
-// Programmatic dependent launch (Hopper; $LIBORTHO_PDL, off by default; kPdl* bits in kernels.h). A kernel launched
+// Programmatic dependent launch (Hopper; $LIBORTHO_PDL, "first" for one-row calls by default; kPdl* bits in kernels.h). A kernel launched
 // with it may start while the previous kernel in the stream drains: before griddepcontrol.wait it reads nothing that
 // kernel writes (v1 only issues L2 prefetches of its own weight strip, hints whose values are never used, unless
 // kPdlNoPrefetch; with kPdlFirstTiles only the first `first` bytes of each of its `segs` row-tile segments: the
