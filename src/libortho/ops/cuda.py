@@ -313,7 +313,7 @@ def use_gemm(policy: str, m: int, ortho_work: int = 0, weights: int = 0) -> bool
 
 
 # $LIBORTHO_PDL values and their kernels.h kPdl* bits (on 1, late trigger 2, no prefetch 4, first tiles only 8)
-PDL_MODES = {"0": 0, "": 0, "1": 1, "early": 1, "late": 3, "noprefetch": 5, "late-noprefetch": 7, "first": 9,
+PDL_MODES = {"0": 0, "1": 1, "early": 1, "late": 3, "noprefetch": 5, "late-noprefetch": 7, "first": 9,
              "late-first": 11}
 _PDL_NAMES = {0: "off", **{bits: name for name, bits in PDL_MODES.items() if name[:1].isalpha()}}
 
@@ -321,27 +321,18 @@ _PDL_NAMES = {0: "off", **{bits: name for name, bits in PDL_MODES.items() if nam
 def pdl_mode(m: int | None = None) -> int:
     """The kPdl* bits of a call of ``m`` rows (None: the mode itself): $LIBORTHO_PDL's, or 0 where ``m`` exceeds
     $LIBORTHO_PDL_MAX_M (pdl_max_m). $LIBORTHO_PDL: how the v1 decode kernel and decode attention use programmatic
-    dependent launch (Hopper). Unset: "first" on sm_90 and later, else off ("0"; pdl_default). "1" / "early": launched
-    with it, v1's blocks prefetch their weight strip into L2 while the previous kernel drains (common.cuh), and each
-    kernel lets its dependents launch right after its wait; "late": they launch after the kernel's main loop (dependent
-    blocks hold SM slots while they wait, crowding a multi-wave grid); "noprefetch" / "late-noprefetch": the same
-    without the prefetch; "first" / "late-first": the prefetch cut to the tiles each warp requests first (their HBM
-    latency overlaps the kernel before). Measured (H200): "1" alone saved 0.4-0.7 us per call on the two smallest
-    Llama shapes at M = 1 but cost up to 0.6 us on 4096x11008 (results/probe-H200.json); the 7B-shape decode lost with
-    it (155 vs 158 tok/s, results/decode-H200-pdl.json), and with inductor's PDL too (2.28 vs 2.10 ms a step, session
-    35); "late" lost too (alpha 0 437.7 vs 514.3 tok/s with the attention step op, session 36), and so did "noprefetch"
-    and "late-noprefetch" (499.7 and 509.9 vs 511.6, session 37: the linear overlaps the attention before it but its
-    own time grows more; results/decode-timeline-H200-s37-*.json). "first" won at batch 1, alpha 0 533.5 / 532.2 vs
-    518.0 / 518.4 tok/s off, alpha 1 433.0 / 432.9 vs 428.3 / 429.2 (session 41; session 43: 532.0 vs 517.3, 431.8 vs
-    427.8) but lost at batch 8, alpha 1 (2351.3 / 2351.4 vs 2479.8 / 2480.2, session 43: v1's calls grow and the
-    linear-to-linear gaps double, results/decode-timeline-H200-s44-b8-*.json); held to one row (pdl_max_m's default)
-    it keeps batch 1's gain and batch 8 equals off (session 44, H200, A B A B: alpha 0 531.8 / 532.2 vs 517.0 / 517.6,
-    alpha 1 431.0 / 431.2 vs 426.8 / 427.4; batch 8 3514.7 / 3512.6 vs 3516.8 / 3523.4 and 2473.5 / 2474.9 vs
-    2475.0 / 2471.2; results/decode-H200-llama2-7b-shape-compile-s44-*.json). Its bits are those of plain launches
-    (test_cuda_norms)."""
+    dependent launch (Hopper); unset, "first" on sm_90 and later, else off ("0"; pdl_default). "1" / "early":
+    launched with it, v1's blocks prefetch their weight strip into L2 while the previous kernel drains (common.cuh),
+    and each kernel lets its dependents launch right after its wait; "late": after the kernel's main loop (dependent
+    blocks hold SM slots while they wait); "noprefetch" / "late-noprefetch": the same without the prefetch; "first" /
+    "late-first": the prefetch cut to the tiles each warp requests first (their HBM latency overlaps the kernel before).
+    Every mode gives the bits of plain launches (test_cuda_norms, test_bench_decode). Only "first" for one-row calls
+    won: 7B shape, batch 1, +2.8 % at alpha 0 and +0.9 % at alpha 1, batch 8 equal (H200, session 44); at every M it
+    lost 5.2 % at batch 8, alpha 1, and the other modes lost at batch 1 (benchmarks/NOTES-kernels.md, NOTES-decode.md
+    sessions 35-44)."""
     value = os.environ.get("LIBORTHO_PDL", "").strip().lower() or pdl_default()
     if value not in PDL_MODES:
-        raise ValueError(f"LIBORTHO_PDL={value!r}: expected one of {sorted(k for k in PDL_MODES if k)}")
+        raise ValueError(f"LIBORTHO_PDL={value!r}: expected one of {sorted(PDL_MODES)}, or unset for the default")
     limit = pdl_max_m()
     return 0 if m is not None and limit is not None and m > limit else PDL_MODES[value]
 
