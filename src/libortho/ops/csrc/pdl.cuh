@@ -9,14 +9,14 @@
 namespace libortho {
 namespace {
 
-// Programmatic dependent launch (Hopper; $LIBORTHO_PDL, "first" for one-row calls by default; kPdl* bits in kernels.h). A kernel launched
-// with it may start while the previous kernel in the stream drains: before griddepcontrol.wait it reads nothing that
-// kernel writes (v1 only issues L2 prefetches of its own weight strip, hints whose values are never used, unless
-// kPdlNoPrefetch; with kPdlFirstTiles only the first `first` bytes of each of its `segs` row-tile segments: the
-// tiles its ring requests first, whose HBM latency then overlaps the kernel before instead of its whole strip
-// competing with that kernel's stream), so results cannot depend on the overlap. Its own dependents may launch once
-// every block has triggered (or exited): right after the wait, or with kPdlLate after the block's main loop, so that
-// a dependent's blocks, which hold their SM slots while they wait, do not crowd out this kernel's later waves.
+// Programmatic dependent launch (Hopper; $LIBORTHO_PDL, "first" for one-row calls by default; kPdl* bits in kernels.h).
+// A kernel launched with it may start while the previous kernel in the stream drains: before griddepcontrol.wait it
+// reads nothing that kernel writes (v1 only issues L2 prefetches of its own weight strip, hints whose values are never
+// used, unless kPdlNoPrefetch; with kPdlFirstTiles only the first `first` bytes of each of its `segs` row-tile
+// segments: the tiles its ring requests first, whose HBM latency then overlaps the kernel before instead of its whole
+// strip competing with that kernel's stream), so results cannot depend on the overlap. Its own dependents may launch
+// once every block has triggered (or exited): right after the wait, or with kPdlLate after the block's main loop, so
+// that a dependent's blocks, which hold their SM slots while they wait, do not crowd out this kernel's later waves.
 // Without PDL, or before sm_90, the instructions are no-ops.
 __device__ inline void pdl_trigger() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
