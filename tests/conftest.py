@@ -61,6 +61,20 @@ def char_tokenizer(vocab_size=256):
                                    unk_token="<unk>")
 
 
+def pdl_env(mode: str) -> dict:
+    """The PDL variables a test sets to run LibOrtho's kernels in $LIBORTHO_PDL `mode` at every M, or none for
+    "default" (the library's own choice: "first" for one-row calls on Hopper)."""
+    return {} if mode == "default" else {"LIBORTHO_PDL": mode, "LIBORTHO_PDL_MAX_M": "none"}
+
+
+def set_pdl(monkeypatch, mode: str) -> None:
+    """Sets pdl_env(mode) for this test, the other PDL variable cleared."""
+    for name in ("LIBORTHO_PDL", "LIBORTHO_PDL_MAX_M"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in pdl_env(mode).items():
+        monkeypatch.setenv(name, value)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from intra-op threads, and on a busy CI machine threads thrash."""

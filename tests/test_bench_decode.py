@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_model
+from conftest import char_tokenizer, set_pdl, tiny_model
 
 import libortho
 from libortho.cli import main
@@ -325,12 +325,7 @@ def test_cuda_compiled_step_with_pdl_gives_the_same_bits(monkeypatch, libortho_p
     ids = torch.randint(3, 1000, (2, 8), device="cuda")
 
     def run(inductor_pdl, mode):
-        if mode == "default":
-            monkeypatch.delenv("LIBORTHO_PDL", raising=False)
-            monkeypatch.delenv("LIBORTHO_PDL_MAX_M", raising=False)
-        else:
-            monkeypatch.setenv("LIBORTHO_PDL", mode)
-            monkeypatch.setenv("LIBORTHO_PDL_MAX_M", "none")
+        set_pdl(monkeypatch, mode)
         torch._dynamo.reset()
         with bd.inductor_tuning(False, inductor_pdl):
             dec = bd.StaticDecoder(model, 2, 16, 8, mode="compile", keep_logits=True)

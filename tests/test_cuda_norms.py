@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from libortho import norms
 from libortho.ops import cuda as cuda_backend
 from libortho.ops.reference import NORM_TILE
+from conftest import pdl_env, set_pdl
 from test_cuda import TOL, make_layer, poison_allocator, reference64, rel_err
 from test_cuda_glu import assert_decodes_alike, compiled_decode, decode_prompt, pair, small_llama
 
@@ -168,12 +169,7 @@ def test_compiled_decode_with_the_norms_gives_the_bits_of_plain_launches_under_p
     model, ids = norms_model(fused), decode_prompt()
 
     def run(pdl):
-        if pdl == "default":
-            monkeypatch.delenv("LIBORTHO_PDL", raising=False)
-            monkeypatch.delenv("LIBORTHO_PDL_MAX_M", raising=False)
-        else:
-            monkeypatch.setenv("LIBORTHO_PDL", pdl)
-            monkeypatch.setenv("LIBORTHO_PDL_MAX_M", "none")
+        set_pdl(monkeypatch, pdl)
         return compiled_decode(model, ids)
     tokens, logits = run("0")
     for i in range(3):
@@ -198,19 +194,19 @@ print("BITS", hashlib.sha1(raw).hexdigest())
 @pytest.mark.parametrize("deterministic", ["0", "1"])
 def test_fresh_processes_give_one_set_of_bits_under_pdl(deterministic):
     """The compiled decode above in four fresh processes at once, two with plain launches, one with PDL `first` at
-    every M and one with neither variable set (`first` for one-row calls): one set of bits, with inductor as it comes and in its deterministic mode. Within one process the PDL test above
-    cannot see a race that only a cold process meets (the first calls, lazy allocations, the compile's own launches)."""
+    every M and one with neither variable set (`first` for one-row calls): one set of bits, with inductor as it comes
+    and in its deterministic mode. Within one process the PDL test above cannot see a race that only a cold process
+    meets (the first calls, lazy allocations, the compile's own launches)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
     tests = str(Path(__file__).resolve().parent)
     base = {k: v for k, v in os.environ.items() if k not in ("LIBORTHO_PDL", "LIBORTHO_PDL_MAX_M")}
-    envs = {"0": {"LIBORTHO_PDL": "0"}, "first": {"LIBORTHO_PDL": "first", "LIBORTHO_PDL_MAX_M": "none"}, "default": {}}
     modes = ["0", "first", "0", "default"]
     procs = [subprocess.Popen([sys.executable, "-c", _FRESH_DECODE, tests], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True,
-                              env={**base, "TORCHINDUCTOR_DETERMINISTIC": deterministic, **envs[mode]})
+                              env={**base, "TORCHINDUCTOR_DETERMINISTIC": deterministic, **pdl_env(mode)})
              for mode in modes]
     bits = []
     for mode, p in zip(modes, procs):

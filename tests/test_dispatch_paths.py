@@ -91,9 +91,9 @@ def test_other_policies(ext, monkeypatch, policy, m, want):
     assert ext.calls == [want]
 
 
-@pytest.mark.parametrize("value,bits", [(None, 9), ("", 9), ("0", 0), ("1", 1), ("early", 1), ("late", 3), ("noprefetch", 5),
-                                        ("late-noprefetch", 7), (" Late ", 3), ("first", 9), ("late-first", 11),
-                                        ("first-noxt", 25)])
+@pytest.mark.parametrize("value,bits", [(None, 9), ("", 9), ("0", 0), ("1", 1), ("early", 1), ("late", 3),
+                                        ("noprefetch", 5), ("late-noprefetch", 7), (" Late ", 3), ("first", 9),
+                                        ("late-first", 11), ("first-noxt", 25)])
 def test_pdl_mode_reaches_the_decode_kernel(ext, monkeypatch, value, bits):
     """$LIBORTHO_PDL picks the kernels.h kPdl* bits (on 1, late trigger 2, no prefetch 4, first tiles 8) the decode
     kernel gets; unset or empty on a Hopper card (the fixture's capability 9.0): "first"."""
@@ -154,6 +154,19 @@ def test_the_default_mode_is_first_only_where_the_card_has_pdl(ext, monkeypatch,
     call(1, 4096, 4096, 0.01)
     assert ext.calls == ["fused_small_m"] and ext.pdl == bits
     assert cuda.pdl_default() == ("first" if bits else "0") and cuda.pdl_name() == ("first" if bits else "off")
+
+
+@pytest.mark.parametrize("mode,m,bits", [("first", 16, 9), ("late", 32, 3), ("0", 1, 0), ("default", 1, 9),
+                                         ("default", 2, 0)])
+def test_the_tests_pdl_setting_runs_a_mode_at_every_m_or_the_default(ext, monkeypatch, mode, m, bits):
+    """conftest.set_pdl, as the GPU bit tests use it: a named mode at every M ($LIBORTHO_PDL_MAX_M none), "default"
+    with both variables cleared (a limit set before is gone)."""
+    from conftest import set_pdl
+    monkeypatch.setenv("LIBORTHO_PDL", "late")
+    monkeypatch.setenv("LIBORTHO_PDL_MAX_M", "4")
+    set_pdl(monkeypatch, mode)
+    call(m, 4096, 4096)
+    assert ext.calls == ["fused_small_m"] and ext.pdl == bits
 
 
 def test_glu_runs_the_epilogue_at_decode_sizes_and_the_product_then_the_activation_otherwise(ext, monkeypatch):
