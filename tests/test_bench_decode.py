@@ -302,7 +302,8 @@ def test_cuda_decode_step_never_syncs_and_graph_matches_eager():
 
 
 @pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] < 9, reason="no Hopper GPU")
-@pytest.mark.parametrize("libortho_pdl", ["0", "1", "late", "late-noprefetch", "first", "late-first", "default"])
+@pytest.mark.parametrize("libortho_pdl", ["0", "1", "late", "late-noprefetch", "first", "late-first", "first-noxt",
+                                          "default"])
 def test_cuda_compiled_step_with_pdl_gives_the_same_bits(monkeypatch, libortho_pdl):
     """--inductor-pdl (Triton kernels launched with programmatic dependent launch), with LibOrtho's own in each
     $LIBORTHO_PDL mode (v1 and the decode attention): every kernel may start while the one before it drains and waits on

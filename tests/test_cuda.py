@@ -532,12 +532,17 @@ def test_decode_kernel_switch(monkeypatch):
         cuda_backend.set_decode_kernel("v9")
 
 
-@pytest.mark.parametrize("mode", ["1", "late", "noprefetch", "late-noprefetch", "first", "late-first"])
+@pytest.mark.parametrize("mode", ["1", "late", "noprefetch", "late-noprefetch", "first", "late-first", "first-noxt"])
 @pytest.mark.parametrize("m", [1, 4, 16])
-def test_pdl_chain_matches_plain_launches(m, mode, monkeypatch):
+@pytest.mark.parametrize("xt_min", [None, 0])
+def test_pdl_chain_matches_plain_launches(m, mode, xt_min, monkeypatch, ortho_xt):
     """With $LIBORTHO_PDL on a v1 launch may start while the previous kernel drains (and, late, let its dependents
     start after its main loop). In a chain where each layer reads the previous output (directly, and through an
-    ordinary elementwise kernel) the bits must equal plain launches, eagerly and replayed from a CUDA graph."""
+    ordinary elementwise kernel) the bits must equal plain launches, eagerly and replayed from a CUDA graph; with
+    v1's threshold as it is, and at 0 (x transposed before every product at M >= 2, which "first-noxt" launches
+    plainly)."""
+    if xt_min is not None:
+        ortho_xt(xt_min)
     gen = torch.Generator(device="cuda").manual_seed(11)
     layers = [make_layer(512, 512, 4, 128, True, 0.01, torch.bfloat16, gen, bias=(i % 2 == 0)) for i in range(6)]
     x = torch.randn(m, 512, generator=gen, device="cuda").to(torch.bfloat16)

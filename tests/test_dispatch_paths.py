@@ -93,7 +93,7 @@ def test_other_policies(ext, monkeypatch, policy, m, want):
 
 @pytest.mark.parametrize("value,bits", [(None, 9), ("", 9), ("0", 0), ("1", 1), ("early", 1), ("late", 3),
                                         ("noprefetch", 5), ("late-noprefetch", 7), (" Late ", 3), ("first", 9),
-                                        ("late-first", 11)])
+                                        ("late-first", 11), ("first-noxt", 25)])
 def test_pdl_mode_reaches_the_decode_kernel(ext, monkeypatch, value, bits):
     """$LIBORTHO_PDL picks the kernels.h kPdl* bits (on 1, late trigger 2, no prefetch 4, first tiles 8) the decode
     kernel gets; unset or empty on a Hopper card (the fixture's capability 9.0): "first"."""
@@ -105,7 +105,7 @@ def test_pdl_mode_reaches_the_decode_kernel(ext, monkeypatch, value, bits):
     assert ext.calls == ["fused_small_m"] and ext.pdl == bits
     assert cuda.pdl_enabled() is (bits != 0)
     assert cuda.pdl_name() == {0: "off", 1: "early", 3: "late", 5: "noprefetch", 7: "late-noprefetch", 9: "first",
-                               11: "late-first"}[bits]
+                               11: "late-first", 25: "first-noxt"}[bits]
 
 
 @pytest.mark.parametrize("limit,m,bits", [(None, 1, 9), (None, 2, 0), (None, 16, 0), ("1", 1, 9), ("1", 2, 0),

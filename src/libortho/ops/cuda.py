@@ -314,7 +314,7 @@ def use_gemm(policy: str, m: int, ortho_work: int = 0, weights: int = 0) -> bool
 
 # $LIBORTHO_PDL values and their kernels.h kPdl* bits (on 1, late trigger 2, no prefetch 4, first tiles only 8)
 PDL_MODES = {"0": 0, "1": 1, "early": 1, "late": 3, "noprefetch": 5, "late-noprefetch": 7, "first": 9,
-             "late-first": 11}
+             "late-first": 11, "first-noxt": 25}
 _PDL_NAMES = {0: "off", **{bits: name for name, bits in PDL_MODES.items() if name[:1].isalpha()}}
 
 
@@ -325,7 +325,8 @@ def pdl_mode(m: int | None = None) -> int:
     launched with it, v1's blocks prefetch their weight strip into L2 while the previous kernel drains (common.cuh),
     and each kernel lets its dependents launch right after its wait; "late": after the kernel's main loop (dependent
     blocks hold SM slots while they wait); "noprefetch" / "late-noprefetch": the same without the prefetch; "first" /
-    "late-first": the prefetch cut to the tiles each warp requests first (their HBM latency overlaps the kernel before).
+    "late-first": the prefetch cut to the tiles each warp requests first (their HBM latency overlaps the kernel before);
+    "first-noxt": "first", but a product launched right after its transpose of x (M >= 2 with ortho) plainly (a draft).
     Every mode gives the bits of plain launches (test_cuda_norms, test_bench_decode). Only "first" for one-row calls
     won: 7B shape, batch 1, +2.8 % at alpha 0 and +0.9 % at alpha 1, batch 8 equal (H200, session 44); at every M it
     lost 5.2 % at batch 8, alpha 1, and the other modes lost at batch 1 (benchmarks/NOTES-kernels.md, NOTES-decode.md
@@ -363,8 +364,8 @@ def pdl_enabled() -> bool:
 
 
 def pdl_name() -> str:
-    """$LIBORTHO_PDL's mode by name, for result files: "off", "early", "late", "noprefetch", "late-noprefetch", "first"
-    or "late-first"."""
+    """$LIBORTHO_PDL's mode by name, for result files: "off", "early", "late", "noprefetch", "late-noprefetch", "first",
+    "late-first" or "first-noxt"."""
     return _PDL_NAMES[pdl_mode()]
 
 

@@ -146,6 +146,7 @@ Result small_m(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
     op.xt = xt.data_ptr();
     op.xt_ld = ld;
   }
+  if (op.pdl & libortho::kPdlNotAfterXt) op.pdl = op.xt ? 0 : op.pdl & ~libortho::kPdlNotAfterXt;
   auto out = add_norm ? at::empty({2, M, N}, x.options()) : at::empty({M, glu ? N / 2 : N}, x.options());
   if (add_norm) op.norm.out2 = out[1].data_ptr();  // plane 0 (h) is where the kernel's out points
   const cudaError_t err = launch(op, x.data_ptr(), bias ? bias->data_ptr() : nullptr, out.data_ptr(),
