@@ -11,8 +11,8 @@ from pathlib import Path
 
 from plot_common import RESULTS, card_arg, card_title, save
 
-SOURCES = ("decode-{card}-llama2-7b-shape-compile-s40-full.json",)  # today's defaults (step op, GLU layer), b1 + b8
-# (2026-12-01 05:3x UTC, one run, main 39d718b; the 7B rows of decode-{card}.json)
+SOURCES = ("decode-{card}-llama2-7b-shape-compile-s45-full.json",)  # today's defaults (step op, GLU layer, PDL first
+# for one-row calls), b1 + b8 (2026-12-01 14:3x UTC, one run; the 7B rows of decode-{card}.json)
 VARIANTS = (("bf16", "bf16"), ("alpha1", "LibOrtho alpha = 1 (1 %)"), ("alpha0", "LibOrtho alpha = 0"))
 GOALS = {("alpha0", 1): 2.8, ("alpha1", 1): 2.5}
 

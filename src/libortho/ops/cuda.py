@@ -326,11 +326,11 @@ def pdl_mode(m: int | None = None) -> int:
     and each kernel lets its dependents launch right after its wait; "late": after the kernel's main loop (dependent
     blocks hold SM slots while they wait); "noprefetch" / "late-noprefetch": the same without the prefetch; "first" /
     "late-first": the prefetch cut to the tiles each warp requests first (their HBM latency overlaps the kernel before);
-    "first-noxt": "first", but a product launched right after its transpose of x (M >= 2 with ortho) plainly (a draft).
+    "first-noxt": "first", but a product launched right after its transpose of x (M >= 2 with ortho) plainly.
     Every mode gives the bits of plain launches (test_cuda_norms, test_bench_decode). Only "first" for one-row calls
     won: 7B shape, batch 1, +2.8 % at alpha 0 and +0.9 % at alpha 1, batch 8 equal (H200, session 44); at every M it
-    lost 5.2 % at batch 8, alpha 1, and the other modes lost at batch 1 (benchmarks/NOTES-kernels.md, NOTES-decode.md
-    sessions 35-44)."""
+    lost 5.2 % at batch 8, alpha 1; "first-noxt" at every M: batch 8 alpha 0 +1.2 %, alpha 1 -0.5 % (session 45); the
+    other modes lost at batch 1 (benchmarks/NOTES-kernels.md, NOTES-decode.md sessions 35-45)."""
     value = os.environ.get("LIBORTHO_PDL", "").strip().lower() or pdl_default()
     if value not in PDL_MODES:
         raise ValueError(f"LIBORTHO_PDL={value!r}: expected one of {sorted(PDL_MODES)}, or unset for the default")

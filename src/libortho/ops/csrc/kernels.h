@@ -8,7 +8,8 @@ namespace libortho {
 // Programmatic dependent launch modes ($LIBORTHO_PDL, ops/cuda.py pdl_mode; common.cuh): launched with the attribute,
 // dependents triggered after the main loop instead of right after the wait, no L2 prefetch before the wait.
 // kPdlNotAfterXt: the binding launches a product plainly where it launched x's transpose right before it (M >= 2 with
-// ortho), the only steps PDL "first" at every M lost (session 44's batch 8 timeline); a draft to A B.
+// ortho), where PDL "first" at every M lost (session 44's batch 8 timeline); opt-in: batch 8 alpha 0 +1.2 %, alpha 1
+// -0.5 % (session 45).
 enum PdlBits : int { kPdlOn = 1, kPdlLate = 2, kPdlNoPrefetch = 4, kPdlFirstTiles = 8, kPdlNotAfterXt = 16 };
 // the bits a call may carry
 constexpr int kPdlAll = kPdlOn | kPdlLate | kPdlNoPrefetch | kPdlFirstTiles | kPdlNotAfterXt;
