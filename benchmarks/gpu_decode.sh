@@ -5,7 +5,7 @@
 #   MODELS=smollm2 bash benchmarks/gpu_decode.sh        MODELS=llama2-7b-shape bash benchmarks/gpu_decode.sh
 #   SKIP_TESTS=1 ... (skip the GPU tests of the harness)   extra args go to the benchmark, e.g. --reps 5
 # Writes $OUT/decode-<card>.json and .md (copy them to benchmarks/results/), logs under $OUT; until the run
-# ends, decode-<card>.partial.json holds every variant measured so far (what a time limit leaves).
+# ends, decode-<card>.partial.json holds every measurement so far (what a time limit leaves).
 set -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src:${PYTHONPATH:-} LIBORTHO_BUILD_DIR=${LIBORTHO_BUILD_DIR:-$PWD/.torch_extensions}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

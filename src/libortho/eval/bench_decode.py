@@ -793,9 +793,10 @@ def _keep_going(info: dict, key: str, what: str, strict: bool, device):
         _free(device)
 
 
-def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], dict]:
-    """Rows and info of one model; ``on_variant(rows, info)`` gets what is measured so far after each variant
-    (run() keeps it in a partial file, so a run cut off by a time limit still leaves its numbers)."""
+def bench_model(name: str, args, device, on_measured=None) -> tuple[list[dict], dict]:
+    """Rows and info of one model; ``on_measured(rows, info)`` gets what is measured so far after each batch row,
+    prefill and greedy check (run() keeps it in a partial file, so a run cut off by a time limit loses only the
+    measurement it was in)."""
     from ..config import OrthoConfig
     from ..fuse import fuse_linear_siblings, fuse_siblings, unfuse_siblings
     from ..glu import fuse_glu, unfuse_glu
@@ -830,13 +831,17 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
                 print(f"  batch {b}: {r['tok_s']:9.1f} tok/s  {r['ms_per_token']:7.3f} ms/token  "
                       f"prefill({args.prompt_len}) {r['prefill_prompt_ms']:.2f} ms  peak "
                       f"{_gib(r['peak_mem_bytes'])}  (prepare {r['prepare_s']:.1f} s)", flush=True)
+            measured()
         if prefill_ids is not None:
             with _keep_going(info, f"{v}/prefill", "prefill", args.strict, device):
                 prefill[v] = measure_prefill(model, prefill_ids, args.reps, args.warmup)
                 print(f"  prefill {args.prefill_len}: {prefill[v]['ms']:.2f} ms  peak "
                       f"{_gib(prefill[v]['peak_mem_bytes'])}", flush=True)
-        if on_variant is not None:
-            on_variant(*snapshot())
+            measured()
+
+    def measured():
+        if on_measured is not None:
+            on_measured(*snapshot())
 
     def snapshot() -> tuple[list[dict], dict]:
         info["weight_bytes"] = dict(weight_bytes)
@@ -896,6 +901,7 @@ def bench_model(name: str, args, device, on_variant=None) -> tuple[list[dict], d
                               f"dense bf16 F.linear max {tf['dense_bf16']['max_abs_logit_diff']:.4f} mean "
                               f"{tf['dense_bf16']['mean_abs_logit_diff']:.4f} top-1 "
                               f"{tf['dense_bf16']['top1_agreement']:.3f}", flush=True)
+                    measured()
             set_alpha(model, 1.0)
             unfuse_norms(model)
             unfuse_siblings(model)  # the groups hold the buffers: let the next variant free them
@@ -1095,7 +1101,7 @@ def run(args):
               "cuda": torch.version.cuda, "transformers": env["transformers"], "date": env["date"],
               "command": env["command"], "protocol": protocol, "rows": [], "models": {}}
     out = Path(args.out or f"benchmarks/results/decode-{card_name(device)}.json")
-    partial = out.with_name(out.stem + ".partial.json")  # what is measured so far, replaced after each variant
+    partial = out.with_name(out.stem + ".partial.json")  # what is measured so far, replaced after each measurement
 
     def save_partial(name, rows, info):
         write_json(partial, dict(result, rows=result["rows"] + rows, models={**result["models"], name: info},
@@ -1105,7 +1111,7 @@ def run(args):
     for name in args.models:
         t = time.perf_counter()
         with inductor_tuning(args.coordinate_descent, args.inductor_pdl):
-            rows, info = bench_model(name, args, device, on_variant=lambda r, i, n=name: save_partial(n, r, i))
+            rows, info = bench_model(name, args, device, on_measured=lambda r, i, n=name: save_partial(n, r, i))
         info["total_s"] = time.perf_counter() - t
         result["rows"] += rows
         result["models"][name] = info
