@@ -256,6 +256,33 @@ def test_generate_cli_fast_path_matches_plain(tmp_path, capsys, monkeypatch):
     assert len(glu_mlps) == 2  # both of the tiny model's MLPs ran as GLU layers
 
 
+def test_generate_cli_inductor_pdl_is_on_while_the_fast_path_runs(tmp_path, capsys, monkeypatch):
+    """generate --compile --inductor-pdl: inductor's PDL is on while each alpha's step compiles and runs, off after;
+    without the flag inductor's setting is left as it is; without --compile the flag is refused before any load."""
+    import torch._inductor.config as inductor_config
+
+    import libortho
+    from libortho import cli
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        pytest.skip("this torch's inductor has no triton.enable_pdl")
+    seen = []
+    monkeypatch.setattr(cli, "_generate_fast", lambda *a, **k: seen.append(inductor_config.triton.enable_pdl) or "x")
+    d = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
+    args = [str(d), "--alpha", "1", "0", "--max-new-tokens", "2", "--no-chat", "--compile", "--device", "cpu"]
+    main(["generate", *args, "--inductor-pdl"])
+    assert seen == [True, True] and inductor_config.triton.enable_pdl is False
+    main(["generate", *args])
+    assert seen[2:] == [False, False]
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+    monkeypatch.setattr(libortho, "load_model", no_load)
+    with pytest.raises(SystemExit, match="add --compile"):
+        main(["generate", str(d), "--inductor-pdl"])
+
+
 # ------------------------------------------------------------------------------------------------ GPU only
 @pytest.mark.skipif(not CUDA, reason="no GPU")
 def test_cuda_decode_step_never_syncs_and_graph_matches_eager():
@@ -336,6 +363,26 @@ def test_cuda_compiled_step_with_pdl_gives_the_same_bits(monkeypatch, libortho_p
             tokens, logits = run(False, "0")
             t, lg = run(True, libortho_pdl)
             assert torch.equal(t, tokens) and torch.equal(lg, logits), (a, libortho_pdl)
+
+
+@pytest.mark.skipif(not CUDA, reason="no GPU")
+def test_cuda_generate_cli_with_inductor_pdl_writes_the_same_text(tmp_path, capsys):
+    """libortho generate --compile on a GPU, with and without --inductor-pdl: the same greedy text at alpha 1 and 0."""
+    import torch._inductor.config as inductor_config
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        pytest.skip("this torch's inductor has no triton.enable_pdl")
+    d, out = tmp_path / "tiny", tmp_path / "dec"
+    tiny_model("llama").save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
+    main(["decompose", str(d), "--out", str(out), "--group-size", "32", "--density", "0.05"])
+    args = [str(out), "--alpha", "1", "0", "--max-new-tokens", "12", "--no-chat", "--prompt", "abc", "--compile"]
+    texts = []
+    for flags in ([], ["--inductor-pdl"]):
+        capsys.readouterr()
+        torch._dynamo.reset()
+        main(["generate", *args, *flags])
+        texts.append([ln.split("] ", 1)[1] for ln in capsys.readouterr().out.splitlines() if ln.startswith("[alpha=")])
+    assert len(texts[0]) == 2 and texts[1] == texts[0]
 
 
 @pytest.mark.skipif(not CUDA, reason="no GPU")
