@@ -224,8 +224,8 @@ def build_parser():
                         "fp16/bf16, head dim 64 or 128), else SDPA")
     g.add_argument("--inductor-pdl", action="store_true",
                    help="compiled step: torch inductor's Triton kernels launched with programmatic dependent launch "
-                        "(Hopper), so they and LibOrtho's kernels overlap each other's start (7B shape, batch 1, "
-                        "H200: alpha 0 +3.3 %%, alpha 1 +1.9 %%; the same bits: tests/test_bench_decode.py)")
+                        "(Hopper), so they and LibOrtho's kernels overlap each other's start (7B shape, H200: batch 1 "
+                        "alpha 0 +3.3 %%, alpha 1 +1.9 %%; batch 8 -1 %%; the same bits: tests/test_bench_decode.py)")
     g.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     g.set_defaults(fn=cmd_generate)
 
