@@ -427,24 +427,30 @@ def test_a_failed_measurement_is_recorded_and_the_bench_goes_on(capsys):
     assert "ok" not in info["errors"]
 
 
-def test_a_cut_off_run_leaves_what_it_measured(tmp_path, monkeypatch):
-    """After each measurement the numbers so far are written to <out>.partial.json (a time limit that kills the
-    run mid-way, as on the GPU machine, then loses only the measurement it was in)."""
+def _cut_off_run(tmp_path, monkeypatch, cut, batches):
+    """bench decode on the tiny model (bf16, alpha 1, alpha 0; prefill 8) whose decode measurement ``cut(desc)``
+    raises, as a time limit kills a run; returns the result path and the partial file it left."""
     real = bd.measure_decode
 
-    def cut_at_alpha0(*a, desc="", **kw):
-        if "alpha0" in desc:
+    def measure(*a, desc="", **kw):
+        if cut(desc):
             raise RuntimeError("cut off")
         return real(*a, desc=desc, **kw)
 
-    monkeypatch.setattr(bd, "measure_decode", cut_at_alpha0)
+    monkeypatch.setattr(bd, "measure_decode", measure)
     out = tmp_path / "decode-cpu.json"
     with pytest.raises(RuntimeError, match="cut off"):
-        main(["bench", "decode", "--models", "tiny", "--device", "cpu", "--batches", "1", "--prompt-len", "8",
+        main(["bench", "decode", "--models", "tiny", "--device", "cpu", "--batches", *batches, "--prompt-len", "8",
               "--new-tokens", "4", "--prefill-len", "8", "--reps", "1", "--warmup", "0", "--no-progress",
               "--strict", "--variants", "bf16", "alpha1", "alpha0", "--out", str(out)])
+    return out, json.loads((tmp_path / "decode-cpu.partial.json").read_text())
+
+
+def test_a_cut_off_run_leaves_what_it_measured(tmp_path, monkeypatch):
+    """After each measurement the numbers so far are written to <out>.partial.json (a time limit that kills the
+    run mid-way, as on the GPU machine, then loses only the measurement it was in)."""
+    out, part = _cut_off_run(tmp_path, monkeypatch, lambda desc: "alpha0" in desc, ["1"])
     assert not out.exists()
-    part = json.loads((tmp_path / "decode-cpu.partial.json").read_text())
     assert part["partial"] is True and [r["model"] for r in part["rows"]] == ["tiny"]
     row = part["rows"][0]
     assert row["bf16_tok_s"] > 0 and row["alpha1_tok_s"] > 0 and row["alpha0_tok_s"] is None
@@ -457,20 +463,7 @@ def test_a_run_cut_off_inside_a_variant_keeps_its_finished_batches(tmp_path, mon
     """The partial file follows every measurement, not every variant: a cut in alpha 1's batch 2 keeps alpha 1's
     batch 1 (on the GPU machine the time limit came inside SmolLM2's int4 variant, after its decode rows, and took them
     along, sessions 40 and 45)."""
-    real = bd.measure_decode
-
-    def cut_at_alpha1_b2(*a, desc="", **kw):
-        if desc.endswith("alpha1 b=2"):
-            raise RuntimeError("cut off")
-        return real(*a, desc=desc, **kw)
-
-    monkeypatch.setattr(bd, "measure_decode", cut_at_alpha1_b2)
-    out = tmp_path / "decode-cpu.json"
-    with pytest.raises(RuntimeError, match="cut off"):
-        main(["bench", "decode", "--models", "tiny", "--device", "cpu", "--batches", "1", "2", "--prompt-len", "8",
-              "--new-tokens", "4", "--prefill-len", "8", "--reps", "1", "--warmup", "0", "--no-progress",
-              "--strict", "--variants", "bf16", "alpha1", "alpha0", "--out", str(out)])
-    part = json.loads((tmp_path / "decode-cpu.partial.json").read_text())
+    _, part = _cut_off_run(tmp_path, monkeypatch, lambda desc: desc.endswith("alpha1 b=2"), ["1", "2"])
     rows = {r["batch"]: r for r in part["rows"]}
     assert rows[1]["alpha1_tok_s"] > 0 and rows[2]["alpha1_tok_s"] is None and rows[2]["bf16_tok_s"] > 0
     assert rows[1]["alpha0_tok_s"] is None and "alpha1_ms" not in part["models"]["tiny"]["prefill"]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -111,16 +110,6 @@ def _generate_fast(model, tok, prompt, max_new_tokens, chat=True, mode=None):
     return tok.decode(new, skip_special_tokens=True)
 
 
-def _inductor_pdl(on: bool):
-    """inductor's PDL on while the fast path compiles its step (else inductor's settings as they are)."""
-    if not on:
-        return contextlib.nullcontext()
-    import torch._inductor.config as inductor_config
-    if not hasattr(inductor_config.triton, "enable_pdl"):
-        raise SystemExit(f"--inductor-pdl: torch {torch.__version__}'s inductor has no triton.enable_pdl option")
-    return inductor_config.patch({"triton.enable_pdl": True})
-
-
 def cmd_generate(a):
     import libortho
     mode = a.mode or ("compile" if a.compile else None)
@@ -147,7 +136,8 @@ def cmd_generate(a):
             libortho.set_alpha(model, value)
         t = time.time()
         if mode is not None:  # a new decoder per alpha: a captured graph holds the alpha values
-            with _inductor_pdl(a.inductor_pdl):
+            from .eval.bench_decode import inductor_pdl
+            with inductor_pdl(a.inductor_pdl):
                 text = _generate_fast(model, tok, a.prompt, a.max_new_tokens, chat=not a.no_chat, mode=mode)
         else:
             text = _generate(model, tok, a.prompt, a.max_new_tokens, chat=not a.no_chat)

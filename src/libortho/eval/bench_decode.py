@@ -95,12 +95,23 @@ def inductor_tuning(coordinate_descent: bool, pdl: bool = False):
     a kernel may start while the one before it drains, waiting on the device before it reads that kernel's
     output); compiles inside it (they happen at a decoder's first steps) keep it."""
     import torch._inductor.config as inductor_config
-    if pdl and not hasattr(inductor_config.triton, "enable_pdl"):
-        raise SystemExit(f"--inductor-pdl: torch {torch.__version__}'s inductor has no triton.enable_pdl option")
-    patch = {"coordinate_descent_tuning": bool(coordinate_descent)}
-    if hasattr(inductor_config.triton, "enable_pdl"):
-        patch["triton.enable_pdl"] = bool(pdl)
-    return inductor_config.patch(patch)
+    return inductor_config.patch({"coordinate_descent_tuning": bool(coordinate_descent), **_pdl_patch(pdl)})
+
+
+def inductor_pdl(on: bool):
+    """A context with inductor's PDL on (``libortho generate --inductor-pdl``); off: inductor's settings as they are."""
+    import torch._inductor.config as inductor_config
+    return inductor_config.patch(_pdl_patch(True)) if on else contextlib.nullcontext()
+
+
+def _pdl_patch(on: bool) -> dict:
+    """inductor's PDL option set to ``on`` where this torch has it; asking for it where it has not exits."""
+    import torch._inductor.config as inductor_config
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        if on:
+            raise SystemExit(f"--inductor-pdl: torch {torch.__version__}'s inductor has no triton.enable_pdl option")
+        return {}
+    return {"triton.enable_pdl": bool(on)}
 
 
 class StaticDecoder:
