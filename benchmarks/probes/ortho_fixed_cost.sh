@@ -9,7 +9,10 @@ for p in P0 P1 P2; do rm -rf /tmp/$p && mkdir -p /tmp/$p && cp -r src /tmp/$p/; 
 V=src/libortho/ops/csrc/v1.cuh
 sed -i 's/  if (ortho \&\& !base_adds) {/  if (false \&\& ortho \&\& !base_adds) {/' /tmp/P1/$V /tmp/P2/$V
 sed -i 's/  bool staged = !ortho;/  bool staged = true;/' /tmp/P2/$V
-for p in P1 P2; do echo "$p: $(diff /tmp/P0/$V /tmp/$p/$V | grep -c '^>') lines changed"; done
+for p in P1 P2; do  # the edits must have matched (P1 one line, P2 two), else the probe would time main twice
+  n=$(diff /tmp/P0/$V /tmp/$p/$V | grep -c '^>'); echo "$p: $n lines changed"
+  [ "$n" = "${p#P}" ] || { echo "$p: v1.cuh no longer has the lines this probe edits"; exit 1; }
+done
 for p in P0 P1 P2; do
   (PYTHONPATH=/tmp/$p/src LIBORTHO_BUILD_DIR=/tmp/build-$p python3 -c \
     "from libortho.ops import cuda; ok = cuda.build(verbose=False); print('$p build ok' if ok else cuda._state['error'])" 2>&1 | tail -2) &
