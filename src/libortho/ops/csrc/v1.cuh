@@ -89,7 +89,7 @@ __host__ __device__ inline int ring_pstep(const GroupIndex& gi) {
 // requested while tile j is computed, so S - 1 tiles are in flight with no registers held for them; x
 // fragments (L2 hits) are loaded one tile ahead into registers. `on_first` runs once, after the first
 // requests (the ortho staging, whose cp.async group then sits among the ring's: the waits stay correct, one
-// tile less deep).
+// tile less deep); `on_later` once after the first tile (or with on_first, for a warp without tiles).
 // XR > 0 (M <= XR <= 8 NT): the tile's 64 columns of x's M rows come through the ring too (16-byte
 // cp.async, XR / 4 per lane; 16-byte chunks XOR-swizzled by row so ldmatrix reads them without bank
 // conflicts) and are read back with two ldmatrix.x4 per n8 column block instead of 8 global loads; rows
@@ -97,13 +97,13 @@ __host__ __device__ inline int ring_pstep(const GroupIndex& gi) {
 // RT = 2: each slot also holds a second row tile (weights rt_q int32 and scales / zeros rt_p elements after
 // the first's; 0 when the block has only one), computed with the same x fragments. rts: the row tiles computed
 // (callers without the cut pass RT, and a repeated second tile is computed).
-template <int S, int XR, typename T, int NT, bool kPrefetchX, int RT, int W, class OnFirst>
+template <int S, int XR, typename T, int NT, bool kPrefetchX, int RT, int W, class OnFirst, class OnLater>
 __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT * 32], uint32_t (&pring)[S][RT * 16],
                                   uint4 (*xring)[XR > 0 ? XR * 8 : 1], int nt, int rts, int warp, int lane,
                                   const int32_t* qtile, size_t rt_q, const T* sc, const T* zp, size_t rt_p,
                                   const uint32_t* xb,
                                   const int (&xo)[NT], const T* x, int M, int K, const GroupIndex& gi, int pstep,
-                                  int g, int tig, OnFirst on_first) {
+                                  int g, int tig, OnFirst on_first, OnLater on_later) {
   static_assert(XR == 0 || (XR % 4 == 0 && XR <= 8 * NT && XR > 8 * (NT - 1)), "the x ring holds the kernel's rows");
   // Requests advance with running pointers and offsets (no index arithmetic per tile; pstep: see
   // ring_pstep). The sweep is unrolled over the ring (twice for an odd S), so every slot address is a
@@ -198,6 +198,7 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
 #pragma unroll
   for (int j = 0; j < S - 1; ++j) issue(j);
   on_first();
+  if (nt == 0) on_later();
   Chunk<T, 4, NT, 1, kPrefetchX> ca, cb;  // used in turn (no register copies of the x fragments)
   if (nt > 0) load_x(ca);
   constexpr int kUnroll = S % 2 == 0 ? S : 2 * S;  // even, so tile j's chunk is fixed by u's parity
@@ -206,6 +207,7 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
     for (int u = 0; u < kUnroll; u += 2) {
       if (j0 + u >= nt) break;
       step(j0 + u, u % S, ca, cb);
+      if (u == 0 && j0 == 0) on_later();
       if (j0 + u + 1 >= nt) break;
       step(j0 + u + 1, (u + 1) % S, cb, ca);
     }
@@ -292,9 +294,9 @@ fused_small_m_kernel(V1Operands<kNorm> op, const T* __restrict__ x, const T* __r
   // The ortho stream (skipped entirely when alpha == 0, the kill switch). The tile's entries are
   // flattened and cut into equal contiguous runs, one per thread, whatever the row lengths (a dense
   // row costs its tile no more than the same count spread over rows). Their columns and values (the
-  // first kStage of the block) are copied to shared memory by cp.async once both weight chunks are in
-  // flight: no registers held through the main loop, no load left to wait for after it. Nothing before
-  // that waits on a row pointer (the block's entry range is read inside the staging, see stage_ortho).
+  // first kStage of the block) are copied to shared memory by cp.async once the weight loads are in flight
+  // (the ring: after its first tile): no registers held through the main loop, no load left to wait for
+  // after it. Nothing before that waits on a row pointer (the staging reads the range, see stage_ortho).
   const bool ortho = op.alpha != 0.f && op.nnz > 0;
   int my_rp = 0, my_rp_end = 0;  // row pointers n0 + lane (lanes 0..R) and, for R = 32, n0 + 32 (lane 0)
   const bool csr_aligned = (reinterpret_cast<uintptr_t>(op.col_idx) | reinterpret_cast<uintptr_t>(op.values)) % 4 == 0;
@@ -304,11 +306,15 @@ fused_small_m_kernel(V1Operands<kNorm> op, const T* __restrict__ x, const T* __r
   // The block's entries [e_lo, e_hi) cut into equal contiguous runs, one per thread: the run length.
   auto run_len = [](int e_lo, int e_hi) { return (e_hi - e_lo + W * 32 - 1) / (W * 32); };
   auto stage_ortho = [&]() {
-    // The block's entry range is read here, after the weight loads: loaded at the top, the block-uniform
-    // values went to uniform registers right away (R2UR), and that move waited for the loads before any
-    // weight load was issued (ncu: 40 stall samples there at alpha = 1).
+    // The block's entry range is taken here, after the weight loads: as block-uniform loads at the top, the
+    // values went to uniform registers right away (R2UR), a move that waited for the loads before any weight
+    // load was issued (ncu: 40 stall samples there at alpha = 1). It comes from the lanes' row pointers loaded
+    // at the top, by shuffles (no loads; the ring calls this after its first tile, when they have landed):
+    // staging before that tile, with loads of its own, held each warp's latency-bound sweep back by one memory
+    // latency (0.8-1.1 us at M = 1 on configurations 18, 20 and 25; session 48).
     // What the ortho runs need after the sweep goes to shared memory, not registers held through it.
-    const int e_lo = op.row_ptr[n0], e_hi = op.row_ptr[min(n0 + Rb, N)];
+    const int e_lo = __shfl_sync(0xffffffffu, my_rp, 0);
+    const int e_hi = R > 16 ? __shfl_sync(0xffffffffu, my_rp_end, 0) : __shfl_sync(0xffffffffu, my_rp, 16);
     const int per = run_len(e_lo, e_hi);
     // The warp's entries (its threads' runs), 4-byte copies from an even entry by its own lanes; the last
     // word of an odd-length array is read half.
@@ -460,11 +466,14 @@ fused_small_m_kernel(V1Operands<kNorm> op, const T* __restrict__ x, const T* __r
                                                [&] {
                                                  if constexpr (Cfg::kOrthoFirst) {
                                                    if (ortho) ortho_first();
-                                                 } else if (!staged) {
-                                                   stage_ortho();
                                                  }
                                                  if constexpr (kRmsEarly) {
                                                    if (rms) rms_rows();
+                                                 }
+                                               },
+                                               [&] {
+                                                 if constexpr (!Cfg::kOrthoFirst) {
+                                                   if (!staged) stage_ortho();
                                                  }
                                                });
       swept = true;
