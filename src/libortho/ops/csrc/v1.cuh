@@ -311,7 +311,7 @@ fused_small_m_kernel(V1Operands<kNorm> op, const T* __restrict__ x, const T* __r
     // load was issued (ncu: 40 stall samples there at alpha = 1). It comes from the lanes' row pointers loaded
     // at the top, by shuffles (no loads; the ring calls this after its first tile, when they have landed):
     // staging before that tile, with loads of its own, held each warp's latency-bound sweep back by one memory
-    // latency (0.8-1.1 us at M = 1 on configurations 18, 20 and 25; session 48).
+    // latency (0.8-1.1 us at M = 1 on configurations 18, 20 and 25 in session 47's probes; moved in session 48).
     // What the ortho runs need after the sweep goes to shared memory, not registers held through it.
     const int e_lo = __shfl_sync(0xffffffffu, my_rp, 0);
     const int e_hi = R > 16 ? __shfl_sync(0xffffffffu, my_rp_end, 0) : __shfl_sync(0xffffffffu, my_rp, 16);
