@@ -89,7 +89,8 @@ __host__ __device__ inline int ring_pstep(const GroupIndex& gi) {
 // requested while tile j is computed, so S - 1 tiles are in flight with no registers held for them; x
 // fragments (L2 hits) are loaded one tile ahead into registers. `on_first` runs once, after the first
 // requests (the ortho staging, whose cp.async group then sits among the ring's: the waits stay correct, one
-// tile less deep); `on_later` once after the first tile (or with on_first, for a warp without tiles).
+// tile less deep); `on_later` once after the first tile (at M <= 8; with on_first at M 9-16 or for a warp
+// without tiles).
 // XR > 0 (M <= XR <= 8 NT): the tile's 64 columns of x's M rows come through the ring too (16-byte
 // cp.async, XR / 4 per lane; 16-byte chunks XOR-swizzled by row so ldmatrix reads them without bank
 // conflicts) and are read back with two ldmatrix.x4 per n8 column block instead of 8 global loads; rows
@@ -198,7 +199,10 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
 #pragma unroll
   for (int j = 0; j < S - 1; ++j) issue(j);
   on_first();
-  if (nt == 0) on_later();
+  // M 9-16 (NT = 2): at the top as before session 48. Inside the sweep it took their lean forms 117 -> 126 registers
+  // and alpha 0 1-4 % slower (session 49, H200), while their alpha 1 gained nothing.
+  constexpr bool kLaterInSweep = NT == 1;
+  if (nt == 0 || !kLaterInSweep) on_later();
   Chunk<T, 4, NT, 1, kPrefetchX> ca, cb;  // used in turn (no register copies of the x fragments)
   if (nt > 0) load_x(ca);
   constexpr int kUnroll = S % 2 == 0 ? S : 2 * S;  // even, so tile j's chunk is fixed by u's parity
@@ -207,7 +211,7 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
     for (int u = 0; u < kUnroll; u += 2) {
       if (j0 + u >= nt) break;
       step(j0 + u, u % S, ca, cb);
-      if (u == 0 && j0 == 0) on_later();
+      if (kLaterInSweep && u == 0 && j0 == 0) on_later();
       if (j0 + u + 1 >= nt) break;
       step(j0 + u + 1, (u + 1) % S, cb, ca);
     }
