@@ -20,6 +20,7 @@ t0=$(date +%s)
 # machine has no network (pip install --no-deps nvidia-cutlass==4.2.0.0 elsewhere)
 for whl in .deps/nvidia_cutlass-*.whl; do [ -f "$whl" ] && python3 -m pip install -q --no-deps "$whl" 2>&1 | tail -1; done
 python3 -c "from libortho.ops import cuda; print('CUTLASS headers:', cuda.cutlass_include())"
+# not `libortho build-kernels`: with REF the ref's sources may predate that command
 BUILD="from libortho.ops import cuda; ok = cuda.build(verbose=False); print('build ok' if ok else cuda._state['error'])"
 base=$LIBORTHO_BUILD_DIR ROOT=$PWD REF_DIR=/tmp/ab_ref
 two_builds() { [ "$VAR" = LIBORTHO_NVCC_FLAGS ] || [ "$VAR" = REF ]; }

@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)" | tee -a "$OUT/card.txt"
 CARD=$(python3 -c "import torch; print(torch.cuda.get_device_name().replace('NVIDIA ', '').replace(' ', '-'))")
 t0=$(date +%s)
-python3 -c "from libortho.ops import cuda; ok = cuda.build(verbose=False); print('build ok' if ok else cuda._state['error'])" 2>&1 | tail -30
+python3 -m libortho.cli build-kernels 2>&1 | tail -30
 echo "build: $(( $(date +%s) - t0 )) s"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # the GPU-only tests of the harness: no host sync in a decode step, graph == eager, reference capturable, int4

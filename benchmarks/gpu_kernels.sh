@@ -13,8 +13,7 @@ t0=$(date +%s)
 # CUTLASS's headers (M 65-512 alpha 0 path) from a wheel carried in .deps, as the recorded tables were built; the
 # machine has no network (pip install --no-deps nvidia-cutlass==4.2.0.0 elsewhere)
 for whl in .deps/nvidia_cutlass-*.whl; do [ -f "$whl" ] && python3 -m pip install -q --no-deps "$whl" 2>&1 | tail -1; done
-python3 -c "from libortho.ops import cuda; print('CUTLASS headers:', cuda.cutlass_include())"
-python3 -c "from libortho.ops import cuda; ok = cuda.build(verbose=False); print('build ok' if ok else cuda._state['error'])" 2>&1 | tail -30
+python3 -m libortho.cli build-kernels 2>&1 | tail -30
 echo "build: $(( $(date +%s) - t0 )) s"
 python3 -c "from libortho.ops import cuda; print('decode kernel (default columns):', cuda.decode_kernel())"
 python3 benchmarks/check_errors.py 2>&1 | tail -5

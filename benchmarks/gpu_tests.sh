@@ -21,7 +21,7 @@ elapsed() { echo $(( $(date +%s) - t0 )); }
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   git log -1 --format='tree of %h (%s)' 2>/dev/null; git status --short src 2>/dev/null | head -5; } > "$OUT/card.txt"
 for whl in .deps/nvidia_cutlass-*.whl; do [ -f "$whl" ] && python3 -m pip install -q --no-deps "$whl" 2>&1 | tail -1; done
-python3 -c "from libortho.ops import cuda; ok = cuda.build(verbose=False); print('build ok' if ok else cuda._state['error'])" \
+python3 -m libortho.cli build-kernels \
   2>&1 | tail -5 | tee -a "$OUT/summary.txt"
 echo "build: $(elapsed) s" | tee -a "$OUT/summary.txt"
 for f in "${FILES[@]}"; do

@@ -61,3 +61,22 @@ def test_bad_input_is_a_message(tiny_dir, tmp_path):
         main(["decompose", str(tiny_dir), "--out", str(tmp_path / "x"), "--density", "1.5"])
     with pytest.raises(SystemExit, match="not a LibOrtho save"):
         main(["info", str(tiny_dir)])
+
+
+def test_build_kernels_says_why_it_cannot(monkeypatch, capsys):
+    from libortho.ops import cuda
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        main(["build-kernels"])
+    # a GPU whose build fails: the build's own error, not a fallback in silence
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setitem(cuda._state, "error", None)
+    def failing(verbose=False):
+        cuda._state["error"] = RuntimeError("nvcc exploded")
+        return False
+    monkeypatch.setattr(cuda, "build", failing)
+    with pytest.raises(SystemExit, match="could not be built: nvcc exploded"):
+        main(["build-kernels"])
+    monkeypatch.setattr(cuda, "build", lambda verbose=False: True)
+    main(["build-kernels"])
+    assert capsys.readouterr().out.startswith("build ok (")

@@ -77,6 +77,19 @@ def cmd_decompose(a):
     print(f"saved to {path}")
 
 
+def cmd_build_kernels(a):
+    """Build the CUDA kernels for the GPU present (or load them from the cache), ahead of the first call that would."""
+    from .ops import cuda
+    if not torch.cuda.is_available():
+        sys.exit("libortho build-kernels: no CUDA device here; the pure-PyTorch reference path runs instead")
+    t0 = time.perf_counter()
+    if not cuda.build(verbose=a.verbose):
+        sys.exit(f"libortho build-kernels: the CUDA kernels could not be built: {cuda._state['error']}")
+    inc = cuda.cutlass_include()
+    print(f"build ok ({time.perf_counter() - t0:.1f} s, cache {cuda.build_dir()}, "
+          f"CUTLASS {'from ' + str(inc) if inc else 'not found: its GEMM is left out'})")
+
+
 def cmd_info(a):
     import libortho
     m = libortho.read_manifest(a.dir)
@@ -188,6 +201,10 @@ def build_parser():
     d.add_argument("--out", required=True)
     _add_config_args(d)
     d.set_defaults(fn=cmd_decompose)
+
+    b = sub.add_parser("build-kernels", help="build the CUDA kernels now (else the first GPU call builds them)")
+    b.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    b.set_defaults(fn=cmd_build_kernels)
 
     i = sub.add_parser("info", help="describe a LibOrtho save")
     i.add_argument("dir")
