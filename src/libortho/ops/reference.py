@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import dequantize_packed
+from .cpu_cache import CACHE
 from ..sieve import entry_rows
 
 
@@ -21,14 +22,26 @@ def scatter_csr(w: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, v
     return w
 
 
-def ortho_product_float(x, qweight, scales, zeros, row_ptr, col_idx, values, alpha: float, bits: int,
+def merged_weight_float(qweight, scales, zeros, row_ptr, col_idx, values, alpha: float, bits: int,
                         group_size: int, out_features: int, in_features: int) -> torch.Tensor:
-    """x @ (deq(Q) + alpha * S)^T in fp32, (..., out_features), no bias."""
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, in_features).float()
+    """deq(Q) + alpha * S, (out_features, in_features) fp32, built afresh from the packed buffers."""
     w = dequantize_packed(qweight, scales, zeros, bits, group_size, out_features, in_features)
     if alpha != 0.0:  # the kill switch: at alpha == 0 the ortho arrays are never read
         scatter_csr(w, row_ptr, col_idx, values, alpha)
+    return w
+
+
+def ortho_product_float(x, qweight, scales, zeros, row_ptr, col_idx, values, alpha: float, bits: int,
+                        group_size: int, out_features: int, in_features: int) -> torch.Tensor:
+    """x @ (deq(Q) + alpha * S)^T in fp32, (..., out_features), no bias. On the CPU the merged weight comes from
+    cpu_cache when this layer's buffers and alpha are those of an earlier call (the same bits, not rebuilt)."""
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, in_features).float()
+    args = (qweight, scales, zeros, row_ptr, col_idx, values, alpha, bits, group_size, out_features, in_features)
+    read = (qweight, scales) + (() if zeros is None else (zeros,))
+    if alpha != 0.0:
+        read += (row_ptr, col_idx, values)
+    w = CACHE.get(read, (alpha, bits, group_size, out_features, in_features), lambda: merged_weight_float(*args))
     return (x2d @ w.t()).reshape(*lead, out_features)
 
 
