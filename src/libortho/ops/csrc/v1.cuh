@@ -89,8 +89,8 @@ __host__ __device__ inline int ring_pstep(const GroupIndex& gi) {
 // requested while tile j is computed, so S - 1 tiles are in flight with no registers held for them; x
 // fragments (L2 hits) are loaded one tile ahead into registers. `on_first` runs once, after the first
 // requests (the ortho staging, whose cp.async group then sits among the ring's: the waits stay correct, one
-// tile less deep); `on_later` once after the first tile (at M <= 8; with on_first at M 9-16 or for a warp
-// without tiles).
+// tile less deep); `on_later` once after the first tile (at M <= 8 on warps of 3 tiles or more; else with
+// on_first).
 // XR > 0 (M <= XR <= 8 NT): the tile's 64 columns of x's M rows come through the ring too (16-byte
 // cp.async, XR / 4 per lane; 16-byte chunks XOR-swizzled by row so ldmatrix reads them without bank
 // conflicts) and are read back with two ldmatrix.x4 per n8 column block instead of 8 global loads; rows
@@ -200,9 +200,13 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
   for (int j = 0; j < S - 1; ++j) issue(j);
   on_first();
   // M 9-16 (NT = 2): at the top as before session 48. Inside the sweep it took their lean forms 117 -> 126 registers
-  // and alpha 0 1-4 % slower (session 49, H200), while their alpha 1 gained nothing.
+  // and alpha 0 1-4 % slower (session 49, H200), while their alpha 1 gained nothing. A warp of fewer than 3 tiles
+  // stages at the top too: after its first tile little or nothing is left to hide the staging behind (SmolLM2's
+  // K = 576 at 12 warps is one tile a warp: 1 % alpha 1 4-8 % slower there, session 51, H200).
   constexpr bool kLaterInSweep = NT == 1;
-  if (nt == 0 || !kLaterInSweep) on_later();
+  constexpr int kLaterMinTiles = 3;
+  const bool later = kLaterInSweep && nt >= kLaterMinTiles;
+  if (!later) on_later();
   Chunk<T, 4, NT, 1, kPrefetchX> ca, cb;  // used in turn (no register copies of the x fragments)
   if (nt > 0) load_x(ca);
   constexpr int kUnroll = S % 2 == 0 ? S : 2 * S;  // even, so tile j's chunk is fixed by u's parity
@@ -211,7 +215,7 @@ __device__ inline void ring_sweep(float (&acc)[RT][NT][4], uint4 (&wring)[S][RT 
     for (int u = 0; u < kUnroll; u += 2) {
       if (j0 + u >= nt) break;
       step(j0 + u, u % S, ca, cb);
-      if (kLaterInSweep && u == 0 && j0 == 0) on_later();
+      if (later && u == 0 && j0 == 0) on_later();
       if (j0 + u + 1 >= nt) break;
       step(j0 + u + 1, (u + 1) % S, cb, ca);
     }
