@@ -71,6 +71,9 @@ compare() {
 if [ "$rounds" -gt 1 ]; then
   for r in $(seq "$rounds"); do echo "== A$r vs B$r"; compare "A$r" "B$r" "-A$r-B$r"; done
   echo "== A1 vs A2 (drift)"; compare A1 A2 -A1-A2
+  echo "== every round (B_i / A_i per row, their mean, each side's own spread)"
+  files() { local f=""; for r in $(seq "$rounds"); do f="$f${f:+,}$OUT/kernels-$1$r.json"; done; echo "$f"; }
+  python3 benchmarks/compare_kernels.py "$(files A)" "$(files B)" | tee "$OUT/compare-rounds.txt" | tail -4
 else
   compare A B ""
 fi

@@ -52,3 +52,38 @@ def test_command_line_prints_rows_and_summary(tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert "3 rows in both" in out and "11008x4096" in out and "median B / A of alpha0_us per M: M=1" in out
     assert "alpha0 M=1 d=0.0: A 2.00-2.00x, B 2.00-2.50x over bf16" in out
+
+
+def _scaled(run, f0, f1=None, date="x"):
+    """A copy of a run with alpha 0 times times f0 and alpha 1 times times f1 (default f0)."""
+    f1 = f0 if f1 is None else f1
+    return {"date": date, "rows": [dict(r, alpha0_us=r["alpha0_us"] * f0, alpha1_us=r["alpha1_us"] * f1)
+                                   for r in run["rows"]]}
+
+
+def test_rounds_give_each_rounds_ratio_and_each_sides_own_spread():
+    a_runs = [A, _scaled(A, 1.02)]                       # A's second round 2 % slower: its own spread
+    b_runs = [_scaled(A, 0.9, 1.0), _scaled(A, 0.9 * 1.02 * 1.01, 1.02)]
+    rows = ck.round_rows(a_runs, b_runs)
+    assert len(rows) == 4                                # every row is in every run
+    r = rows[0]
+    assert r["alpha0_us"] == [pytest.approx(0.9), pytest.approx(0.9 * 1.01)]
+    assert r["alpha1_us"] == [pytest.approx(1.0), pytest.approx(1.0)]
+    assert r["alpha0_us_spread"] == (pytest.approx(1.02), pytest.approx(1.02 * 1.01))
+    # a row missing from one run is left out
+    assert len(ck.round_rows([A, B], [A, A])) == 3
+    with pytest.raises(ValueError, match="pair A_i with B_i: got 2 A runs and 1 B runs"):
+        ck.round_rows([A, A], [A])
+
+
+def test_command_line_with_rounds(tmp_path):
+    paths = []
+    for name, run in (("a1", A), ("a2", _scaled(A, 1.02)), ("b1", _scaled(A, 0.9, 1.0)), ("b2", _scaled(A, 0.92, 1.0))):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(run))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare_kernels.py"), f"{paths[0]},{paths[1]}",
+                          f"{paths[2]},{paths[3]}"], capture_output=True, text=True, check=True).stdout
+    assert "2 rounds" in out and "4 rows in every run" in out
+    # M = 1: rounds 0.9 and 0.92 / 1.02 on every row, so the median of the means is their mean
+    assert f"median of mean B / A of alpha0_us per M: M=1 {(0.9 + 0.92 / 1.02) / 2:.3f}, M=16" in out
+    assert "own spread of alpha0_us over the rounds (max / min per row, median over rows): A 1.0200, B 1.0222" in out
