@@ -6,8 +6,8 @@ matrices the reference would rebuild, so the op returns the same bits while call
 
 * What is kept: for one layer's packed buffers (fused groups count as one) the fp32 weight for the last alpha used.
 * When it is rebuilt: a new alpha, a buffer replaced (``.to()``, ``load_state_dict`` of new tensors) or changed in
-  place (tensor version counters and data pointers), or a buffer freed (the entry goes with it). At ``alpha == 0`` the ortho arrays
-  are not part of the key: they are never read.
+  place (tensor version counters and data pointers), or a buffer freed (the entry goes with it). At ``alpha == 0``
+  the ortho arrays are not part of the key: they are never read.
 * How much: up to ``$LIBORTHO_CPU_CACHE_MB`` MiB (default 1024; 0 turns it off). Entries are added until the budget
   is full and never pushed out by newer ones: a model's layers are called in a cycle, so keeping the first that fit
   hits every step, where least-recently-used eviction would miss on every call.
@@ -88,7 +88,8 @@ def _budget_from_env() -> int:
     try:
         mb = float(raw)
     except ValueError:
-        raise ValueError(f"LIBORTHO_CPU_CACHE_MB={raw!r} is not a number; expected MiB (0 turns the cache off)") from None
+        raise ValueError(f"LIBORTHO_CPU_CACHE_MB={raw!r} is not a number; expected MiB (0 turns the cache off)") \
+            from None
     if mb < 0:
         raise ValueError(f"LIBORTHO_CPU_CACHE_MB={raw!r} is negative; expected MiB (0 turns the cache off)")
     return int(mb * 2 ** 20)

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import dequantize_packed
-from .cpu_cache import CACHE
 from ..sieve import entry_rows
+from .cpu_cache import CACHE
 
 
 def scatter_csr(w: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
