@@ -19,11 +19,15 @@ from pathlib import Path
 KEYS = ("alpha0_us", "alpha1_us")
 
 
+def row_key(r: dict) -> tuple:
+    """What makes a row the same row in two runs: (N, K, M, density)."""
+    return r["N"], r["K"], r["M"], r["density"]
+
+
 def paired(a: dict, b: dict) -> list[tuple[dict, dict]]:
     """Rows of both runs with the same (N, K, M, density), in run A's order."""
-    key = lambda r: (r["N"], r["K"], r["M"], r["density"])  # noqa: E731
-    bs = {key(r): r for r in b["rows"]}
-    return [(r, bs[key(r)]) for r in a["rows"] if key(r) in bs]
+    bs = {row_key(r): r for r in b["rows"]}
+    return [(r, bs[row_key(r)]) for r in a["rows"] if row_key(r) in bs]
 
 
 def ratio_rows(pairs, keys=KEYS) -> list[dict]:
@@ -39,12 +43,13 @@ def ratio_rows(pairs, keys=KEYS) -> list[dict]:
     return out
 
 
-def median_by_m(rows: list[dict], key: str) -> dict[int, float]:
-    """Median B / A time ratio of `key` per M (below 1: run B is faster)."""
+def median_by_m(rows: list[dict], key: str, ratio=lambda v: v[2]) -> dict[int, float]:
+    """Median B / A time ratio of `key` per M (below 1: run B is faster); `ratio` takes it from a row's value (the
+    third of (A, B, B / A) for two runs, the mean of the rounds' ratios for several)."""
     by: dict[int, list[float]] = {}
     for r in rows:
         if key in r:
-            by.setdefault(r["M"], []).append(r[key][2])
+            by.setdefault(r["M"], []).append(ratio(r[key]))
     return {m: statistics.median(v) for m, v in sorted(by.items())}
 
 
@@ -61,14 +66,13 @@ def round_rows(a_runs: list[dict], b_runs: list[dict], keys=KEYS) -> list[dict]:
     B's max / min over the rounds)}."""
     if len(a_runs) != len(b_runs) or not a_runs:
         raise ValueError(f"rounds pair A_i with B_i: got {len(a_runs)} A runs and {len(b_runs)} B runs")
-    key = lambda r: (r["N"], r["K"], r["M"], r["density"])  # noqa: E731
-    runs = [{key(r): r for r in run["rows"]} for run in a_runs + b_runs]
+    runs = [{row_key(r): r for r in run["rows"]} for run in a_runs + b_runs]
     n = len(a_runs)
     out = []
     for r in a_runs[0]["rows"]:
-        if not all(key(r) in run for run in runs):
+        if not all(row_key(r) in run for run in runs):
             continue
-        rs = [run[key(r)] for run in runs]
+        rs = [run[row_key(r)] for run in runs]
         row = {"shape": f"{r['N']}x{r['K']}", "M": r["M"], "density": r["density"]}
         for k in keys:
             if all(x.get(k) for x in rs):
@@ -88,12 +92,8 @@ def print_rounds(a_paths: list[str], b_paths: list[str], keys) -> None:
                           for k in keys if k in r)
         print(f"{r['shape']:>11} M={r['M']:<3} d={r['density']:<6} {cells}")
     for k in keys:
-        by: dict[int, list[float]] = {}
-        for r in rows:
-            if k in r:
-                by.setdefault(r["M"], []).append(statistics.mean(r[k]))
         print(f"median of mean B / A of {k} per M: "
-              + ", ".join(f"M={m} {statistics.median(v):.3f}" for m, v in sorted(by.items())))
+              + ", ".join(f"M={m} {v:.3f}" for m, v in median_by_m(rows, k, statistics.mean).items()))
         sa = [r[k + "_spread"][0] for r in rows if k in r]
         sb = [r[k + "_spread"][1] for r in rows if k in r]
         if sa:

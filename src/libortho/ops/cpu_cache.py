@@ -47,8 +47,8 @@ class DenseWeightCache:
         entry = self._entries.get(id(head))
         if entry is not None:
             refs, old_versions, old_key, weight, _ = entry
-            if (old_key == key and old_versions == versions and len(refs) == len(tensors)
-                    and all(r() is t for r, t in zip(refs, tensors))):
+            # equal versions tuples have equal lengths, so zip covers every buffer
+            if old_key == key and old_versions == versions and all(r() is t for r, t in zip(refs, tensors)):
                 self.hits += 1
                 return weight
             self._drop(id(head))
