@@ -167,6 +167,23 @@ def test_calibration_data_windows_and_errors():
         libortho.decompose(tiny_model("llama"), OrthoConfig(score="hessian"), calib=[1, 2, 3], progress=False)
 
 
+@pytest.mark.parametrize("missing", ["no/such/emma.txt", "emma.txt", "../data/text/austen.md"])
+def test_calibration_data_names_a_missing_file(missing, tmp_path, monkeypatch):
+    """A mistyped path is refused as such, not read as a one-word calibration text; an existing one is read, and
+    raw text (with spaces or lines) is still text."""
+    monkeypatch.chdir(tmp_path)
+    tok = char_tokenizer()
+    with pytest.raises(libortho.LibOrthoError, match="looks like a file path, but no such file exists"):
+        libortho.calibration_data(tok, missing, n_samples=1, seq_len=8)
+    path = tmp_path / "emma.txt"
+    path.write_text("Emma Woodhouse, handsome, clever, and rich. " * 4)
+    calib = libortho.calibration_data(tok, str(path), n_samples=2, seq_len=16)
+    assert calib.input_ids.shape == (2, 16) and "emma.txt" in calib.description
+    assert libortho.calibration_data(tok, "emma.txt", n_samples=2, seq_len=16).input_ids.shape == (2, 16)  # cwd
+    text = "a b. " * 40
+    assert libortho.calibration_data(tok, text, n_samples=2, seq_len=16).description.endswith("given text (seed 0)")
+
+
 def test_perplexity_matches_a_manual_computation():
     model = tiny_model("llama")
     tok = char_tokenizer()
