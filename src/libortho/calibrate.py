@@ -41,9 +41,6 @@ def calibration_data(tokenizer, text, n_samples: int = 128, seq_len: int = 512, 
     dataset's train split, when online and the ``datasets`` package is installed).
     """
     source = name
-    if _looks_like_missing_path(text):  # else read as raw text: "has 14 tokens, fewer than one window"
-        raise LibOrthoError(f"calibration text {text!r} looks like a file path, but no such file exists; pass an "
-                            "existing path (str or Path), a list of paths, raw text, or 'hf:<dataset>'")
     if isinstance(text, (list, tuple, os.PathLike)) or _is_file(text):
         paths = list(text) if isinstance(text, (list, tuple)) else [text]
         source = source or "+".join(Path(p).name for p in paths)
@@ -51,6 +48,9 @@ def calibration_data(tokenizer, text, n_samples: int = 128, seq_len: int = 512, 
     elif isinstance(text, str) and text.startswith("hf:"):
         source = source or text
         text = _hf_text(text[3:])
+    elif _looks_like_path(text):  # no such file: read as text it would fail as "has 14 tokens, fewer than one window"
+        raise LibOrthoError(f"calibration text {text!r} looks like a file path, but no such file exists; pass an "
+                            "existing path (str or Path), a list of paths, raw text, or 'hf:<dataset>'")
     ids = tokenize(tokenizer, text)
     windows = token_windows(ids, seq_len, n_samples, seed)
     return Calibration(windows, f"{n_samples} x {seq_len} tokens of {source or 'given text'} (seed {seed})")
@@ -66,12 +66,12 @@ def _is_file(text) -> bool:
         return False
 
 
-def _looks_like_missing_path(text) -> bool:
-    """One word with a folder separator or a file suffix (``data/emma.txt``, ``emma.txt``) that names no file: a
-    path typed wrong, not calibration text (one word could never fill a window anyway)."""
-    if not isinstance(text, str) or not text or any(c.isspace() for c in text) or text.startswith("hf:"):
+def _looks_like_path(text) -> bool:
+    """One word with a folder separator or a file suffix (``data/emma.txt``, ``emma.txt``): a path (one word of
+    calibration text could never fill a window anyway)."""
+    if not isinstance(text, str) or not text or any(c.isspace() for c in text):
         return False
-    return ("/" in text or os.sep in text or Path(text).suffix[1:].isalnum()) and not _is_file(text)
+    return "/" in text or os.sep in text or Path(text).suffix[1:].isalnum()
 
 
 def _hf_text(spec: str) -> str:
