@@ -386,6 +386,22 @@ def test_cuda_generate_cli_with_inductor_pdl_writes_the_same_text(tmp_path, caps
 
 
 @pytest.mark.skipif(not CUDA, reason="no GPU")
+def test_cuda_measured_decodes_leave_no_memory_behind():
+    """Each measured decode captures its step on a stream where cuBLAS then keeps a workspace past the graph's end
+    (32 MiB each on an H200): unless _free clears them, every later row's peak counts the earlier rows' workspaces."""
+    model = _decomposed().to("cuda", torch.bfloat16)
+    ids = _prompts(1, 8)
+    bd._free("cuda")
+    resident = torch.cuda.memory_allocated()
+    peaks, after = [], []
+    for _ in range(3):
+        peaks.append(bd.measure_decode(model, ids, 6, "graph", reps=1, warmup=0, progress=False)["peak_mem_bytes"])
+        after.append(torch.cuda.memory_allocated())
+    assert after[0] - resident < 2**20  # a first call's small caches (8 KiB seen), not a 32 MiB workspace
+    assert after[1] == after[2] == after[0] and peaks[1] == peaks[2]
+
+
+@pytest.mark.skipif(not CUDA, reason="no GPU")
 def test_cuda_graph_of_reference_backend_captures():
     model = _decomposed().to("cuda", torch.bfloat16)
     ids = _prompts(1, 8).cuda()
