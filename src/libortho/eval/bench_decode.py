@@ -523,9 +523,9 @@ def _free(device) -> None:
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
-        # cuBLAS keeps a workspace per (handle, stream) it has run on, a capture's included, past the graph's end:
-        # 32 MiB a measured decode that the next row's peak counted (benchmarks/probes/decode_peak_mem.py). Called
-        # only here, where no captured graph is alive, since a live one may still point into them.
+        # cuBLAS keeps a workspace per (handle, stream) it has run on (32 MiB on an H200), and each decoder warms up
+        # on a side stream of its own: the next row's peak counted them (benchmarks/probes/decode_peak_mem.py).
+        # Cleared only here, where no captured graph is alive, since a live one may still point into them.
         clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
         if clear is not None:
             clear()
