@@ -59,6 +59,20 @@ _PAD = 8  # spare cache slots / token slots for the warm-up steps before a graph
 # The decode path: static KV cache, one-token step on static buffers, CUDA graph or torch.compile
 # ------------------------------------------------------------------------------------------------
 
+_WARMUP_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _warmup_stream(device) -> "torch.cuda.Stream":
+    """One side stream per device for the warm-up before each capture. cuBLAS keeps a workspace for every stream it
+    has run on (32 MiB on an H200) until the process ends or it is cleared, so a new stream per decoder grew the
+    memory by that much with every fast generate (benchmarks/probes/decode_peak_mem.py)."""
+    idx = torch.device(device).index
+    idx = torch.cuda.current_device() if idx is None else idx
+    if idx not in _WARMUP_STREAMS:
+        _WARMUP_STREAMS[idx] = torch.cuda.Stream(idx)
+    return _WARMUP_STREAMS[idx]
+
+
 def _forward_params(model) -> set:
     return set(inspect.signature(model.forward).parameters)
 
@@ -212,7 +226,7 @@ class StaticDecoder:
             return
         self.prefill(ids)
         if self.device.type == "cuda" and self.mode in ("graph", "compile"):
-            stream = torch.cuda.Stream(self.device)
+            stream = _warmup_stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):  # warm-up (compilation, lazy init, cuBLAS handles) off the graph:
                 for _ in range(max(1, self.warmup_steps)):  # at least once, none of them may run under capture
