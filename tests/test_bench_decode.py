@@ -387,8 +387,8 @@ def test_cuda_generate_cli_with_inductor_pdl_writes_the_same_text(tmp_path, caps
 
 @pytest.mark.skipif(not CUDA, reason="no GPU")
 def test_cuda_measured_decodes_leave_no_memory_behind():
-    """Each measured decode warms up on a side stream of its own, where cuBLAS then keeps a workspace (32 MiB on an
-    H200): unless _free clears them, every later row's peak counts the earlier rows' workspaces."""
+    """Each measured decode makes cuBLAS keep a workspace (32 MiB on an H200) on the streams it ran on (warm-up,
+    capture): unless _free clears them, every later row's peak counts the earlier rows' workspaces."""
     model = _decomposed().to("cuda", torch.bfloat16)
     ids = _prompts(1, 8)
     bd._free("cuda")

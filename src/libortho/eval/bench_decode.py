@@ -537,9 +537,10 @@ def _free(device) -> None:
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
-        # cuBLAS keeps a workspace per (handle, stream) it has run on (32 MiB on an H200), and each decoder warms up
-        # on a side stream of its own: the next row's peak counted them (benchmarks/probes/decode_peak_mem.py).
-        # Cleared only here, where no captured graph is alive, since a live one may still point into them.
+        # cuBLAS keeps a workspace per (handle, stream) it has run on (32 MiB on an H200): the warm-up stream's, the
+        # capture stream's, stream 0's; cleared so that each row's peak counts only its own (before, the next row's
+        # peak counted them: benchmarks/probes/decode_peak_mem.py). Only here, where no captured graph is alive,
+        # since a live one may still point into them.
         clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
         if clear is not None:
             clear()
